@@ -1,0 +1,48 @@
+"""What every backbone offers the trainer, the evaluator and the exporter."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cliper_prod.data.mmrec import InteractionData
+
+
+def bpr_loss(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """-mean log sigmoid(u.p - u.n): Bayesian personalised ranking on dot-product scores."""
+    return -F.logsigmoid((users * pos).sum(1) - (users * neg).sum(1)).mean()
+
+
+def train_edges(data: InteractionData) -> tuple[Tensor, Tensor]:
+    """The training interactions as (users, items) index tensors."""
+    train = torch.from_numpy(data.train)
+    return train[:, 0].contiguous(), train[:, 1].contiguous()
+
+
+class Recommender(nn.Module, ABC):
+    """A backbone: trained with BPR triples; serves final user and item embedding tables whose
+    dot product is the ranking score."""
+
+    def pre_epoch(self, generator: torch.Generator) -> None:
+        """Per-epoch work before the batches (FREEDOM prunes its graph here)."""
+
+    @abstractmethod
+    def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        """Training loss of one batch of (user, positive item, negative item) triples."""
+
+    @abstractmethod
+    def propagate(self) -> tuple[Tensor, Tensor]:
+        """Final user and item embeddings from the full (unpruned) graph."""
+
+    @torch.no_grad()
+    def embedding_tables(self) -> tuple[Tensor, Tensor]:
+        """The tables that serving uses: score(u, i) = user[u] . item[i]."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.propagate()
+        finally:
+            self.train(was_training)

@@ -1,0 +1,190 @@
+"""The ``cliper-prod`` command line.
+
+Exit codes: 0 success; 1 unexpected failure; 2 bad option or config; 3 bad input data;
+4 bad checkpoint; 5 training diverged; 130 interrupted. Expected problems print one line
+``error: ...`` and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cliper_prod import __version__
+from cliper_prod.errors import CliperError, ConfigError
+
+DEFAULT_CHECKPOINTS = Path("models") / "checkpoints"
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``model.dropout=0.5`` -> {"model": {"dropout": 0.5}}; values are parsed as TOML."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in ("model", "train"):
+            raise ConfigError(f"--set expects section.key=value with section model or train, "
+                              f"got {pair!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word is a string
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def format_metrics(metrics: dict[str, float], topk: tuple[int, ...] | list[int]) -> str:
+    names = ("recall", "ndcg", "precision", "map")
+    header = "        " + "".join(f"{n + '@' + str(k):>14}" for k in topk for n in names[:2])
+    row = "        " + "".join(f"{metrics[f'{n}@{k}']:>14.4f}" for k in topk for n in names[:2])
+    return header + "\n" + row
+
+
+class CliperGroup(click.Group):
+    """Turns expected errors into one line on stderr and the error's exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CliperError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=CliperGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cliper-prod")
+@click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
+def cli(verbose: bool) -> None:
+    """CLIPER multi-modal recommendation: train graph backbones on MMRec-format data, evaluate
+    them with full ranking, and (later stages) export and serve them."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.option("--backbone", type=click.Choice(["freedom", "lightgcn"]), default="freedom",
+              show_default=True, help="Recommender to train.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="MMRec-format dataset folder (<name>.inter, optional *_feat.npy).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML file overriding the backbone's defaults (models/<backbone>.toml).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one setting, e.g. --set model.dropout=0.5 (repeatable).")
+@click.option("--seed", type=int, help="Random seed (overrides [train] seed).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help=f"Checkpoint folder [default: {DEFAULT_CHECKPOINTS}/<backbone>-<dataset>].")
+@click.option("--mask-valid-in-test", is_flag=True,
+              help="Also hide validation items when ranking for test (MMRec does not).")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def train(backbone: str, data_dir: Path, config_file: Path | None, overrides: tuple[str, ...],
+          seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, quiet: bool) -> None:
+    """Train a backbone with BPR, early-stopped on the validation split.
+
+    Writes model.pt, user/item embedding tables, history.json, metrics.json and
+    training_curve.png to the checkpoint folder.
+    """
+    from cliper_prod.config import load_config
+    from cliper_prod.data.mmrec import load_dataset
+    from cliper_prod.training import train_model
+
+    extra = parse_overrides(overrides)
+    if seed is not None:
+        extra.setdefault("train", {})["seed"] = seed
+    config = load_config(backbone, config_file, extra)
+    data = load_dataset(data_dir)
+    click.echo(data.summary(), err=True)
+    out_dir = out_dir or DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
+    result = train_model(backbone, data, config, out_dir, progress=not quiet,
+                         mask_valid_in_test=mask_valid_in_test)
+    click.echo(f"best epoch {result.best_epoch} of {len(result.history)}; checkpoint: {out_dir}")
+    click.echo("valid:\n" + format_metrics(result.valid, config["train"]["topk"]))
+    click.echo("test (at the best valid epoch):\n" + format_metrics(result.test,
+                                                                   config["train"]["topk"]))
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="Folder written by `cliper-prod train`.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="Dataset folder [default: the one the model was trained on].")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--mask-valid-in-test", is_flag=True,
+              help="Also hide validation items when ranking for test.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(checkpoint: Path, data_dir: Path | None, split: str, mask_valid_in_test: bool,
+             as_json: bool) -> None:
+    """Full-ranking Recall/NDCG/Precision/MAP of a trained model on one split."""
+    from cliper_prod.checkpoint import load_model
+    from cliper_prod.config import TrainSettings, build
+    from cliper_prod.training import evaluate_model, ranking_tasks
+
+    model, data, payload = load_model(checkpoint, data_dir)
+    settings = build(TrainSettings, payload["config"]["train"], "train")
+    metrics = evaluate_model(model, ranking_tasks(data, mask_valid_in_test)[split], settings)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        click.echo(f"{payload['backbone']} on {data.name}, {split}:\n"
+                   + format_metrics(metrics, settings.topk))
+
+
+@cli.command("random-features")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+              help="MMRec-format folder whose .inter defines the items.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="New folder: links to the .inter and id maps plus the generated features.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def random_features_cmd(data_dir: Path, out_dir: Path, seed: int) -> None:
+    """Add standard-normal stand-in features (4096-d image, 384-d text) to a dataset without any.
+
+    They carry no item semantics: for comparing implementations side by side only.
+    """
+    from cliper_prod.data.random_features import with_random_features
+
+    click.echo(with_random_features(data_dir, out_dir, seed))
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--users", type=int, default=600, show_default=True)
+@click.option("--items", type=int, default=400, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing catalog folder.")
+def synthetic(out_dir: Path, users: int, items: int, seed: int, overwrite: bool) -> None:
+    """Generate the built-in synthetic catalog (items with text and images, users,
+    interactions, split) in MMRec format."""
+    from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
+
+    try:
+        spec = SyntheticSpec(n_users=users, n_items=items, seed=seed)
+        click.echo(generate_catalog(out_dir, spec, overwrite=overwrite))
+    except (ValueError, FileExistsError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Where the catalog and checkpoints go.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+def demo(workdir: Path, quiet: bool) -> None:
+    """The main job on the built-in default: synthetic catalog -> train FREEDOM -> evaluate.
+
+    Needs no downloads. The synthetic features are random projections of hidden item
+    factors, so the accuracy shows the pipeline works, not multi-modal quality.
+    """
+    from cliper_prod.pipeline import run_demo
+
+    run_demo(workdir, progress=not quiet)
+
+
+def main() -> None:
+    cli(prog_name="cliper-prod")

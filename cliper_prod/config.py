@@ -1,0 +1,107 @@
+"""Hyper-parameters: the backbone's TOML defaults in ``models/`` merged with a user's file.
+
+A user file holds the same ``[model]`` / ``[train]`` sections with any subset of keys; an unknown
+section or key is an error (a typo must not silently train with the default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cliper_prod.errors import ConfigError
+
+SECTIONS = ("model", "train")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation, early stopping and evaluation settings shared by every backbone."""
+
+    learning_rate: float
+    weight_decay: float
+    batch_size: int
+    eval_batch_size: int
+    epochs: int
+    patience: int
+    valid_metric: str
+    topk: tuple[int, ...]
+    seed: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "topk", tuple(self.topk))
+        if min(self.batch_size, self.eval_batch_size, self.epochs) < 1 or self.patience < 0:
+            raise ConfigError("batch sizes and epochs must be >= 1 and patience >= 0")
+        name, _, k = self.valid_metric.partition("@")
+        if name not in ("recall", "ndcg", "precision", "map") or not k.isdigit():
+            raise ConfigError(f"valid_metric must look like 'recall@20', got {self.valid_metric!r}")
+        if int(k) not in self.topk:
+            raise ConfigError(f"valid_metric {self.valid_metric} needs K={k} in topk {self.topk}")
+
+
+def preset_path(backbone: str) -> Path:
+    """The packaged default file of a backbone (``models/<backbone>.toml`` in a checkout)."""
+    path = Path(str(resources.files("cliper_prod.presets") / f"{backbone}.toml"))
+    if not path.exists():
+        raise ConfigError(f"no default hyper-parameters for backbone {backbone!r} ({path})")
+    return path
+
+
+def read_toml(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected {SECTIONS}")
+    return {s: dict(data.get(s, {})) for s in SECTIONS}
+
+
+def merge(defaults: dict[str, dict[str, Any]], override: dict[str, dict[str, Any]],
+          source: str) -> dict[str, dict[str, Any]]:
+    """Override keys of ``defaults``; a key the defaults do not have is a typo."""
+    merged = {s: dict(defaults[s]) for s in SECTIONS}
+    for section, values in override.items():
+        for key, value in values.items():
+            if key not in merged[section]:
+                raise ConfigError(f"{source}: unknown key [{section}] {key}; known: "
+                                  f"{', '.join(sorted(merged[section]))}")
+            merged[section][key] = value
+    return merged
+
+
+def load_config(backbone: str, user_file: Path | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Defaults of ``backbone``, then ``user_file``, then command-line ``overrides``."""
+    config = read_toml(preset_path(backbone))
+    if user_file is not None:
+        config = merge(config, read_toml(user_file), str(user_file))
+    if overrides:
+        config = merge(config, overrides, "command line")
+    return config
+
+
+def build(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Instantiate a settings dataclass, reporting missing keys and wrong types clearly."""
+    names = {f.name for f in fields(cls)}
+    missing = names - set(values)
+    if missing:
+        raise ConfigError(f"[{section}] lacks key(s) {sorted(missing)}")
+    extra = set(values) - names
+    if extra:
+        raise ConfigError(f"[{section}] has unknown key(s) {sorted(extra)}")
+    for f in fields(cls):
+        value = values[f.name]
+        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(str(f.type))
+        if expected is not None and (not isinstance(value, expected) or
+                                     (expected is int and isinstance(value, bool))):
+            raise ConfigError(f"[{section}] {f.name} must be {f.type}, got {value!r}")
+    return cls(**{k: float(v) if str(f.type) == "float" else v
+                  for f in fields(cls) for k, v in [(f.name, values[f.name])]})

@@ -1,0 +1,1 @@
+"""Data stage: MMRec-format loading and validation, BPR sampling, the synthetic catalog."""

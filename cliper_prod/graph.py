@@ -1,0 +1,79 @@
+"""Graph construction for the backbones, on torch-geometric's utilities.
+
+All adjacency matrices are returned as ``torch.sparse_csr_tensor`` with rows = target nodes, the
+``adj_t`` form that torch-geometric's ``LGConv`` multiplies with through ``spmm``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import degree, to_torch_csr_tensor, to_undirected
+
+
+def bipartite_edge_index(users: Tensor, items: Tensor, n_users: int) -> Tensor:
+    """Undirected user-item edges on one node set: users 0..n_users-1, items after them."""
+    return to_undirected(torch.stack([users, items + n_users]))
+
+
+def normalized_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """D^-1/2 A D^-1/2 of an undirected graph (LightGCN's and FREEDOM's user-item propagation)."""
+    edge_index, weight = gcn_norm(edge_index, None, num_nodes, add_self_loops=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return to_torch_csr_tensor(edge_index, weight, size=(num_nodes, num_nodes))
+
+
+def bipartite_edge_weights(users: Tensor, items: Tensor, n_users: int, n_items: int) -> Tensor:
+    """1/sqrt(deg(u) deg(i)) of each user-item edge: FREEDOM's pruning probabilities."""
+    du = degree(users, n_users)
+    di = degree(items, n_items)
+    return (du[users] * di[items]).rsqrt()
+
+
+def degree_sensitive_prune(users: Tensor, items: Tensor, n_users: int, n_items: int,
+                           keep_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+    """FREEDOM's edge pruning: keep ``keep_ratio`` of the edges, sampled without replacement with
+    probability proportional to 1/sqrt(deg(u) deg(i)), and renormalise the kept graph."""
+    weights = bipartite_edge_weights(users, items, n_users, n_items)
+    n_keep = int(len(users) * keep_ratio)
+    keep = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+    edge_index = bipartite_edge_index(users[keep], items[keep], n_users)
+    return normalized_adjacency(edge_index, n_users + n_items)
+
+
+def knn_edge_index(features: Tensor, k: int, chunk: int = 4096) -> Tensor:
+    """Each item's k most cosine-similar items (itself included, as in FREEDOM), as (row, col)."""
+    normed = torch.nn.functional.normalize(features, dim=1)
+    cols = [torch.topk(normed[s:s + chunk] @ normed.T, k, dim=1).indices
+            for s in range(0, len(normed), chunk)]
+    col = torch.cat(cols)
+    row = torch.arange(len(normed)).repeat_interleave(k)
+    return torch.stack([row, col.reshape(-1)])
+
+
+def knn_normalized_adjacency(features: Tensor, k: int) -> Tensor:
+    """FREEDOM's item-item graph for one modality: kNN adjacency scaled by
+    rowdeg(i)^-1/2 rowdeg(j)^-1/2 (MMRec normalises both sides with the row degree)."""
+    edge_index = knn_edge_index(features, k)
+    n = features.shape[0]
+    inv_sqrt = degree(edge_index[0], n).rsqrt()
+    weight = inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]]
+    return torch.sparse_coo_tensor(edge_index, weight, (n, n), check_invariants=False).coalesce()
+
+
+def mixed_item_graph(graphs: dict[str, Tensor], image_weight: float) -> Tensor:
+    """FREEDOM's frozen item graph: image_weight * image + (1 - image_weight) * text (or the one
+    modality present), as CSR."""
+    if not graphs:
+        raise ValueError("FREEDOM needs at least one modality feature matrix")
+    if len(graphs) == 1:
+        (adj,) = graphs.values()
+    else:
+        adj = image_weight * graphs["image"] + (1.0 - image_weight) * graphs["text"]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is stable
+        warnings.simplefilter("ignore", UserWarning)
+        return adj.coalesce().to_sparse_csr()

@@ -1,0 +1,139 @@
+"""BPR training with early stopping on the validation split only.
+
+The test split is evaluated once, with the weights of the best validation epoch: model selection
+never sees test (MMRec picks grid points on test, enoche/MMRec#64; this package does not).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cliper_prod.backbones import Recommender, create_model
+from cliper_prod.checkpoint import save_embeddings, save_model
+from cliper_prod.config import TrainSettings, build
+from cliper_prod.data.mmrec import InteractionData
+from cliper_prod.data.sampling import BPRSampler
+from cliper_prod.errors import CliperError
+from cliper_prod.evaluation import RankingTask, evaluate_ranking
+from cliper_prod.io import write_json
+from cliper_prod.plotting import plot_training_curve
+
+
+class TrainingDiverged(CliperError):
+    exit_code = 5
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    history: list[dict]
+    out_dir: Path | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ranking_tasks(data: InteractionData, mask_valid_in_test: bool = False
+                  ) -> dict[str, RankingTask]:
+    """Valid ranks with train items hidden; test likewise (MMRec), plus valid items if asked."""
+    test_mask = [data.train, data.splits["valid"]] if mask_valid_in_test else [data.train]
+    return {
+        "valid": RankingTask.build(data.splits["valid"], [data.train], data.n_users, data.n_items),
+        "test": RankingTask.build(data.splits["test"], test_mask, data.n_users, data.n_items),
+    }
+
+
+def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSettings
+                   ) -> dict[str, float]:
+    users, items = model.embedding_tables()
+    return evaluate_ranking(lambda u: users[u] @ items.T, task, settings.topk,
+                            settings.eval_batch_size)
+
+
+def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
+                progress: bool = True, mask_valid_in_test: bool = False) -> TrainResult:
+    """Train ``backbone`` on ``data``; keep the best validation epoch; write the checkpoint folder."""
+    settings = build(TrainSettings, config["train"], "train")
+    seed_everything(settings.seed)
+    model = create_model(backbone, data, config["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,
+                                 weight_decay=settings.weight_decay)
+    rng = np.random.default_rng(settings.seed)
+    graph_rng = torch.Generator().manual_seed(settings.seed)
+    sampler = BPRSampler(data.train, data.n_items, settings.batch_size, rng)
+    tasks = ranking_tasks(data, mask_valid_in_test)
+
+    history: list[dict] = []
+    best_value, best_epoch, best_state, stale = -math.inf, -1, None, 0
+    for epoch in range(settings.epochs):
+        start = time.perf_counter()
+        model.train()
+        model.pre_epoch(graph_rng)
+        total = 0.0
+        bar = tqdm(sampler.epoch(), total=len(sampler), desc=f"epoch {epoch}", leave=False,
+                   disable=not progress, unit="batch")
+        for users, pos, neg in bar:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(users, pos, neg)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        mean_loss = total / len(sampler)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
+                                   f"learning rate")
+        train_s = time.perf_counter() - start
+        valid = evaluate_model(model, tasks["valid"], settings)
+        record = {"epoch": epoch, "loss": mean_loss, "train_s": train_s,
+                  "eval_s": time.perf_counter() - start - train_s, "valid": valid}
+        history.append(record)
+        value = valid[settings.valid_metric]
+        improved = value > best_value
+        if improved:
+            best_value, best_epoch, stale = value, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if progress:
+            tqdm.write(f"epoch {epoch:4d}  loss {mean_loss:.4f}  valid {settings.valid_metric} "
+                       f"{value:.4f}{'  *' if improved else ''}  ({train_s:.1f}s + "
+                       f"{record['eval_s']:.1f}s)")
+        if stale > settings.patience:
+            break
+
+    model.load_state_dict(best_state)
+    test = evaluate_model(model, tasks["test"], settings)
+    result = TrainResult(best_epoch, history[best_epoch]["valid"], test, history, out_dir)
+    if out_dir is not None:
+        write_outputs(out_dir, backbone, config, data, model, result, settings)
+    return result
+
+
+def write_outputs(out_dir: Path, backbone: str, config: dict, data: InteractionData,
+                  model: Recommender, result: TrainResult, settings: TrainSettings) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(out_dir, backbone, config, data, model.state_dict())
+    save_embeddings(out_dir, model)
+    write_json(out_dir / "history.json", result.history)
+    write_json(out_dir / "metrics.json", {
+        "backbone": backbone, "dataset": data.name, "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history), "valid_metric": settings.valid_metric,
+        "valid": result.valid, "test": result.test, "config": config,
+        "dropped_cold_interactions": data.dropped_cold})
+    plot_training_curve(result.history, settings.valid_metric, result.best_epoch,
+                        out_dir / "training_curve.png")

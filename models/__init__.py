@@ -1,0 +1,1 @@
+"""Hyper-parameter defaults per backbone (TOML), shipped as cliper_prod.presets."""
