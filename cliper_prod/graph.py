@@ -1,7 +1,9 @@
-"""Graph construction for the backbones, on torch-geometric's utilities.
+"""Graph construction and propagation for the backbones, on torch-geometric's utilities.
 
-All adjacency matrices are returned as ``torch.sparse_csr_tensor`` with rows = target nodes, the
-``adj_t`` form that torch-geometric's ``LGConv`` multiplies with through ``spmm``.
+Adjacency matrices are ``torch.sparse_csr_tensor`` with rows = target nodes (torch-geometric's
+``adj_t`` form), wrapped in :class:`Propagation`, which multiplies like ``LGConv``'s ``spmm`` but
+keeps the transpose for the backward pass: torch re-sorts a CSR matrix into its transpose on every
+backward, which made training 2-3x slower on CPU (measured, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,17 +16,49 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import degree, to_torch_csr_tensor, to_undirected
 
 
+class _CachedTransposeMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, adj: Tensor, adj_t: Tensor, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.adj_t = adj_t
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor]:  # type: ignore[override]
+        return None, None, ctx.adj_t @ grad
+
+
+class Propagation:
+    """A fixed sparse matrix A applied as ``A @ x`` with gradient ``A^T @ grad`` from a cached A^T."""
+
+    def __init__(self, adj: Tensor, symmetric: bool) -> None:
+        self.adj = adj
+        self.adj_t = adj if symmetric else _csr(adj.to_sparse_coo().t())
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _CachedTransposeMatmul.apply(self.adj, self.adj_t, x)
+
+    def to_dense(self) -> Tensor:
+        return self.adj.to_dense()
+
+
+def _csr(adj: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is stable
+        warnings.simplefilter("ignore", UserWarning)
+        return adj.coalesce().to_sparse_csr()
+
+
 def bipartite_edge_index(users: Tensor, items: Tensor, n_users: int) -> Tensor:
     """Undirected user-item edges on one node set: users 0..n_users-1, items after them."""
     return to_undirected(torch.stack([users, items + n_users]))
 
 
-def normalized_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
+def normalized_adjacency(edge_index: Tensor, num_nodes: int) -> Propagation:
     """D^-1/2 A D^-1/2 of an undirected graph (LightGCN's and FREEDOM's user-item propagation)."""
     edge_index, weight = gcn_norm(edge_index, None, num_nodes, add_self_loops=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return to_torch_csr_tensor(edge_index, weight, size=(num_nodes, num_nodes))
+        adj = to_torch_csr_tensor(edge_index, weight, size=(num_nodes, num_nodes))
+    return Propagation(adj, symmetric=True)
 
 
 def bipartite_edge_weights(users: Tensor, items: Tensor, n_users: int, n_items: int) -> Tensor:
@@ -35,7 +69,8 @@ def bipartite_edge_weights(users: Tensor, items: Tensor, n_users: int, n_items: 
 
 
 def degree_sensitive_prune(users: Tensor, items: Tensor, n_users: int, n_items: int,
-                           keep_ratio: float, generator: torch.Generator | None = None) -> Tensor:
+                           keep_ratio: float, generator: torch.Generator | None = None
+                           ) -> Propagation:
     """FREEDOM's edge pruning: keep ``keep_ratio`` of the edges, sampled without replacement with
     probability proportional to 1/sqrt(deg(u) deg(i)), and renormalise the kept graph."""
     weights = bipartite_edge_weights(users, items, n_users, n_items)
@@ -65,15 +100,13 @@ def knn_normalized_adjacency(features: Tensor, k: int) -> Tensor:
     return torch.sparse_coo_tensor(edge_index, weight, (n, n), check_invariants=False).coalesce()
 
 
-def mixed_item_graph(graphs: dict[str, Tensor], image_weight: float) -> Tensor:
+def mixed_item_graph(graphs: dict[str, Tensor], image_weight: float) -> Propagation:
     """FREEDOM's frozen item graph: image_weight * image + (1 - image_weight) * text (or the one
-    modality present), as CSR."""
+    modality present)."""
     if not graphs:
         raise ValueError("FREEDOM needs at least one modality feature matrix")
     if len(graphs) == 1:
         (adj,) = graphs.values()
     else:
         adj = image_weight * graphs["image"] + (1.0 - image_weight) * graphs["text"]
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is stable
-        warnings.simplefilter("ignore", UserWarning)
-        return adj.coalesce().to_sparse_csr()
+    return Propagation(_csr(adj), symmetric=False)

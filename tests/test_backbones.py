@@ -11,7 +11,7 @@ import torch
 from cliper_prod.backbones import create_model
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
-from cliper_prod.graph import (bipartite_edge_index, degree_sensitive_prune,
+from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
                                knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
 
 USERS = torch.tensor([0, 0, 1, 1, 1, 2, 3])
@@ -30,6 +30,18 @@ def sym_norm(a: np.ndarray) -> np.ndarray:
     d = a.sum(1)
     inv = np.where(d > 0, d, np.inf) ** -0.5
     return inv[:, None] * a * inv[None, :]
+
+
+def test_propagation_forward_and_gradient_match_dense_matmul() -> None:
+    torch.manual_seed(0)
+    a = torch.rand(5, 5) * (torch.rand(5, 5) > 0.5)  # not symmetric
+    prop = Propagation(a.to_sparse_csr(), symmetric=False)
+    x = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(5, 3)
+    out = prop(x)
+    (out * g).sum().backward()
+    torch.testing.assert_close(out, a @ x)
+    torch.testing.assert_close(x.grad, a.T @ g)
 
 
 def test_user_item_graph_is_symmetric_normalised() -> None:

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import LGConv
 
 from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.graph import (bipartite_edge_index, degree_sensitive_prune,
+from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
                                knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
 
 
@@ -72,7 +71,6 @@ class Freedom(Recommender):
             bipartite_edge_index(self.train_users, self.train_items, self.n_users),
             self.n_users + self.n_items)
         self.train_adj = self.full_adj
-        self.conv = LGConv(normalize=False)
 
     def pre_epoch(self, generator: torch.Generator) -> None:
         if self.config.dropout > 0:
@@ -80,12 +78,12 @@ class Freedom(Recommender):
                                                     self.n_items, 1.0 - self.config.dropout,
                                                     generator)
 
-    def _embed(self, adj: Tensor) -> tuple[Tensor, Tensor]:
+    def _embed(self, adj: Propagation) -> tuple[Tensor, Tensor]:
         h = self.item_embedding.weight
         for _ in range(self.config.n_mm_layers):
-            h = self.conv(h, self.item_graph)
+            h = self.item_graph(h)
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(self.conv, adj, ego, self.config.n_ui_layers)
+        out = light_propagate(adj, ego, self.config.n_ui_layers)
         return out[:self.n_users], out[self.n_users:] + h
 
     def propagate(self) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""LightGCN (He et al., 2020): the ID-only graph baseline, on torch-geometric's LGConv."""
+"""LightGCN (He et al., 2020): the ID-only graph baseline, on torch-geometric graph utilities."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import LGConv
 
 from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
 from cliper_prod.data.mmrec import InteractionData
-from cliper_prod.graph import bipartite_edge_index, normalized_adjacency
+from cliper_prod.graph import Propagation, bipartite_edge_index, normalized_adjacency
 
 
 @dataclass(frozen=True)
@@ -20,11 +19,11 @@ class LightGCNConfig:
     reg_weight: float
 
 
-def light_propagate(conv: LGConv, adj: Tensor, ego: Tensor, n_layers: int) -> Tensor:
+def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
     """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation."""
     layers = [ego]
     for _ in range(n_layers):
-        layers.append(conv(layers[-1], adj))
+        layers.append(adj(layers[-1]))
     return torch.stack(layers).mean(0)
 
 
@@ -40,11 +39,10 @@ class LightGCN(Recommender):
         users, items = train_edges(data)
         self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
                                         self.n_users + self.n_items)
-        self.conv = LGConv(normalize=False)
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(self.conv, self.adj, ego, self.config.n_layers)
+        out = light_propagate(self.adj, ego, self.config.n_layers)
         return out[:self.n_users], out[self.n_users:]
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
