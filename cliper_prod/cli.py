@@ -174,8 +174,10 @@ def synthetic(out_dir: Path, users: int, items: int, seed: int, overwrite: bool)
 @cli.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/demo"),
               show_default=True, help="Where the catalog and checkpoints go.")
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="Cap on training epochs [default: models/freedom.toml's, with early stopping].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def demo(workdir: Path, quiet: bool) -> None:
+def demo(workdir: Path, epochs: int | None, quiet: bool) -> None:
     """The main job on the built-in default: synthetic catalog -> train FREEDOM -> evaluate.
 
     Needs no downloads. The synthetic features are random projections of hidden item
@@ -183,7 +185,7 @@ def demo(workdir: Path, quiet: bool) -> None:
     """
     from cliper_prod.pipeline import run_demo
 
-    run_demo(workdir, progress=not quiet)
+    run_demo(workdir, progress=not quiet, max_epochs=epochs)
 
 
 def main() -> None:
