@@ -22,21 +22,40 @@ from cliper_prod.errors import CliperError, ConfigError
 DEFAULT_CHECKPOINTS = Path("models") / "checkpoints"
 
 
+def _split_assignment(pair: str, option: str) -> tuple[str, str, str]:
+    key, sep, raw = pair.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or section not in ("model", "train"):
+        raise ConfigError(f"{option} expects section.key=value with section model or train, "
+                          f"got {pair!r}")
+    return section, name, raw
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word is a string
+
+
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """``model.dropout=0.5`` -> {"model": {"dropout": 0.5}}; values are parsed as TOML."""
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in ("model", "train"):
-            raise ConfigError(f"--set expects section.key=value with section model or train, "
-                              f"got {pair!r}")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare word is a string
-        out.setdefault(section, {})[name] = value
+        section, name, raw = _split_assignment(pair, "--set")
+        out.setdefault(section, {})[name] = _parse_value(raw)
     return out
+
+
+def parse_grid(pairs: tuple[str, ...], config: dict) -> dict[str, list]:
+    """``model.reg_weight=0,1e-4`` -> {"model.reg_weight": [0, 0.0001]}, keys checked."""
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        section, name, raw = _split_assignment(pair, "--grid")
+        if name not in config[section]:
+            raise ConfigError(f"--grid: unknown key [{section}] {name}")
+        grid[f"{section}.{name}"] = [_parse_value(v) for v in raw.split(",")]
+    return grid
 
 
 def format_metrics(metrics: dict[str, float], topk: tuple[int, ...] | list[int]) -> str:
@@ -79,6 +98,10 @@ def cli(verbose: bool) -> None:
               help="TOML file overriding the backbone's defaults (models/<backbone>.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one setting, e.g. --set model.dropout=0.5 (repeatable).")
+@click.option("--grid", "grid_pairs", multiple=True, metavar="SECTION.KEY=V1,V2,...",
+              help="Train every combination and keep the best on validation, e.g. "
+                   "--grid model.reg_weight=0,1e-5,1e-4,1e-3 (repeatable). Test is ranked "
+                   "once, for the selected point only.")
 @click.option("--seed", type=int, help="Random seed (overrides [train] seed).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help=f"Checkpoint folder [default: {DEFAULT_CHECKPOINTS}/<backbone>-<dataset>].")
@@ -86,7 +109,7 @@ def cli(verbose: bool) -> None:
               help="Also hide validation items when ranking for test (MMRec does not).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(backbone: str, data_dir: Path, config_file: Path | None, overrides: tuple[str, ...],
-          seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, quiet: bool) -> None:
+          grid_pairs: tuple[str, ...], seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, quiet: bool) -> None:
     """Train a backbone with BPR, early-stopped on the validation split.
 
     Writes model.pt, user/item embedding tables, history.json, metrics.json and
@@ -100,11 +123,14 @@ def train(backbone: str, data_dir: Path, config_file: Path | None, overrides: tu
     if seed is not None:
         extra.setdefault("train", {})["seed"] = seed
     config = load_config(backbone, config_file, extra)
+    grid = parse_grid(grid_pairs, config)
     data = load_dataset(data_dir)
     click.echo(data.summary(), err=True)
     out_dir = out_dir or DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
     result = train_model(backbone, data, config, out_dir, progress=not quiet,
-                         mask_valid_in_test=mask_valid_in_test)
+                         mask_valid_in_test=mask_valid_in_test, grid=grid)
+    if result.grid:
+        click.echo(f"selected on validation: {result.config['model']}")
     click.echo(f"best epoch {result.best_epoch} of {len(result.history)}; checkpoint: {out_dir}")
     click.echo("valid:\n" + format_metrics(result.valid, config["train"]["topk"]))
     click.echo("test (at the best valid epoch):\n" + format_metrics(result.test,

@@ -33,12 +33,25 @@ class TrainingDiverged(CliperError):
 
 
 @dataclass
+class FitResult:
+    """A model at its best validation epoch; test has not been looked at."""
+
+    model: Recommender
+    best_epoch: int
+    valid: dict[str, float]
+    history: list[dict]
+    config: dict
+
+
+@dataclass
 class TrainResult:
     best_epoch: int
     valid: dict[str, float]
     test: dict[str, float]
     history: list[dict]
     out_dir: Path | None
+    config: dict
+    grid: list[dict] | None = None  # every grid point's overrides and best valid metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -64,9 +77,8 @@ def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSetting
                             settings.eval_batch_size)
 
 
-def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
-                progress: bool = True, mask_valid_in_test: bool = False) -> TrainResult:
-    """Train ``backbone`` on ``data``; keep the best validation epoch; write the checkpoint folder."""
+def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True) -> FitResult:
+    """Train ``backbone`` with early stopping on validation; return the best epoch's model."""
     settings = build(TrainSettings, config["train"], "train")
     seed_everything(settings.seed)
     model = create_model(backbone, data, config["model"])
@@ -75,7 +87,7 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
     rng = np.random.default_rng(settings.seed)
     graph_rng = torch.Generator().manual_seed(settings.seed)
     sampler = BPRSampler(data.train, data.n_items, settings.batch_size, rng)
-    tasks = ranking_tasks(data, mask_valid_in_test)
+    valid_task = ranking_tasks(data)["valid"]
 
     history: list[dict] = []
     best_value, best_epoch, best_state, stale = -math.inf, -1, None, 0
@@ -98,7 +110,7 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
             raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
                                    f"learning rate")
         train_s = time.perf_counter() - start
-        valid = evaluate_model(model, tasks["valid"], settings)
+        valid = evaluate_model(model, valid_task, settings)
         record = {"epoch": epoch, "loss": mean_loss, "train_s": train_s,
                   "eval_s": time.perf_counter() - start - train_s, "valid": valid}
         history.append(record)
@@ -117,10 +129,42 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
             break
 
     model.load_state_dict(best_state)
-    test = evaluate_model(model, tasks["test"], settings)
-    result = TrainResult(best_epoch, history[best_epoch]["valid"], test, history, out_dir)
+    return FitResult(model, best_epoch, history[best_epoch]["valid"], history, config)
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
+    """Every combination of ``{"model.reg_weight": [0, 1e-4], ...}`` as config overrides."""
+    points: list[dict[str, dict]] = [{}]
+    for key, values in grid.items():
+        section, _, name = key.partition(".")
+        points = [{**p, section: {**p.get(section, {}), name: v}} for p in points for v in values]
+    return points
+
+
+def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
+                progress: bool = True, mask_valid_in_test: bool = False,
+                grid: dict[str, list] | None = None) -> TrainResult:
+    """Train ``backbone`` (each grid point, if any), select on validation only, then rank test
+    once with the selected model and write the checkpoint folder."""
+    best: FitResult | None = None
+    summary = []
+    for point in grid_points(grid or {}):
+        cfg = {s: {**config[s], **point.get(s, {})} for s in config}
+        result = fit(backbone, data, cfg, progress)
+        metric = cfg["train"]["valid_metric"]
+        summary.append({"overrides": point, "best_epoch": result.best_epoch,
+                        "valid": result.valid})
+        if progress and grid:
+            tqdm.write(f"grid point {point}: valid {metric} {result.valid[metric]:.4f}")
+        if best is None or result.valid[metric] > best.valid[metric]:
+            best = result
+    assert best is not None
+    settings = build(TrainSettings, best.config["train"], "train")
+    test = evaluate_model(best.model, ranking_tasks(data, mask_valid_in_test)["test"], settings)
+    result = TrainResult(best.best_epoch, best.valid, test, best.history, out_dir, best.config,
+                         summary if grid else None)
     if out_dir is not None:
-        write_outputs(out_dir, backbone, config, data, model, result, settings)
+        write_outputs(out_dir, backbone, best.config, data, best.model, result, settings)
     return result
 
 
@@ -134,6 +178,6 @@ def write_outputs(out_dir: Path, backbone: str, config: dict, data: InteractionD
         "backbone": backbone, "dataset": data.name, "best_epoch": result.best_epoch,
         "epochs_run": len(result.history), "valid_metric": settings.valid_metric,
         "valid": result.valid, "test": result.test, "config": config,
-        "dropped_cold_interactions": data.dropped_cold})
+        "dropped_cold_interactions": data.dropped_cold, "grid": result.grid})
     plot_training_curve(result.history, settings.valid_metric, result.best_epoch,
                         out_dir / "training_curve.png")

@@ -18,6 +18,13 @@ FAST = {"train": {"epochs": 6, "patience": 2, "batch_size": 64, "topk": [5, 10],
                   "valid_metric": "recall@10", "learning_rate": 0.01}}
 
 
+def ranks_split(task, pairs: np.ndarray) -> bool:
+    """Whether an evaluation task's answers are exactly the given (user, item) pairs."""
+    users = np.repeat(np.arange(len(task.pos_indptr) - 1), np.diff(task.pos_indptr))
+    got = sorted(zip(users.tolist(), task.pos_items.tolist()))
+    return got == sorted(map(tuple, pairs.tolist()))
+
+
 def fast_config(backbone: str, **train) -> dict:
     cfg = load_config(backbone, overrides=FAST)
     cfg["train"].update(train)
@@ -47,9 +54,9 @@ def test_selection_and_stopping_use_validation_only(toy_dataset: Path, monkeypat
     monkeypatch.setattr(training, "evaluate_model", spy)
     cfg = fast_config("freedom", epochs=40, patience=3)
     result = training.train_model("freedom", data, cfg, progress=False)
-    valid_users = set(data.splits["valid"][:, 0].tolist())
     # every evaluation but the last ranked the valid split; test was ranked exactly once, at the end
-    assert all(set(t.users.tolist()) == valid_users for t in seen_tasks[:-1])
+    assert all(ranks_split(t, data.splits["valid"]) for t in seen_tasks[:-1])
+    assert ranks_split(seen_tasks[-1], data.splits["test"])
     assert len(seen_tasks) == len(result.history) + 1
     values = [h["valid"]["recall@10"] for h in result.history]
     assert result.best_epoch == int(np.argmax(values))  # first epoch reaching the maximum
@@ -118,3 +125,29 @@ def test_cli_errors_are_one_line_with_exit_codes(toy_dataset: Path, tmp_path: Pa
 def test_every_command_has_help(command: str) -> None:
     res = CliRunner().invoke(cli, [command, "--help"])
     assert res.exit_code == 0 and "Usage:" in res.output
+
+
+def test_grid_selects_on_validation_and_ranks_test_once(toy_dataset: Path, monkeypatch) -> None:
+    data = load_dataset(toy_dataset)
+    calls = []
+    real = training.evaluate_model
+    monkeypatch.setattr(training, "evaluate_model",
+                        lambda m, task, s: calls.append(task) or real(m, task, s))
+    result = training.train_model("freedom", data, fast_config("freedom"), progress=False,
+                                  grid={"model.reg_weight": [0.0, 0.01],
+                                        "train.learning_rate": [0.01, 0.001]})
+    assert len(result.grid) == 4
+    test_calls = [t for t in calls if ranks_split(t, data.splits["test"])]
+    assert len(test_calls) == 1 and calls[-1] is test_calls[0]
+    assert all(ranks_split(t, data.splits["valid"]) for t in calls[:-1])
+    best = max(result.grid, key=lambda g: g["valid"]["recall@10"])
+    assert result.valid == best["valid"]
+    chosen = best["overrides"]
+    assert result.config["model"]["reg_weight"] == chosen["model"]["reg_weight"]
+    assert result.config["train"]["learning_rate"] == chosen["train"]["learning_rate"]
+
+
+def test_cli_grid_rejects_unknown_keys(toy_dataset: Path) -> None:
+    res = CliRunner().invoke(cli, ["train", "--data", str(toy_dataset),
+                                   "--grid", "model.reg=0,1"])
+    assert res.exit_code == 2 and "unknown key [model] reg" in res.stderr
