@@ -28,7 +28,8 @@ MODEL_FILE = "model.pt"
 def data_fingerprint(data: InteractionData) -> dict[str, Any]:
     return {"name": data.name, "root": str(data.root.resolve()), "n_users": data.n_users,
             "n_items": data.n_items, "n_train": int(len(data.train)),
-            "features": {m: list(a.shape) for m, a in data.features.items()}}
+            "features": {m: list(a.shape) for m, a in data.features.items()},
+            "features_dir": str(data.features_dir.resolve()) if data.features_dir else None}
 
 
 def save_model(out_dir: Path, backbone: str, config: dict, data: InteractionData,
@@ -58,7 +59,7 @@ def load_model(checkpoint: Path, data_dir: Path | None = None
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: "
                               f"{exc})") from None
     meta = payload["data"]
-    data = load_dataset(data_dir or Path(meta["root"]))
+    data = load_dataset(data_dir or Path(meta["root"]), features_dir=meta.get("features_dir"))
     for key in ("n_users", "n_items", "n_train"):
         found = data.n_users if key == "n_users" else data.n_items if key == "n_items" \
             else len(data.train)

@@ -94,6 +94,11 @@ def cli(verbose: bool) -> None:
               show_default=True, help="Recommender to train.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="MMRec-format dataset folder (<name>.inter, optional *_feat.npy).")
+@click.option("--features", type=click.Choice(["vanilla", "cliper"]), default="vanilla",
+              show_default=True, help="vanilla: the data folder's *_feat.npy as given; cliper: "
+                                      "the output of `cliper-prod embed` (see --features-dir).")
+@click.option("--features-dir", type=click.Path(path_type=Path),
+              help="Folder written by `cliper-prod embed` [default: DATA/cliper].")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML file overriding the backbone's defaults (models/<backbone>.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -108,7 +113,8 @@ def cli(verbose: bool) -> None:
 @click.option("--mask-valid-in-test", is_flag=True,
               help="Also hide validation items when ranking for test (MMRec does not).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train(backbone: str, data_dir: Path, config_file: Path | None, overrides: tuple[str, ...],
+def train(backbone: str, data_dir: Path, features: str, features_dir: Path | None,
+          config_file: Path | None, overrides: tuple[str, ...],
           grid_pairs: tuple[str, ...], seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, quiet: bool) -> None:
     """Train a backbone with BPR, early-stopped on the validation split.
 
@@ -124,7 +130,11 @@ def train(backbone: str, data_dir: Path, config_file: Path | None, overrides: tu
         extra.setdefault("train", {})["seed"] = seed
     config = load_config(backbone, config_file, extra)
     grid = parse_grid(grid_pairs, config)
-    data = load_dataset(data_dir)
+    if features == "cliper":
+        features_dir = features_dir or data_dir / "cliper"
+    elif features_dir is not None:
+        raise ConfigError("--features-dir needs --features cliper")
+    data = load_dataset(data_dir, features_dir=features_dir)
     click.echo(data.summary(), err=True)
     out_dir = out_dir or DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
     result = train_model(backbone, data, config, out_dir, progress=not quiet,
@@ -161,6 +171,67 @@ def evaluate(checkpoint: Path, data_dir: Path | None, split: str, mask_valid_in_
     else:
         click.echo(f"{payload['backbone']} on {data.name}, {split}:\n"
                    + format_metrics(metrics, settings.topk))
+
+
+@cli.command()
+@click.argument("items", type=click.Path(path_type=Path))
+@click.option("--clip", "clip_source", required=True,
+              help="CLIP or Long-CLIP checkpoint: a local folder or a hub id (transformers).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output folder (image_feat.npy, text_feat.npy, item_ids.txt, errors.jsonl).")
+@click.option("--random-init", is_flag=True,
+              help="Build the model from the folder's config with RANDOM weights (plumbing only).")
+@click.option("--fusion", type=click.Choice(["sa", "sum", "concat"]), default="sa",
+              show_default=True, help="How the view embeddings become one text feature.")
+@click.option("--tau", type=click.FloatRange(min=0, min_open=True), default=0.1,
+              show_default=True, help="Temperature of the view-image similarity.")
+@click.option("--fields", default="title,brand,categories,description", show_default=True,
+              help="Comma-separated text fields that make views.")
+@click.option("--no-global-view", is_flag=True, help="Leave out the global view.")
+@click.option("--missing-word", default="Missing", show_default=True,
+              help="Fills a field-view whose field is absent.")
+@click.option("--chunk-long-text", is_flag=True,
+              help="Embed over-long text in windows and sum them, instead of truncating.")
+@click.option("--save-views", is_flag=True, help="Also write view_feat.npy and similarity.npy.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def embed(items: Path, clip_source: str, out_dir: Path, random_init: bool, fusion: str,
+          tau: float, fields: str, no_global_view: bool, missing_word: str,
+          chunk_long_text: bool, save_views: bool, batch_size: int, device: str,
+          quiet: bool) -> None:
+    """Embed the items of a JSON Lines file into CLIPER features (PyTorch path).
+
+    Each item's text fields become view prompts, CLIP encodes the views and the image, and the
+    view-image similarities weight the fusion. Bad items are listed in errors.jsonl with the
+    reason; see README for the per-item policy.
+    """
+    import torch
+
+    from cliper_prod.features.clip_towers import ClipTowers
+    from cliper_prod.features.embed import EmbedOptions, embed_catalog
+    from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE, ViewSpec
+
+    if not items.is_file():
+        raise ConfigError(f"{items}: items file not found")
+    names = tuple(f.strip() for f in fields.split(",") if f.strip())
+    unknown = [n for n in names if n not in DEFAULT_TEMPLATES]
+    if unknown:
+        raise ConfigError(f"--fields: unknown field(s) {unknown}; known: {list(DEFAULT_TEMPLATES)}")
+    spec = ViewSpec(fields=names, global_template=None if no_global_view else GLOBAL_TEMPLATE,
+                    missing_word=missing_word)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    towers = ClipTowers(clip_source, device=device, random_init=random_init)
+    if random_init:
+        click.echo("note: CLIP built from its config with RANDOM weights: the features prove "
+                   "the plumbing, not semantic quality.", err=True)
+    options = EmbedOptions(views=spec, fusion=fusion, tau=tau, batch_size=batch_size,
+                           chunk_long_text=chunk_long_text, save_views=save_views)
+    summary = embed_catalog(items, towers, out_dir, options, progress=not quiet)
+    click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
+               f"a fallback {summary['kept_with_fallback']}, text cut at {towers.max_tokens} "
+               f"tokens for {summary['truncated_items']} -> {out_dir}")
 
 
 @cli.command("random-features")

@@ -97,5 +97,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path), "--epochs", "2",
                                    "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "[2/2] FREEDOM trained" in res.output and "not multi-modal quality" in res.output
-    assert (tmp_path / "freedom" / "item_embeddings.npy").is_file()
+    assert "[3/3] FREEDOM trained on CLIPER features" in res.output
+    assert "RANDOM weights" in res.output
+    assert (tmp_path / "freedom-cliper" / "item_embeddings.npy").is_file()
+    assert (tmp_path / "catalog" / "cliper" / "text_feat.npy").is_file()

@@ -39,6 +39,7 @@ class InteractionData:
     user_ids: list[str] | None = None  # external id of each integer user id
     item_ids: list[str] | None = None
     dropped_cold: dict[str, int] = field(default_factory=dict)  # split -> rows of users absent from train
+    features_dir: Path | None = None  # an embed output folder the features came from
 
     @property
     def train(self) -> np.ndarray:
@@ -180,8 +181,32 @@ def _drop_cold_users(splits: dict[str, np.ndarray], path: Path) -> dict[str, int
     return dropped
 
 
-def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None) -> InteractionData:
-    """Load an MMRec-format folder; ``feature_files`` maps modality -> file name (default both)."""
+def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: int
+                           ) -> dict[str, np.ndarray]:
+    """Features written by ``cliper-prod embed`` (rows in ``item_ids.txt`` order), reordered
+    to the dataset's item ids (its ``i_id_mapping.csv``, else the integer ids themselves)."""
+    ids_path = folder / "item_ids.txt"
+    if not ids_path.exists():
+        raise DataError(ids_path, "not found: --features-dir must be an output folder of "
+                                  "`cliper-prod embed`")
+    rows = {item: r for r, item in enumerate(ids_path.read_text(encoding="utf-8").split())}
+    wanted = item_ids if item_ids is not None else [str(i) for i in range(n_items)]
+    missing = [item for item in wanted if item not in rows]
+    if missing:
+        raise DataError(ids_path, f"{len(missing)} of the dataset's {n_items} items have no "
+                                  f"embedding (first: {missing[0]}); see errors.jsonl beside it")
+    order = np.array([rows[item] for item in wanted])
+    out = {}
+    for modality, fname in FEATURE_FILES.items():
+        feat = read_features(folder / fname, len(rows))
+        out[modality] = np.ascontiguousarray(feat[order])
+    return out
+
+
+def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
+                 features_dir: Path | None = None) -> InteractionData:
+    """Load an MMRec-format folder; ``feature_files`` maps modality -> file name (default both);
+    ``features_dir`` takes the features from an embed output folder instead."""
     root = Path(root)
     inter_path = find_inter_file(root)
     rows = read_inter(inter_path)
@@ -200,21 +225,24 @@ def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None) 
                                     f"pair(s)); each pair may appear once")
     dropped = _drop_cold_users(splits, inter_path)
 
-    features: dict[str, np.ndarray] = {}
-    wanted = FEATURE_FILES if feature_files is None else feature_files
-    for modality, fname in wanted.items():
-        fpath = root / fname
-        if fpath.exists():
-            features[modality] = read_features(fpath, n_items)
-        elif feature_files is not None:
-            raise DataError(fpath, f"{modality} feature file not found")
-
     user_ids = item_ids = None
     if (root / "u_id_mapping.csv").exists():
         user_ids = read_id_mapping(root / "u_id_mapping.csv", "userID", n_users)
     if (root / "i_id_mapping.csv").exists():
         item_ids = read_id_mapping(root / "i_id_mapping.csv", "itemID", n_items)
 
+    if features_dir is not None:
+        features = read_embedded_features(Path(features_dir), item_ids, n_items)
+    else:
+        features = {}
+        for modality, fname in (feature_files or FEATURE_FILES).items():
+            fpath = root / fname
+            if fpath.exists():
+                features[modality] = read_features(fpath, n_items)
+            elif feature_files is not None:
+                raise DataError(fpath, f"{modality} feature file not found")
+
     return InteractionData(name=inter_path.stem, root=root, n_users=n_users, n_items=n_items,
                            splits=splits, features=features, user_ids=user_ids,
-                           item_ids=item_ids, dropped_cold=dropped)
+                           item_ids=item_ids, dropped_cold=dropped,
+                           features_dir=Path(features_dir) if features_dir else None)

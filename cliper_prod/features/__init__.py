@@ -1,0 +1,1 @@
+"""Feature stage: item JSONL -> view prompts -> CLIP towers -> similarity and fusion -> files."""

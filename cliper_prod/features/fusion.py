@@ -1,0 +1,46 @@
+"""Similarity and fusion (CLIPER, Eq. 2-3), as a torch module the exporter can trace.
+
+s_v = cos(t_v, v_img) / tau for each view v. Fusion of the view embeddings t_v [B, V, D]:
+  - ``sa`` (default): softmax over views of s_v weights the views: sum_v softmax(s)_v t_v;
+  - ``sum``: sum_v t_v;
+  - ``concat``: [t_1 | ... | t_V], dimension V * D.
+The image embedding is used as is. (The trainable one-layer MLP fusion belongs with the
+recommender that trains it, not with this fixed extractor.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FUSION_MODES = ("sa", "sum", "concat")
+
+
+class ViewFusion(nn.Module):
+    def __init__(self, mode: str = "sa", tau: float = 0.1) -> None:
+        super().__init__()
+        if mode not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {mode!r}")
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.mode = mode
+        self.tau = float(tau)
+
+    def similarity(self, views: Tensor, image: Tensor) -> Tensor:
+        """s [B, V]: cosine of each view with the image, over tau."""
+        return F.cosine_similarity(views, image.unsqueeze(1), dim=-1, eps=1e-8) / self.tau
+
+    def forward(self, views: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+        """(fused text feature, similarity scores [B, V])."""
+        scores = self.similarity(views, image)
+        if self.mode == "sa":
+            fused = (torch.softmax(scores, dim=1).unsqueeze(-1) * views).sum(1)
+        elif self.mode == "sum":
+            fused = views.sum(1)
+        else:
+            fused = views.flatten(1)
+        return fused, scores
+
+    def output_dim(self, n_views: int, dim: int) -> int:
+        return n_views * dim if self.mode == "concat" else dim

@@ -1,0 +1,104 @@
+"""CLIP image preprocessing with PIL and numpy only (no torchvision), equal to transformers'
+``CLIPImageProcessor``: RGB, shortest edge resized to ``size`` (bicubic), centre crop,
+scale to [0, 1], normalise with the model's mean and std, channels first.
+
+Beyond the processor: EXIF orientation is applied first (a phone photo stands upright), and
+images larger than ``max_pixels`` are refused before decoding (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageDecodeError(Exception):
+    """The file is missing, not an image, truncated or too large; the message says which."""
+
+
+@dataclass(frozen=True)
+class ClipImagePreprocessor:
+    size: int = 224  # shortest edge after resize
+    crop: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+    max_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        if self.crop > self.size:
+            raise ValueError(f"crop {self.crop} larger than the resized edge {self.size}")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "ClipImagePreprocessor":
+        """Read ``preprocessor_config.json`` of a CLIP checkpoint folder."""
+        cfg = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+        size = cfg.get("size", 224)
+        crop = cfg.get("crop_size", 224)
+        return cls(size=size["shortest_edge"] if isinstance(size, dict) else int(size),
+                   crop=crop["height"] if isinstance(crop, dict) else int(crop),
+                   mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+                   std=tuple(cfg.get("image_std", CLIP_STD)),
+                   resample=int(cfg.get("resample", Image.Resampling.BICUBIC)))
+
+    def as_dict(self) -> dict:
+        return {"size": self.size, "crop": self.crop, "mean": list(self.mean),
+                "std": list(self.std), "resample": int(self.resample)}
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """float32 [3, crop, crop]."""
+        image = image.convert("RGB")
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.size, int(self.size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        image = image.resize((new_w, new_h), resample=self.resample)
+        arr = np.asarray(image, dtype=np.float32)
+        top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2
+        arr = arr[top:top + self.crop, left:left + self.crop]
+        arr = (arr * np.float32(1 / 255) - np.asarray(self.mean, np.float32)) \
+            / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+    def load(self, path: Path) -> np.ndarray:
+        """Decode, orient and preprocess one file, or raise ImageDecodeError with the reason."""
+        if not path.is_file():
+            raise ImageDecodeError(f"image not found: {path}")
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(f"image file is empty: {path}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    if img.width * img.height > self.max_pixels:
+                        raise ImageDecodeError(f"image has {img.width}x{img.height} pixels, over "
+                                               f"the limit of {self.max_pixels:,}: {path}")
+                    img.load()
+                    img = ImageOps.exif_transpose(img)
+                    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                        img = Image.fromarray((np.asarray(img, np.float64) / 257).astype(np.uint8))
+                    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and
+                                                            "transparency" in img.info):
+                        img = _on_white(img)
+                    return self(img)
+        except ImageDecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageDecodeError(f"image too large (decompression bomb guard): {path}") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageDecodeError(f"not a readable image ({exc}): {path}") from exc
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """Composite transparency onto white, as product photos are shown."""
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")

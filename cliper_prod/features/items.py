@@ -1,0 +1,117 @@
+"""Item records from JSON Lines: one item per line, parsed and checked one line at a time.
+
+Fields: ``item_id`` (string, required), ``title``, ``brand``, ``description`` (strings),
+``categories`` (a string, a list of strings, or a list of lists as in Amazon metadata) and
+``image`` (a path; relative paths resolve against the JSONL file's folder). Unknown keys are
+ignored. A bad line yields an :class:`ItemError` instead of an item, so one bad item never
+stops a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+TEXT_FIELDS = ("title", "brand", "categories", "description")
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    fields: dict[str, str]  # non-empty, whitespace-normalised text of each present field
+    image: Path | None
+    line: int
+
+
+@dataclass(frozen=True)
+class ItemError:
+    line: int
+    item_id: str | None
+    reason: str
+
+    def as_record(self) -> dict:
+        return {"line": self.line, "item_id": self.item_id, "reason": self.reason}
+
+
+class _Bad(Exception):
+    pass
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _categories(value: object) -> str:
+    """Flatten Amazon-style category lists, keeping the first occurrence of each name."""
+    if isinstance(value, str):
+        return _clean(value)
+    if not isinstance(value, list):
+        raise _Bad(f"'categories' must be a string or a list, got {type(value).__name__}")
+    names: list[str] = []
+    for entry in value:
+        for name in entry if isinstance(entry, list) else [entry]:
+            if not isinstance(name, str):
+                raise _Bad(f"'categories' entries must be strings, got {type(name).__name__}")
+            name = _clean(name)
+            if name and name not in names:
+                names.append(name)
+    return ", ".join(names)
+
+
+def parse_item(text: str, line: int, base_dir: Path) -> Item | ItemError:
+    """One JSONL line -> an item, or the reason it cannot be one."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return ItemError(line, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(record, dict):
+        return ItemError(line, None, f"expected a JSON object, got {type(record).__name__}")
+    item_id = record.get("item_id")
+    if not isinstance(item_id, str) or not item_id.strip():
+        return ItemError(line, None, "missing or empty 'item_id' (a non-empty string)")
+    item_id = item_id.strip()
+    try:
+        fields = {}
+        for name in TEXT_FIELDS:
+            value = record.get(name)
+            if value is None:
+                continue
+            if name == "categories":
+                value = _categories(value)
+            elif isinstance(value, str):
+                value = _clean(value)
+            else:
+                raise _Bad(f"'{name}' must be a string, got {type(value).__name__}")
+            if value:
+                fields[name] = value
+        image = record.get("image")
+        if image is not None and (not isinstance(image, str) or not image.strip()):
+            raise _Bad("'image' must be a non-empty path string")
+    except _Bad as exc:
+        return ItemError(line, item_id, str(exc))
+    path = None if image is None else (base_dir / image.strip())
+    return Item(item_id, fields, path, line)
+
+
+def read_items(path: Path) -> Iterator[Item | ItemError]:
+    """Stream a JSONL file; blank lines are skipped, duplicate ids reported after the first."""
+    seen: set[str] = set()
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield ItemError(line_no, None, f"not UTF-8 (byte {exc.start})")
+                continue
+            if not text.strip():
+                continue
+            parsed = parse_item(text, line_no, path.parent)
+            if isinstance(parsed, Item):
+                if parsed.item_id in seen:
+                    parsed = ItemError(line_no, parsed.item_id, "duplicate 'item_id' (first kept)")
+                else:
+                    seen.add(parsed.item_id)
+            yield parsed

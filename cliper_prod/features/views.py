@@ -1,0 +1,54 @@
+"""Multi-view prompts (CLIPER, Section 3): one prompt per text field plus a global view.
+
+Missing-field policy: a field-view whose field is absent or empty is filled with
+``missing_word`` ("Missing", as the authors' preprocessing writes), so every item has the same
+number of views; the global view joins only the fields that are present. (The authors' code
+formats only the last fragment of its global template, leaving a literal "{}" in it; here the
+global template is formatted once with the joined field prompts.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_TEMPLATES = {
+    "title": "The product title is {}.",
+    "brand": "The product brand is {}.",
+    "categories": "The product categories are {}.",
+    "description": "The product description is {}.",
+}
+GLOBAL_TEMPLATE = "The product descriptions are: {}"
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    fields: tuple[str, ...] = tuple(DEFAULT_TEMPLATES)
+    templates: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TEMPLATES))
+    global_template: str | None = GLOBAL_TEMPLATE  # None: no global view
+    missing_word: str = "Missing"
+
+    def __post_init__(self) -> None:
+        for name in self.fields:
+            template = self.templates.get(name)
+            if template is None or template.count("{}") != 1:
+                raise ValueError(f"view {name!r} needs a template with exactly one '{{}}'")
+        if self.global_template is not None and self.global_template.count("{}") != 1:
+            raise ValueError("the global template needs exactly one '{}'")
+        if not self.fields and self.global_template is None:
+            raise ValueError("at least one view is needed")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.fields + (("global",) if self.global_template is not None else ())
+
+    def has_text(self, fields: dict[str, str]) -> bool:
+        return any(name in fields for name in self.fields)
+
+    def build(self, fields: dict[str, str]) -> list[str]:
+        """The item's prompts, in the order of :attr:`names`."""
+        views = [self.templates[n].format(fields.get(n, self.missing_word)) for n in self.fields]
+        if self.global_template is not None:
+            present = " ".join(self.templates[n].format(fields[n]) for n in self.fields
+                               if n in fields)
+            views.append(self.global_template.format(present or self.missing_word))
+        return views
