@@ -234,6 +234,20 @@ def embed(items: Path, clip_source: str, out_dir: Path, random_init: bool, fusio
                f"tokens for {summary['truncated_items']} -> {out_dir}")
 
 
+@cli.command("convert-clip")
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="New transformers CLIP folder.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="A CLIP folder whose tokenizer files are copied (same BPE).")
+def convert_clip(checkpoint: Path, out_dir: Path, tokenizer_dir: Path) -> None:
+    """Convert an OpenAI-format CLIP or Long-CLIP .pt checkpoint into a transformers folder
+    usable with `embed --clip`."""
+    from cliper_prod.features.convert_clip import convert_checkpoint
+
+    click.echo(convert_checkpoint(checkpoint, out_dir, tokenizer_dir))
+
+
 @cli.command("random-features")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="MMRec-format folder whose .inter defines the items.")
