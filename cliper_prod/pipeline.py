@@ -55,3 +55,30 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
                f"recall@20 {result.valid['recall@20']:.4f}, test recall@20 "
                f"{result.test['recall@20']:.4f}, ndcg@20 {result.test['ndcg@20']:.4f} -> {out}")
     return {"valid": result.valid, "test": result.test, "checkpoint": str(out)}
+
+
+def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path,
+                        modes: tuple[str, ...] = ("sa", "sum", "concat"),
+                        backbone: str = "freedom", max_epochs: int | None = None,
+                        random_init: bool = False, progress: bool = True) -> list[dict]:
+    """Embed ``items`` with each fusion mode and train ``backbone`` on each; one row per mode.
+
+    Selection is on validation; test is the metric at the selected epoch. The rows only mean
+    something with a pretrained CLIP: with random weights they test the plumbing.
+    """
+    from cliper_prod.features.embed import EmbedOptions
+
+    towers = ClipTowers(clip, random_init=random_init)
+    rows = []
+    for mode in modes:
+        features = workdir / f"features-{mode}"
+        embed_catalog(items, towers, features, EmbedOptions(fusion=mode), progress=progress)
+        data = load_dataset(data_dir, features_dir=features)
+        config = load_config(backbone)
+        if max_epochs is not None:
+            config["train"]["epochs"] = max_epochs
+        result = train_model(backbone, data, config, workdir / f"{backbone}-{mode}",
+                             progress=progress)
+        rows.append({"fusion": mode, "best_epoch": result.best_epoch, "valid": result.valid,
+                     "test": result.test})
+    return rows

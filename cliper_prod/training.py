@@ -22,7 +22,7 @@ from cliper_prod.checkpoint import save_embeddings, save_model
 from cliper_prod.config import TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.data.sampling import BPRSampler
-from cliper_prod.errors import CliperError
+from cliper_prod.errors import CliperError, ConfigError
 from cliper_prod.evaluation import RankingTask, evaluate_ranking
 from cliper_prod.io import write_json
 from cliper_prod.plotting import plot_training_curve
@@ -80,6 +80,9 @@ def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSetting
 def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True) -> FitResult:
     """Train ``backbone`` with early stopping on validation; return the best epoch's model."""
     settings = build(TrainSettings, config["train"], "train")
+    if max(settings.topk) > data.n_items:
+        raise ConfigError(f"topk {list(settings.topk)} asks for more items than the dataset has "
+                          f"({data.n_items})")
     seed_everything(settings.seed)
     model = create_model(backbone, data, config["model"])
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,

@@ -330,3 +330,20 @@ def test_embed_cli(tiny_clip: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["embed", str(items), "--clip", str(tiny_clip), "--out",
                                    str(tmp_path / "o3"), "--fields", "title,colour"])
     assert res.exit_code == 2 and "unknown field(s) ['colour']" in res.stderr
+
+
+def test_fusion_ablation_runs_each_mode(tiny_clip: Path, tmp_path: Path) -> None:
+    from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
+
+    data_dir = generate_catalog(tmp_path / "cat", SyntheticSpec(n_users=60, n_items=60,
+                                                                min_interactions=5,
+                                                                max_interactions=10))
+    res = CliRunner().invoke(cli, ["ablate-fusion", "--items", str(data_dir / "items.jsonl"),
+                                   "--data", str(data_dir), "--clip", str(tiny_clip),
+                                   "--workdir", str(tmp_path / "w"), "--epochs", "2", "--quiet",
+                                   "--random-init"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "w" / "ablation.json").read_text())
+    assert [r["fusion"] for r in rows] == ["sa", "sum", "concat"]
+    assert "only prove the plumbing" in res.output
+    assert np.load(tmp_path / "w" / "features-concat" / "text_feat.npy").shape == (60, 5 * 32)

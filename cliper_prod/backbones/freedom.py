@@ -43,6 +43,9 @@ class Freedom(Recommender):
         super().__init__()
         if not data.features:
             raise ConfigError("FREEDOM needs image_feat.npy and/or text_feat.npy in the data folder")
+        if not 0 < config.knn_k < data.n_items:
+            raise ConfigError(f"knn_k={config.knn_k} must be between 1 and the number of items "
+                              f"minus one ({data.n_items - 1})")
         if not 0.0 <= config.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
         self.config = config
