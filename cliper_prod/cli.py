@@ -181,8 +181,10 @@ def evaluate(checkpoint: Path, data_dir: Path | None, split: str, mask_valid_in_
               help="Output folder (image_feat.npy, text_feat.npy, item_ids.txt, errors.jsonl).")
 @click.option("--random-init", is_flag=True,
               help="Build the model from the folder's config with RANDOM weights (plumbing only).")
-@click.option("--fusion", type=click.Choice(["sa", "sum", "concat"]), default="sa",
-              show_default=True, help="How the view embeddings become one text feature.")
+@click.option("--fusion", type=click.Choice(["sa", "sum", "concat", "mlp"]), default="sa",
+              show_default=True, help="How the view embeddings become one text feature (mlp: "
+                                      "written as concat, fused by a layer trained with the "
+                                      "recommender).")
 @click.option("--tau", type=click.FloatRange(min=0, min_open=True), default=0.1,
               show_default=True, help="Temperature of the view-image similarity.")
 @click.option("--fields", default="title,brand,categories,description", show_default=True,
@@ -260,21 +262,26 @@ def convert_clip(checkpoint: Path, out_dir: Path, tokenizer_dir: Path) -> None:
 @click.option("--modes", default="sa,sum,concat", show_default=True)
 @click.option("--backbone", type=click.Choice(["freedom"]), default="freedom", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), help="Cap on training epochs.")
+@click.option("--reg-weight", type=click.FloatRange(min=0), default=None,
+              help="FREEDOM's modality-loss weight for every mode (mlp needs > 0).")
 @click.option("--quiet", is_flag=True)
 def ablate_fusion(items: Path, data_dir: Path, clip_source: str, random_init: bool,
                   workdir: Path, modes: str, backbone: str, epochs: int | None,
-                  quiet: bool) -> None:
+                  reg_weight: float | None, quiet: bool) -> None:
     """Train the backbone on features of each fusion mode and print a table (selected on
     validation, test at that epoch)."""
     from cliper_prod.io import write_json
     from cliper_prod.pipeline import run_fusion_ablation
 
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
-    bad = [m for m in chosen if m not in ("sa", "sum", "concat")]
+    bad = [m for m in chosen if m not in ("sa", "sum", "concat", "mlp")]
     if bad:
-        raise ConfigError(f"--modes: unknown fusion(s) {bad}; available: sa, sum, concat")
-    rows = run_fusion_ablation(items, data_dir, clip_source, workdir, chosen, backbone, epochs,
-                               random_init, progress=not quiet)
+        raise ConfigError(f"--modes: unknown fusion(s) {bad}; available: sa, sum, concat, mlp")
+    overrides = {"model": {"reg_weight": reg_weight}} if reg_weight is not None else {}
+    if epochs is not None:
+        overrides["train"] = {"epochs": epochs}
+    rows = run_fusion_ablation(items, data_dir, clip_source, workdir, chosen, backbone,
+                               overrides, random_init, progress=not quiet)
     write_json(workdir / "ablation.json", rows)
     click.echo("| fusion | best epoch | valid R@20 | test R@20 | test N@20 | test R@50 |")
     click.echo("| --- | --- | --- | --- | --- | --- |")

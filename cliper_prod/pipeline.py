@@ -59,7 +59,7 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
 
 def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path,
                         modes: tuple[str, ...] = ("sa", "sum", "concat"),
-                        backbone: str = "freedom", max_epochs: int | None = None,
+                        backbone: str = "freedom", overrides: dict | None = None,
                         random_init: bool = False, progress: bool = True) -> list[dict]:
     """Embed ``items`` with each fusion mode and train ``backbone`` on each; one row per mode.
 
@@ -74,9 +74,7 @@ def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path,
         features = workdir / f"features-{mode}"
         embed_catalog(items, towers, features, EmbedOptions(fusion=mode), progress=progress)
         data = load_dataset(data_dir, features_dir=features)
-        config = load_config(backbone)
-        if max_epochs is not None:
-            config["train"]["epochs"] = max_epochs
+        config = load_config(backbone, overrides=overrides)
         result = train_model(backbone, data, config, workdir / f"{backbone}-{mode}",
                              progress=progress)
         rows.append({"fusion": mode, "best_epoch": result.best_epoch, "valid": result.valid,

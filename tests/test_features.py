@@ -16,6 +16,7 @@ from PIL import Image
 
 from cliper_prod.cli import cli
 from cliper_prod.data.mmrec import load_dataset
+from cliper_prod.errors import ConfigError
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.fusion import ViewFusion
@@ -347,3 +348,45 @@ def test_fusion_ablation_runs_each_mode(tiny_clip: Path, tmp_path: Path) -> None
     assert [r["fusion"] for r in rows] == ["sa", "sum", "concat"]
     assert "only prove the plumbing" in res.output
     assert np.load(tmp_path / "w" / "features-concat" / "text_feat.npy").shape == (60, 5 * 32)
+
+
+def bpr(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return -torch.nn.functional.logsigmoid((a * p).sum(1) - (a * n).sum(1)).mean()
+
+
+def test_mlp_fusion_is_trained_with_the_recommender(towers: ClipTowers, tmp_path: Path) -> None:
+    from cliper_prod.backbones import create_model
+    from cliper_prod.config import load_config
+
+    items = _catalog(tmp_path)
+    out = items.parent / "cliper"
+    summary = embed_catalog(items, towers, out, EmbedOptions(fusion="mlp"), progress=False)
+    assert summary["fusion"] == "mlp"
+    assert np.load(out / "text_feat.npy").shape == (4, 5 * towers.dim)  # the MLP's input
+    (items.parent / "i_id_mapping.csv").write_text("asin\titemID\nA\t0\nB\t1\nC\t2\nD\t3\n")
+    write_inter(items.parent, [(0, 0, 0), (0, 1, 0), (1, 2, 0), (1, 3, 0), (0, 2, 1), (1, 0, 2)])
+    data = load_dataset(items.parent, features_dir=out)
+    assert data.text_views == 5
+    cfg = load_config("freedom")["model"]
+    cfg.update(knn_k=2)
+    with pytest.raises(ConfigError, match="set model.reg_weight > 0"):
+        create_model("freedom", data, cfg)
+    cfg.update(reg_weight=0.1, dropout=0.0)
+    model = create_model("freedom", data, cfg)
+    loss = model.loss(torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([3, 1]))
+    loss.backward()
+    layer = model.text_fusion.layer
+    assert layer.weight.shape == (towers.dim, 5 * towers.dim)
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    # the loss's text term runs the views through the layer: recompute it by hand
+    u, i = (t.detach() for t in model.propagate())
+    feats = model.features["text"].detach()
+    proj = model.projections["text"]
+    with torch.no_grad():
+        fused = torch.nn.functional.leaky_relu(feats @ layer.weight.T + layer.bias, 0.2)
+        t = proj(fused)
+        img = model.projections["image"](model.features["image"])
+        users, pos, neg = torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([3, 1])
+        expected = bpr(u[users], i[pos], i[neg]) + 0.1 * (
+            bpr(u[users], img[pos], img[neg]) + bpr(u[users], t[pos], t[neg]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -22,6 +22,7 @@ from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
+from cliper_prod.features.fusion import MLPFusion
 from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
                                knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
 
@@ -68,6 +69,17 @@ class Freedom(Recommender):
                 self.features[modality] = nn.Parameter(feat.clone())
                 self.projections[modality] = nn.Linear(feat.shape[1], config.feat_embed_dim)
         self.item_graph = mixed_item_graph(graphs, config.mm_image_weight)
+        # CLIPER's MLP fusion: the text features are V concatenated view embeddings, fused by a
+        # layer trained here. FREEDOM's item graph is frozen at start, so it is built from the
+        # concatenation, and the layer learns through the text BPR term.
+        self.text_fusion: MLPFusion | None = None
+        if data.text_views:
+            if not config.reg_weight:
+                raise ConfigError("MLP fusion is trained through FREEDOM's modality loss: set "
+                                  "model.reg_weight > 0 (e.g. --set model.reg_weight=1e-3)")
+            dim = data.features["text"].shape[1] // data.text_views
+            self.text_fusion = MLPFusion(data.text_views, dim)
+            self.projections["text"] = nn.Linear(dim, config.feat_embed_dim)
 
         self.train_users, self.train_items = train_edges(data)
         self.full_adj = normalized_adjacency(
@@ -97,6 +109,9 @@ class Freedom(Recommender):
         u = u_all[users]
         loss = bpr_loss(u, i_all[pos], i_all[neg])
         for modality, feat in self.features.items():
-                proj = self.projections[modality]
-                loss = loss + self.config.reg_weight * bpr_loss(u, proj(feat[pos]), proj(feat[neg]))
+            pos_f, neg_f = feat[pos], feat[neg]
+            if modality == "text" and self.text_fusion is not None:
+                pos_f, neg_f = self.text_fusion(pos_f), self.text_fusion(neg_f)
+            proj = self.projections[modality]
+            loss = loss + self.config.reg_weight * bpr_loss(u, proj(pos_f), proj(neg_f))
         return loss

@@ -10,6 +10,7 @@ as a :class:`~cliper_prod.errors.DataError` naming the file, the line and what i
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class InteractionData:
     item_ids: list[str] | None = None
     dropped_cold: dict[str, int] = field(default_factory=dict)  # split -> rows of users absent from train
     features_dir: Path | None = None  # an embed output folder the features came from
+    text_views: int | None = None  # text features are V concatenated views for a trained MLP
 
     @property
     def train(self) -> np.ndarray:
@@ -182,7 +184,7 @@ def _drop_cold_users(splits: dict[str, np.ndarray], path: Path) -> dict[str, int
 
 
 def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: int
-                           ) -> dict[str, np.ndarray]:
+                           ) -> tuple[dict[str, np.ndarray], int | None]:
     """Features written by ``cliper-prod embed`` (rows in ``item_ids.txt`` order), reordered
     to the dataset's item ids (its ``i_id_mapping.csv``, else the integer ids themselves)."""
     ids_path = folder / "item_ids.txt"
@@ -200,7 +202,9 @@ def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: in
     for modality, fname in FEATURE_FILES.items():
         feat = read_features(folder / fname, len(rows))
         out[modality] = np.ascontiguousarray(feat[order])
-    return out
+    summary_path = folder / "embed_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return out, len(summary["views"]) if summary.get("fusion") == "mlp" else None
 
 
 def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
@@ -231,8 +235,9 @@ def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
     if (root / "i_id_mapping.csv").exists():
         item_ids = read_id_mapping(root / "i_id_mapping.csv", "itemID", n_items)
 
+    text_views = None
     if features_dir is not None:
-        features = read_embedded_features(Path(features_dir), item_ids, n_items)
+        features, text_views = read_embedded_features(Path(features_dir), item_ids, n_items)
     else:
         features = {}
         for modality, fname in (feature_files or FEATURE_FILES).items():
@@ -245,4 +250,5 @@ def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
     return InteractionData(name=inter_path.stem, root=root, n_users=n_users, n_items=n_items,
                            splits=splits, features=features, user_ids=user_ids,
                            item_ids=item_ids, dropped_cold=dropped,
-                           features_dir=Path(features_dir) if features_dir else None)
+                           features_dir=Path(features_dir) if features_dir else None,
+                           text_views=text_views)

@@ -10,7 +10,8 @@ silently):
   - neither usable image nor text: skipped.
 Outputs (each written to a temporary file and renamed): ``image_feat.npy`` [N, D],
 ``text_feat.npy`` [N, D'] (fused), ``item_ids.txt`` (row order), ``errors.jsonl``,
-``embed_summary.json``; with ``save_views`` also ``view_feat.npy`` [N, V, D] and
+``embed_summary.json`` (``fusion: mlp`` writes the concatenation and leaves the trained
+fusion to the recommender); with ``save_views`` also ``view_feat.npy`` [N, V, D] and
 ``similarity.npy`` [N, V].
 """
 
@@ -84,7 +85,7 @@ def _load_image(towers: ClipTowers, item: Item) -> np.ndarray | str:
 def embed_catalog(items_path: Path, towers: ClipTowers, out_dir: Path,
                   options: EmbedOptions = EmbedOptions(), progress: bool = True) -> dict:
     """Embed every item of ``items_path``; write the outputs; return the summary."""
-    fusion = ViewFusion(options.fusion, options.tau)
+    fusion = ViewFusion("concat" if options.fusion == "mlp" else options.fusion, options.tau)
     spec = options.views
     got = _Collected()
     bar = tqdm(desc="embed", unit="item", disable=not progress)
@@ -146,7 +147,7 @@ def _write_outputs(out_dir: Path, got: _Collected, towers: ClipTowers, options: 
     out_dir.mkdir(parents=True, exist_ok=True)
     dim = towers.dim
     n_views = len(options.views.names)
-    text_dim = n_views * dim if options.fusion == "concat" else dim
+    text_dim = n_views * dim if options.fusion in ("concat", "mlp") else dim
 
     def stack(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=np.float32)

@@ -4,8 +4,9 @@ s_v = cos(t_v, v_img) / tau for each view v. Fusion of the view embeddings t_v [
   - ``sa`` (default): softmax over views of s_v weights the views: sum_v softmax(s)_v t_v;
   - ``sum``: sum_v t_v;
   - ``concat``: [t_1 | ... | t_V], dimension V * D.
-The image embedding is used as is. (The trainable one-layer MLP fusion belongs with the
-recommender that trains it, not with this fixed extractor.)
+The image embedding is used as is. The fourth mode, ``mlp``, is trained with the recommender:
+extraction writes the concatenation, and the backbone owns an :class:`MLPFusion` (one linear
+layer, LeakyReLU; the paper's activation symbol is lost in its text) that it trains.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FUSION_MODES = ("sa", "sum", "concat")
+EMBED_FUSIONS = FUSION_MODES + ("mlp",)  # mlp: extracted as concat, fused by the recommender
 
 
 class ViewFusion(nn.Module):
@@ -44,3 +46,16 @@ class ViewFusion(nn.Module):
 
     def output_dim(self, n_views: int, dim: int) -> int:
         return n_views * dim if self.mode == "concat" else dim
+
+
+class MLPFusion(nn.Module):
+    """[t_1 | ... | t_V] (V * D) -> D, trained with the recommender."""
+
+    def __init__(self, n_views: int, dim: int) -> None:
+        super().__init__()
+        self.n_views, self.dim = n_views, dim
+        self.layer = nn.Linear(n_views * dim, dim)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, concatenated: Tensor) -> Tensor:
+        return self.act(self.layer(concatenated))
