@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _report import report
+
 from cliper_prod import __version__
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.views import ViewSpec
-from cliper_prod.io import write_json, write_text
 
 SKELETON = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinyclip-8m-skeleton"
 
@@ -104,10 +105,7 @@ def main() -> None:
     lines += [f"| {r['batch']} | {r['image_items_per_s']:.2f} | {r['text_items_per_s']:.2f} |"
               for r in rows]
     lines.append(f"\nDecode + preprocess of a 500x400 JPEG, one thread: {1 / pre_s:.0f} images/s.")
-    table = "\n".join(lines)
-    print(table)
-    write_json(out.with_suffix(".json"), result)
-    write_text(out.with_suffix(".md"), table + "\n")
+    report(out, result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _report import report
+
 from cliper_prod import __version__
 from cliper_prod.backbones import create_model
 from cliper_prod.config import TrainSettings, build, load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.data.sampling import BPRSampler
-from cliper_prod.io import write_json, write_text
 from cliper_prod.training import evaluate_model, ranking_tasks
 
 
@@ -85,10 +86,7 @@ def main() -> None:
                     f"{result['mmrec']['eval_s']:.2f} |")
         rows.append(f"| speed-up | {result['speedup']['train_epoch_s']:.1f}x | "
                     f"{result['speedup']['eval_s']:.1f}x |")
-    table = "\n".join(rows)
-    print(table)
-    write_json(args.out.with_suffix(".json"), result)
-    write_text(args.out.with_suffix(".md"), table + "\n")
+    report(args.out, result, "\n".join(rows))
 
 
 if __name__ == "__main__":

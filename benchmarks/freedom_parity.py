@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from _report import report
+
 from cliper_prod import __version__
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
-from cliper_prod.io import write_json, write_text
 from cliper_prod.training import train_model
 
 SHOWN = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
@@ -49,7 +50,7 @@ def main() -> None:
               flush=True)
     mean = {k: statistics.mean(r["test"][k] for r in runs) for k in SHOWN}
     std = {k: statistics.pstdev(r["test"][k] for r in runs) for k in SHOWN}
-    report = {"data": str(args.data), "torch": torch.__version__, "cliper_prod": __version__,
+    summary = {"data": str(args.data), "torch": torch.__version__, "cliper_prod": __version__,
               "runs": runs, "test_mean": mean, "test_std": std}
     header = "| run | " + " | ".join(SHOWN) + " |\n|" + " --- |" * (len(SHOWN) + 1)
     lines = [header]
@@ -60,15 +61,12 @@ def main() -> None:
                  + " | ".join(f"{mean[k]:.4f} ± {std[k]:.4f}" for k in SHOWN) + " |")
     if args.reference:
         ref = json.loads(args.reference.read_text())
-        report["reference"] = ref
-        report["relative_diff"] = {k: mean[k] / ref[k] - 1 for k in SHOWN if k in ref}
+        summary["reference"] = ref
+        summary["relative_diff"] = {k: mean[k] / ref[k] - 1 for k in SHOWN if k in ref}
         lines.append("| MMRec reference | " + " | ".join(f"{ref[k]:.4f}" for k in SHOWN) + " |")
         lines.append("| mean / reference - 1 | " + " | ".join(
-            f"{report['relative_diff'][k]:+.1%}" for k in SHOWN) + " |")
-    table = "\n".join(lines)
-    print(table)
-    write_json(args.out.with_suffix(".json"), report)
-    write_text(args.out.with_suffix(".md"), table + "\n")
+            f"{summary['relative_diff'][k]:+.1%}" for k in SHOWN) + " |")
+    report(args.out, summary, "\n".join(lines))
 
 
 if __name__ == "__main__":

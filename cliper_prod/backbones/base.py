@@ -26,6 +26,14 @@ class Recommender(nn.Module, ABC):
     """A backbone: trained with BPR triples; serves final user and item embedding tables whose
     dot product is the ranking score."""
 
+    def init_id_embeddings(self, data: InteractionData, dim: int) -> None:
+        """User and item ID embeddings, Xavier-uniform as MMRec initialises them."""
+        self.n_users, self.n_items = data.n_users, data.n_items
+        self.user_embedding = nn.Embedding(self.n_users, dim)
+        self.item_embedding = nn.Embedding(self.n_items, dim)
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
+
     def pre_epoch(self, generator: torch.Generator) -> None:
         """Per-epoch work before the batches (FREEDOM prunes its graph here)."""
 

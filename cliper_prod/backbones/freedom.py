@@ -50,11 +50,7 @@ class Freedom(Recommender):
         if not 0.0 <= config.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
         self.config = config
-        self.n_users, self.n_items = data.n_users, data.n_items
-        self.user_embedding = nn.Embedding(self.n_users, config.embedding_size)
-        self.item_embedding = nn.Embedding(self.n_items, config.embedding_size)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.init_id_embeddings(data, config.embedding_size)
 
         # With reg_weight 0 the modality BPR terms add exactly nothing (MMRec still computes them
         # and Adam leaves the zero-gradient features unchanged), so the features and projections

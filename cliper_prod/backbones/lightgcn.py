@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
 from cliper_prod.data.mmrec import InteractionData
@@ -31,11 +31,7 @@ class LightGCN(Recommender):
     def __init__(self, data: InteractionData, config: LightGCNConfig) -> None:
         super().__init__()
         self.config = config
-        self.n_users, self.n_items = data.n_users, data.n_items
-        self.user_embedding = nn.Embedding(self.n_users, config.embedding_size)
-        self.item_embedding = nn.Embedding(self.n_items, config.embedding_size)
-        nn.init.xavier_uniform_(self.user_embedding.weight)
-        nn.init.xavier_uniform_(self.item_embedding.weight)
+        self.init_id_embeddings(data, config.embedding_size)
         users, items = train_edges(data)
         self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
                                         self.n_users + self.n_items)
