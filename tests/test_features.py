@@ -225,7 +225,7 @@ def naive_fusion(views: np.ndarray, image: np.ndarray, mode: str, tau: float):
 def test_fusion_equals_a_naive_per_item_loop(mode: str) -> None:
     rng = np.random.default_rng(0)
     views, image = rng.standard_normal((6, 5, 8)), rng.standard_normal((6, 8))
-    fused, scores = ViewFusion(mode, tau=0.1)(torch.tensor(views), torch.tensor(image))
+    fused, scores, _ = ViewFusion(mode, tau=0.1)(torch.tensor(views), torch.tensor(image))
     ref_fused, ref_scores = naive_fusion(views, image, mode, 0.1)
     np.testing.assert_allclose(fused.numpy(), ref_fused, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-6)
@@ -238,7 +238,7 @@ def test_attention_weights_behave() -> None:
     fusion = ViewFusion("sa", tau=0.1)
     weights = torch.softmax(fusion.similarity(views, image), dim=1)
     torch.testing.assert_close(weights.sum(1), torch.ones(4, dtype=torch.float64))
-    sharp, _ = ViewFusion("sa", tau=1e-4)(views, image)  # tau -> 0: the most image-like view
+    sharp = ViewFusion("sa", tau=1e-4)(views, image)[0]  # tau -> 0: the most image-like view
     best = torch.nn.functional.cosine_similarity(views, image[:, None], dim=-1).argmax(1)
     torch.testing.assert_close(sharp, views[torch.arange(4), best])
     same = views[:, :1].expand(-1, 5, -1)  # identical views: the fusion is that view

@@ -9,7 +9,6 @@ model's ``max_position_embeddings``, so both work through the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from cliper_prod.errors import CliperError
+from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
+from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
 
 
 class ModelLoadError(CliperError):
@@ -49,12 +50,25 @@ class TextTower(nn.Module):
         return self.text_projection(out.pooler_output)
 
 
-@dataclass
-class TokenizedViews:
-    input_ids: np.ndarray  # int64 [N, L]
-    attention_mask: np.ndarray  # int64 [N, L]
-    truncated: np.ndarray  # bool [N]: the text had more tokens than the model's positions
-    owner: np.ndarray  # int64 [N]: index of the text each row belongs to (chunking adds rows)
+class ViewEncoder(nn.Module):
+    """Views and image embedding -> CLIPER features: the text+fusion graph the bundle exports.
+
+    input_ids, attention_mask [B, V, L]; image [B, D]; has_image, has_text [B] (bool)
+    -> (fused text feature [B, D'], similarity [B, V], image feature [B, D], views [B, V, D]).
+    """
+
+    def __init__(self, text_tower: TextTower, fusion: ViewFusion) -> None:
+        super().__init__()
+        self.text_tower = text_tower
+        self.fusion = fusion
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, image: Tensor,
+                has_image: Tensor, has_text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        b, v, length = input_ids.shape
+        views = self.text_tower(input_ids.reshape(b * v, length),
+                                attention_mask.reshape(b * v, length)).reshape(b, v, -1)
+        fused, scores, image = self.fusion(views, image, has_image, has_text)
+        return fused, scores, image, views
 
 
 class ClipTowers:
@@ -66,6 +80,7 @@ class ClipTowers:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # this package draws its own progress
+        hf_logging.set_verbosity_error()
         self.source = str(source)
         self.random_init = random_init
         try:
@@ -89,26 +104,17 @@ class ClipTowers:
         self.image_tower = ImageTower(clip).eval().to(self.device)
         self.text_tower = TextTower(clip).eval().to(self.device)
 
-    def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
-        """Pad to the model's positions. Over-long texts are cut at the token level, or with
-        ``chunk`` split into consecutive windows whose embeddings are summed (the authors'
-        approach; see :meth:`encode_texts`)."""
+    @property
+    def special(self) -> SpecialTokens:
         tok = self.tokenizer
-        body = self.max_tokens - 2  # room for start and end tokens
-        ids, owner, truncated = [], [], []
-        for i, text in enumerate(texts):
-            tokens = tok(text, add_special_tokens=False)["input_ids"]
-            truncated.append(len(tokens) > body)
-            pieces = [tokens[s:s + body] for s in range(0, max(len(tokens), 1), body)]
-            for piece in (pieces if chunk else pieces[:1]):
-                ids.append([tok.bos_token_id, *piece, tok.eos_token_id])
-                owner.append(i)
-        input_ids = np.full((len(ids), self.max_tokens), tok.pad_token_id, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, seq in enumerate(ids):
-            input_ids[row, :len(seq)] = seq
-            mask[row, :len(seq)] = 1
-        return TokenizedViews(input_ids, mask, np.asarray(truncated), np.asarray(owner))
+        return SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
+        """Pad to the model's positions; over-long texts cut, or chunked (see pack_tokens)."""
+        return pack_tokens(self.token_ids(texts), self.special, self.max_tokens, chunk)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -123,3 +129,21 @@ class ClipTowers:
                               torch.from_numpy(tv.attention_mask).to(self.device)).float().cpu()
         out = torch.zeros(len(texts), emb.shape[1]).index_add_(0, torch.from_numpy(tv.owner), emb)
         return out.numpy(), tv.truncated
+
+    @torch.no_grad()
+    def encode_views(self, tokens: TokenizedViews, image: np.ndarray, has_image: np.ndarray,
+                     has_text: np.ndarray, mode: str, tau: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tokenised views of B items (rows owned by B*V texts), their image embeddings and
+        presence flags -> (fused text, similarity, image feature, views), as numpy."""
+        emb = self.text_tower(torch.from_numpy(tokens.input_ids).to(self.device),
+                              torch.from_numpy(tokens.attention_mask).to(self.device)).float().cpu()
+        n_texts = len(tokens.truncated)
+        views = torch.zeros(n_texts, emb.shape[1]).index_add_(0, torch.from_numpy(tokens.owner), emb)
+        views = views.reshape(len(image), n_texts // len(image), -1)
+        out = ViewFusion(mode, tau)(views, torch.from_numpy(image), torch.from_numpy(has_image),
+                                    torch.from_numpy(has_text))
+        return (*(t.numpy() for t in out), views.numpy())
+
+    def view_encoder(self, fusion: ViewFusion) -> ViewEncoder:
+        return ViewEncoder(self.text_tower, fusion).eval()

@@ -1,4 +1,9 @@
-"""Batch feature extraction (PyTorch path): items.jsonl -> CLIPER features in MMRec layout.
+"""Batch feature extraction: items.jsonl -> CLIPER features in MMRec layout.
+
+One pipeline for both encoders: :class:`~cliper_prod.features.clip_towers.ClipTowers` (PyTorch)
+and the ONNX Runtime encoder of an exported bundle. Image decoding and preprocessing run in a
+thread pool a few batches ahead of inference, so the CPU prepares batch i+1 while the model
+runs batch i.
 
 Per-item policy (every case is written to ``errors.jsonl`` with its reason; nothing is dropped
 silently):
@@ -19,22 +24,41 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from cliper_prod.features.clip_towers import ClipTowers
-from cliper_prod.features.fusion import ViewFusion
-from cliper_prod.features.image_preprocess import ImageDecodeError
+from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
 from cliper_prod.features.items import Item, ItemError, read_items
+from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.io import write_json, write_npy, write_text
+
+PREFETCH_BATCHES = 2  # batches decoded ahead of the one being encoded
+
+
+class Encoder(Protocol):
+    """What the pipeline needs from a CLIP backend (PyTorch towers or an ONNX bundle)."""
+
+    source: str
+    random_init: bool
+    max_tokens: int
+    dim: int
+    preprocess: ClipImagePreprocessor
+
+    def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews: ...
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+    def encode_views(self, tokens: TokenizedViews, image: np.ndarray, has_image: np.ndarray,
+                     has_text: np.ndarray, mode: str, tau: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -46,6 +70,11 @@ class EmbedOptions:
     chunk_long_text: bool = False
     save_views: bool = False
     workers: int = max(os.cpu_count() or 1, 1)
+
+    @property
+    def graph_fusion(self) -> str:
+        """The fusion the encoder computes: ``mlp`` is extracted as the concatenation."""
+        return "concat" if self.fusion == "mlp" else self.fusion
 
 
 @dataclass
@@ -73,54 +102,52 @@ def _batches(records: Iterable[Item | ItemError], size: int, errors: list[dict]
         yield batch
 
 
-def _load_image(towers: ClipTowers, item: Item) -> np.ndarray | str:
+def _load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
+    """Pixel values, or the reason there are none."""
     if item.image is None:
         return "no 'image' field"
     try:
-        return towers.preprocess.load(item.image)
+        return preprocess.load(item.image)
     except ImageDecodeError as exc:
         return str(exc)
 
 
-def embed_catalog(items_path: Path, towers: ClipTowers, out_dir: Path,
+def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
                   options: EmbedOptions = EmbedOptions(), progress: bool = True) -> dict:
     """Embed every item of ``items_path``; write the outputs; return the summary."""
-    fusion = ViewFusion("concat" if options.fusion == "mlp" else options.fusion, options.tau)
-    spec = options.views
     got = _Collected()
     bar = tqdm(desc="embed", unit="item", disable=not progress)
+    pending: deque[tuple[list[Item], list[Future]]] = deque()
+
+    def encode_oldest() -> None:
+        batch, futures = pending.popleft()
+        _embed_batch(batch, [f.result() for f in futures], encoder, options, got)
+        bar.update(len(batch))
+
     with ThreadPoolExecutor(options.workers) as pool:
-        batches = _batches(read_items(items_path), options.batch_size, got.errors)
-        for batch in batches:
-            images = list(pool.map(lambda it: _load_image(towers, it), batch))
-            _embed_batch(batch, images, towers, fusion, spec, options, got)
-            bar.update(len(batch))
+        for batch in _batches(read_items(items_path), options.batch_size, got.errors):
+            pending.append((batch, [pool.submit(_load_image, encoder.preprocess, item)
+                                    for item in batch]))
+            if len(pending) > PREFETCH_BATCHES:
+                encode_oldest()
+        while pending:
+            encode_oldest()
     bar.close()
-    return _write_outputs(out_dir, got, towers, options, items_path)
+    return _write_outputs(out_dir, got, encoder, options, items_path)
 
 
-def _embed_batch(batch: list[Item], images: list[np.ndarray | str], towers: ClipTowers,
-                 fusion: ViewFusion, spec: ViewSpec, options: EmbedOptions,
-                 got: _Collected) -> None:
-    n_views = len(spec.names)
-    texts = [view for item in batch for view in spec.build(item.fields)]
-    view_emb, truncated = towers.encode_texts(texts, chunk=options.chunk_long_text)
-    view_emb = view_emb.reshape(len(batch), n_views, -1)
-    got.truncated_items += int(truncated.reshape(len(batch), n_views).any(1).sum())
-    ok = [i for i, img in enumerate(images) if not isinstance(img, str)]
-    image_emb = np.zeros((len(batch), view_emb.shape[2]), dtype=np.float32)
-    if ok:
-        image_emb[ok] = towers.encode_images(np.stack([images[i] for i in ok]))
+def _embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
+                 options: EmbedOptions, got: _Collected) -> None:
+    spec = options.views
+    has_image = np.array([not isinstance(img, str) for img in images])
     has_text = np.array([spec.has_text(item.fields) for item in batch])
     keep = []
     for i, item in enumerate(batch):
-        image_ok = i in ok
-        if not image_ok and not has_text[i]:
+        if not has_image[i] and not has_text[i]:
             got.errors.append({"line": item.line, "item_id": item.item_id, "action": "skipped",
                                "reason": f"no usable image ({images[i]}) and no text"})
             continue
-        if not image_ok:
-            image_emb[i] = view_emb[i].mean(0)
+        if not has_image[i]:
             got.errors.append({"line": item.line, "item_id": item.item_id, "action": "kept",
                                "reason": f"{images[i]}; image embedding = mean of its views"})
         elif not has_text[i]:
@@ -129,25 +156,31 @@ def _embed_batch(batch: list[Item], images: list[np.ndarray | str], towers: Clip
         keep.append(i)
     if not keep:
         return
-    views_t, image_t = torch.from_numpy(view_emb[keep]), torch.from_numpy(image_emb[keep])
-    fused, scores = (t.numpy() for t in fusion(views_t, image_t))
-    for row, i in enumerate(keep):
-        if not has_text[i] and fusion.mode != "concat":
-            fused[row] = image_emb[i]
-    got.ids += [batch[i].item_id for i in keep]
-    got.image.append(image_emb[keep])
+    batch = [batch[i] for i in keep]
+    has_image, has_text = has_image[keep], has_text[keep]
+    image = np.zeros((len(batch), encoder.dim), dtype=np.float32)
+    if has_image.any():
+        image[has_image] = encoder.encode_images(
+            np.stack([images[i] for i, ok in zip(keep, has_image) if ok]))
+    tokens = encoder.tokenize([v for item in batch for v in spec.build(item.fields)],
+                              chunk=options.chunk_long_text)
+    fused, scores, image, views = encoder.encode_views(
+        tokens, image, has_image, has_text, options.graph_fusion, options.tau)
+    got.truncated_items += int(tokens.truncated.reshape(len(batch), -1).any(1).sum())
+    got.ids += [item.item_id for item in batch]
+    got.image.append(image)
     got.text.append(fused)
     if options.save_views:
-        got.views.append(view_emb[keep])
+        got.views.append(views)
         got.scores.append(scores)
 
 
-def _write_outputs(out_dir: Path, got: _Collected, towers: ClipTowers, options: EmbedOptions,
+def _write_outputs(out_dir: Path, got: _Collected, encoder: Encoder, options: EmbedOptions,
                    items_path: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    dim = towers.dim
+    dim = encoder.dim
     n_views = len(options.views.names)
-    text_dim = n_views * dim if options.fusion in ("concat", "mlp") else dim
+    text_dim = n_views * dim if options.graph_fusion == "concat" else dim
 
     def stack(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=np.float32)
@@ -165,8 +198,8 @@ def _write_outputs(out_dir: Path, got: _Collected, towers: ClipTowers, options: 
         "kept_with_fallback": len(got.errors) - skipped,
         "truncated_items": got.truncated_items,
         "long_text": "chunk-and-sum" if options.chunk_long_text else "truncate",
-        "clip": towers.source, "random_weights": towers.random_init,
-        "max_tokens": towers.max_tokens, "dim": dim, "fusion": options.fusion,
+        "clip": encoder.source, "random_weights": encoder.random_init,
+        "max_tokens": encoder.max_tokens, "dim": dim, "fusion": options.fusion,
         "tau": options.tau, "views": list(options.views.names),
         "view_spec": asdict(options.views),
     }

@@ -33,8 +33,17 @@ class ViewFusion(nn.Module):
         """s [B, V]: cosine of each view with the image, over tau."""
         return F.cosine_similarity(views, image.unsqueeze(1), dim=-1, eps=1e-8) / self.tau
 
-    def forward(self, views: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
-        """(fused text feature, similarity scores [B, V])."""
+    def forward(self, views: Tensor, image: Tensor, has_image: Tensor | None = None,
+                has_text: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(fused text feature, similarity scores [B, V], image feature).
+
+        The per-item fallbacks of the embed policy live here, so the exported graph applies
+        them exactly as the PyTorch path does: without an image (``has_image`` false) the image
+        feature is the mean of the item's views; without text (``has_text`` false) the fused
+        feature is the image feature (except for concat, whose width differs).
+        """
+        if has_image is not None:
+            image = torch.where(has_image.unsqueeze(1), image, views.mean(1))
         scores = self.similarity(views, image)
         if self.mode == "sa":
             fused = (torch.softmax(scores, dim=1).unsqueeze(-1) * views).sum(1)
@@ -42,7 +51,9 @@ class ViewFusion(nn.Module):
             fused = views.sum(1)
         else:
             fused = views.flatten(1)
-        return fused, scores
+        if has_text is not None and self.mode != "concat":
+            fused = torch.where(has_text.unsqueeze(1), fused, image)
+        return fused, scores, image
 
     def output_dim(self, n_views: int, dim: int) -> int:
         return n_views * dim if self.mode == "concat" else dim
