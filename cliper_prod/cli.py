@@ -85,8 +85,10 @@ class CliperGroup(click.Group):
 def cli(verbose: bool) -> None:
     """CLIPER multi-modal recommendation: train graph backbones on MMRec-format data, evaluate
     them with full ranking, and (later stages) export and serve them."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # third-party libraries (the ONNX exporter's passes) stay at WARNING; this package speaks
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("cliper_prod").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @cli.command()
@@ -173,10 +175,17 @@ def evaluate(checkpoint: Path, data_dir: Path | None, split: str, mask_valid_in_
                    + format_metrics(metrics, settings.topk))
 
 
+FIXED_IN_BUNDLE = ("random_init", "fusion", "tau", "fields", "no_global_view", "missing_word",
+                   "chunk_long_text")
+
+
 @cli.command()
 @click.argument("items", type=click.Path(path_type=Path))
-@click.option("--clip", "clip_source", required=True,
-              help="CLIP or Long-CLIP checkpoint: a local folder or a hub id (transformers).")
+@click.option("--clip", "clip_source",
+              help="PyTorch path: CLIP or Long-CLIP checkpoint, a local folder or a hub id.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              help="ONNX Runtime path: a bundle written by `cliper-prod export` (its views, "
+                   "fusion and tau are fixed at export).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output folder (image_feat.npy, text_feat.npy, item_ids.txt, errors.jsonl).")
 @click.option("--random-init", is_flag=True,
@@ -193,29 +202,67 @@ def evaluate(checkpoint: Path, data_dir: Path | None, split: str, mask_valid_in_
 @click.option("--missing-word", default="Missing", show_default=True,
               help="Fills a field-view whose field is absent.")
 @click.option("--chunk-long-text", is_flag=True,
-              help="Embed over-long text in windows and sum them, instead of truncating.")
+              help="Embed over-long text in windows and sum them, instead of truncating "
+                   "(PyTorch path only).")
 @click.option("--save-views", is_flag=True, help="Also write view_feat.npy and similarity.npy.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="auto: the GPU when one is usable.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="Which exported graphs to run (--bundle only).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def embed(items: Path, clip_source: str, out_dir: Path, random_init: bool, fusion: str,
-          tau: float, fields: str, no_global_view: bool, missing_word: str,
-          chunk_long_text: bool, save_views: bool, batch_size: int, device: str,
-          quiet: bool) -> None:
-    """Embed the items of a JSON Lines file into CLIPER features (PyTorch path).
+@click.pass_context
+def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: Path | None,
+          out_dir: Path, random_init: bool, fusion: str, tau: float, fields: str,
+          no_global_view: bool, missing_word: str, chunk_long_text: bool, save_views: bool,
+          batch_size: int, device: str, precision: str, quiet: bool) -> None:
+    """Embed the items of a JSON Lines file into CLIPER features.
 
     Each item's text fields become view prompts, CLIP encodes the views and the image, and the
-    view-image similarities weight the fusion. Bad items are listed in errors.jsonl with the
-    reason; see README for the per-item policy.
+    view-image similarities weight the fusion. Runs CLIP in PyTorch (--clip) or an exported
+    bundle on ONNX Runtime (--bundle; no torch needed). Bad items are listed in errors.jsonl
+    with the reason; see README for the per-item policy.
     """
-    import torch
-
-    from cliper_prod.features.clip_towers import ClipTowers
     from cliper_prod.features.embed import EmbedOptions, embed_catalog
-    from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE, ViewSpec
 
     if not items.is_file():
         raise ConfigError(f"{items}: items file not found")
+    if (clip_source is None) == (bundle_dir is None):
+        raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
+    if bundle_dir is not None:
+        from cliper_prod.runtime.bundle import Bundle
+        from cliper_prod.runtime.encoder import OnnxEncoder
+
+        fixed = [f"--{name.replace('_', '-')}" for name in FIXED_IN_BUNDLE
+                 if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)}: fixed in the bundle at export; drop the "
+                              f"option(s) or embed with --clip")
+        encoder = OnnxEncoder(Bundle(bundle_dir, device), precision)
+        options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
+                               batch_size=batch_size, save_views=save_views)
+    else:
+        encoder, options = _torch_encoder(clip_source, random_init, fusion, tau, fields,
+                                          no_global_view, missing_word, chunk_long_text,
+                                          save_views, batch_size, device)
+    if encoder.random_init:
+        click.echo("note: CLIP built from its config with RANDOM weights: the features prove "
+                   "the plumbing, not semantic quality.", err=True)
+    summary = embed_catalog(items, encoder, out_dir, options, progress=not quiet)
+    click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
+               f"a fallback {summary['kept_with_fallback']}, text cut at {encoder.max_tokens} "
+               f"tokens for {summary['truncated_items']} -> {out_dir}")
+
+
+def _torch_encoder(clip_source: str, random_init: bool, fusion: str, tau: float, fields: str,
+                   no_global_view: bool, missing_word: str, chunk_long_text: bool,
+                   save_views: bool, batch_size: int, device: str):
+    import torch
+
+    from cliper_prod.features.clip_towers import ClipTowers
+    from cliper_prod.features.embed import EmbedOptions
+    from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE, ViewSpec
+
     names = tuple(f.strip() for f in fields.split(",") if f.strip())
     unknown = [n for n in names if n not in DEFAULT_TEMPLATES]
     if unknown:
@@ -225,15 +272,85 @@ def embed(items: Path, clip_source: str, out_dir: Path, random_init: bool, fusio
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     towers = ClipTowers(clip_source, device=device, random_init=random_init)
-    if random_init:
-        click.echo("note: CLIP built from its config with RANDOM weights: the features prove "
-                   "the plumbing, not semantic quality.", err=True)
-    options = EmbedOptions(views=spec, fusion=fusion, tau=tau, batch_size=batch_size,
-                           chunk_long_text=chunk_long_text, save_views=save_views)
-    summary = embed_catalog(items, towers, out_dir, options, progress=not quiet)
-    click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
-               f"a fallback {summary['kept_with_fallback']}, text cut at {towers.max_tokens} "
-               f"tokens for {summary['truncated_items']} -> {out_dir}")
+    return towers, EmbedOptions(views=spec, fusion=fusion, tau=tau, batch_size=batch_size,
+                                chunk_long_text=chunk_long_text, save_views=save_views)
+
+
+@cli.command()
+@click.option("--backbone", type=click.Choice(["freedom", "lightgcn"]), default="freedom",
+              show_default=True, help="Backbone of the checkpoint (checked).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="Folder written by `cliper-prod train`.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="The training data, if it moved since training.")
+@click.option("--clip", "clip_source",
+              help="CLIP checkpoint for the feature graphs [default: the one the model's "
+                   "CLIPER features were embedded with; none for vanilla features].")
+@click.option("--random-init", is_flag=True, help="CLIP with RANDOM weights from its config.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Bundle folder [default: export/<backbone>].")
+@click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most items per user the top-K graph returns (topk -k may ask for fewer).")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option("--no-fp16", is_flag=True, help="Skip the fp16 variants of the CLIP graphs.")
+@click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
+def export(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
+           random_init: bool, out_dir: Path | None, max_k: int, opset: int, no_fp16: bool,
+           no_torchscript: bool) -> None:
+    """Export a trained model to a self-verifying ONNX/TorchScript bundle.
+
+    The bundle holds the top-K graph over the final embedding tables (training items
+    excluded), the CLIP image tower and the text+fusion graph (fp32 and fp16), the tokenizer,
+    the id maps, and manifest.json with versions, hashes and the parity measured against
+    PyTorch. Export fails if any graph misses the parity bounds.
+    """
+    from cliper_prod.export.bundle import export_bundle
+
+    out_dir = out_dir or Path("export") / backbone
+    manifest = export_bundle(checkpoint, backbone, out_dir, clip_source, random_init, data_dir,
+                             max_k, opset, not no_fp16, not no_torchscript,
+                             log=lambda m: click.echo(m, err=True))
+    for name, graph in manifest["graphs"].items():
+        figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"
+                            for variant, p in graph["parity"].items())
+        click.echo(f"{name}: {figures}")
+    click.echo(f"bundle -> {out_dir} ({len(manifest['files'])} files)")
+
+
+@cli.command()
+@click.option("--users", "users_file", type=click.Path(path_type=Path), required=True,
+              help="One user id per line (the dataset's ids); # comments, blank lines allowed.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              default=Path("export") / "freedom", show_default=True)
+@click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--out", "out_file", type=click.Path(path_type=Path),
+              help="JSON Lines output [default: stdout].")
+@click.option("--skip-unknown", is_flag=True,
+              help="Skip unknown, duplicate and malformed lines (reported on stderr) instead "
+                   "of stopping at the first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip_unknown: bool,
+         batch_size: int, device: str) -> None:
+    """Top-K items for each user of a file, training items excluded, as JSON Lines
+    ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime."""
+    from cliper_prod.io import atomic_path
+    from cliper_prod.runtime.bundle import Bundle
+    from cliper_prod.runtime.topk import recommend
+
+    if not users_file.is_file():
+        raise ConfigError(f"{users_file}: users file not found")
+    bundle = Bundle(bundle_dir, device)
+    if out_file is None:
+        summary = recommend(bundle, users_file, sys.stdout, k, skip_unknown, batch_size)
+    else:
+        with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            summary = recommend(bundle, users_file, fh, k, skip_unknown, batch_size)
+    for skipped in summary.skipped:
+        click.echo(f"{users_file}:{skipped['line']}: skipped: {skipped['reason']}", err=True)
+    click.echo(f"top-{k} for {summary.users} user(s), {len(summary.skipped)} line(s) skipped"
+               + (f" -> {out_file}" if out_file else ""), err=True)
 
 
 @cli.command("convert-clip")

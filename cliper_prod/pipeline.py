@@ -1,5 +1,6 @@
 """The built-in default job, end to end on the synthetic catalog with no downloads:
-catalog -> CLIP features (a small random-weight CLIP built from a config) -> FREEDOM -> metrics.
+catalog -> CLIP features (a small random-weight CLIP built from a config) -> FREEDOM -> metrics
+-> ONNX bundle -> ONNX Runtime feature extraction and top-K.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE
 from cliper_prod.training import train_model
 
 
-def _catalog_texts(catalog: Path) -> list[str]:
+def catalog_texts(catalog: Path) -> list[str]:
     """Every word the tokenizer must know: item fields plus the prompt templates."""
     texts = [GLOBAL_TEMPLATE, "Missing", *DEFAULT_TEMPLATES.values()]
     for line in (catalog / "items.jsonl").read_text().splitlines():
@@ -29,18 +30,19 @@ def _catalog_texts(catalog: Path) -> list[str]:
 
 
 def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None) -> dict:
-    """Generate the catalog, embed it with CLIPER, train FREEDOM on the fused features."""
+    """Generate the catalog, embed it with CLIPER, train FREEDOM on the fused features, export
+    the bundle and serve features and recommendations from it on ONNX Runtime."""
     catalog = workdir / "catalog"
     if not (catalog / "synthetic.inter").exists():
         generate_catalog(catalog, SyntheticSpec())
-    click.echo(f"[1/3] catalog: {load_dataset(catalog).summary()} ({catalog})")
+    click.echo(f"[1/5] catalog: {load_dataset(catalog).summary()} ({catalog})")
 
     clip_dir = workdir / "tiny-clip"
     if not (clip_dir / "config.json").exists():
-        build_tiny_clip(clip_dir, _catalog_texts(catalog))
+        build_tiny_clip(clip_dir, catalog_texts(catalog))
     summary = embed_catalog(catalog / "items.jsonl", ClipTowers(clip_dir), catalog / "cliper",
                             progress=progress)
-    click.echo(f"[2/3] CLIPER features: {summary['embedded']} items, {len(summary['views'])} views, "
+    click.echo(f"[2/5] CLIPER features: {summary['embedded']} items, {len(summary['views'])} views, "
                f"fusion {summary['fusion']}, {summary['skipped']} skipped -> {catalog / 'cliper'}"
                f"\n      CLIP: a small CLIP built from a config with RANDOM weights ({clip_dir}): "
                f"the features prove the plumbing, not semantic quality")
@@ -51,10 +53,44 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
         config["train"]["epochs"] = max_epochs
     out = workdir / "freedom-cliper"
     result = train_model("freedom", data, config, out, progress=progress)
-    click.echo(f"[3/3] FREEDOM trained on CLIPER features: best epoch {result.best_epoch}, valid "
+    click.echo(f"[3/5] FREEDOM trained on CLIPER features: best epoch {result.best_epoch}, valid "
                f"recall@20 {result.valid['recall@20']:.4f}, test recall@20 "
                f"{result.test['recall@20']:.4f}, ndcg@20 {result.test['ndcg@20']:.4f} -> {out}")
-    return {"valid": result.valid, "test": result.test, "checkpoint": str(out)}
+    bundle = _export_and_serve(workdir, out, catalog, progress)
+    return {"valid": result.valid, "test": result.test, "checkpoint": str(out),
+            "bundle": str(bundle)}
+
+
+def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: bool) -> Path:
+    """Export the bundle, then embed the catalog and rank for a few users on ONNX Runtime."""
+    from cliper_prod.export.bundle import export_bundle
+    from cliper_prod.features.embed import EmbedOptions
+    from cliper_prod.io import atomic_path
+    from cliper_prod.runtime.bundle import Bundle
+    from cliper_prod.runtime.encoder import OnnxEncoder
+    from cliper_prod.runtime.topk import recommend
+
+    bundle_dir = workdir / "bundle"
+    manifest = export_bundle(checkpoint, "freedom", bundle_dir, log=lambda m: None)
+    worst = min(p["min_cosine"] for g in manifest["graphs"].values()
+                for v, p in g["parity"].items() if v != "onnx_fp16")
+    click.echo(f"[4/5] exported {len(manifest['graphs'])} graphs (ONNX fp32 + fp16, TorchScript); "
+               f"parity with PyTorch: worst fp32 cosine {worst:.7f} -> {bundle_dir}")
+    bundle = Bundle(bundle_dir)
+    encoder = OnnxEncoder(bundle)
+    options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau)
+    summary = embed_catalog(catalog / "items.jsonl", encoder, workdir / "features-onnx", options,
+                            progress=progress)
+    users = workdir / "users.txt"
+    users.write_text("".join(f"{u}\n" for u in bundle.user_ids[:5]))
+    recs = workdir / "recs.jsonl"
+    with atomic_path(recs) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        recommend(bundle, users, fh, k=10)
+    first = json.loads(recs.read_text().splitlines()[0])
+    click.echo(f"[5/5] ONNX Runtime ({bundle.providers[0]}): embedded {summary['embedded']} items "
+               f"-> {workdir / 'features-onnx'}; top-10 for 5 users -> {recs} (user "
+               f"{first['user_id']}: {', '.join(first['items'][:3])}, ...)")
+    return bundle_dir
 
 
 def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path,

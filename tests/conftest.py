@@ -1,11 +1,14 @@
-"""Shared fixtures: tiny MMRec-format folders written by hand."""
+"""Shared fixtures: tiny MMRec-format folders written by hand, and one exported bundle."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 
 def write_inter(folder: Path, rows: list[tuple], header: str = "userID\titemID\tx_label",
@@ -40,3 +43,39 @@ def toy_dataset(tmp_path: Path) -> Path:
     np.save(folder / "image_feat.npy", rng.standard_normal((20, 16)).astype(np.float32))
     np.save(folder / "text_feat.npy", rng.standard_normal((20, 8)).astype(np.float32))
     return folder
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic catalog -> tiny random CLIP -> embed (PyTorch) -> FREEDOM -> bundle."""
+    from cliper_prod.cli import cli
+    from cliper_prod.config import load_config
+    from cliper_prod.data.mmrec import load_dataset
+    from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
+    from cliper_prod.features.clip_towers import ClipTowers
+    from cliper_prod.features.embed import embed_catalog
+    from cliper_prod.features.tiny_clip import build_tiny_clip
+    from cliper_prod.pipeline import catalog_texts
+    from cliper_prod.training import train_model
+
+    root = tmp_path_factory.mktemp("export")
+    catalog = root / "catalog"
+    generate_catalog(catalog, SyntheticSpec(n_users=80, n_items=60, seed=3))
+    # a few items that exercise every per-item policy of embed
+    extra = catalog / "items_policy.jsonl"
+    lines = (catalog / "items.jsonl").read_text().splitlines()[:6]
+    lines[1] = json.dumps({**json.loads(lines[1]), "image": "images/none.png"})
+    lines[2] = json.dumps({"item_id": "T1", "image": json.loads(lines[2])["image"]})
+    lines += ["{not json", json.dumps({"item_id": "T2"}),
+              json.dumps({"item_id": "T3", "title": "word " * 300})]
+    extra.write_text("\n".join(lines) + "\n")
+    clip = build_tiny_clip(root / "clip", catalog_texts(catalog) + ["word"])
+    embed_catalog(catalog / "items.jsonl", ClipTowers(clip), catalog / "cliper", progress=False)
+    config = load_config("freedom", overrides={"train": {"epochs": 2}})
+    data = load_dataset(catalog, features_dir=catalog / "cliper")
+    train_model("freedom", data, config, root / "ckpt", progress=False)
+    res = CliRunner().invoke(cli, ["export", "--checkpoint", str(root / "ckpt"), "--out",
+                                   str(root / "bundle"), "--max-k", "50"])
+    assert res.exit_code == 0, res.output
+    return {"root": root, "catalog": catalog, "clip": clip, "ckpt": root / "ckpt",
+            "bundle": root / "bundle", "policy_items": extra}

@@ -97,7 +97,14 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["demo", "--workdir", str(tmp_path), "--epochs", "2",
                                    "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "[3/3] FREEDOM trained on CLIPER features" in res.output
+    assert "[3/5] FREEDOM trained on CLIPER features" in res.output
     assert "RANDOM weights" in res.output
     assert (tmp_path / "freedom-cliper" / "item_embeddings.npy").is_file()
     assert (tmp_path / "catalog" / "cliper" / "text_feat.npy").is_file()
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+    # the ONNX Runtime features equal the PyTorch ones; the recommendations are 10 unseen items
+    for name in ("image_feat.npy", "text_feat.npy"):
+        np.testing.assert_allclose(np.load(tmp_path / "features-onnx" / name),
+                                   np.load(tmp_path / "catalog" / "cliper" / name), atol=1e-5)
+    recs = [json.loads(line) for line in (tmp_path / "recs.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 and all(len(r["items"]) == 10 for r in recs)

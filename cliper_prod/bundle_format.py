@@ -1,0 +1,72 @@
+"""The exported bundle's layout and its manifest, shared by the exporter and the runtime.
+
+A bundle is a folder holding ONNX graphs, their TorchScript twins, the tokenizer, the id maps
+and ``manifest.json``. The manifest lists every file with its sha256; the runtime refuses a
+bundle whose files are missing or changed, or whose format it does not read. This module is
+torch-free: the runtime install (``cliper-prod[runtime]``) imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cliper_prod.errors import CliperError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_GRAPH = "image_encoder"
+TEXT_GRAPH = "text_fusion"
+TOPK_GRAPH = "topk"
+TOKENIZER = "tokenizer.json"
+USER_IDS = "user_ids.txt"
+ITEM_IDS = "item_ids.txt"
+
+
+class BundleError(CliperError):
+    """A bundle is missing, incomplete, tampered with, or of a format this version can't read."""
+
+    exit_code = 7
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_file(name: str, precision: str = "fp32", kind: str = "onnx") -> str:
+    suffix = "" if precision == "fp32" else f".{precision}"
+    return f"{name}{suffix}.{kind}"
+
+
+def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
+    """The manifest of ``folder``, after checking its format and every listed file."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: bundle folder not found (write one with "
+                          f"`cliper-prod export`)")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {folder} is not a complete bundle")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        version, files = manifest["format_version"], manifest["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: not a bundle manifest ({exc.__class__.__name__})") from None
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {version!r} (written by cliper-prod "
+                          f"{manifest.get('cliper_prod', '?')}); this cliper-prod reads format "
+                          f"{FORMAT_VERSION}: re-export the model with this version")
+    for name, expected in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in the manifest but missing; the bundle is "
+                              f"incomplete: re-export it")
+        if verify_hashes and sha256_file(file) != expected:
+            raise BundleError(f"{file}: sha256 differs from the manifest; the file was changed "
+                              f"after export: re-export the bundle")
+    return manifest

@@ -1,0 +1,310 @@
+"""A trained checkpoint (+ its CLIP feature encoder) -> a self-contained, verified bundle.
+
+Contents (see export/README.md for the format):
+  topk.onnx / topk.pt                users [B] -> items [B, K], scores [B, K], training items out
+  user_embeddings.npy, item_embeddings.npy, user_ids.txt, item_ids.txt
+  image_encoder[.fp16].onnx / .pt    pixel_values [B, 3, H, W] -> image embedding [B, D]
+  text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
+                                     image feature, view embeddings
+  tokenizer.json                     the CLIP tokenizer (read by the `tokenizers` library)
+  manifest.json                      versions, IO specs, view settings, hashes, parity figures
+The bundle is built in a temporary sibling folder, verified, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cliper_prod import __version__
+from cliper_prod.bundle_format import (FORMAT_VERSION, IMAGE_GRAPH, ITEM_IDS, MANIFEST,
+                                       TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS, graph_file,
+                                       sha256_file)
+from cliper_prod.checkpoint import load_model
+from cliper_prod.errors import CheckpointError, ConfigError
+from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
+                                       export_onnx, export_torchscript, feeds, to_fp16,
+                                       torch_outputs, verify)
+from cliper_prod.features.views import ViewSpec
+from cliper_prod.io import write_json, write_npy, write_text
+from cliper_prod.scoring import TopKScorer, training_csr
+
+SAMPLE_FIELDS = [  # parity inputs: short, long (truncated), partial and empty items
+    {"title": "Organic cotton baby blanket", "brand": "Dreamo", "categories": "Baby, Bedding",
+     "description": "A breathable knit blanket."},
+    {"title": "Stroller", "description": "folds flat with one hand " * 40},
+    {"brand": "Acme"},
+    {},
+]
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How the item features were (or will be) extracted: fixed in the bundle."""
+
+    clip: str
+    random_init: bool
+    fusion: str
+    tau: float
+    views: ViewSpec
+
+    @property
+    def graph_fusion(self) -> str:
+        return "concat" if self.fusion == "mlp" else self.fusion
+
+
+def feature_settings(features_dir: Path | None, clip: str | None, random_init: bool
+                     ) -> FeatureSettings | None:
+    """From the embed summary the model was trained on, with ``clip`` overriding its source;
+    with no summary, defaults for ``clip``; with neither, no feature graphs."""
+    import json
+
+    summary_path = features_dir / "embed_summary.json" if features_dir else None
+    if summary_path is not None and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("long_text") == "chunk-and-sum":
+            raise ConfigError(f"{summary_path}: the features were extracted with chunk-and-sum "
+                              f"over-long text, which the bundle graphs do not reproduce; "
+                              f"re-embed with truncation to export")
+        spec = summary["view_spec"]
+        views = ViewSpec(fields=tuple(spec["fields"]), templates=spec["templates"],
+                         global_template=spec["global_template"],
+                         missing_word=spec["missing_word"])
+        return FeatureSettings(clip or summary["clip"],
+                               random_init or bool(summary["random_weights"]),
+                               summary["fusion"], float(summary["tau"]), views)
+    if clip is None:
+        return None
+    return FeatureSettings(clip, random_init, "sa", 0.1, ViewSpec())
+
+
+def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes of a graph's inputs and outputs, read from the file itself."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values) -> list[dict[str, Any]]:
+        return [{"name": v.name,
+                 "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+                     v.type.tensor_type.elem_type).name,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                for v in values]
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
+            "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))}
+
+
+def _ort_run(path: Path, spec: GraphSpec):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, feeds(spec))
+
+
+def _script_run(path: Path, spec: GraphSpec):
+    module = torch.jit.load(str(path))
+
+    def run() -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in _as_tuple(module(*spec.check))]
+    return run
+
+
+def _as_tuple(out: Any) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _export_graph(spec: GraphSpec, folder: Path, opset: int, fp16: bool, torchscript: bool,
+                  extra_check=lambda outs: None) -> dict[str, Any]:
+    """Export one module in every requested form and verify each against PyTorch."""
+    reference = torch_outputs(spec)
+    fp32 = folder / graph_file(spec.name)
+    export_onnx(spec, fp32, opset)
+    record: dict[str, Any] = {**_io_spec(fp32), "files": {"fp32": fp32.name}, "parity": {}}
+    record["parity"]["onnx_fp32"] = verify(fp32.name, reference, _ort_run(fp32, spec),
+                                           FP32_BOUND, extra_check)
+    if fp16:
+        half = folder / graph_file(spec.name, "fp16")
+        to_fp16(fp32, half)
+        record["files"]["fp16"] = half.name
+        record["parity"]["onnx_fp16"] = verify(half.name, reference, _ort_run(half, spec),
+                                               FP16_BOUND)
+    if torchscript:
+        script = folder / graph_file(spec.name, kind="pt")
+        export_torchscript(spec, script)
+        record["files"]["torchscript"] = script.name
+        record["parity"]["torchscript"] = verify(script.name, reference,
+                                                 _script_run(script, spec), FP32_BOUND,
+                                                 extra_check)
+    return record
+
+
+def _topk_graph(model, data, max_k: int) -> tuple[GraphSpec, dict[str, Any]]:
+    users, items = (t.float() for t in model.embedding_tables())
+    indptr, indices = training_csr(data.train, data.n_users)
+    scorer = TopKScorer(users, items, indptr, indices, max_k).eval()
+    rng = np.random.default_rng(0)
+    check = torch.from_numpy(rng.choice(data.n_users, size=min(64, data.n_users),
+                                        replace=False).astype(np.int64))
+    spec = GraphSpec(TOPK_GRAPH, scorer, (torch.arange(min(2, data.n_users)),), (check,),
+                     ["users"], ["items", "scores"])
+    info = {"k": scorer.k, "n_users": data.n_users, "n_items": data.n_items,
+            "dim": int(users.shape[1]), "score": "dot", "excludes": "training items"}
+    return spec, info
+
+
+def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[GraphSpec], dict]:
+    from cliper_prod.features.clip_towers import ClipTowers
+    from cliper_prod.features.fusion import ViewFusion
+
+    towers = ClipTowers(settings.clip, random_init=settings.random_init)
+    size = towers.preprocess.crop
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(len(SAMPLE_FIELDS) + 1, 3, size, size, generator=gen)
+    n = len(SAMPLE_FIELDS)
+    with torch.no_grad():
+        image_emb = towers.image_tower(pixels[:n])
+    tokens = towers.tokenize([v for f in SAMPLE_FIELDS for v in settings.views.build(f)])
+    n_views = len(settings.views.names)
+    ids = torch.from_numpy(tokens.input_ids).reshape(n, n_views, -1)
+    mask = torch.from_numpy(tokens.attention_mask).reshape(n, n_views, -1)
+    has_image = torch.tensor([True, False, True, True])
+    has_text = torch.tensor([True, True, True, False])
+    encoder = towers.view_encoder(ViewFusion(settings.graph_fusion, settings.tau))
+    specs = [
+        GraphSpec(IMAGE_GRAPH, towers.image_tower, (pixels[:2],), (pixels,), ["pixel_values"],
+                  ["image_embedding"]),
+        GraphSpec(TEXT_GRAPH, encoder,
+                  (ids[:2], mask[:2], image_emb[:2], has_image[:2], has_text[:2]),
+                  (ids, mask, image_emb, has_image, has_text),
+                  ["input_ids", "attention_mask", "image_embedding", "has_image", "has_text"],
+                  ["text_feature", "similarity", "image_feature", "view_embeddings"]),
+    ]
+    towers.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
+    special = towers.special
+    info = {"clip": settings.clip, "random_weights": settings.random_init,
+            "fusion": settings.fusion, "graph_fusion": settings.graph_fusion,
+            "tau": settings.tau, "views": list(settings.views.names),
+            "view_spec": asdict(settings.views), "max_tokens": towers.max_tokens,
+            "dim": towers.dim, "long_text": "truncate",
+            "special_tokens": {"bos": special.bos, "eos": special.eos, "pad": special.pad},
+            "preprocess": towers.preprocess.as_dict()}
+    return specs, info
+
+
+def export_features(settings: FeatureSettings, folder: Path, opset: int = DEFAULT_OPSET,
+                    fp16: bool = True, torchscript: bool = True, log=print
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The image and text+fusion graphs and the tokenizer into ``folder``; verified."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs, info = _feature_graphs(settings, folder)
+    records = {}
+    for spec in specs:
+        log(f"exporting {spec.name} (CLIP {settings.clip}"
+            f"{', RANDOM weights' if settings.random_init else ''})")
+        records[spec.name] = _export_graph(spec, folder, opset, fp16, torchscript)
+    return records, info
+
+
+def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
+    """Indices must match wherever the reference scores are not tied."""
+    def check(outs) -> str | None:
+        items = outs[0]
+        differ = items != reference_items
+        if not differ.any():
+            return None
+        rows, cols = np.nonzero(differ)
+        tied = np.isclose(reference_scores[rows, cols], outs[1][rows, cols], rtol=1e-5,
+                          atol=1e-6)
+        return None if tied.all() else f"{int((~tied).sum())} top-K entries differ"
+    return check
+
+
+def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None = None,
+                  random_init: bool = False, data_dir: Path | None = None, max_k: int = 100,
+                  opset: int = DEFAULT_OPSET, fp16: bool = True, torchscript: bool = True,
+                  log=print) -> dict[str, Any]:
+    """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically)."""
+    model, data, payload = load_model(checkpoint, data_dir)
+    if payload["backbone"] != backbone:
+        raise CheckpointError(f"{checkpoint}: holds a {payload['backbone']} model, not "
+                              f"{backbone}; pass --backbone {payload['backbone']}")
+    model.eval()
+    settings = feature_settings(data.features_dir, clip, random_init)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
+    try:
+        manifest = _build(folder, model, data, payload, settings, max_k, opset, fp16,
+                          torchscript, log)
+        _replace_dir(folder, out)
+    finally:
+        if folder.exists():
+            shutil.rmtree(folder)
+    return manifest
+
+
+def _build(folder: Path, model, data, payload, settings: FeatureSettings | None, max_k: int,
+           opset: int, fp16: bool, torchscript: bool, log) -> dict[str, Any]:
+    graphs: dict[str, Any] = {}
+    spec, topk_info = _topk_graph(model, data, max_k)
+    ref_items, ref_scores = torch_outputs(spec)
+    log(f"exporting {spec.name} ({data.n_users} users x {data.n_items} items, K={topk_info['k']})")
+    graphs[spec.name] = {**_export_graph(spec, folder, opset, False, torchscript,
+                                         _same_topk(ref_items, ref_scores)), **topk_info}
+    write_npy(folder / "user_embeddings.npy", spec.module.user_emb.numpy())
+    write_npy(folder / "item_embeddings.npy", spec.module.item_emb_t.t().contiguous().numpy())
+    write_text(folder / USER_IDS, "".join(f"{u}\n" for u in
+                                          (data.user_ids or range(data.n_users))))
+    write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in
+                                          (data.item_ids or range(data.n_items))))
+    features = None
+    if settings is not None:
+        records, features = export_features(settings, folder, opset, fp16, torchscript, log)
+        graphs.update(records)
+    return write_manifest(folder, graphs, features, opset, backbone=payload["backbone"],
+                          dataset=data.name)
+
+
+def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any] | None,
+                   opset: int, backbone: str | None, dataset: str | None) -> dict[str, Any]:
+    """Hash every file of ``folder`` and write ``manifest.json`` (last, once all is verified)."""
+    import onnx
+    import onnxruntime
+
+    files = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    manifest = {
+        "format_version": FORMAT_VERSION, "cliper_prod": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": backbone, "dataset": dataset,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        "opset": opset, "graphs": graphs, "features": features,
+        "ids": {"users": USER_IDS, "items": ITEM_IDS},
+        "tables": {"users": "user_embeddings.npy", "items": "item_embeddings.npy"},
+        "files": {name: sha256_file(folder / name) for name in files},
+    }
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Swap ``new`` into ``final``: readers see the old bundle or the new one, never a mix."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old)

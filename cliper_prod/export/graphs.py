@@ -1,0 +1,130 @@
+"""One torch module -> one ONNX file (fp32, optional fp16 twin) and its TorchScript twin.
+
+Graphs are exported with torch's dynamo-based ONNX exporter (batch dimension dynamic), checked
+with ``onnx.checker`` and then compared with the PyTorch module on a sample batch through ONNX
+Runtime; export fails loudly when parity misses the bounds below.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cliper_prod.errors import CliperError
+
+FP32_BOUND = {"min_cosine": 0.99999, "max_abs": 1e-4}
+FP16_BOUND = {"min_cosine": 0.999, "max_abs": None}
+DEFAULT_OPSET = 18
+
+
+class ExportError(CliperError):
+    """Export could not produce a graph that matches the PyTorch model."""
+
+    exit_code = 8
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    module: nn.Module
+    sample: tuple[torch.Tensor, ...]  # traced with these; batch dimension made dynamic
+    check: tuple[torch.Tensor, ...]  # compared on these (another batch size)
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+
+
+def export_onnx(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    dynamic = tuple({0: batch} for _ in spec.sample)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(spec.module, spec.sample, str(path), dynamo=True,
+                              input_names=list(spec.input_names),
+                              output_names=list(spec.output_names), dynamic_shapes=dynamic,
+                              opset_version=opset, external_data=False, verbose=False)
+        except Exception as exc:  # the exporter raises many types; the cause matters
+            raise ExportError(f"{spec.name}: ONNX export failed: {exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0]}") from exc
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path.name}: onnx.checker rejected the graph: {exc}") from None
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and compute, fp32 inputs and outputs (the runtime feeds the same arrays)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+        model.topological_sort()  # the converter appends its input casts at the end
+    onnx.save(model.model, str(dst))
+    onnx.checker.check_model(str(dst), full_check=True)
+
+
+def export_torchscript(spec: GraphSpec, path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(spec.module, spec.sample, check_trace=False)
+        traced.save(str(path))
+
+
+def parity(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> dict[str, float]:
+    """Worst row over all float outputs: cosine and max abs error after unit-normalising rows."""
+    cosines, errors = [1.0], [0.0]
+    for ref, out in zip(reference, got):
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        ref = ref.reshape(len(ref), -1).astype(np.float64)
+        out = out.reshape(len(out), -1).astype(np.float64)
+        finite = np.isfinite(ref)
+        if not np.array_equal(finite, np.isfinite(out)):
+            return {"min_cosine": -1.0, "max_abs": float("inf")}
+        ref, out = np.where(finite, ref, 0.0), np.where(finite, out, 0.0)
+        ref_n = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
+        out_n = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        cosines.append(float((ref_n * out_n).sum(1).min()))
+        errors.append(float(np.abs(ref_n - out_n).max()))
+    return {"min_cosine": min(cosines), "max_abs": max(errors)}
+
+
+def within(stats: dict[str, float], bound: dict[str, Any]) -> bool:
+    return stats["min_cosine"] >= bound["min_cosine"] and (
+        bound["max_abs"] is None or stats["max_abs"] <= bound["max_abs"])
+
+
+def verify(name: str, reference: Sequence[np.ndarray], run: Callable[[], Sequence[np.ndarray]],
+           bound: dict[str, Any], extra_check: Callable[[Sequence[np.ndarray]], str | None]
+           = lambda outs: None) -> dict[str, float]:
+    """Parity of one exported graph against the PyTorch outputs; raise when it misses."""
+    got = run()
+    stats = parity(reference, got)
+    problem = extra_check(got)
+    if problem or not within(stats, bound):
+        raise ExportError(f"{name}: parity with PyTorch missed: {problem or stats} "
+                          f"(bound {bound})")
+    return stats
+
+
+def torch_outputs(spec: GraphSpec) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = spec.module(*spec.check)
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def feeds(spec: GraphSpec) -> dict[str, np.ndarray]:
+    return {n: t.numpy() for n, t in zip(spec.input_names, spec.check)}

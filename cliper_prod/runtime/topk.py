@@ -1,0 +1,83 @@
+"""``cliper-prod topk``: recommendations for a file of user ids, from a bundle's top-K graph.
+
+User file policy (documented in README): one external user id per line; blank lines and
+lines starting with ``#`` are ignored; surrounding whitespace is stripped. A line holding
+whitespace inside the id is malformed. Unknown ids, repeated ids and malformed lines stop the
+run with the file and line (nothing is written), or, with ``skip_unknown``, are skipped and
+reported on stderr and in the returned summary. The file is streamed in batches, so its size
+is bounded by disk, not memory; output lines follow the input order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+from cliper_prod.bundle_format import TOPK_GRAPH
+from cliper_prod.errors import ConfigError, DataError
+from cliper_prod.runtime.bundle import Bundle
+
+
+@dataclass
+class TopKSummary:
+    users: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+
+def read_users(path: Path, index: dict[str, int], skip_bad: bool, summary: TopKSummary
+               ) -> Iterator[tuple[str, int]]:
+    """(external id, row) for each valid line, in file order."""
+    seen: set[int] = set()
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                problem = f"not UTF-8 (byte {exc.start})"
+            else:
+                if not text or text.startswith("#"):
+                    continue
+                row = index.get(text)
+                if len(text.split()) > 1:
+                    problem = f"malformed line {text[:60]!r}: one user id per line"
+                elif row is None:
+                    problem = f"unknown user id {text[:60]!r} (not in the bundle's user_ids.txt)"
+                elif row in seen:
+                    problem = f"duplicate user id {text!r}"
+                else:
+                    seen.add(row)
+                    yield text, row
+                    continue
+            if not skip_bad:
+                raise DataError(path, problem + "; fix the line or pass --skip-unknown",
+                                line=line_no)
+            summary.skipped.append({"line": line_no, "reason": problem})
+
+
+def recommend(bundle: Bundle, users_path: Path, out: IO[str], k: int = 20,
+              skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
+    """Write one JSON line per user: {"user_id", "items", "scores"}, training items excluded."""
+    max_k = bundle.manifest["graphs"][TOPK_GRAPH]["k"]
+    if not 1 <= k <= max_k:
+        raise ConfigError(f"-k {k}: the bundle ranks at most {max_k} items per user "
+                          f"(export with a larger --max-k)")
+    graph = bundle.graph(TOPK_GRAPH)
+    items = np.asarray(bundle.item_ids, dtype=object)
+    index = {u: i for i, u in enumerate(bundle.user_ids)}
+    summary = TopKSummary()
+    stream = read_users(users_path, index, skip_unknown, summary)
+    while batch := list(islice(stream, batch_size)):
+        rows = np.fromiter((row for _, row in batch), dtype=np.int64, count=len(batch))
+        top_items, top_scores = graph(users=rows)
+        for (user, _), idx, scores in zip(batch, top_items[:, :k], top_scores[:, :k]):
+            kept = np.isfinite(scores)
+            out.write(json.dumps({"user_id": user, "items": items[idx[kept]].tolist(),
+                                  "scores": scores[kept].tolist()})
+                      + "\n")
+        summary.users += len(batch)
+    return summary
