@@ -1,15 +1,19 @@
-"""`embed` throughput: text tower (+ fusion) and image tower separately, over batch sizes, plus
-image decoding and preprocessing, with a ViT-B/16-sized CLIP built from config (random weights).
+"""`embed` throughput, PyTorch path vs ONNX Runtime bundle path, side by side in one run.
 
-    python benchmarks/bench_embed.py [--batches 1 4 16 64 256] [--device cpu]
+    python benchmarks/bench_embed.py [--clip DIR] [--batches 1 8 32] [--items 256]
 
-Throughput is items per second at each batch size (median of --repeats runs after one warm-up).
-The tokenizer is the real CLIP BPE from ../shared/models/tinyclip-8m-skeleton when present.
+For each batch size: the image tower and the text tower + SA fusion (5 views per item) in
+PyTorch eager fp32, ONNX Runtime fp32 and ONNX Runtime fp16 (items/s, median of --repeats after
+a warm-up). Then the whole `embed` job (JSONL -> decode + preprocess JPEG files -> towers ->
+fusion -> files) over a generated catalog, PyTorch vs ONNX, with decoding overlapped by the
+pipeline's thread pool. The default model is a CLIP ViT-B/16 config with random weights and the
+real CLIP tokenizer (../shared/models/tinyclip-8m-skeleton); speed does not depend on weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import tempfile
@@ -17,17 +21,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 from PIL import Image
 
 from _report import report
 
 from cliper_prod import __version__
+from cliper_prod.export.bundle import FeatureSettings, export_features, write_manifest
 from cliper_prod.features.clip_towers import ClipTowers
-from cliper_prod.features.fusion import ViewFusion
+from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.views import ViewSpec
+from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.encoder import OnnxEncoder
 
 SKELETON = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinyclip-8m-skeleton"
+FIELDS = {"title": "Soft organic cotton baby blanket, 30 x 40 inches, grey", "brand": "Dreamo",
+          "categories": "Baby, Nursery, Bedding",
+          "description": "A breathable knit blanket for cribs and strollers. " * 4}
 
 
 def vit_b16_folder(root: Path) -> Path:
@@ -41,9 +52,12 @@ def vit_b16_folder(root: Path) -> Path:
         vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                            num_attention_heads=12, image_size=224, patch_size=16),
         projection_dim=512)
+    root.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(root)
-    for f in ("tokenizer.json", "preprocessor_config.json"):
-        (root / f).write_bytes((SKELETON / f).read_bytes())
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "preprocessor_config.json"):
+        if (SKELETON / f).exists():
+            (root / f).write_bytes((SKELETON / f).read_bytes())
     return root
 
 
@@ -57,54 +71,96 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def write_catalog(root: Path, n_items: int, n_images: int = 32) -> Path:
+    """``n_items`` items sharing ``n_images`` distinct 640x480 JPEG photos of smooth noise."""
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    for j in range(n_images):
+        small = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((640, 480), Image.BILINEAR).save(root / "img" / f"{j}.jpg",
+                                                                       quality=90)
+    with open(root / "items.jsonl", "w") as fh:
+        for i in range(n_items):
+            fh.write(json.dumps({"item_id": f"I{i}", **FIELDS,
+                                 "image": f"img/{i % n_images}.jpg"}) + "\n")
+    return root / "items.jsonl"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clip", help="CLIP folder (config enough with --random-init) "
+                                       "[default: ViT-B/16 config]")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--items", type=int, default=256,
+                        help="catalog size for end to end (0: towers only)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(f"benchmarks/results/embed_{args.device.split(':')[0]}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out or Path(f"benchmarks/results/embed_{device}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        towers = ClipTowers(vit_b16_folder(Path(tmp)), device=args.device, random_init=True)
-        rng = np.random.default_rng(0)
-        photo = Path(tmp) / "photo.jpg"
-        Image.fromarray(rng.integers(0, 256, (500, 400, 3), dtype=np.uint8)).save(photo)
+        tmp = Path(tmp)
+        folder = Path(args.clip) if args.clip else vit_b16_folder(tmp / "clip")
+        towers = ClipTowers(folder, device=device, random_init=True)
         spec = ViewSpec()
-        fields = {"title": "Soft organic cotton baby blanket, 30 x 40 inches, grey",
-                  "brand": "Dreamo", "categories": "Baby, Nursery, Bedding",
-                  "description": "A breathable knit blanket for cribs and strollers. " * 4}
-        prompts = spec.build(fields)
-        fusion = ViewFusion("sa", 0.1)
-        pre_s = timed(lambda: towers.preprocess.load(photo), max(args.repeats, 5))
+        settings = FeatureSettings(str(folder), True, "sa", 0.1, spec)
+        start = time.perf_counter()
+        graphs, features = export_features(settings, tmp / "bundle", torchscript=False)
+        export_s = time.perf_counter() - start
+        write_manifest(tmp / "bundle", graphs, features, 18, None, None)
+        bundle = Bundle(tmp / "bundle", device="auto")
+        onnx_paths = {p: OnnxEncoder(bundle, p) for p in ("fp32", "fp16")}
+        prompts = spec.build(FIELDS)
+        photo = write_catalog(tmp / "catalog", args.items)
+        pixel = towers.preprocess.load(tmp / "catalog" / "img" / "0.jpg")
         rows = []
         for batch in args.batches:
-            pixels = np.stack([towers.preprocess.load(photo)] * batch)
-            texts = prompts * batch
+            pixels = np.stack([pixel] * batch)
+            tokens = towers.tokenize(prompts * batch)
+            image = towers.encode_images(pixels)
+            flags = np.ones(batch, dtype=bool)
+            row = {"batch": batch}
+            paths = {"pytorch_fp32": towers, **{f"onnx_{p}": e for p, e in onnx_paths.items()}}
+            for name, enc in paths.items():
+                row[f"image_{name}"] = batch / timed(lambda: enc.encode_images(pixels),
+                                                     args.repeats)
+                row[f"text_{name}"] = batch / timed(
+                    lambda: enc.encode_views(tokens, image, flags, flags, "sa", 0.1),
+                    args.repeats)
+            rows.append(row)
+            print(row, flush=True)
+        end_to_end = {}
+        for name, enc in (("pytorch_fp32", towers), ("onnx_fp32", onnx_paths["fp32"]),
+                          ("onnx_fp16", onnx_paths["fp16"])) if args.items else ():
+            options = EmbedOptions(batch_size=max(args.batches))
+            start = time.perf_counter()
+            embed_catalog(photo, enc, tmp / f"out-{name}", options, progress=False)
+            end_to_end[name] = args.items / (time.perf_counter() - start)
+            print(name, "end to end", end_to_end[name], flush=True)
+        decode_s = timed(lambda: towers.preprocess.load(tmp / "catalog" / "img" / "1.jpg"), 20)
 
-            def text_and_fusion() -> None:
-                views, _ = towers.encode_texts(texts)
-                views = torch.from_numpy(views).reshape(batch, len(prompts), -1)
-                fusion(views, torch.from_numpy(views[:, 0].numpy()))
-
-            image_s = timed(lambda: towers.encode_images(pixels), args.repeats)
-            text_s = timed(text_and_fusion, args.repeats)
-            rows.append({"batch": batch, "image_items_per_s": batch / image_s,
-                         "text_items_per_s": batch / text_s,
-                         "views_per_item": len(prompts)})
-            print(rows[-1], flush=True)
-
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                         f"device {args.device}", "torch": torch.__version__,
-              "cliper_prod": __version__, "model": "CLIP ViT-B/16 config, random weights",
-              "decode_preprocess_images_per_s_one_thread": 1 / pre_s, "rows": rows}
-    lines = ["| batch | image tower (items/s) | text tower + SA fusion, 5 views (items/s) |",
-             "| --- | --- | --- |"]
-    lines += [f"| {r['batch']} | {r['image_items_per_s']:.2f} | {r['text_items_per_s']:.2f} |"
-              for r in rows]
-    lines.append(f"\nDecode + preprocess of a 500x400 JPEG, one thread: {1 / pre_s:.0f} images/s.")
+    result = {"machine": f"{platform.machine()} {platform.processor()}, "
+                         f"{torch.get_num_threads()} torch threads, device {device}",
+              "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+              "providers": bundle.providers, "cliper_prod": __version__,
+              "model": f"{args.clip or 'CLIP ViT-B/16 config'}, random weights",
+              "export_s": export_s, "rows": rows, "end_to_end_items_per_s": end_to_end,
+              "decode_preprocess_640x480_jpeg_per_s_one_thread": 1 / decode_s}
+    names = ("pytorch_fp32", "onnx_fp32", "onnx_fp16")
+    lines = ["| batch | " + " | ".join(f"image {n}" for n in names) + " | "
+             + " | ".join(f"text+SA {n}" for n in names) + " |",
+             "| --- " * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | " + " | ".join(f"{r['image_' + n]:.1f}" for n in names)
+                     + " | " + " | ".join(f"{r['text_' + n]:.1f}" for n in names) + " |")
+    lines.append("\nItems/s (text: 5 views per item)."
+                 + (f" End to end `embed` of {args.items} items with 640x480 JPEGs, batch "
+                    f"{max(args.batches)}: " + ", ".join(f"{n} {v:.1f}" for n, v in
+                                                          end_to_end.items()) + " items/s."
+                    if end_to_end else "")
+                 + f" Decode + preprocess alone, one thread: {1 / decode_s:.0f} images/s.")
     report(out, result, "\n".join(lines))
 
 
