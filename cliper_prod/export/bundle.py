@@ -13,6 +13,7 @@ The bundle is built in a temporary sibling folder, verified, and only then renam
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -66,8 +67,6 @@ def feature_settings(features_dir: Path | None, clip: str | None, random_init: b
                      ) -> FeatureSettings | None:
     """From the embed summary the model was trained on, with ``clip`` overriding its source;
     with no summary, defaults for ``clip``; with neither, no feature graphs."""
-    import json
-
     summary_path = features_dir / "embed_summary.json" if features_dir else None
     if summary_path is not None and summary_path.is_file():
         summary = json.loads(summary_path.read_text())

@@ -6,8 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cliper_prod.bundle_format import (IMAGE_GRAPH, TEXT_GRAPH, TOPK_GRAPH, BundleError,
-                                       read_manifest)
+from cliper_prod.bundle_format import BundleError, read_manifest
 from cliper_prod.runtime.sessions import Graph, choose_providers
 
 
@@ -23,9 +22,7 @@ class Bundle:
     def graph(self, name: str, precision: str = "fp32") -> Graph:
         record = self.manifest["graphs"].get(name)
         if record is None:
-            hint = (" (it was exported without a CLIP encoder: pass --clip to `cliper-prod "
-                    "export`)" if name != TOPK_GRAPH else "")
-            raise BundleError(f"{self.folder}: the bundle has no {name} graph{hint}")
+            raise BundleError(f"{self.folder}: the bundle has no {name} graph")
         file = record["files"].get(precision)
         if file is None:
             raise BundleError(f"{self.folder}: no {precision} variant of {name} "
@@ -34,9 +31,12 @@ class Bundle:
 
     @property
     def features(self) -> dict[str, Any]:
-        if self.manifest.get("features") is None:
-            self.graph(IMAGE_GRAPH)  # raises the explanatory error
-        return self.manifest["features"]
+        info = self.manifest.get("features")
+        if info is None:
+            raise BundleError(f"{self.folder}: the bundle has no CLIP feature graphs (the model "
+                              f"was trained on vanilla features: pass --clip to `cliper-prod "
+                              f"export` to include them)")
+        return info
 
     @cached_property
     def user_ids(self) -> list[str]:
@@ -50,5 +50,3 @@ class Bundle:
         path = self.folder / self.manifest["ids"][which]
         return path.read_text(encoding="utf-8").splitlines()
 
-
-__all__ = ["Bundle", "IMAGE_GRAPH", "TEXT_GRAPH", "TOPK_GRAPH"]
