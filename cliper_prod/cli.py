@@ -114,10 +114,13 @@ def cli(verbose: bool) -> None:
               help=f"Checkpoint folder [default: {DEFAULT_CHECKPOINTS}/<backbone>-<dataset>].")
 @click.option("--mask-valid-in-test", is_flag=True,
               help="Also hide validation items when ranking for test (MMRec does not).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last epoch (same options).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(backbone: str, data_dir: Path, features: str, features_dir: Path | None,
-          config_file: Path | None, overrides: tuple[str, ...],
-          grid_pairs: tuple[str, ...], seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, quiet: bool) -> None:
+          config_file: Path | None, overrides: tuple[str, ...], grid_pairs: tuple[str, ...],
+          seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, resume: bool,
+          quiet: bool) -> None:
     """Train a backbone with BPR, early-stopped on the validation split.
 
     Writes model.pt, user/item embedding tables, history.json, metrics.json and
@@ -140,7 +143,7 @@ def train(backbone: str, data_dir: Path, features: str, features_dir: Path | Non
     click.echo(data.summary(), err=True)
     out_dir = out_dir or DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
     result = train_model(backbone, data, config, out_dir, progress=not quiet,
-                         mask_valid_in_test=mask_valid_in_test, grid=grid)
+                         mask_valid_in_test=mask_valid_in_test, grid=grid, resume=resume)
     if result.grid:
         click.echo(f"selected on validation: {result.config['model']}")
     click.echo(f"best epoch {result.best_epoch} of {len(result.history)}; checkpoint: {out_dir}")
@@ -210,12 +213,26 @@ FIXED_IN_BUNDLE = ("random_init", "fusion", "tau", "fields", "no_global_view", "
               show_default=True, help="auto: the GPU when one is usable.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which exported graphs to run (--bundle only).")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 3) at the first item error instead of listing it and going on.")
+@click.option("--resume", is_flag=True,
+              help="Continue a run that was interrupted (same input and options).")
+@click.option("--shard-items", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Items per crash-safe shard: the most work a kill can lose.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=64_000_000,
+              show_default=True, help="Larger images are refused before decoding.")
+@click.option("--max-text-chars", type=click.IntRange(min=1), default=20_000,
+              show_default=True, help="Longer text fields are cut (and reported).")
+@click.option("--max-line-bytes", type=click.IntRange(min=1), default=8 << 20,
+              show_default=True, help="Longer JSONL lines are skipped (and reported).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: Path | None,
           out_dir: Path, random_init: bool, fusion: str, tau: float, fields: str,
           no_global_view: bool, missing_word: str, chunk_long_text: bool, save_views: bool,
-          batch_size: int, device: str, precision: str, quiet: bool) -> None:
+          batch_size: int, device: str, precision: str, strict: bool, resume: bool,
+          shard_items: int, max_image_pixels: int, max_text_chars: int, max_line_bytes: int,
+          quiet: bool) -> None:
     """Embed the items of a JSON Lines file into CLIPER features.
 
     Each item's text fields become view prompts, CLIP encodes the views and the image, and the
@@ -223,7 +240,10 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
     bundle on ONNX Runtime (--bundle; no torch needed). Bad items are listed in errors.jsonl
     with the reason; see README for the per-item policy.
     """
+    from dataclasses import replace
+
     from cliper_prod.features.embed import EmbedOptions, embed_catalog
+    from cliper_prod.features.items import ItemLimits
 
     if not items.is_file():
         raise ConfigError(f"{items}: items file not found")
@@ -248,7 +268,11 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
     if encoder.random_init:
         click.echo("note: CLIP built from its config with RANDOM weights: the features prove "
                    "the plumbing, not semantic quality.", err=True)
-    summary = embed_catalog(items, encoder, out_dir, options, progress=not quiet)
+    options = replace(options, strict=strict, shard_items=shard_items,
+                      max_image_pixels=max_image_pixels,
+                      limits=ItemLimits(max_line_bytes=max_line_bytes,
+                                        max_text_chars=max_text_chars))
+    summary = embed_catalog(items, encoder, out_dir, options, progress=not quiet, resume=resume)
     click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
                f"a fallback {summary['kept_with_fallback']}, text cut at {encoder.max_tokens} "
                f"tokens for {summary['truncated_items']} -> {out_dir}")
@@ -331,8 +355,10 @@ def export(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: 
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
+@click.option("--backbone", type=click.Choice(["freedom", "lightgcn"]),
+              help="Refuse a bundle of another backbone (a guard for deployment scripts).")
 def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip_unknown: bool,
-         batch_size: int, device: str) -> None:
+         batch_size: int, device: str, backbone: str | None) -> None:
     """Top-K items for each user of a file, training items excluded, as JSON Lines
     ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime."""
     from cliper_prod.io import atomic_path
@@ -341,7 +367,7 @@ def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip
 
     if not users_file.is_file():
         raise ConfigError(f"{users_file}: users file not found")
-    bundle = Bundle(bundle_dir, device)
+    bundle = Bundle(bundle_dir, device, backbone)
     if out_file is None:
         summary = recommend(bundle, users_file, sys.stdout, k, skip_unknown, batch_size)
     else:

@@ -7,8 +7,10 @@ never sees test (MMRec picks grid points on test, enoche/MMRec#64; this package 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,11 @@ from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.data.sampling import BPRSampler
 from cliper_prod.errors import CliperError, ConfigError
 from cliper_prod.evaluation import RankingTask, evaluate_ranking
-from cliper_prod.io import write_json
+from cliper_prod.io import atomic_path, write_json
 from cliper_prod.plotting import plot_training_curve
+
+
+STATE_DIR = ".train-state"
 
 
 class TrainingDiverged(CliperError):
@@ -77,8 +82,30 @@ def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSetting
                             settings.eval_batch_size)
 
 
-def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True) -> FitResult:
-    """Train ``backbone`` with early stopping on validation; return the best epoch's model."""
+def _save_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, config: dict) -> dict | None:
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["config"] != config:
+        raise ConfigError(f"{path}: the interrupted run had other settings; resume with the "
+                          f"same options, or delete {path.parent} to start over")
+    return state
+
+
+def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True,
+        state_path: Path | None = None) -> FitResult:
+    """Train ``backbone`` with early stopping on validation; return the best epoch's model.
+
+    With ``state_path`` everything that decides the next epoch (weights, optimiser, random
+    generators, history, early-stopping counters) is saved there atomically after each epoch,
+    and a run that finds it continues after the last saved epoch with the same result as an
+    uninterrupted one.
+    """
     settings = build(TrainSettings, config["train"], "train")
     if max(settings.topk) > data.n_items:
         raise ConfigError(f"topk {list(settings.topk)} asks for more items than the dataset has "
@@ -93,8 +120,20 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
     valid_task = ranking_tasks(data)["valid"]
 
     history: list[dict] = []
-    best_value, best_epoch, best_state, stale = -math.inf, -1, None, 0
-    for epoch in range(settings.epochs):
+    best_value, best_epoch, best_state, stale, first, finished = -math.inf, -1, None, 0, 0, False
+    saved = _load_state(state_path, config) if state_path else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.bit_generator.state = json.loads(saved["sampler_rng"])
+        graph_rng.set_state(saved["graph_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        history, best_state = saved["history"], saved["best_state"]
+        best_value, best_epoch, stale = saved["best_value"], saved["best_epoch"], saved["stale"]
+        first, finished = saved["epoch"] + 1, saved["finished"]
+        if progress:
+            tqdm.write(f"resuming after epoch {saved['epoch']} ({state_path})")
+    for epoch in range(first, 0 if finished else settings.epochs):
         start = time.perf_counter()
         model.train()
         model.pre_epoch(graph_rng)
@@ -128,7 +167,16 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
             tqdm.write(f"epoch {epoch:4d}  loss {mean_loss:.4f}  valid {settings.valid_metric} "
                        f"{value:.4f}{'  *' if improved else ''}  ({train_s:.1f}s + "
                        f"{record['eval_s']:.1f}s)")
-        if stale > settings.patience:
+        finished = stale > settings.patience or epoch == settings.epochs - 1
+        if state_path is not None:
+            _save_state(state_path, {
+                "config": config, "epoch": epoch, "finished": finished,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sampler_rng": json.dumps(rng.bit_generator.state),
+                "graph_rng": graph_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "history": history, "best_state": best_state, "best_value": best_value,
+                "best_epoch": best_epoch, "stale": stale})
+        if finished:
             break
 
     model.load_state_dict(best_state)
@@ -146,14 +194,26 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
 
 def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
                 progress: bool = True, mask_valid_in_test: bool = False,
-                grid: dict[str, list] | None = None) -> TrainResult:
+                grid: dict[str, list] | None = None, resume: bool = False) -> TrainResult:
     """Train ``backbone`` (each grid point, if any), select on validation only, then rank test
-    once with the selected model and write the checkpoint folder."""
+    once with the selected model and write the checkpoint folder.
+
+    With ``out_dir``, per-epoch state goes to ``out_dir/.train-state/`` until the outputs are
+    written; ``resume`` continues from it after an interruption.
+    """
+    state_dir = out_dir / STATE_DIR if out_dir is not None else None
+    if state_dir is not None:
+        if state_dir.exists() and not resume:
+            raise ConfigError(f"{state_dir}: an interrupted training run left its state here; "
+                              f"pass --resume to continue it, or delete the folder to start "
+                              f"over")
+        state_dir.mkdir(parents=True, exist_ok=True)
     best: FitResult | None = None
     summary = []
-    for point in grid_points(grid or {}):
+    for index, point in enumerate(grid_points(grid or {})):
         cfg = {s: {**config[s], **point.get(s, {})} for s in config}
-        result = fit(backbone, data, cfg, progress)
+        result = fit(backbone, data, cfg, progress,
+                     state_dir / f"point-{index}.pt" if state_dir else None)
         metric = cfg["train"]["valid_metric"]
         summary.append({"overrides": point, "best_epoch": result.best_epoch,
                         "valid": result.valid})
@@ -168,6 +228,7 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
                          summary if grid else None)
     if out_dir is not None:
         write_outputs(out_dir, backbone, best.config, data, best.model, result, settings)
+        shutil.rmtree(state_dir)
     return result
 
 

@@ -266,6 +266,15 @@ def test_broken_bundles_give_clear_errors(exported: dict[str, Path], tmp_path: P
     assert message in res.stderr and "Traceback" not in res.output
 
 
+def test_topk_refuses_a_bundle_of_another_backbone(exported: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    users = tmp_path / "u.txt"
+    users.write_text((exported["bundle"] / "user_ids.txt").read_text().split()[0] + "\n")
+    res = CliRunner().invoke(cli, ["topk", "--users", str(users), "--bundle",
+                                   str(exported["bundle"]), "--backbone", "lightgcn"])
+    assert res.exit_code == 7 and "holds a freedom model, not lightgcn" in res.stderr
+
+
 def test_export_refuses_the_wrong_backbone(exported: dict[str, Path], tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["export", "--backbone", "lightgcn", "--checkpoint",
                                    str(exported["ckpt"]), "--out", str(tmp_path / "b")])

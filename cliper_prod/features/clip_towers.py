@@ -110,7 +110,7 @@ class ClipTowers:
         return SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
         """Pad to the model's positions; over-long texts cut, or chunked (see pack_tokens)."""

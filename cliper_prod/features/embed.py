@@ -13,20 +13,22 @@ silently):
   - no text field, image readable: every field-view reads "... is Missing." and the fused text
     feature is replaced by the image embedding; the item is kept;
   - neither usable image nor text: skipped.
-Outputs (each written to a temporary file and renamed): ``image_feat.npy`` [N, D],
-``text_feat.npy`` [N, D'] (fused), ``item_ids.txt`` (row order), ``errors.jsonl``,
-``embed_summary.json`` (``fusion: mlp`` writes the concatenation and leaves the trained
-fusion to the recommender); with ``save_views`` also ``view_feat.npy`` [N, V, D] and
-``similarity.npy`` [N, V].
+With ``strict`` the first such case stops the run instead (nothing is written).
+
+Outputs (each written to a temporary file and renamed, ``embed_summary.json`` last):
+``image_feat.npy`` [N, D], ``text_feat.npy`` [N, D'] (fused), ``item_ids.txt`` (row order),
+``errors.jsonl`` (in line order), ``embed_summary.json`` (``fusion: mlp`` writes the
+concatenation and leaves the trained fusion to the recommender); with ``save_views`` also
+``view_feat.npy`` [N, V, D] and ``similarity.npy`` [N, V]. Progress is kept in shards
+(:mod:`cliper_prod.features.shards`), so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
@@ -34,11 +36,13 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from cliper_prod.errors import DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
-from cliper_prod.features.items import Item, ItemError, read_items
+from cliper_prod.features.items import Item, ItemError, ItemLimits, read_items
+from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
-from cliper_prod.io import write_json, write_npy, write_text
+from cliper_prod.io import write_json
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one being encoded
 
@@ -69,6 +73,10 @@ class EmbedOptions:
     batch_size: int = 64
     chunk_long_text: bool = False
     save_views: bool = False
+    strict: bool = False  # any item error fails the run (exit 3), nothing written
+    shard_items: int = 8192  # items per crash-safe shard (rounded up to whole batches)
+    limits: ItemLimits = field(default_factory=ItemLimits)
+    max_image_pixels: int = 64_000_000
     workers: int = max(os.cpu_count() or 1, 1)
 
     @property
@@ -76,25 +84,42 @@ class EmbedOptions:
         """The fusion the encoder computes: ``mlp`` is extracted as the concatenation."""
         return "concat" if self.fusion == "mlp" else self.fusion
 
-
-@dataclass
-class _Collected:
-    ids: list[str] = field(default_factory=list)
-    image: list[np.ndarray] = field(default_factory=list)
-    text: list[np.ndarray] = field(default_factory=list)
-    views: list[np.ndarray] = field(default_factory=list)
-    scores: list[np.ndarray] = field(default_factory=list)
-    errors: list[dict] = field(default_factory=list)
-    truncated_items: int = 0
+    def fingerprint(self) -> dict:
+        """What decides the output bytes (not workers, strictness or progress)."""
+        return {"views": asdict(self.views), "fusion": self.fusion, "tau": self.tau,
+                "batch_size": self.batch_size, "chunk_long_text": self.chunk_long_text,
+                "save_views": self.save_views, "shard_items": self.shard_items,
+                "limits": asdict(self.limits), "max_image_pixels": self.max_image_pixels}
 
 
-def _batches(records: Iterable[Item | ItemError], size: int, errors: list[dict]
+class _Errors:
+    """Item errors in line order of discovery; with ``strict`` the first one stops the run."""
+
+    def __init__(self, items_path: Path, strict: bool) -> None:
+        self.items_path, self.strict = items_path, strict
+        self.pending: list[dict] = []
+
+    def add(self, line: int, item_id: str | None, action: str, reason: str) -> None:
+        if self.strict:
+            raise DataError(self.items_path, f"item {item_id!r}: {reason} (--strict)"
+                            if item_id else f"{reason} (--strict)", line=line)
+        self.pending.append({"line": line, "item_id": item_id, "action": action,
+                             "reason": reason})
+
+    def take_until(self, line: int) -> list[dict]:
+        """The errors of lines up to ``line`` (later ones were read ahead for the next shard)."""
+        done = [e for e in self.pending if e["line"] <= line]
+        self.pending = [e for e in self.pending if e["line"] > line]
+        return done
+
+
+def _batches(records: Iterable[Item | ItemError], size: int, errors: _Errors
              ) -> Iterator[list[Item]]:
     """Group items into batches; bad lines go straight to ``errors``."""
     def items() -> Iterator[Item]:
         for rec in records:
             if isinstance(rec, ItemError):
-                errors.append({**rec.as_record(), "action": "skipped"})
+                errors.add(rec.line, rec.item_id, "skipped", rec.reason)
             else:
                 yield rec
     stream = items()
@@ -112,47 +137,89 @@ def _load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | s
         return str(exc)
 
 
+def _fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -> dict:
+    stat = items_path.stat()
+    return {"items": str(items_path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "encoder": encoder.source, "dim": encoder.dim,
+            "options": options.fingerprint()}
+
+
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
-                  options: EmbedOptions = EmbedOptions(), progress: bool = True) -> dict:
-    """Embed every item of ``items_path``; write the outputs; return the summary."""
-    got = _Collected()
-    bar = tqdm(desc="embed", unit="item", disable=not progress)
+                  options: EmbedOptions = EmbedOptions(), progress: bool = True,
+                  resume: bool = False) -> dict:
+    """Embed every item of ``items_path``; write the outputs; return the summary.
+
+    Work is saved in shards as it goes; ``resume`` continues a run that was killed.
+    """
+    store = ShardStore(out_dir, _fingerprint(items_path, encoder, options), resume)
+    try:
+        _run(items_path, encoder, options, store, progress)
+    except DataError:  # --strict: the input needs fixing, nothing to resume
+        store.remove()
+        raise
+    return _write_outputs(out_dir, store, encoder, options, items_path)
+
+
+def _run(items_path: Path, encoder: Encoder, options: EmbedOptions, store: ShardStore,
+         progress: bool) -> None:
+    done = list(store.metas())
+    start_line = done[-1]["last_line"] if done else 0
+    seen = {i for m in done for i in m["read_ids"]}
+    preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
+    errors = _Errors(items_path, options.strict)
+    per_shard = max(1, -(-options.shard_items // options.batch_size))
+    shard, batches_in_shard = Shard(), 0
+    bar = tqdm(desc="embed", unit="item", disable=not progress,
+               initial=sum(len(m["read_ids"]) for m in done))
     pending: deque[tuple[list[Item], list[Future]]] = deque()
 
     def encode_oldest() -> None:
+        nonlocal shard, batches_in_shard
         batch, futures = pending.popleft()
-        _embed_batch(batch, [f.result() for f in futures], encoder, options, got)
+        _embed_batch(batch, [f.result() for f in futures], encoder, options, shard, errors)
         bar.update(len(batch))
+        batches_in_shard += 1
+        shard.last_line = batch[-1].line
+        if batches_in_shard == per_shard:
+            shard.errors = errors.take_until(shard.last_line)
+            store.write(shard)
+            shard, batches_in_shard = Shard(), 0
 
+    records = read_items(items_path, options.limits, start_line, seen)
     with ThreadPoolExecutor(options.workers) as pool:
-        for batch in _batches(read_items(items_path), options.batch_size, got.errors):
-            pending.append((batch, [pool.submit(_load_image, encoder.preprocess, item)
+        for batch in _batches(records, options.batch_size, errors):
+            pending.append((batch, [pool.submit(_load_image, preprocess, item)
                                     for item in batch]))
             if len(pending) > PREFETCH_BATCHES:
                 encode_oldest()
         while pending:
             encode_oldest()
     bar.close()
-    return _write_outputs(out_dir, got, encoder, options, items_path)
+    if batches_in_shard or errors.pending:
+        shard.last_line = max([shard.last_line, *(e["line"] for e in errors.pending)])
+        shard.errors = errors.take_until(shard.last_line)
+        store.write(shard)
 
 
 def _embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
-                 options: EmbedOptions, got: _Collected) -> None:
+                 options: EmbedOptions, shard: Shard, errors: _Errors) -> None:
     spec = options.views
+    shard.read_ids += [item.item_id for item in batch]
     has_image = np.array([not isinstance(img, str) for img in images])
     has_text = np.array([spec.has_text(item.fields) for item in batch])
     keep = []
     for i, item in enumerate(batch):
+        reasons = list(item.notes)
         if not has_image[i] and not has_text[i]:
-            got.errors.append({"line": item.line, "item_id": item.item_id, "action": "skipped",
-                               "reason": f"no usable image ({images[i]}) and no text"})
+            errors.add(item.line, item.item_id, "skipped",
+                       "; ".join(reasons + [f"no usable image ({images[i]}) and no text"]))
             continue
         if not has_image[i]:
-            got.errors.append({"line": item.line, "item_id": item.item_id, "action": "kept",
-                               "reason": f"{images[i]}; image embedding = mean of its views"})
+            reasons.append(f"{images[i]}; image embedding = mean of its views")
         elif not has_text[i]:
-            got.errors.append({"line": item.line, "item_id": item.item_id, "action": "kept",
-                               "reason": "no text field; fused text feature = image embedding"})
+            reasons.append("no text field; fused text feature = image embedding")
+        if reasons:
+            errors.add(item.line, item.item_id, "kept", "; ".join(reasons))
         keep.append(i)
     if not keep:
         return
@@ -166,42 +233,36 @@ def _embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Enc
                               chunk=options.chunk_long_text)
     fused, scores, image, views = encoder.encode_views(
         tokens, image, has_image, has_text, options.graph_fusion, options.tau)
-    got.truncated_items += int(tokens.truncated.reshape(len(batch), -1).any(1).sum())
-    got.ids += [item.item_id for item in batch]
-    got.image.append(image)
-    got.text.append(fused)
+    shard.truncated_items += int(tokens.truncated.reshape(len(batch), -1).any(1).sum())
+    shard.ids += [item.item_id for item in batch]
+    shard.add("image", image)
+    shard.add("text", fused)
     if options.save_views:
-        got.views.append(views)
-        got.scores.append(scores)
+        shard.add("views", views)
+        shard.add("scores", scores)
 
 
-def _write_outputs(out_dir: Path, got: _Collected, encoder: Encoder, options: EmbedOptions,
+def _write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: EmbedOptions,
                    items_path: Path) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
     dim = encoder.dim
     n_views = len(options.views.names)
     text_dim = n_views * dim if options.graph_fusion == "concat" else dim
-
-    def stack(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype=np.float32)
-
-    write_npy(out_dir / "image_feat.npy", stack(got.image, (dim,)))
-    write_npy(out_dir / "text_feat.npy", stack(got.text, (text_dim,)))
+    shapes = {"image": ((dim,), "image_feat.npy"), "text": ((text_dim,), "text_feat.npy")}
     if options.save_views:
-        write_npy(out_dir / "view_feat.npy", stack(got.views, (n_views, dim)))
-        write_npy(out_dir / "similarity.npy", stack(got.scores, (n_views,)))
-    write_text(out_dir / "item_ids.txt", "".join(f"{i}\n" for i in got.ids))
-    write_text(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in got.errors))
-    skipped = sum(e["action"] == "skipped" for e in got.errors)
+        shapes |= {"views": ((n_views, dim), "view_feat.npy"),
+                   "scores": ((n_views,), "similarity.npy")}
+    totals = store.merge(out_dir, shapes)
+    skipped = sum(e["action"] == "skipped" for e in totals["errors"])
     summary = {
-        "items_file": str(items_path), "embedded": len(got.ids), "skipped": skipped,
-        "kept_with_fallback": len(got.errors) - skipped,
-        "truncated_items": got.truncated_items,
+        "items_file": str(items_path), "embedded": totals["embedded"], "skipped": skipped,
+        "kept_with_fallback": len(totals["errors"]) - skipped,
+        "truncated_items": totals["truncated_items"],
         "long_text": "chunk-and-sum" if options.chunk_long_text else "truncate",
         "clip": encoder.source, "random_weights": encoder.random_init,
         "max_tokens": encoder.max_tokens, "dim": dim, "fusion": options.fusion,
         "tau": options.tau, "views": list(options.views.names),
         "view_spec": asdict(options.views),
     }
-    write_json(out_dir / "embed_summary.json", summary)
+    write_json(out_dir / "embed_summary.json", summary)  # last: the outputs are complete
+    store.remove()
     return summary

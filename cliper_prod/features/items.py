@@ -19,11 +19,20 @@ TEXT_FIELDS = ("title", "brand", "categories", "description")
 
 
 @dataclass(frozen=True)
+class ItemLimits:
+    """Bounds that keep one hostile line from exhausting memory or time."""
+
+    max_line_bytes: int = 8 << 20  # a longer line is skipped without being held in memory
+    max_text_chars: int = 20_000  # a longer field is cut (tokenisation cuts far earlier anyway)
+
+
+@dataclass(frozen=True)
 class Item:
     item_id: str
     fields: dict[str, str]  # non-empty, whitespace-normalised text of each present field
     image: Path | None
     line: int
+    notes: tuple[str, ...] = ()  # what was changed on the way in (a field cut to the limit)
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,8 @@ def _categories(value: object) -> str:
     return ", ".join(names)
 
 
-def parse_item(text: str, line: int, base_dir: Path) -> Item | ItemError:
+def parse_item(text: str, line: int, base_dir: Path, limits: ItemLimits = ItemLimits()
+               ) -> Item | ItemError:
     """One JSONL line -> an item, or the reason it cannot be one."""
     try:
         record = json.loads(text)
@@ -73,6 +83,7 @@ def parse_item(text: str, line: int, base_dir: Path) -> Item | ItemError:
     if not isinstance(item_id, str) or not item_id.strip():
         return ItemError(line, None, "missing or empty 'item_id' (a non-empty string)")
     item_id = item_id.strip()
+    notes: list[str] = []
     try:
         fields = {}
         for name in TEXT_FIELDS:
@@ -85,6 +96,10 @@ def parse_item(text: str, line: int, base_dir: Path) -> Item | ItemError:
                 value = _clean(value)
             else:
                 raise _Bad(f"'{name}' must be a string, got {type(value).__name__}")
+            if len(value) > limits.max_text_chars:
+                notes.append(f"'{name}' cut from {len(value):,} to {limits.max_text_chars:,} "
+                             f"characters")
+                value = value[:limits.max_text_chars]
             if value:
                 fields[name] = value
         image = record.get("image")
@@ -93,14 +108,36 @@ def parse_item(text: str, line: int, base_dir: Path) -> Item | ItemError:
     except _Bad as exc:
         return ItemError(line, item_id, str(exc))
     path = None if image is None else (base_dir / image.strip())
-    return Item(item_id, fields, path, line)
+    return Item(item_id, fields, path, line, tuple(notes))
 
 
-def read_items(path: Path) -> Iterator[Item | ItemError]:
-    """Stream a JSONL file; blank lines are skipped, duplicate ids reported after the first."""
-    seen: set[str] = set()
+def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """(line, fits) for each line; a line over ``limit`` bytes is drained, never held whole."""
+    while raw := fh.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw, True
+            continue
+        while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+            pass
+        yield b"", False
+
+
+def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 0,
+               seen: set[str] | None = None) -> Iterator[Item | ItemError]:
+    """Stream a JSONL file; blank lines are skipped, duplicate ids reported after the first.
+
+    ``start_line`` and ``seen`` resume a stream: lines up to ``start_line`` are skipped and the
+    ids already read before it still count as duplicates.
+    """
+    seen = set() if seen is None else seen
     with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        for line_no, (raw, fits) in enumerate(_lines(fh, limits.max_line_bytes), start=1):
+            if line_no <= start_line:
+                continue
+            if not fits:
+                yield ItemError(line_no, None, f"line longer than {limits.max_line_bytes:,} "
+                                               f"bytes")
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -108,7 +145,7 @@ def read_items(path: Path) -> Iterator[Item | ItemError]:
                 continue
             if not text.strip():
                 continue
-            parsed = parse_item(text, line_no, path.parent)
+            parsed = parse_item(text, line_no, path.parent, limits)
             if isinstance(parsed, Item):
                 if parsed.item_id in seen:
                     parsed = ItemError(line_no, parsed.item_id, "duplicate 'item_id' (first kept)")
