@@ -1,12 +1,17 @@
-"""Top-K latency, the bundle's ONNX graph vs the same scorer in PyTorch eager, in one run.
+"""Top-K latency: the ONNX graph vs PyTorch, full score matrix vs chunked, in one run.
 
     python benchmarks/bench_topk.py --bundle export/freedom [--batches 1 64 1024] [--ks 20 50]
+    python benchmarks/bench_topk.py --items 10000 100000 1000000 --dim 64
 
-Both paths score a batch of users against every item, exclude each user's training items and
-keep the K best (:class:`cliper_prod.scoring.TopKScorer`, exported per K from the bundle's
-own tables and training items). Each configuration times --repeats batches of random users
-after a warm-up and reports p50/p95/p99 latency and users/s; the two paths' items are
-compared on every batch (positions where they differ must hold equal scores: near-ties).
+Every path scores a batch of users against every item, excludes each user's training items
+and keeps the K best (:class:`cliper_prod.scoring.TopKScorer`): ``full`` materialises the
+[B, N] score matrix (chunk = N), ``chunked`` scores --chunk-items at a time with a running
+top-K; each in PyTorch eager and as the exported ONNX graph. Tables come from a bundle, or are
+random (``--items``: standard normal, 20 training items per user, --users users). Each row times
+--repeats batches of random users after a warm-up and reports p50/p95/p99 latency and users/s;
+the items of every path are compared with the first path's on every batch (positions that
+differ must hold equal scores: near-ties). A full-matrix path whose [B, N] float32 matrices
+would exceed --max-matrix-gib is skipped, and the table says so.
 """
 
 from __future__ import annotations
@@ -26,81 +31,125 @@ from _report import report
 from cliper_prod import __version__
 from cliper_prod.export.graphs import GraphSpec, export_onnx
 from cliper_prod.runtime.sessions import Graph, choose_providers
-from cliper_prod.scoring import TopKScorer
+from cliper_prod.scoring import TopKScorer, training_csr
 
 
-def percentiles(times: list[float]) -> dict[str, float]:
+def percentiles(times: list[float], batch: int) -> dict[str, float]:
     ms = np.asarray(times) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99))}
+            "p99_ms": float(np.percentile(ms, 99)), "users_per_s": batch / float(np.median(ms)) * 1e3}
+
+
+def tables_from_bundle(bundle: Path):
+    scripted = torch.jit.load(str(bundle / "topk.pt"))
+    return (scripted.user_emb, scripted.item_emb_t.t(), scripted.indptr.numpy(),
+            scripted.indices.numpy()[:-1], str(bundle))
+
+
+def random_tables(n_users: int, n_items: int, dim: int, seen: int = 20):
+    gen = torch.Generator().manual_seed(0)
+    users = torch.randn(n_users, dim, generator=gen)
+    items = torch.randn(n_items, dim, generator=gen)
+    rng = np.random.default_rng(0)
+    pairs = np.stack([np.repeat(np.arange(n_users), seen),
+                      rng.integers(0, n_items, n_users * seen)], 1)
+    pairs = np.unique(pairs, axis=0)
+    indptr, indices = training_csr(pairs, n_users)
+    return users, items, indptr, indices, f"random {n_users} x {n_items} x {dim}"
+
+
+def bench_catalog(tables, args, providers, rng) -> list[dict]:
+    users, items, indptr, indices, source = tables
+    n_users, n_items = users.shape[0], items.shape[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.ks:
+            paths = {}
+            for name, chunk in (("full", n_items), ("chunked", args.chunk_items)):
+                if name == "chunked" and chunk >= n_items:
+                    continue
+                scorer = TopKScorer(users, items, indptr, indices, k, chunk).eval()
+                spec = GraphSpec("topk", scorer, (torch.arange(2),), (torch.arange(2),),
+                                 ["users"], ["items", "scores"])
+                export_onnx(spec, Path(tmp) / f"{name}{k}.onnx")
+                paths[f"pytorch_{name}"] = scorer
+                paths[f"onnx_{name}"] = Graph(Path(tmp) / f"{name}{k}.onnx", providers)
+            for batch in args.batches:
+                batch = min(batch, n_users)
+                matrix_gib = 3 * batch * n_items * 4 / 2**30  # scores, padded copy, scatter
+                runnable = {n: p for n, p in paths.items()
+                            if "full" not in n or matrix_gib <= args.max_matrix_gib}
+                samples = [rng.choice(n_users, size=batch, replace=False)
+                           for _ in range(args.repeats + 1)]
+                times = {n: [] for n in runnable}
+                differing = beyond_ties = 0
+                for i, query in enumerate(samples):
+                    first = None
+                    for name, path in runnable.items():
+                        start = time.perf_counter()
+                        if name.startswith("onnx"):
+                            got_items, got_top = path(users=query)
+                        else:
+                            with torch.no_grad():
+                                got_items, got_top = (t.numpy() for t in
+                                                      path(torch.from_numpy(query)))
+                        if i:
+                            times[name].append(time.perf_counter() - start)
+                        if first is None:
+                            first = (got_items, got_top)
+                        else:
+                            differ = got_items != first[0]
+                            differing += int(differ.sum())
+                            beyond_ties += int((~np.isclose(got_top[differ], first[1][differ],
+                                                            rtol=1e-5, atol=1e-5)).sum())
+                row = {"catalog": source, "n_items": n_items, "k": k, "batch": batch,
+                       "positions_differing": differing,
+                       "positions_differing_beyond_ties": beyond_ties,
+                       "skipped": sorted(set(paths) - set(runnable))}
+                row.update({n: percentiles(ts, batch) for n, ts in times.items()})
+                rows.append(row)
+                print(row, flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--items", type=int, nargs="+", help="random catalogs of these sizes")
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
     parser.add_argument("--ks", type=int, nargs="+", default=[20, 50])
+    parser.add_argument("--chunk-items", type=int, default=1 << 16)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--max-matrix-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/topk_cpu"))
     args = parser.parse_args()
-
-    scripted = torch.jit.load(str(args.bundle / "topk.pt"))
-    user_emb, item_emb_t = scripted.user_emb, scripted.item_emb_t
-    indptr, indices = scripted.indptr.numpy(), scripted.indices.numpy()[:-1]
-    n_users, n_items = user_emb.shape[0], item_emb_t.shape[1]
+    if (args.bundle is None) == (args.items is None):
+        parser.error("give --bundle or --items")
     providers = choose_providers("auto")
     rng = np.random.default_rng(0)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in args.ks:
-            scorer = TopKScorer(user_emb, item_emb_t.t(), indptr, indices, k).eval()
-            spec = GraphSpec("topk", scorer, (torch.arange(2),), (torch.arange(2),), ["users"],
-                             ["items", "scores"])
-            export_onnx(spec, Path(tmp) / f"topk{k}.onnx")
-            graph = Graph(Path(tmp) / f"topk{k}.onnx", providers)
-            for batch in args.batches:
-                batches = [rng.choice(n_users, size=min(batch, n_users), replace=False)
-                           for _ in range(args.repeats + 1)]
-                times = {"onnx": [], "pytorch": []}
-                mismatched, untied = 0, 0
-                for i, users in enumerate(batches):
-                    start = time.perf_counter()
-                    items_ort, scores_ort = graph(users=users)
-                    t_ort = time.perf_counter() - start
-                    start = time.perf_counter()
-                    with torch.no_grad():
-                        items_pt, scores_pt = scorer(torch.from_numpy(users))
-                    t_pt = time.perf_counter() - start
-                    differ = items_pt.numpy() != items_ort
-                    mismatched += int(differ.sum())  # near-ties swap places across backends
-                    untied += int((~np.isclose(scores_pt.numpy()[differ], scores_ort[differ],
-                                               rtol=1e-5, atol=1e-6)).sum())
-                    if i:  # the first batch warms up
-                        times["onnx"].append(t_ort)
-                        times["pytorch"].append(t_pt)
-                row = {"k": k, "batch": batch, "positions_differing": mismatched,
-                       "positions_differing_beyond_ties": untied}
-                for name, ts in times.items():
-                    row[name] = {**percentiles(ts), "users_per_s": batch / float(np.median(ts))}
-                rows.append(row)
-                print(row, flush=True)
+    catalogs = ([tables_from_bundle(args.bundle)] if args.bundle else
+                [random_tables(args.users, n, args.dim) for n in args.items])
+    rows = [row for tables in catalogs for row in bench_catalog(tables, args, providers, rng)]
     result = {"machine": f"{platform.machine()} {platform.processor()}, "
                          f"{torch.get_num_threads()} torch threads",
               "providers": providers, "torch": torch.__version__,
               "onnxruntime": onnxruntime.__version__, "cliper_prod": __version__,
-              "bundle": str(args.bundle), "n_users": n_users, "n_items": n_items,
-              "dim": int(user_emb.shape[1]), "repeats": args.repeats, "rows": rows}
-    lines = ["| K | batch | ONNX p50 / p95 / p99 (ms) | PyTorch p50 / p95 / p99 (ms) | "
-             "ONNX users/s | PyTorch users/s | speed-up (p50) |", "| --- " * 7 + "|"]
+              "chunk_items": args.chunk_items, "repeats": args.repeats, "rows": rows}
+    names = ["pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked"]
+    lines = ["| items | K | batch | " + " | ".join(f"{n} p50 / p99 (ms)" for n in names)
+             + " | best users/s |", "| --- " * (len(names) + 4) + "|"]
     for r in rows:
-        o, p = r["onnx"], r["pytorch"]
-        lines.append(f"| {r['k']} | {r['batch']} | {o['p50_ms']:.2f} / {o['p95_ms']:.2f} / "
-                     f"{o['p99_ms']:.2f} | {p['p50_ms']:.2f} / {p['p95_ms']:.2f} / "
-                     f"{p['p99_ms']:.2f} | {o['users_per_s']:.0f} | {p['users_per_s']:.0f} | "
-                     f"{p['p50_ms'] / o['p50_ms']:.2f}x |")
-    lines.append(f"\n{n_users} users x {n_items} items x {result['dim']}-d, fp32, "
-                 f"{args.repeats} batches of random users per row; providers {providers}.")
+        cells = [f"{r[n]['p50_ms']:.2f} / {r[n]['p99_ms']:.2f}" if n in r else
+                 ("skipped (memory)" if n in r["skipped"] else "-") for n in names]
+        best = max(r[n]["users_per_s"] for n in names if n in r)
+        lines.append(f"| {r['n_items']:,} | {r['k']} | {r['batch']} | " + " | ".join(cells)
+                     + f" | {best:,.0f} |")
+    lines.append(f"\n{catalogs[0][4] if args.bundle else 'random catalogs'}, fp32, "
+                 f"{args.repeats} batches of random users per row, chunk {args.chunk_items} "
+                 f"items; providers {providers}.")
     report(args.out, result, "\n".join(lines))
 
 

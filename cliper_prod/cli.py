@@ -315,12 +315,15 @@ def _torch_encoder(clip_source: str, random_init: bool, fusion: str, tau: float,
               help="Bundle folder [default: export/<backbone>].")
 @click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True,
               help="Most items per user the top-K graph returns (topk -k may ask for fewer).")
+@click.option("--chunk-items", type=click.IntRange(min=1), default=1 << 16, show_default=True,
+              help="Items scored at a time by the top-K graph (exact; bounds its memory to "
+                   "batch x chunk instead of batch x catalog).")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
 @click.option("--no-fp16", is_flag=True, help="Skip the fp16 variants of the CLIP graphs.")
 @click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
 def export(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
-           random_init: bool, out_dir: Path | None, max_k: int, opset: int, no_fp16: bool,
-           no_torchscript: bool) -> None:
+           random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int, opset: int,
+           no_fp16: bool, no_torchscript: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
     The bundle holds the top-K graph over the final embedding tables (training items
@@ -332,7 +335,7 @@ def export(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: 
 
     out_dir = out_dir or Path("export") / backbone
     manifest = export_bundle(checkpoint, backbone, out_dir, clip_source, random_init, data_dir,
-                             max_k, opset, not no_fp16, not no_torchscript,
+                             max_k, opset, not no_fp16, not no_torchscript, chunk_items,
                              log=lambda m: click.echo(m, err=True))
     for name, graph in manifest["graphs"].items():
         figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"

@@ -75,7 +75,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     data = load_dataset(catalog, features_dir=catalog / "cliper")
     train_model("freedom", data, config, root / "ckpt", progress=False)
     res = CliRunner().invoke(cli, ["export", "--checkpoint", str(root / "ckpt"), "--out",
-                                   str(root / "bundle"), "--max-k", "50"])
+                                   str(root / "bundle"), "--max-k", "50", "--chunk-items", "16"])
     assert res.exit_code == 0, res.output
     return {"root": root, "catalog": catalog, "clip": clip, "ckpt": root / "ckpt",
             "bundle": root / "bundle", "policy_items": extra}

@@ -147,17 +147,18 @@ def _export_graph(spec: GraphSpec, folder: Path, opset: int, fp16: bool, torchsc
     return record
 
 
-def _topk_graph(model, data, max_k: int) -> tuple[GraphSpec, dict[str, Any]]:
+def _topk_graph(model, data, max_k: int, chunk_items: int) -> tuple[GraphSpec, dict[str, Any]]:
     users, items = (t.float() for t in model.embedding_tables())
     indptr, indices = training_csr(data.train, data.n_users)
-    scorer = TopKScorer(users, items, indptr, indices, max_k).eval()
+    scorer = TopKScorer(users, items, indptr, indices, max_k, chunk_items).eval()
     rng = np.random.default_rng(0)
     check = torch.from_numpy(rng.choice(data.n_users, size=min(64, data.n_users),
                                         replace=False).astype(np.int64))
     spec = GraphSpec(TOPK_GRAPH, scorer, (torch.arange(min(2, data.n_users)),), (check,),
                      ["users"], ["items", "scores"])
     info = {"k": scorer.k, "n_users": data.n_users, "n_items": data.n_items,
-            "dim": int(users.shape[1]), "score": "dot", "excludes": "training items"}
+            "dim": int(users.shape[1]), "score": "dot", "excludes": "training items",
+            "chunk_items": chunk_items}
     return spec, info
 
 
@@ -231,7 +232,7 @@ def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
 def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None = None,
                   random_init: bool = False, data_dir: Path | None = None, max_k: int = 100,
                   opset: int = DEFAULT_OPSET, fp16: bool = True, torchscript: bool = True,
-                  log=print) -> dict[str, Any]:
+                  chunk_items: int = 1 << 16, log=print) -> dict[str, Any]:
     """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically)."""
     model, data, payload = load_model(checkpoint, data_dir)
     if payload["backbone"] != backbone:
@@ -246,7 +247,7 @@ def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None =
     folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
         manifest = _build(folder, model, data, payload, settings, max_k, opset, fp16,
-                          torchscript, log)
+                          torchscript, chunk_items, log)
         _replace_dir(folder, out)
     finally:
         if folder.exists():
@@ -255,9 +256,9 @@ def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None =
 
 
 def _build(folder: Path, model, data, payload, settings: FeatureSettings | None, max_k: int,
-           opset: int, fp16: bool, torchscript: bool, log) -> dict[str, Any]:
+           opset: int, fp16: bool, torchscript: bool, chunk_items: int, log) -> dict[str, Any]:
     graphs: dict[str, Any] = {}
-    spec, topk_info = _topk_graph(model, data, max_k)
+    spec, topk_info = _topk_graph(model, data, max_k, chunk_items)
     ref_items, ref_scores = torch_outputs(spec)
     log(f"exporting {spec.name} ({data.n_users} users x {data.n_items} items, K={topk_info['k']})")
     graphs[spec.name] = {**_export_graph(spec, folder, opset, False, torchscript,
