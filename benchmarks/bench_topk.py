@@ -112,6 +112,20 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> list[str]:
+    names = ["pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked"]
+    lines = ["| items | K | batch | " + " | ".join(f"{n} p50 / p95 / p99 (ms)" for n in names)
+             + " | best users/s |", "| --- " * (len(names) + 4) + "|"]
+    for r in rows:
+        cells = [f"{r[n]['p50_ms']:.2f} / {r[n]['p95_ms']:.2f} / {r[n]['p99_ms']:.2f}"
+                 if n in r else ("skipped (memory)" if n in r["skipped"] else "-")
+                 for n in names]
+        best = max(r[n]["users_per_s"] for n in names if n in r)
+        lines.append(f"| {r['n_items']:,} | {r['k']} | {r['batch']} | " + " | ".join(cells)
+                     + f" | {best:,.0f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,15 +152,7 @@ def main() -> None:
               "providers": providers, "torch": torch.__version__,
               "onnxruntime": onnxruntime.__version__, "cliper_prod": __version__,
               "chunk_items": args.chunk_items, "repeats": args.repeats, "rows": rows}
-    names = ["pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked"]
-    lines = ["| items | K | batch | " + " | ".join(f"{n} p50 / p99 (ms)" for n in names)
-             + " | best users/s |", "| --- " * (len(names) + 4) + "|"]
-    for r in rows:
-        cells = [f"{r[n]['p50_ms']:.2f} / {r[n]['p99_ms']:.2f}" if n in r else
-                 ("skipped (memory)" if n in r["skipped"] else "-") for n in names]
-        best = max(r[n]["users_per_s"] for n in names if n in r)
-        lines.append(f"| {r['n_items']:,} | {r['k']} | {r['batch']} | " + " | ".join(cells)
-                     + f" | {best:,.0f} |")
+    lines = table(rows)
     lines.append(f"\n{catalogs[0][4] if args.bundle else 'random catalogs'}, fp32, "
                  f"{args.repeats} batches of random users per row, chunk {args.chunk_items} "
                  f"items; providers {providers}.")
