@@ -7,7 +7,8 @@ Every path scores a batch of users against every item, excludes each user's trai
 and keeps the K best (:class:`cliper_prod.scoring.TopKScorer`): ``full`` materialises the
 [B, N] score matrix (chunk = N), ``chunked`` scores --chunk-items at a time with a running
 top-K; each in PyTorch eager and as the exported ONNX graph. Tables come from a bundle, or are
-random (``--items``: standard normal, 20 training items per user, --users users). Each row times
+random (``--items``: standard normal, 20 training items per user, --users users). With
+--faiss, faiss-cpu's exact IndexFlatIP runs beside them as an outside baseline. Each row times
 --repeats batches of random users after a warm-up and reports p50/p95/p99 latency and users/s;
 the items of every path are compared with the first path's on every batch (positions that
 differ must hold equal scores: near-ties). A full-matrix path whose [B, N] float32 matrices
@@ -38,6 +39,30 @@ def percentiles(times: list[float], batch: int) -> dict[str, float]:
     ms = np.asarray(times) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "users_per_s": batch / float(np.median(ms)) * 1e3}
+
+
+class FaissFlat:
+    """faiss-cpu exact inner-product search (IndexFlatIP) as an outside baseline. faiss knows
+    nothing of training items, so it fetches K + the longest history and drops the user's own
+    items afterwards, which gives the same exact top K."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, indptr: np.ndarray,
+                 indices: np.ndarray, k: int) -> None:
+        import faiss
+
+        self.index = faiss.IndexFlatIP(items.shape[1])
+        self.index.add(np.ascontiguousarray(items.numpy(), dtype=np.float32))
+        self.users = users.numpy()
+        self.indptr, self.indices, self.k = indptr, indices, k
+        self.widest = int(np.diff(indptr).max(initial=0))
+
+    def __call__(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(self.users[users], self.k + self.widest)
+        for row, u in enumerate(users):
+            seen = self.indices[self.indptr[u]:self.indptr[u + 1]]
+            scores[row, np.isin(ids[row], seen)] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :self.k]
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
 
 def tables_from_bundle(bundle: Path):
@@ -74,6 +99,8 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                 export_onnx(spec, Path(tmp) / f"{name}{k}.onnx")
                 paths[f"pytorch_{name}"] = scorer
                 paths[f"onnx_{name}"] = Graph(Path(tmp) / f"{name}{k}.onnx", providers)
+            if args.faiss:
+                paths["faiss_flat_ip"] = FaissFlat(users, items, indptr, indices, k)
             for batch in args.batches:
                 batch = min(batch, n_users)
                 matrix_gib = 3 * batch * n_items * 4 / 2**30  # scores, padded copy, scatter
@@ -89,6 +116,8 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                         start = time.perf_counter()
                         if name.startswith("onnx"):
                             got_items, got_top = path(users=query)
+                        elif name.startswith("faiss"):
+                            got_items, got_top = path(query)
                         else:
                             with torch.no_grad():
                                 got_items, got_top = (t.numpy() for t in
@@ -114,6 +143,7 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
 
 def table(rows: list[dict]) -> list[str]:
     names = ["pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked"]
+    names += ["faiss_flat_ip"] if any("faiss_flat_ip" in r for r in rows) else []
     lines = ["| items | K | batch | " + " | ".join(f"{n} p50 / p95 / p99 (ms)" for n in names)
              + " | best users/s |", "| --- " * (len(names) + 4) + "|"]
     for r in rows:
@@ -138,6 +168,8 @@ def main() -> None:
     parser.add_argument("--chunk-items", type=int, default=1 << 16)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--max-matrix-gib", type=float, default=4.0)
+    parser.add_argument("--faiss", action="store_true",
+                        help="add faiss-cpu IndexFlatIP as a baseline (pip install faiss-cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/topk_cpu"))
     args = parser.parse_args()
     if (args.bundle is None) == (args.items is None):
