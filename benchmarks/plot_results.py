@@ -21,6 +21,14 @@ PATHS = ("pytorch_fp32", "onnx_fp32", "onnx_fp16")
 TOPK_PATHS = ("pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked")
 
 
+def _save(fig, axes, title: str, out: Path) -> Path:
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def plot_embed(results: Path) -> Path:
     rows = sorted((r for f in results.glob("embed_*.json")
                    for r in json.loads(f.read_text())["rows"]), key=lambda r: r["batch"])
@@ -31,12 +39,7 @@ def plot_embed(results: Path) -> Path:
                     label=path)
         ax.set(xscale="log", xlabel="batch size", title=f"{tower} tower (ViT-B/16 config)")
     axes[0].set_ylabel("items / s")
-    axes[0].legend()
-    fig.suptitle("embed throughput, 2-core CPU")
-    out = results / "embed_throughput.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _save(fig, axes, "embed throughput, 2-core CPU", results / "embed_throughput.png")
 
 
 def plot_topk(results: Path) -> Path:
@@ -52,12 +55,8 @@ def plot_topk(results: Path) -> Path:
                 ax.plot(*zip(*pts), "o-", label=path)
         ax.set(xscale="log", yscale="log", xlabel="items in catalog", ylabel="p50 latency (ms)",
                title=f"K=50, batch {batch}")
-    axes[0].legend()
-    fig.suptitle("top-K latency, 2-core CPU (missing points: full matrix over 4 GiB)")
-    out = results / "topk_latency.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+    return _save(fig, axes, "top-K latency, 2-core CPU (missing points: full matrix over 4 GiB)",
+                 results / "topk_latency.png")
 
 
 def main() -> None:
