@@ -32,12 +32,17 @@ def data_fingerprint(data: InteractionData) -> dict[str, Any]:
             "features_dir": str(data.features_dir.resolve()) if data.features_dir else None}
 
 
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: readers never see half."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def save_model(out_dir: Path, backbone: str, config: dict, data: InteractionData,
                state_dict: dict[str, torch.Tensor]) -> None:
     payload = {"backbone": backbone, "config": config, "data": data_fingerprint(data),
                "state_dict": state_dict, "package_version": __version__}
-    with atomic_path(out_dir / MODEL_FILE) as tmp:
-        torch.save(payload, tmp)
+    save_torch(out_dir / MODEL_FILE, payload)
 
 
 def save_embeddings(out_dir: Path, model: Recommender) -> None:

@@ -364,9 +364,8 @@ def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip
          batch_size: int, device: str, backbone: str | None) -> None:
     """Top-K items for each user of a file, training items excluded, as JSON Lines
     ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime."""
-    from cliper_prod.io import atomic_path
     from cliper_prod.runtime.bundle import Bundle
-    from cliper_prod.runtime.topk import recommend
+    from cliper_prod.runtime.topk import recommend, recommend_to_file
 
     if not users_file.is_file():
         raise ConfigError(f"{users_file}: users file not found")
@@ -374,8 +373,7 @@ def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip
     if out_file is None:
         summary = recommend(bundle, users_file, sys.stdout, k, skip_unknown, batch_size)
     else:
-        with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            summary = recommend(bundle, users_file, fh, k, skip_unknown, batch_size)
+        summary = recommend_to_file(bundle, users_file, out_file, k, skip_unknown, batch_size)
     for skipped in summary.skipped:
         click.echo(f"{users_file}:{skipped['line']}: skipped: {skipped['reason']}", err=True)
     click.echo(f"top-{k} for {summary.users} user(s), {len(summary.skipped)} line(s) skipped"

@@ -65,10 +65,9 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     """Export the bundle, then embed the catalog and rank for a few users on ONNX Runtime."""
     from cliper_prod.export.bundle import export_bundle
     from cliper_prod.features.embed import EmbedOptions
-    from cliper_prod.io import atomic_path
     from cliper_prod.runtime.bundle import Bundle
     from cliper_prod.runtime.encoder import OnnxEncoder
-    from cliper_prod.runtime.topk import recommend
+    from cliper_prod.runtime.topk import recommend_to_file
 
     bundle_dir = workdir / "bundle"
     manifest = export_bundle(checkpoint, "freedom", bundle_dir, log=lambda m: None)
@@ -84,8 +83,7 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     users = workdir / "users.txt"
     users.write_text("".join(f"{u}\n" for u in bundle.user_ids[:5]))
     recs = workdir / "recs.jsonl"
-    with atomic_path(recs) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        recommend(bundle, users, fh, k=10)
+    recommend_to_file(bundle, users, recs, k=10)
     first = json.loads(recs.read_text().splitlines()[0])
     click.echo(f"[5/5] ONNX Runtime ({bundle.providers[0]}): embedded {summary['embedded']} items "
                f"-> {workdir / 'features-onnx'}; top-10 for 5 users -> {recs} (user "

@@ -3,8 +3,8 @@
 :class:`TopKScorer` is the module the bundle exports (ONNX and TorchScript): user indices [B]
 -> item indices [B, K] and scores [B, K], best first. Training items are looked up in a CSR
 table inside the graph; a user with fewer than K unseen items gets item ``-1`` and score
-``-inf`` at the tail, which the runtime drops. Every shape is static apart from the batch, so the graph exports
-without data-dependent sizes.
+``-inf`` at the tail, which the runtime drops. Every shape is static apart from the batch, so
+the graph exports without data-dependent sizes.
 
 Large catalogs are scored in chunks of ``chunk_items`` items: each chunk keeps its own top K
 and the final top K is taken over those candidates, which is exact (every global winner is a
@@ -37,7 +37,7 @@ class TopKScorer(nn.Module):
         self.register_buffer("user_emb", user_emb.detach().float().contiguous())
         self.register_buffer("item_emb_t", item_emb.detach().float().t().contiguous())
         self.register_buffer("indptr", torch.from_numpy(indptr))
-        # one padding entry pointing at the extra column, so lookups never leave the table
+        # one padding entry, so the clamped lookups of users without history stay in the table
         self.register_buffer("indices", torch.from_numpy(np.append(indices, n_items)))
         widest = int(np.diff(indptr).max(initial=0))
         self.register_buffer("offsets", torch.arange(max(widest, 1)))

@@ -20,13 +20,13 @@ import torch
 from tqdm import tqdm
 
 from cliper_prod.backbones import Recommender, create_model
-from cliper_prod.checkpoint import save_embeddings, save_model
+from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
 from cliper_prod.config import TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.data.sampling import BPRSampler
 from cliper_prod.errors import CliperError, ConfigError
 from cliper_prod.evaluation import RankingTask, evaluate_ranking
-from cliper_prod.io import atomic_path, write_json
+from cliper_prod.io import write_json
 from cliper_prod.plotting import plot_training_curve
 
 
@@ -80,11 +80,6 @@ def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSetting
     users, items = model.embedding_tables()
     return evaluate_ranking(lambda u: users[u] @ items.T, task, settings.topk,
                             settings.eval_batch_size)
-
-
-def _save_state(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _load_state(path: Path, config: dict) -> dict | None:
@@ -169,7 +164,7 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
                        f"{record['eval_s']:.1f}s)")
         finished = stale > settings.patience or epoch == settings.epochs - 1
         if state_path is not None:
-            _save_state(state_path, {
+            save_torch(state_path, {
                 "config": config, "epoch": epoch, "finished": finished,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "sampler_rng": json.dumps(rng.bit_generator.state),

@@ -223,16 +223,16 @@ def test_train_resumes_after_an_interruption_with_the_same_result(tmp_path: Path
                                                          "valid_metric": "recall@10"}})
     whole = training.train_model("freedom", data, config, tmp_path / "whole", progress=False)
 
-    real_save = training._save_state
+    real_save = training.save_torch
 
     def interrupt_after_epoch_2(path: Path, state: dict) -> None:
         real_save(path, state)
         if state["epoch"] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(training, "_save_state", interrupt_after_epoch_2)
+    monkeypatch.setattr(training, "save_torch", interrupt_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         training.train_model("freedom", data, config, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(training, "_save_state", real_save)
+    monkeypatch.setattr(training, "save_torch", real_save)
     with pytest.raises(training.ConfigError, match="pass --resume"):
         training.train_model("freedom", data, config, tmp_path / "cut", progress=False)
     resumed = training.train_model("freedom", data, config, tmp_path / "cut", progress=False,

@@ -74,10 +74,7 @@ def feature_settings(features_dir: Path | None, clip: str | None, random_init: b
             raise ConfigError(f"{summary_path}: the features were extracted with chunk-and-sum "
                               f"over-long text, which the bundle graphs do not reproduce; "
                               f"re-embed with truncation to export")
-        spec = summary["view_spec"]
-        views = ViewSpec(fields=tuple(spec["fields"]), templates=spec["templates"],
-                         global_template=spec["global_template"],
-                         missing_word=spec["missing_word"])
+        views = ViewSpec.from_dict(summary["view_spec"])
         return FeatureSettings(clip or summary["clip"],
                                random_init or bool(summary["random_weights"]),
                                summary["fusion"], float(summary["tau"]), views)

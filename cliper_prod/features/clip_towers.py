@@ -122,13 +122,17 @@ class ClipTowers:
         return self.image_tower(x).float().cpu().numpy()
 
     @torch.no_grad()
+    def _text_embeddings(self, tokens: TokenizedViews) -> Tensor:
+        """One embedding per text [T, D]: the rows of a chunked text are summed."""
+        emb = self.text_tower(torch.from_numpy(tokens.input_ids).to(self.device),
+                              torch.from_numpy(tokens.attention_mask).to(self.device)).float().cpu()
+        return torch.zeros(len(tokens.truncated), emb.shape[1]).index_add_(
+            0, torch.from_numpy(tokens.owner), emb)
+
     def encode_texts(self, texts: list[str], chunk: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings [len(texts), D] and which texts were longer than the model's positions."""
-        tv = self.tokenize(texts, chunk)
-        emb = self.text_tower(torch.from_numpy(tv.input_ids).to(self.device),
-                              torch.from_numpy(tv.attention_mask).to(self.device)).float().cpu()
-        out = torch.zeros(len(texts), emb.shape[1]).index_add_(0, torch.from_numpy(tv.owner), emb)
-        return out.numpy(), tv.truncated
+        tokens = self.tokenize(texts, chunk)
+        return self._text_embeddings(tokens).numpy(), tokens.truncated
 
     @torch.no_grad()
     def encode_views(self, tokens: TokenizedViews, image: np.ndarray, has_image: np.ndarray,
@@ -136,11 +140,7 @@ class ClipTowers:
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Tokenised views of B items (rows owned by B*V texts), their image embeddings and
         presence flags -> (fused text, similarity, image feature, views), as numpy."""
-        emb = self.text_tower(torch.from_numpy(tokens.input_ids).to(self.device),
-                              torch.from_numpy(tokens.attention_mask).to(self.device)).float().cpu()
-        n_texts = len(tokens.truncated)
-        views = torch.zeros(n_texts, emb.shape[1]).index_add_(0, torch.from_numpy(tokens.owner), emb)
-        views = views.reshape(len(image), n_texts // len(image), -1)
+        views = self._text_embeddings(tokens).reshape(len(image), -1, self.dim)
         out = ViewFusion(mode, tau)(views, torch.from_numpy(image), torch.from_numpy(has_image),
                                     torch.from_numpy(has_text))
         return (*(t.numpy() for t in out), views.numpy())

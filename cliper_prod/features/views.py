@@ -37,6 +37,12 @@ class ViewSpec:
         if not self.fields and self.global_template is None:
             raise ValueError("at least one view is needed")
 
+    @classmethod
+    def from_dict(cls, spec: dict) -> "ViewSpec":
+        """Back from ``dataclasses.asdict`` as stored in JSON (lists where tuples were)."""
+        return cls(fields=tuple(spec["fields"]), templates=dict(spec["templates"]),
+                   global_template=spec["global_template"], missing_word=spec["missing_word"])
+
     @property
     def names(self) -> tuple[str, ...]:
         return self.fields + (("global",) if self.global_template is not None else ())

@@ -49,4 +49,3 @@ class Bundle:
     def _ids(self, which: str) -> list[str]:
         path = self.folder / self.manifest["ids"][which]
         return path.read_text(encoding="utf-8").splitlines()
-

@@ -28,10 +28,7 @@ class OnnxEncoder:
         self.fusion = info["fusion"]
         self.graph_fusion = info["graph_fusion"]
         self.tau = float(info["tau"])
-        spec = info["view_spec"]
-        self.views = ViewSpec(fields=tuple(spec["fields"]), templates=spec["templates"],
-                              global_template=spec["global_template"],
-                              missing_word=spec["missing_word"])
+        self.views = ViewSpec.from_dict(info["view_spec"])
         self.special = SpecialTokens(**info["special_tokens"])
         pre = info["preprocess"]
         self.preprocess = ClipImagePreprocessor(**{**pre, "mean": tuple(pre["mean"]),

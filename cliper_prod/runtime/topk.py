@@ -20,6 +20,7 @@ import numpy as np
 
 from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
+from cliper_prod.io import atomic_path
 from cliper_prod.runtime.bundle import Bundle
 
 
@@ -57,6 +58,13 @@ def read_users(path: Path, index: dict[str, int], skip_bad: bool, summary: TopKS
                 raise DataError(path, problem + "; fix the line or pass --skip-unknown",
                                 line=line_no)
             summary.skipped.append({"line": line_no, "reason": problem})
+
+
+def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, k: int = 20,
+                      skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
+    """:func:`recommend` into ``out_path``, renamed into place only when every user is done."""
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        return recommend(bundle, users_path, fh, k, skip_unknown, batch_size)
 
 
 def recommend(bundle: Bundle, users_path: Path, out: IO[str], k: int = 20,
