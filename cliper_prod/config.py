@@ -22,6 +22,8 @@ class TrainSettings:
     """Optimisation, early stopping and evaluation settings shared by every backbone."""
 
     learning_rate: float
+    lr_decay: float          # learning rate x lr_decay ** (epoch / lr_decay_epochs) (MMRec's scheduler)
+    lr_decay_epochs: int
     weight_decay: float
     batch_size: int
     eval_batch_size: int
@@ -33,8 +35,12 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "topk", tuple(self.topk))
-        if min(self.batch_size, self.eval_batch_size, self.epochs) < 1 or self.patience < 0:
-            raise ConfigError("batch sizes and epochs must be >= 1 and patience >= 0")
+        if min(self.batch_size, self.eval_batch_size, self.epochs, self.lr_decay_epochs) < 1 \
+                or self.patience < 0:
+            raise ConfigError("batch sizes, epochs and lr_decay_epochs must be >= 1 and "
+                              "patience >= 0")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         name, _, k = self.valid_metric.partition("@")
         if name not in ("recall", "ndcg", "precision", "map") or not k.isdigit():
             raise ConfigError(f"valid_metric must look like 'recall@20', got {self.valid_metric!r}")

@@ -109,6 +109,8 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
     model = create_model(backbone, data, config["model"])
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,
                                  weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: settings.lr_decay ** (e / settings.lr_decay_epochs))
     rng = np.random.default_rng(settings.seed)
     graph_rng = torch.Generator().manual_seed(settings.seed)
     sampler = BPRSampler(data.train, data.n_items, settings.batch_size, rng)
@@ -120,6 +122,7 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         rng.bit_generator.state = json.loads(saved["sampler_rng"])
         graph_rng.set_state(saved["graph_rng"])
         torch.set_rng_state(saved["torch_rng"])
@@ -142,6 +145,7 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
             optimizer.step()
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        scheduler.step()
         mean_loss = total / len(sampler)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
@@ -167,6 +171,7 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
             save_torch(state_path, {
                 "config": config, "epoch": epoch, "finished": finished,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "sampler_rng": json.dumps(rng.bit_generator.state),
                 "graph_rng": graph_rng.get_state(), "torch_rng": torch.get_rng_state(),
                 "history": history, "best_state": best_state, "best_value": best_value,
