@@ -17,7 +17,10 @@ from typing import Any
 import click
 
 from cliper_prod import __version__
+from cliper_prod.config import available_backbones
 from cliper_prod.errors import CliperError, ConfigError
+
+BACKBONE_CHOICES = available_backbones()
 
 DEFAULT_CHECKPOINTS = Path("models") / "checkpoints"
 
@@ -92,7 +95,7 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--backbone", type=click.Choice(["freedom", "lightgcn"]), default="freedom",
+@click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="freedom",
               show_default=True, help="Recommender to train.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
               help="MMRec-format dataset folder (<name>.inter, optional *_feat.npy).")
@@ -301,7 +304,7 @@ def _torch_encoder(clip_source: str, random_init: bool, fusion: str, tau: float,
 
 
 @cli.command()
-@click.option("--backbone", type=click.Choice(["freedom", "lightgcn"]), default="freedom",
+@click.option("--backbone", type=click.Choice(BACKBONE_CHOICES), default="freedom",
               show_default=True, help="Backbone of the checkpoint (checked).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="Folder written by `cliper-prod train`.")
@@ -358,7 +361,7 @@ def export(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: 
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
-@click.option("--backbone", type=click.Choice(["freedom", "lightgcn"]),
+@click.option("--backbone", type=click.Choice(BACKBONE_CHOICES),
               help="Refuse a bundle of another backbone (a guard for deployment scripts).")
 def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip_unknown: bool,
          batch_size: int, device: str, backbone: str | None) -> None:

@@ -48,6 +48,14 @@ class TrainSettings:
             raise ConfigError(f"valid_metric {self.valid_metric} needs K={k} in topk {self.topk}")
 
 
+def available_backbones() -> list[str]:
+    """Backbones with a packaged preset (import-light: the CLI builds its choices from this
+    without importing torch)."""
+    return sorted(p.name.removesuffix(".toml")
+                  for p in resources.files("cliper_prod.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
 def preset_path(backbone: str) -> Path:
     """The packaged default file of a backbone (``models/<backbone>.toml`` in a checkout)."""
     path = Path(str(resources.files("cliper_prod.presets") / f"{backbone}.toml"))
