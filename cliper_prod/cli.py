@@ -228,6 +228,12 @@ FIXED_IN_BUNDLE = ("random_init", "fusion", "tau", "fields", "no_global_view", "
               show_default=True, help="Longer text fields are cut (and reported).")
 @click.option("--max-line-bytes", type=click.IntRange(min=1), default=8 << 20,
               show_default=True, help="Longer JSONL lines are skipped (and reported).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Distribute reading, image preprocessing and ONNX inference over Ray Data "
+                   "(needs --bundle); same outputs byte for byte.")
+@click.option("--address", help="Ray cluster to join with --ray (default: start a local one).")
+@click.option("--ray-actors", type=click.IntRange(min=1),
+              help="Encode actors with --ray [default: one per GPU, else one].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: Path | None,
@@ -235,7 +241,7 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
           no_global_view: bool, missing_word: str, chunk_long_text: bool, save_views: bool,
           batch_size: int, device: str, precision: str, strict: bool, resume: bool,
           shard_items: int, max_image_pixels: int, max_text_chars: int, max_line_bytes: int,
-          quiet: bool) -> None:
+          use_ray: bool, address: str | None, ray_actors: int | None, quiet: bool) -> None:
     """Embed the items of a JSON Lines file into CLIPER features.
 
     Each item's text fields become view prompts, CLIP encodes the views and the image, and the
@@ -252,6 +258,11 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
         raise ConfigError(f"{items}: items file not found")
     if (clip_source is None) == (bundle_dir is None):
         raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
+    if (address or ray_actors) and not use_ray:
+        raise ConfigError("--address and --ray-actors go with --ray")
+    if use_ray and bundle_dir is None:
+        raise ConfigError("--ray runs the exported ONNX graphs: export a bundle (`cliper-prod "
+                          "export --clip ...`) and pass --bundle")
     if bundle_dir is not None:
         from cliper_prod.runtime.bundle import Bundle
         from cliper_prod.runtime.encoder import OnnxEncoder
@@ -275,7 +286,13 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
                       max_image_pixels=max_image_pixels,
                       limits=ItemLimits(max_line_bytes=max_line_bytes,
                                         max_text_chars=max_text_chars))
-    summary = embed_catalog(items, encoder, out_dir, options, progress=not quiet, resume=resume)
+    runner = None
+    if use_ray:
+        from cliper_prod.features.embed_ray import RaySettings, ray_runner
+
+        runner = ray_runner(bundle_dir, RaySettings(address, ray_actors, device, precision))
+    summary = embed_catalog(items, encoder, out_dir, options, progress=not quiet, resume=resume,
+                            runner=runner)
     click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
                f"a fallback {summary['kept_with_fallback']}, text cut at {encoder.max_tokens} "
                f"tokens for {summary['truncated_items']} -> {out_dir}")
@@ -381,6 +398,60 @@ def topk(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None, skip
         click.echo(f"{users_file}:{skipped['line']}: skipped: {skipped['reason']}", err=True)
     click.echo(f"top-{k} for {summary.users} user(s), {len(summary.skipped)} line(s) skipped"
                + (f" -> {out_file}" if out_file else ""), err=True)
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              default=Path("export") / "freedom", show_default=True,
+              help="Bundle folder written by `cliper-prod export`.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--address", help="Ray cluster to deploy on (default: start a local Ray).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--image-root", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder that /embed image paths resolve under (default: paths refused, "
+                   "base64 images only).")
+@click.option("--no-batching", is_flag=True, help="Run each /topk request alone.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="/topk requests merged into one ONNX run.")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How long a /topk request waits for others to batch with.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20,
+              show_default=True)
+def serve(bundle_dir: Path, replicas: int, host: str, port: int, address: str | None,
+          device: str, image_root: Path | None, no_batching: bool, max_batch_size: int,
+          batch_wait_ms: float, max_request_bytes: int) -> None:
+    """Serve a bundle over HTTP on Ray Serve: POST /topk, POST /embed, GET /healthz,
+    GET /metadata (OpenAPI schema at /openapi.json). Stops cleanly on Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from cliper_prod.runtime.bundle import Bundle
+
+    Bundle(bundle_dir, device)  # a broken bundle fails here, with its exit code
+    if image_root is not None and not image_root.is_dir():
+        raise ConfigError(f"--image-root {image_root}: not a folder")
+    try:
+        from cliper_prod.serving.app import ServeSettings, start_service, stop_service
+    except ImportError as exc:
+        raise ConfigError(f"serve needs Ray Serve ({exc.name} missing): pip install "
+                          f"'cliper-prod[ray]'") from None
+    settings = ServeSettings(str(bundle_dir.resolve()), device,
+                             str(image_root.resolve()) if image_root else None,
+                             not no_batching, max_batch_size, batch_wait_ms / 1000,
+                             max_request_bytes)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    url = start_service(settings, replicas, host, port, address)
+    click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s)); API schema at "
+               f"{url}/docs; Ctrl-C stops", err=True)
+    stop.wait()
+    click.echo("draining in-flight requests and stopping", err=True)
+    stop_service()
 
 
 @cli.command("convert-clip")

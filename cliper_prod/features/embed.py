@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -92,7 +92,7 @@ class EmbedOptions:
                 "limits": asdict(self.limits), "max_image_pixels": self.max_image_pixels}
 
 
-class _Errors:
+class ItemErrors:
     """Item errors in line order of discovery; with ``strict`` the first one stops the run."""
 
     def __init__(self, items_path: Path, strict: bool) -> None:
@@ -113,7 +113,7 @@ class _Errors:
         return done
 
 
-def _batches(records: Iterable[Item | ItemError], size: int, errors: _Errors
+def batches(records: Iterable[Item | ItemError], size: int, errors: ItemErrors
              ) -> Iterator[list[Item]]:
     """Group items into batches; bad lines go straight to ``errors``."""
     def items() -> Iterator[Item]:
@@ -127,7 +127,7 @@ def _batches(records: Iterable[Item | ItemError], size: int, errors: _Errors
         yield batch
 
 
-def _load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
+def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
     """Pixel values, or the reason there are none."""
     if item.image is None:
         return "no 'image' field"
@@ -137,72 +137,103 @@ def _load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | s
         return str(exc)
 
 
-def _fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -> dict:
+def run_fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -> dict:
     stat = items_path.stat()
     return {"items": str(items_path.resolve()), "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns, "encoder": encoder.source, "dim": encoder.dim,
             "options": options.fingerprint()}
 
 
+Runner = Callable[[Path, "Encoder", EmbedOptions, ShardStore, bool], None]
+
+
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
                   options: EmbedOptions = EmbedOptions(), progress: bool = True,
-                  resume: bool = False) -> dict:
+                  resume: bool = False, runner: Runner | None = None) -> dict:
     """Embed every item of ``items_path``; write the outputs; return the summary.
 
     Work is saved in shards as it goes; ``resume`` continues a run that was killed.
+    ``runner`` fills the shard store (default: this process; ``embed_ray`` passes a Ray one).
     """
-    store = ShardStore(out_dir, _fingerprint(items_path, encoder, options), resume)
+    store = ShardStore(out_dir, run_fingerprint(items_path, encoder, options), resume)
     try:
-        _run(items_path, encoder, options, store, progress)
+        (runner or _run)(items_path, encoder, options, store, progress)
     except DataError:  # --strict: the input needs fixing, nothing to resume
         store.remove()
         raise
-    return _write_outputs(out_dir, store, encoder, options, items_path)
+    return write_outputs(out_dir, store, encoder, options, items_path)
+
+
+def resume_point(store: ShardStore) -> tuple[int, set[str]]:
+    """The last input line the saved shards account for, and the item ids they have read."""
+    done = list(store.metas())
+    return (done[-1]["last_line"] if done else 0), {i for m in done for i in m["read_ids"]}
+
+
+def shard_batches(options: EmbedOptions) -> int:
+    """Batches per shard: shard_items rounded up to whole batches."""
+    return max(1, -(-options.shard_items // options.batch_size))
+
+
+class ShardWriter:
+    """Cuts the stream of encoded batches into the store's shards: the one place shard
+    boundaries and their errors are decided, so every runner writes the same shards."""
+
+    def __init__(self, store: ShardStore, errors: ItemErrors, options: EmbedOptions) -> None:
+        self.store, self.errors, self.per_shard = store, errors, shard_batches(options)
+        self.shard, self.batches = Shard(), 0
+
+    def batch_done(self, last_line: int) -> None:
+        """The current shard received one more batch, whose last item is on ``last_line``."""
+        self.batches += 1
+        self.shard.last_line = last_line
+        if self.batches == self.per_shard:
+            self._write()
+
+    def close(self) -> None:
+        """Write the last partial shard, with any bad lines after the last item."""
+        if self.batches or self.errors.pending:
+            self.shard.last_line = max([self.shard.last_line,
+                                        *(e["line"] for e in self.errors.pending)])
+            self._write()
+
+    def _write(self) -> None:
+        self.shard.errors = self.errors.take_until(self.shard.last_line)
+        self.store.write(self.shard)
+        self.shard, self.batches = Shard(), 0
 
 
 def _run(items_path: Path, encoder: Encoder, options: EmbedOptions, store: ShardStore,
          progress: bool) -> None:
-    done = list(store.metas())
-    start_line = done[-1]["last_line"] if done else 0
-    seen = {i for m in done for i in m["read_ids"]}
+    start_line, seen = resume_point(store)
     preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
-    errors = _Errors(items_path, options.strict)
-    per_shard = max(1, -(-options.shard_items // options.batch_size))
-    shard, batches_in_shard = Shard(), 0
-    bar = tqdm(desc="embed", unit="item", disable=not progress,
-               initial=sum(len(m["read_ids"]) for m in done))
+    errors = ItemErrors(items_path, options.strict)
+    writer = ShardWriter(store, errors, options)
+    bar = tqdm(desc="embed", unit="item", disable=not progress, initial=len(seen))
     pending: deque[tuple[list[Item], list[Future]]] = deque()
 
     def encode_oldest() -> None:
-        nonlocal shard, batches_in_shard
         batch, futures = pending.popleft()
-        _embed_batch(batch, [f.result() for f in futures], encoder, options, shard, errors)
+        embed_batch(batch, [f.result() for f in futures], encoder, options, writer.shard,
+                    errors)
         bar.update(len(batch))
-        batches_in_shard += 1
-        shard.last_line = batch[-1].line
-        if batches_in_shard == per_shard:
-            shard.errors = errors.take_until(shard.last_line)
-            store.write(shard)
-            shard, batches_in_shard = Shard(), 0
+        writer.batch_done(batch[-1].line)
 
     records = read_items(items_path, options.limits, start_line, seen)
     with ThreadPoolExecutor(options.workers) as pool:
-        for batch in _batches(records, options.batch_size, errors):
-            pending.append((batch, [pool.submit(_load_image, preprocess, item)
+        for batch in batches(records, options.batch_size, errors):
+            pending.append((batch, [pool.submit(load_image, preprocess, item)
                                     for item in batch]))
             if len(pending) > PREFETCH_BATCHES:
                 encode_oldest()
         while pending:
             encode_oldest()
     bar.close()
-    if batches_in_shard or errors.pending:
-        shard.last_line = max([shard.last_line, *(e["line"] for e in errors.pending)])
-        shard.errors = errors.take_until(shard.last_line)
-        store.write(shard)
+    writer.close()
 
 
-def _embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
-                 options: EmbedOptions, shard: Shard, errors: _Errors) -> None:
+def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
+                 options: EmbedOptions, shard: Shard, errors: ItemErrors) -> None:
     spec = options.views
     shard.read_ids += [item.item_id for item in batch]
     has_image = np.array([not isinstance(img, str) for img in images])
@@ -242,7 +273,7 @@ def _embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Enc
         shard.add("scores", scores)
 
 
-def _write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: EmbedOptions,
+def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: EmbedOptions,
                    items_path: Path) -> dict:
     dim = encoder.dim
     n_views = len(options.views.names)

@@ -12,6 +12,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -74,13 +75,18 @@ class ClipImagePreprocessor:
             raise ImageDecodeError(f"image not found: {path}")
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"image file is empty: {path}")
+        return self.decode(path, str(path))
+
+    def decode(self, source: Path | BinaryIO, label: str) -> np.ndarray:
+        """Decode a file or an in-memory image (a served request's base64 bytes); ``label``
+        names it in errors."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
+                with Image.open(source) as img:
                     if img.width * img.height > self.max_pixels:
                         raise ImageDecodeError(f"image has {img.width}x{img.height} pixels, over "
-                                               f"the limit of {self.max_pixels:,}: {path}")
+                                               f"the limit of {self.max_pixels:,}: {label}")
                     img.load()
                     img = ImageOps.exif_transpose(img)
                     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -92,9 +98,9 @@ class ClipImagePreprocessor:
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageDecodeError(f"image too large (decompression bomb guard): {path}") from exc
+            raise ImageDecodeError(f"image too large (decompression bomb guard): {label}") from exc
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageDecodeError(f"not a readable image ({exc}): {path}") from exc
+            raise ImageDecodeError(f"not a readable image ({exc}): {label}") from exc
 
 
 def _on_white(img: Image.Image) -> Image.Image:

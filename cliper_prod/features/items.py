@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +33,7 @@ class Item:
     image: Path | None
     line: int
     notes: tuple[str, ...] = ()  # what was changed on the way in (a field cut to the limit)
+    offset: int = 0  # byte offset of the line: a distributed reader re-reads batches from here
 
 
 @dataclass(frozen=True)
@@ -111,15 +112,18 @@ def parse_item(text: str, line: int, base_dir: Path, limits: ItemLimits = ItemLi
     return Item(item_id, fields, path, line, tuple(notes))
 
 
-def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool]]:
-    """(line, fits) for each line; a line over ``limit`` bytes is drained, never held whole."""
+def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:
+    """(line, fits, byte offset) for each line; a line over ``limit`` bytes is drained, never
+    held whole."""
+    offset = fh.tell()
     while raw := fh.readline(limit + 1):
         if len(raw) <= limit or raw.endswith(b"\n"):
-            yield raw, True
-            continue
-        while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
-            pass
-        yield b"", False
+            yield raw, True, offset
+        else:
+            while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield b"", False, offset
+        offset = fh.tell()
 
 
 def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 0,
@@ -131,7 +135,8 @@ def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 
     """
     seen = set() if seen is None else seen
     with open(path, "rb") as fh:
-        for line_no, (raw, fits) in enumerate(_lines(fh, limits.max_line_bytes), start=1):
+        for line_no, (raw, fits, offset) in enumerate(_lines(fh, limits.max_line_bytes),
+                                                      start=1):
             if line_no <= start_line:
                 continue
             if not fits:
@@ -147,8 +152,30 @@ def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 
                 continue
             parsed = parse_item(text, line_no, path.parent, limits)
             if isinstance(parsed, Item):
+                parsed = replace(parsed, offset=offset)
                 if parsed.item_id in seen:
                     parsed = ItemError(line_no, parsed.item_id, "duplicate 'item_id' (first kept)")
                 else:
                     seen.add(parsed.item_id)
             yield parsed
+
+
+def reread_items(path: Path, offset: int, first_line: int, lines: list[int],
+                 limits: ItemLimits = ItemLimits()) -> list[Item]:
+    """The items on ``lines`` (sorted, all valid), reading from the byte ``offset`` of line
+    ``first_line``: a worker re-reads a batch that a sequential pass has already vetted."""
+    wanted, items = set(lines), []
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for line_no, (raw, _, at) in enumerate(_lines(fh, limits.max_line_bytes),
+                                               start=first_line):
+            if line_no in wanted:
+                item = parse_item(raw.decode("utf-8"), line_no, path.parent, limits)
+                if not isinstance(item, Item):
+                    raise ValueError(f"{path}:{line_no} changed since it was read ({item.reason})")
+                items.append(replace(item, offset=at))
+                if line_no == lines[-1]:
+                    break
+    if len(items) != len(lines):
+        raise ValueError(f"{path}: ended before line {lines[-1]}; the file changed during the run")
+    return items

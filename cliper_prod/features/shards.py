@@ -38,6 +38,14 @@ class Shard:
     def add(self, name: str, rows: np.ndarray) -> None:
         self.arrays.setdefault(name, []).append(rows)
 
+    def extend(self, part: "Shard") -> None:
+        """Append a batch encoded elsewhere (a Ray actor) to this shard."""
+        self.ids += part.ids
+        self.read_ids += part.read_ids
+        self.truncated_items += part.truncated_items
+        for name, rows in part.arrays.items():
+            self.arrays.setdefault(name, []).extend(rows)
+
     def meta(self) -> dict[str, Any]:
         return {"ids": self.ids, "read_ids": self.read_ids, "errors": self.errors,
                 "truncated_items": self.truncated_items, "last_line": self.last_line}

@@ -20,6 +20,9 @@ class Bundle:
         self.providers = choose_providers(device)
 
     def graph(self, name: str, precision: str = "fp32") -> Graph:
+        return Graph(self.graph_file(name, precision), self.providers)
+
+    def graph_file(self, name: str, precision: str = "fp32") -> Path:
         record = self.manifest["graphs"].get(name)
         if record is None:
             raise BundleError(f"{self.folder}: the bundle has no {name} graph")
@@ -27,7 +30,7 @@ class Bundle:
         if file is None:
             raise BundleError(f"{self.folder}: no {precision} variant of {name} "
                               f"(has {sorted(k for k in record['files'] if k != 'torchscript')})")
-        return Graph(self.folder / file, self.providers)
+        return self.folder / file
 
     @property
     def features(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ bundle's ``tokenizer.json`` via the ``tokenizers`` library (no transformers, no 
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER, BundleError
@@ -14,6 +16,7 @@ from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.sessions import Graph
 
 
 class OnnxEncoder:
@@ -36,8 +39,19 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(bundle.folder / TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.image_graph = bundle.graph(IMAGE_GRAPH, precision)
-        self.text_graph = bundle.graph(TEXT_GRAPH, precision)
+        # Sessions open on first use (a Ray driver only needs the metadata), but a bundle that
+        # lacks a graph fails here, before any work.
+        self.bundle, self.precision = bundle, precision
+        for name in (IMAGE_GRAPH, TEXT_GRAPH):
+            bundle.graph_file(name, precision)
+
+    @cached_property
+    def image_graph(self) -> Graph:
+        return self.bundle.graph(IMAGE_GRAPH, self.precision)
+
+    @cached_property
+    def text_graph(self) -> Graph:
+        return self.bundle.graph(TEXT_GRAPH, self.precision)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

@@ -60,6 +60,29 @@ def read_users(path: Path, index: dict[str, int], skip_bad: bool, summary: TopKS
             summary.skipped.append({"line": line_no, "reason": problem})
 
 
+def check_k(bundle: Bundle, k: int) -> int:
+    """``k`` if the bundle's top-K graph can rank that many items; its maximum is returned."""
+    max_k = bundle.manifest["graphs"][TOPK_GRAPH]["k"]
+    if not 1 <= k <= max_k:
+        raise ConfigError(f"-k {k}: the bundle ranks at most {max_k} items per user "
+                          f"(export with a larger --max-k)")
+    return max_k
+
+
+def rankings(user_ids: list[str], top_items: np.ndarray, top_scores: np.ndarray, k: int,
+             item_ids: np.ndarray, exclude: set[int] = frozenset()) -> list[dict]:
+    """{"user_id", "items", "scores"} per user from the graph's padded top rows: padding
+    (score -inf) and ``exclude`` rows dropped, then the first ``k`` kept."""
+    out = []
+    for user, idx, scores in zip(user_ids, top_items, top_scores):
+        kept = np.isfinite(scores)
+        if exclude:
+            kept &= ~np.isin(idx, list(exclude))
+        idx, scores = idx[kept][:k], scores[kept][:k]
+        out.append({"user_id": user, "items": item_ids[idx].tolist(), "scores": scores.tolist()})
+    return out
+
+
 def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, k: int = 20,
                       skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """:func:`recommend` into ``out_path``, renamed into place only when every user is done."""
@@ -70,10 +93,7 @@ def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, k: int =
 def recommend(bundle: Bundle, users_path: Path, out: IO[str], k: int = 20,
               skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """Write one JSON line per user: {"user_id", "items", "scores"}, training items excluded."""
-    max_k = bundle.manifest["graphs"][TOPK_GRAPH]["k"]
-    if not 1 <= k <= max_k:
-        raise ConfigError(f"-k {k}: the bundle ranks at most {max_k} items per user "
-                          f"(export with a larger --max-k)")
+    check_k(bundle, k)
     graph = bundle.graph(TOPK_GRAPH)
     items = np.asarray(bundle.item_ids, dtype=object)
     index = {u: i for i, u in enumerate(bundle.user_ids)}
@@ -82,10 +102,7 @@ def recommend(bundle: Bundle, users_path: Path, out: IO[str], k: int = 20,
     while batch := list(islice(stream, batch_size)):
         rows = np.fromiter((row for _, row in batch), dtype=np.int64, count=len(batch))
         top_items, top_scores = graph(users=rows)
-        for (user, _), idx, scores in zip(batch, top_items[:, :k], top_scores[:, :k]):
-            kept = np.isfinite(scores)
-            out.write(json.dumps({"user_id": user, "items": items[idx[kept]].tolist(),
-                                  "scores": scores[kept].tolist()})
-                      + "\n")
+        for record in rankings([user for user, _ in batch], top_items, top_scores, k, items):
+            out.write(json.dumps(record) + "\n")
         summary.users += len(batch)
     return summary

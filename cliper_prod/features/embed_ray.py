@@ -1,0 +1,149 @@
+"""``embed --ray``: the embed pipeline as Ray Data stages, with the single-process outputs byte
+for byte.
+
+A sequential planning pass on the driver reads the JSONL once (every line must be parsed in
+order to find bad lines and duplicate ids) and cuts the items into exactly the batches and
+shards of the single-process path, recording each batch as a byte offset and its line numbers,
+not its content. Ray Data then streams three stages, each with its own back-pressure:
+
+  read        CPU tasks re-read and parse the batch's lines from the shared file;
+  preprocess  CPU tasks decode, orient and resize its images;
+  encode      actors holding the bundle's ONNX Runtime sessions (one GPU each when the cluster
+              has GPUs) run the same per-batch code as the single-process path.
+
+Encoded batches come back to the driver in order and go through the same shard writer, so
+``--resume``, the per-item error policy, the merge and every output byte are shared code. On a
+cluster the items file and the image paths must be readable at the same path on every node.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cliper_prod.errors import ConfigError
+from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
+                                        embed_batch, load_image, resume_point)
+from cliper_prod.features.image_preprocess import ClipImagePreprocessor
+from cliper_prod.features.items import ItemLimits, read_items, reread_items
+from cliper_prod.features.shards import Shard, ShardStore
+
+
+# Distinct CPU requests keep Ray Data from fusing the stages into one operator, so each stage
+# scales and back-pressures on its own: re-reading a batch is light, decoding images is not.
+READ_CPUS, PREPROCESS_CPUS, ENCODE_CPUS = 0.25, 0.5, 1.0
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None  # None: start a local Ray instance (or use the one running)
+    actors: int | None = None  # encode actors; default: one per GPU, else one
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+def plan(items_path: Path, options: EmbedOptions, store: ShardStore, errors: ItemErrors
+         ) -> list[dict[str, Any]]:
+    """The single-process batches after the store's resume point, as re-readable spans; bad
+    lines go to ``errors`` now (with ``strict``, the first one stops the run here)."""
+    start_line, seen = resume_point(store)
+    records = read_items(items_path, options.limits, start_line, seen)
+    return [{"index": i, "offset": batch[0].offset, "first_line": batch[0].line,
+             "lines": [item.line for item in batch]}
+            for i, batch in enumerate(batches(records, options.batch_size, errors))]
+
+
+def _read(row: dict, items_path: str, limits: ItemLimits) -> dict:
+    items = reread_items(Path(items_path), row["offset"], row["first_line"], list(row["lines"]),
+                         limits)
+    return {"index": row["index"], "payload": pickle.dumps(items)}
+
+
+def _preprocess(row: dict, preprocess: ClipImagePreprocessor) -> dict:
+    items = pickle.loads(row["payload"])
+    images = [load_image(preprocess, item) for item in items]
+    return {"index": row["index"], "payload": pickle.dumps((items, images))}
+
+
+class _Encode:
+    """One encode actor: the bundle's sessions, opened once, reused for every batch."""
+
+    def __init__(self, bundle_dir: str, settings: RaySettings, options: EmbedOptions) -> None:
+        from cliper_prod.runtime.bundle import Bundle
+        from cliper_prod.runtime.encoder import OnnxEncoder
+
+        self.encoder = OnnxEncoder(Bundle(Path(bundle_dir), settings.device), settings.precision)
+        self.options = options
+
+    def __call__(self, row: dict) -> dict:
+        items, images = pickle.loads(row["payload"])
+        part = Shard()
+        errors = ItemErrors(Path(), strict=False)  # the driver applies --strict
+        embed_batch(items, images, self.encoder, self.options, part, errors)
+        return {"index": row["index"],
+                "payload": pickle.dumps((part, errors.pending, items[-1].line, len(items)))}
+
+
+def ray_runner(bundle_dir: Path, settings: RaySettings):
+    """A runner for :func:`~cliper_prod.features.embed.embed_catalog` that encodes on Ray."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'cliper-prod[ray]'") from None
+
+    def run(items_path: Path, encoder, options: EmbedOptions, store: ShardStore,
+            progress: bool) -> None:
+        errors = ItemErrors(items_path, options.strict)
+        writer = ShardWriter(store, errors, options)
+        spans = plan(items_path, options, store, errors)
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=settings.address, include_dashboard=False, log_to_driver=False)
+        try:
+            bar = tqdm(desc="embed (ray)", unit="item", disable=not progress,
+                       initial=len(resume_point(store)[1]), total=None)
+            stream = _stream(ray, spans, items_path, encoder, options, bundle_dir, settings,
+                             progress)
+            for expected, (index, (part, part_errors, last_line, n)) in enumerate(stream):
+                if index != expected:
+                    raise RuntimeError(f"Ray returned batch {index} where {expected} was due")
+                for error in part_errors:
+                    errors.add(**error)
+                writer.shard.extend(part)
+                writer.batch_done(last_line)
+                bar.update(n)
+            bar.close()
+        finally:
+            if started:
+                ray.shutdown()
+        writer.close()
+
+    return run
+
+
+def _stream(ray, spans: list[dict], items_path: Path, encoder, options: EmbedOptions,
+            bundle_dir: Path, settings: RaySettings, progress: bool):
+    """The encoded batches in input order."""
+    if not spans:
+        return
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = settings.actors or max(gpus, 1)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards must be cut in input order
+    ctx.enable_progress_bars = False  # the driver's own bar counts items
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
+    preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
+    dataset = (ray.data.from_items(spans)
+               .map(_read, fn_kwargs={"items_path": str(items_path.resolve()),
+                                      "limits": options.limits}, num_cpus=READ_CPUS)
+               .map(_preprocess, fn_kwargs={"preprocess": preprocess}, num_cpus=PREPROCESS_CPUS)
+               .map(_Encode, fn_constructor_kwargs={"bundle_dir": str(bundle_dir.resolve()),
+                                                    "settings": settings, "options": options},
+                    concurrency=actors, num_cpus=ENCODE_CPUS, num_gpus=1 if gpus else 0))
+    for row in dataset.iter_rows():
+        yield row["index"], pickle.loads(row["payload"])

@@ -1,0 +1,1 @@
+"""Serving stage: a bundle behind HTTP on Ray Serve (``cliper-prod[ray]``)."""

@@ -1,0 +1,191 @@
+"""``cliper-prod serve``: the bundle behind HTTP on Ray Serve, with a FastAPI ingress.
+
+Endpoints: ``POST /topk``, ``POST /embed``, ``GET /healthz``, ``GET /metadata``; the OpenAPI
+schema is at ``/openapi.json`` (``/docs`` renders it). ``/topk`` calls from concurrent requests
+are merged by Ray Serve's dynamic batching into one ONNX run (``batching`` off runs each request
+alone, for comparison). Requests are validated by their schema (422), by the bundle (400: unknown
+ids, k too large) and by size (413 over ``max_request_bytes``, 411 without Content-Length); an
+answer is never a 500 for bad input. The same deployment runs on a laptop or a Ray cluster.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime.
+import asyncio
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from cliper_prod import __version__
+from cliper_prod.features.items import ItemLimits
+from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.serving.handlers import ItemEmbedder, RequestError, TopKRanker
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    bundle: str
+    device: str = "auto"
+    image_root: str | None = None  # image paths in /embed resolve (only) under this folder
+    batching: bool = True
+    max_batch_size: int = 64  # /topk requests merged into one ONNX run
+    batch_wait_timeout_s: float = 0.002
+    max_request_bytes: int = 16 << 20
+    max_users: int = 4096  # per /topk request
+    max_items: int = 256  # per /embed request
+    embed_batch_size: int = 64  # as `cliper-prod embed --batch-size`
+
+
+class TopKRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    users: list[str] = Field(min_length=1, description="External user ids (user_ids.txt).")
+    k: int = Field(20, ge=1, description="Items per user (at most the bundle's max_k).")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Item ids to leave out for every user of the "
+                                           "request, besides their training items.")
+
+
+class Ranking(BaseModel):
+    user_id: str
+    items: list[str]
+    scores: list[float]
+
+
+class TopKResponse(BaseModel):
+    results: list[Ranking]
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[dict] = Field(min_length=1, description="Items in the JSONL schema (item_id, "
+                              "title, brand, categories, description, image); an image may be a "
+                              "path under the server's --image-root or 'image_base64'.")
+
+
+class EmbeddedItem(BaseModel):
+    item_id: str
+    text_feature: list[float]
+    image_embedding: list[float]
+
+
+class ItemProblem(BaseModel):
+    line: int
+    item_id: str | None
+    action: str
+    reason: str
+
+
+class EmbedResponse(BaseModel):
+    items: list[EmbeddedItem]
+    errors: list[ItemProblem]
+
+
+app = FastAPI(title="cliper-prod", version=__version__,
+              description="CLIPER top-K recommendations and item features from an exported "
+                          "bundle on ONNX Runtime.")
+app.state.max_request_bytes = ServeSettings.max_request_bytes
+
+
+@app.middleware("http")
+async def limit_body(request: Request, call_next):
+    """Refuse oversized bodies before reading them."""
+    if request.method == "POST":
+        length = request.headers.get("content-length")
+        if length is None:
+            return JSONResponse({"detail": "Content-Length required"}, status_code=411)
+        limit = request.app.state.max_request_bytes
+        if not length.isdigit() or int(length) > limit:
+            return JSONResponse({"detail": f"request body over {limit:,} bytes"},
+                                status_code=413)
+    return await call_next(request)
+
+
+@serve.deployment(graceful_shutdown_timeout_s=20, graceful_shutdown_wait_loop_s=1)
+@serve.ingress(app)
+class CliperService:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        bundle = Bundle(Path(settings.bundle), settings.device)
+        self.manifest = bundle.manifest
+        self.providers = bundle.providers
+        self.ranker = TopKRanker(bundle)
+        self.embedder = (ItemEmbedder(bundle, Path(settings.image_root) if settings.image_root
+                                      else None, settings.embed_batch_size, ItemLimits())
+                         if "features" in bundle.manifest else None)
+        app.state.max_request_bytes = settings.max_request_bytes
+        self._rank_batched.set_max_batch_size(settings.max_batch_size)
+        self._rank_batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _rank_batched(self, requests: list[np.ndarray]
+                            ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One ONNX run for the rows of every request waiting in this batch."""
+        items, scores = await asyncio.to_thread(self.ranker.rank, np.concatenate(requests))
+        bounds = np.cumsum([0] + [len(r) for r in requests])
+        return [(items[a:b], scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @app.post("/topk", response_model=TopKResponse)
+    async def topk(self, request: TopKRequest) -> dict:
+        """Top-k items per user, their training items and ``exclude`` left out."""
+        if len(request.users) > self.settings.max_users:
+            raise HTTPException(413, f"{len(request.users)} users; at most "
+                                     f"{self.settings.max_users} per request")
+        try:
+            if request.k > self.ranker.max_k:
+                raise RequestError(f"k={request.k}: the bundle ranks at most "
+                                   f"{self.ranker.max_k} items per user")
+            rows = self.ranker.rows(request.users)
+            exclude = self.ranker.exclusions(request.exclude, request.k)
+        except RequestError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        if self.settings.batching:
+            top = await self._rank_batched(rows)
+        else:
+            top = await asyncio.to_thread(self.ranker.rank, rows)
+        return {"results": self.ranker.answer(request.users, top, request.k, exclude)}
+
+    @app.post("/embed", response_model=EmbedResponse)
+    async def embed(self, request: EmbedRequest) -> dict:
+        """CLIPER features of each item, with the CLI's per-item error policy."""
+        if self.embedder is None:
+            raise HTTPException(404, "this bundle has no CLIP feature graphs (exported without "
+                                     "--clip)")
+        if len(request.items) > self.settings.max_items:
+            raise HTTPException(413, f"{len(request.items)} items; at most "
+                                     f"{self.settings.max_items} per request")
+        return await asyncio.to_thread(self.embedder.embed, request.items)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    async def metadata(self) -> dict:
+        """The bundle's manifest (backbone, dimensions, model versions, file hashes) and how
+        this replica runs it."""
+        return {"manifest": self.manifest, "providers": self.providers,
+                "cliper_prod": __version__, "settings": asdict(self.settings)}
+
+
+def start_service(settings: ServeSettings, replicas: int = 1, host: str = "127.0.0.1",
+                  port: int = 8000, address: str | None = None) -> str:
+    """Deploy on the running Ray (or join ``address``, or start a local one); return the URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(CliperService.options(num_replicas=replicas).bind(settings), name="cliper",
+              route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop_service() -> None:
+    """Drain in-flight requests (graceful_shutdown_timeout_s), then stop Serve and Ray."""
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,268 @@
+"""Ray: the HTTP service against the command-line tools, and `embed --ray` against the
+single-process embed, on a local Ray instance started here (CPU)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from click.testing import CliRunner
+
+from cliper_prod.cli import cli
+
+
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, path: str, body: object = None, raw: bytes | None = None,
+         method: str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def service(local_ray, exported):
+    from cliper_prod.serving.app import ServeSettings, start_service
+
+    settings = ServeSettings(bundle=str(exported["bundle"]), image_root=str(exported["catalog"]),
+                             max_request_bytes=1 << 20, max_users=100, max_items=64)
+    url = start_service(settings, port=_free_port())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if call(url, "/healthz")[0] == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    yield url
+    from ray import serve
+
+    serve.shutdown()
+
+
+def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:
+    users_file = tmp_path / "u.txt"
+    users_file.write_text("\n".join(users) + "\n")
+    out = tmp_path / "recs.jsonl"
+    res = CliRunner().invoke(cli, ["topk", "--users", str(users_file), "--bundle",
+                                   str(exported["bundle"]), "-k", str(k), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def bundle_users(exported) -> list[str]:
+    return (exported["bundle"] / "user_ids.txt").read_text().split()
+
+
+def test_topk_answers_as_the_cli(service, exported, tmp_path) -> None:
+    users = bundle_users(exported)[:100]
+    status, body = call(service, "/topk", {"users": users, "k": 10})
+    assert status == 200, body
+    assert body["results"] == cli_topk(exported, tmp_path, users, 10)
+
+
+def test_concurrent_topk_requests_batched_together_answer_as_the_cli(service, exported,
+                                                                    tmp_path) -> None:
+    users = bundle_users(exported)[:48]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda u: call(service, "/topk", {"users": [u], "k": 7}), users))
+    assert all(status == 200 for status, _ in answers)
+    assert [body["results"][0] for _, body in answers] == cli_topk(exported, tmp_path, users, 7)
+
+
+def test_topk_exclusions_drop_items_and_still_fill_k(service, exported, tmp_path) -> None:
+    user = bundle_users(exported)[3]
+    full = cli_topk(exported, tmp_path, [user], 12)[0]
+    drop = full["items"][:2]
+    status, body = call(service, "/topk", {"users": [user], "k": 10, "exclude": drop})
+    assert status == 200, body
+    assert body["results"][0]["items"] == full["items"][2:12]
+    assert body["results"][0]["scores"] == full["scores"][2:12]
+
+
+def _policy_records(exported) -> list[dict]:
+    """The fixture's per-item policy cases that are JSON objects, plus a base64 image."""
+    records = []
+    for line in exported["policy_items"].read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    image = exported["catalog"] / records[0]["image"]
+    records.append({"item_id": "B64", "title": records[0].get("title", "t"),
+                    "image_base64": base64.b64encode(image.read_bytes()).decode()})
+    return records
+
+
+def test_embed_answers_as_the_cli(service, exported, tmp_path) -> None:
+    records = _policy_records(exported)
+    # the CLI reads the same items from a file in the catalog folder (same image paths); the
+    # base64 item is given there as the path of the same file
+    as_file = [r if "image_base64" not in r else
+               {k: v for k, v in {**r, "image": records[0]["image"]}.items()
+                if k != "image_base64"} for r in records]
+    items_file = exported["catalog"] / "served.jsonl"
+    items_file.write_text("".join(json.dumps(r) + "\n" for r in as_file))
+    out = tmp_path / "emb"
+    res = CliRunner().invoke(cli, ["embed", str(items_file), "--bundle", str(exported["bundle"]),
+                                   "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    status, body = call(service, "/embed", {"items": records})
+    assert status == 200, body
+    ids = (out / "item_ids.txt").read_text().split()
+    assert [i["item_id"] for i in body["items"]] == ids
+    np.testing.assert_array_equal(
+        np.array([i["text_feature"] for i in body["items"]], np.float32),
+        np.load(out / "text_feat.npy"))
+    np.testing.assert_array_equal(
+        np.array([i["image_embedding"] for i in body["items"]], np.float32),
+        np.load(out / "image_feat.npy"))
+    cli_errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert body["errors"] == cli_errors
+    assert {e["item_id"] for e in cli_errors} >= {"T1", "T2"}  # the policy cases are exercised
+
+
+def test_embed_refuses_images_outside_its_root_per_item(service, exported) -> None:
+    status, body = call(service, "/embed", {"items": [
+        {"item_id": "x", "title": "a title", "image": "../../../../etc/hostname"},
+        {"item_id": "y", "title": "a title", "image_base64": "not base64!"}]})
+    assert status == 200, body
+    reasons = {e["item_id"]: e["reason"] for e in body["errors"]}
+    assert "outside the server's image root" in reasons["x"]
+    assert "not valid base64" in reasons["y"]
+    assert [i["item_id"] for i in body["items"]] == ["x", "y"]  # kept with the text fallback
+
+
+BAD_REQUESTS = [
+    ("/topk", {"users": ["no-such-user"], "k": 5}, 400, "unknown user"),
+    ("/topk", {"users": [], "k": 5}, 422, ""),
+    ("/topk", {"users": ["U0"], "k": 0}, 422, ""),
+    ("/topk", {"users": ["U0"], "k": 51}, 400, "at most 50"),
+    ("/topk", {"users": "U0", "k": 5}, 422, ""),
+    ("/topk", {"users": [1, 2], "k": 5}, 422, ""),
+    ("/topk", {"users": ["U0"], "k": 5, "typo": 1}, 422, ""),
+    ("/topk", {"users": ["U0"], "k": 49, "exclude": ["I0", "I1"]}, 400, "exceeds"),
+    ("/topk", {"users": ["U0"], "exclude": ["nope"]}, 400, "unknown item"),
+    ("/topk", {"users": [f"u{i}" for i in range(101)]}, 413, "at most 100"),
+    ("/embed", {"items": []}, 422, ""),
+    ("/embed", {"items": ["not an object"]}, 422, ""),
+    ("/embed", {"items": [{"item_id": str(i)} for i in range(65)]}, 413, "at most 64"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_with_a_message(service, exported, path, body, status,
+                                               message) -> None:
+    users, items = bundle_users(exported), (exported["bundle"] / "item_ids.txt").read_text().split()
+    text = json.dumps(body).replace('"U0"', json.dumps(users[0]))
+    text = text.replace('"I0"', json.dumps(items[0])).replace('"I1"', json.dumps(items[1]))
+    got, answer = call(service, path, raw=text.encode())
+    assert got == status, answer
+    assert message in json.dumps(answer["detail"])
+
+
+def test_malformed_oversized_and_unlengthed_bodies_are_4xx(service) -> None:
+    assert call(service, "/topk", raw=b"{not json")[0] == 422
+    assert call(service, "/topk", raw=b"")[0] == 422
+    assert call(service, "/topk", raw=b"x" * ((1 << 20) + 1))[0] == 413
+    assert call(service, "/topk", method="GET")[0] == 405
+    with socket.create_connection(("127.0.0.1", int(service.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /topk HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        assert b" 411 " in s.recv(4096).split(b"\r\n")[0] + b" "
+
+
+def test_health_metadata_and_openapi(service, exported) -> None:
+    assert call(service, "/healthz") == (200, {"status": "ok"})
+    status, meta = call(service, "/metadata")
+    manifest = json.loads((exported["bundle"] / "manifest.json").read_text())
+    assert status == 200 and meta["manifest"] == manifest
+    assert meta["providers"] == ["CPUExecutionProvider"]
+    status, schema = call(service, "/openapi.json")
+    assert status == 200
+    assert {"/topk", "/embed", "/healthz", "/metadata"} <= set(schema["paths"])
+    assert "TopKRequest" in schema["components"]["schemas"]
+
+
+def _embed(exported, out: Path, *extra: str) -> CliRunner:
+    return CliRunner().invoke(cli, ["embed", str(exported["policy_items"]), "--bundle",
+                                    str(exported["bundle"]), "--out", str(out), "--quiet",
+                                    "--batch-size", "2", "--shard-items", "4", *extra])
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_embed_on_ray_is_byte_identical_to_one_process(local_ray, exported, tmp_path) -> None:
+    assert _embed(exported, tmp_path / "one").exit_code == 0
+    res = _embed(exported, tmp_path / "ray", "--ray")
+    assert res.exit_code == 0, res.output
+    _same_files(tmp_path / "one", tmp_path / "ray")
+    assert "{not json" not in (tmp_path / "ray" / "errors.jsonl").read_text()
+    assert len((tmp_path / "ray" / "errors.jsonl").read_text().splitlines()) >= 4
+
+
+def test_embed_on_ray_resumes_after_an_interruption(local_ray, exported, tmp_path,
+                                                    monkeypatch) -> None:
+    from cliper_prod.features.shards import ShardStore
+
+    assert _embed(exported, tmp_path / "one").exit_code == 0
+    write = ShardStore.write
+
+    def write_then_die(self, shard):
+        write(self, shard)
+        if self.count == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardStore, "write", write_then_die)
+    res = _embed(exported, tmp_path / "ray", "--ray")
+    assert res.exit_code == 130, res.output  # Ctrl-C
+    monkeypatch.setattr(ShardStore, "write", write)
+    assert len(list((tmp_path / "ray" / ".embed-work").glob("shard-*.npz"))) == 2
+    res = _embed(exported, tmp_path / "ray", "--ray", "--resume")
+    assert res.exit_code == 0, res.output
+    _same_files(tmp_path / "one", tmp_path / "ray")
+
+
+def test_embed_on_ray_strict_stops_and_writes_nothing(local_ray, exported, tmp_path) -> None:
+    res = _embed(exported, tmp_path / "ray", "--ray", "--strict")
+    assert res.exit_code == 3
+    assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").iterdir())
+
+
+def test_embed_ray_needs_a_bundle(exported, tmp_path) -> None:
+    res = CliRunner().invoke(cli, ["embed", str(exported["policy_items"]), "--clip",
+                                   str(exported["clip"]), "--out", str(tmp_path / "x"), "--ray"])
+    assert res.exit_code == 2 and "--bundle" in res.output
