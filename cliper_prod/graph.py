@@ -61,6 +61,43 @@ def normalized_adjacency(edge_index: Tensor, num_nodes: int) -> Propagation:
     return Propagation(adj, symmetric=True)
 
 
+def mean_adjacency(edge_index: Tensor, num_nodes: int) -> Propagation:
+    """D^-1 A over edges (source, target): each target's mean of its sources, torch-geometric's
+    ``aggr='mean'`` without the scatter (MMGCN's convolution); isolated nodes get zeros."""
+    source, target = edge_index
+    weight = degree(target, num_nodes).reciprocal()[target]
+    return fixed_propagation(torch.stack([target, source]), weight, num_nodes)
+
+
+def co_occurrence_neighbours(users: Tensor, items: Tensor, n_users: int, n_items: int, k: int
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Each user's (at most) k other users sharing the most items, most shared first, ties by
+    lower id: neighbour ids [n_users, k], shared-item counts [n_users, k] (0 past the end) and
+    how many each user has. One sparse product R R^T: no dense n_users x n_users matrix."""
+    r = torch.sparse_coo_tensor(torch.stack([users, items]), torch.ones(len(users)),
+                                (n_users, n_items), check_invariants=False).coalesce()
+    r = torch.sparse_coo_tensor(r.indices(), torch.ones_like(r.values()), r.shape,
+                                check_invariants=False)  # repeated pairs count once
+    with warnings.catch_warnings():  # sparse CSR is "beta"; sparse @ sparse is stable
+        warnings.simplefilter("ignore", UserWarning)
+        shared = torch.sparse.mm(r, r.t()).coalesce()
+    (row, col), count = shared.indices(), shared.values().round().long()
+    off_diagonal = row != col
+    row, col, count = row[off_diagonal], col[off_diagonal], count[off_diagonal]
+    # coalesced order is (row, col); a stable sort by (row, -count) keeps lower ids first on ties
+    top = int(count.max()) if len(count) else 0
+    order = torch.sort(row * (top + 1) + (top - count), stable=True).indices
+    row, col, count = row[order], col[order], count[order]
+    per_user = torch.bincount(row, minlength=n_users)
+    rank = torch.arange(len(row)) - (torch.cumsum(per_user, 0) - per_user)[row]
+    keep = rank < k
+    neighbours = torch.zeros(n_users, k, dtype=torch.long)
+    counts = torch.zeros(n_users, k)
+    neighbours[row[keep], rank[keep]] = col[keep]
+    counts[row[keep], rank[keep]] = count[keep].float()
+    return neighbours, counts, per_user.clamp(max=k)
+
+
 def bipartite_edge_weights(users: Tensor, items: Tensor, n_users: int, n_items: int) -> Tensor:
     """1/sqrt(deg(u) deg(i)) of each user-item edge: FREEDOM's pruning probabilities."""
     du = degree(users, n_users)
@@ -109,4 +146,37 @@ def mixed_item_graph(graphs: dict[str, Tensor], image_weight: float) -> Propagat
         (adj,) = graphs.values()
     else:
         adj = image_weight * graphs["image"] + (1.0 - image_weight) * graphs["text"]
+    return Propagation(_csr(adj), symmetric=False)
+
+
+def cosine_knn_graph(features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each item's k most cosine-similar items (itself included) weighted by that cosine, as
+    (edge_index, weight). The choice of neighbours is fixed; the weights stay differentiable in
+    ``features`` (what a dense top-k of the similarity matrix gives, without the dense matrix)."""
+    with torch.no_grad():
+        edge_index = knn_edge_index(features, k)
+    normed = torch.nn.functional.normalize(features, dim=1)
+    return edge_index, (normed[edge_index[0]] * normed[edge_index[1]]).sum(1)
+
+
+def row_degree_normalize(edge_index: Tensor, weight: Tensor, num_nodes: int) -> Tensor:
+    """w_ij / sqrt(d_i d_j) with d the weighted row sums, for a possibly asymmetric graph (MMRec's
+    compute_normalized_laplacian); rows summing to zero get zero weight."""
+    inv_sqrt = torch.zeros(num_nodes, dtype=weight.dtype).index_add(0, edge_index[0], weight)
+    inv_sqrt = inv_sqrt.pow(-0.5)
+    inv_sqrt = inv_sqrt.masked_fill(torch.isinf(inv_sqrt), 0.0)
+    return inv_sqrt[edge_index[0]] * weight * inv_sqrt[edge_index[1]]
+
+
+def edge_matmul(edge_index: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    """A @ x for a square graph given as weighted (row, col) edges, duplicates adding up;
+    differentiable in both ``weight`` and ``x`` (a :class:`Propagation` is fixed)."""
+    row, col = edge_index
+    return torch.zeros_like(x).index_add(0, row, weight.unsqueeze(1) * x[col])
+
+
+def fixed_propagation(edge_index: Tensor, weight: Tensor, num_nodes: int) -> Propagation:
+    """A weighted edge list (duplicates summed) frozen into a :class:`Propagation`."""
+    adj = torch.sparse_coo_tensor(edge_index, weight.detach(), (num_nodes, num_nodes),
+                                  check_invariants=False)
     return Propagation(_csr(adj), symmetric=False)

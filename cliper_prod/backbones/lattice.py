@@ -1,0 +1,141 @@
+"""LATTICE (Zhang et al., 2021): an item-item graph learned from projected modality features,
+mixed with the frozen feature kNN graph, on top of LightGCN, as MMRec implements it (its default
+cf_model ``lightgcn``).
+
+- Frozen graph, per modality: the cosine kNN graph (knn_k, self included) of the raw features,
+  weighted by the cosine and scaled by rowdeg(i)^-1/2 rowdeg(j)^-1/2 (weighted row sums).
+- Learned graph: the same kNN construction on the projected, trainable features; the modalities'
+  graphs are mixed by softmax(modal_weight) (image, text) before that normalisation. Item graph
+  = (1 - lambda_coeff) * learned + lambda_coeff * (modalities' frozen graphs mixed by the same
+  softmax). MMRec builds it densely (n_items^2); here it is a sparse edge list (knn_k edges per
+  item, modality and kind) with the same values and gradients.
+- When it is rebuilt (MMRec's build_item_graph flag): at the first training batch of each epoch,
+  with gradients into the raw features, projections and modal weights through that batch only;
+  the other batches reuse it detached, so Adam skips those parameters there (their gradient is
+  None, as in MMRec under torch >= 2). Evaluation rebuilds it from the current weights.
+- Embeddings: LightGCN (n_ui_layers; MMRec's len(weight_size)) over D^-1 (A + I) of the
+  user-item graph: MMRec's LATTICE row-normalises with self-loops, unlike its LightGCN. Items add
+  L2-normalised h = item_graph^n_layers @ item ID embeddings. No dropout: mess_dropout and the
+  weight_size widths only act in MMRec's NGCF branch.
+- Loss: BPR + reg_weight * (||u||^2 + ||p||^2 + ||n||^2) / 2 / batch on the final embeddings.
+  MMRec divides by the configured batch size; the actual batch length is used here, which only
+  differs for the last, short batch of an epoch.
+- CLIPER's MLP fusion: the frozen text graph comes from the concatenated views, the learned one
+  from the fused text (the fusion layer learns through the rebuild batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.utils import add_self_loops
+
+from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
+from cliper_prod.backbones.lightgcn import light_propagate
+from cliper_prod.data.mmrec import InteractionData
+from cliper_prod.errors import ConfigError
+from cliper_prod.features.fusion import MLPFusion
+from cliper_prod.graph import (Propagation, bipartite_edge_index, cosine_knn_graph, edge_matmul,
+                               fixed_propagation, mean_adjacency, row_degree_normalize)
+
+
+@dataclass(frozen=True)
+class LatticeConfig:
+    embedding_size: int
+    feat_embed_dim: int
+    knn_k: int
+    lambda_coeff: float
+    n_layers: int
+    n_ui_layers: int
+    reg_weight: float
+
+
+class Lattice(Recommender):
+    def __init__(self, data: InteractionData, config: LatticeConfig) -> None:
+        super().__init__()
+        if not data.features:
+            raise ConfigError("LATTICE needs image_feat.npy and/or text_feat.npy in the data "
+                              "folder")
+        if not 0 < config.knn_k < data.n_items:
+            raise ConfigError(f"knn_k={config.knn_k} must be between 1 and the number of items "
+                              f"minus one ({data.n_items - 1})")
+        if not 0.0 <= config.lambda_coeff <= 1.0:
+            raise ConfigError(f"lambda_coeff must be in [0, 1], got {config.lambda_coeff}")
+        self.config = config
+        self.init_id_embeddings(data, config.embedding_size)
+
+        self.features = nn.ParameterDict()  # trained, as MMRec's from_pretrained(freeze=False)
+        self.projections = nn.ModuleDict()
+        self.frozen_graphs: dict[str, tuple[Tensor, Tensor]] = {}
+        self.text_fusion: MLPFusion | None = None
+        for modality in ("image", "text"):
+            if modality not in data.features:
+                continue
+            feat = torch.from_numpy(data.features[modality])
+            edge_index, weight = cosine_knn_graph(feat, config.knn_k)
+            self.frozen_graphs[modality] = (
+                edge_index, row_degree_normalize(edge_index, weight, self.n_items))
+            self.features[modality] = nn.Parameter(feat.clone())
+            in_dim = feat.shape[1]
+            if modality == "text" and data.text_views:
+                in_dim //= data.text_views
+                self.text_fusion = MLPFusion(data.text_views, in_dim)
+            self.projections[modality] = nn.Linear(in_dim, config.feat_embed_dim)
+        self.modal_weight = nn.Parameter(torch.tensor([0.5, 0.5])) \
+            if len(self.features) == 2 else None
+
+        users, items = train_edges(data)
+        edge_index, _ = add_self_loops(bipartite_edge_index(users, items, self.n_users),
+                                       num_nodes=self.n_users + self.n_items)
+        self.ui_adj = mean_adjacency(edge_index, self.n_users + self.n_items)
+        self.fixed_item_graph: Propagation | None = None  # None: rebuild at the next batch
+
+    def pre_epoch(self, generator: torch.Generator) -> None:
+        self.fixed_item_graph = None
+
+    def item_graph(self) -> tuple[Tensor, Tensor]:
+        """(edge_index, weight) of the item graph from the current weights, differentiable."""
+        mix = dict(zip(("image", "text"), torch.softmax(self.modal_weight, 0))) \
+            if self.modal_weight is not None else {m: 1.0 for m in self.features}
+        learned, frozen = [], []
+        for modality, feat in self.features.items():
+            if modality == "text" and self.text_fusion is not None:
+                feat = self.text_fusion(feat)
+            edge_index, weight = cosine_knn_graph(self.projections[modality](feat),
+                                                  self.config.knn_k)
+            learned.append((edge_index, mix[modality] * weight))
+            edge_index, weight = self.frozen_graphs[modality]
+            frozen.append((edge_index, mix[modality] * weight))
+        learned_index = torch.cat([e for e, _ in learned], 1)
+        learned_weight = row_degree_normalize(learned_index, torch.cat([w for _, w in learned]),
+                                              self.n_items)
+        lam = self.config.lambda_coeff
+        return (torch.cat([learned_index] + [e for e, _ in frozen], 1),
+                torch.cat([(1 - lam) * learned_weight] + [lam * w for _, w in frozen]))
+
+    def _embed(self, item_graph: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        h = self.item_embedding.weight
+        for _ in range(self.config.n_layers):
+            h = item_graph(h)
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
+        out = light_propagate(self.ui_adj, ego, self.config.n_ui_layers)
+        return out[:self.n_users], out[self.n_users:] + F.normalize(h, dim=1)
+
+    def propagate(self) -> tuple[Tensor, Tensor]:
+        edge_index, weight = self.item_graph()
+        return self._embed(lambda x: edge_matmul(edge_index, weight, x))
+
+    def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        if self.fixed_item_graph is None:
+            edge_index, weight = self.item_graph()
+            self.fixed_item_graph = fixed_propagation(edge_index, weight, self.n_items)
+            u_all, i_all = self._embed(lambda x: edge_matmul(edge_index, weight, x))
+        else:
+            u_all, i_all = self._embed(self.fixed_item_graph)
+        u, p, n = u_all[users], i_all[pos], i_all[neg]
+        reg = (u.square().sum() + p.square().sum() + n.square().sum()) / 2 / len(users)
+        return bpr_loss(u, p, n) + self.config.reg_weight * reg

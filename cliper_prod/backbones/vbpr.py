@@ -1,0 +1,85 @@
+"""VBPR (He & McAuley, 2016): matrix factorisation whose items also carry a linear projection of
+their content features, as MMRec implements it.
+
+- Item vector: [ID embedding (d) | W x_i + b (d)], with x_i the frozen raw features concatenated
+  text first, then image (MMRec's order); user vector: one ID embedding of size 2d. The score is
+  their dot product, so the user's second half is VBPR's visual preference vector.
+- Initialisation: both ID tables Xavier-uniform; W Xavier-normal and b zero (MMRec applies its
+  Xavier-normal initialiser to the linear layer only, its ID tables being bare parameters).
+- Loss: BPR + reg_weight * (||u|| + ||p|| + ||n||) / batch, plain (not squared) Frobenius norms of
+  the batch's full 2d-wide vectors, projection included (MMRec's EmbLoss).
+- MMRec's forward applies dropout with p = 0 (a no-op), and its BPR adds 1e-10 inside the log;
+  both are left out: they change the loss only for score gaps below about -23.
+- Only the batch's items are projected in training (MMRec projects all of them each batch): the
+  loss and its gradients are the same.
+- CLIPER's MLP fusion: when the text features are concatenated views, a fusion layer trained here
+  turns them into one text vector before the concatenation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cliper_prod.backbones.base import Recommender, bpr_loss
+from cliper_prod.data.mmrec import InteractionData
+from cliper_prod.errors import ConfigError
+from cliper_prod.features.fusion import MLPFusion
+
+
+@dataclass(frozen=True)
+class VBPRConfig:
+    embedding_size: int
+    reg_weight: float
+
+
+class VBPR(Recommender):
+    def __init__(self, data: InteractionData, config: VBPRConfig) -> None:
+        super().__init__()
+        if not data.features:
+            raise ConfigError("VBPR needs image_feat.npy and/or text_feat.npy in the data folder")
+        self.config = config
+        self.n_users, self.n_items = data.n_users, data.n_items
+        dim = config.embedding_size
+        self.user_embedding = nn.Embedding(self.n_users, 2 * dim)
+        self.item_embedding = nn.Embedding(self.n_items, dim)
+        nn.init.xavier_uniform_(self.user_embedding.weight)
+        nn.init.xavier_uniform_(self.item_embedding.weight)
+
+        # Frozen inputs (MMRec never trains them), concatenated once, kept out of the state dict.
+        self.raw_features = torch.from_numpy(np.concatenate(
+            [data.features[m] for m in ("text", "image") if m in data.features], 1))
+        in_dim = self.raw_features.shape[1]
+        self.text_fusion: MLPFusion | None = None
+        self.text_dim = 0
+        if data.text_views:
+            self.text_dim = data.features["text"].shape[1]
+            self.text_fusion = MLPFusion(data.text_views, self.text_dim // data.text_views)
+            in_dim += self.text_fusion.dim - self.text_dim
+        self.item_linear = nn.Linear(in_dim, dim)
+        nn.init.xavier_normal_(self.item_linear.weight)
+        nn.init.zeros_(self.item_linear.bias)
+
+    def _content(self, items: Tensor) -> Tensor:
+        """The items' content features, text (fused, with MLP fusion) then image."""
+        x = self.raw_features[items]
+        if self.text_fusion is None:
+            return x
+        return torch.cat([self.text_fusion(x[:, :self.text_dim]), x[:, self.text_dim:]], 1)
+
+    def _items(self, items: Tensor) -> Tensor:
+        return torch.cat([self.item_embedding(items), self.item_linear(self._content(items))], 1)
+
+    def propagate(self) -> tuple[Tensor, Tensor]:
+        return (self.user_embedding(torch.arange(self.n_users)),  # a copy, not the parameter
+                self._items(torch.arange(self.n_items)))
+
+    def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        items, inverse = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        p, n = self._items(items)[inverse].split(len(pos))
+        u = self.user_embedding(users)
+        reg = (u.norm(p=2) + p.norm(p=2) + n.norm(p=2)) / len(users)
+        return bpr_loss(u, p, n) + self.config.reg_weight * reg
