@@ -286,3 +286,21 @@ def test_onnx_encoder_reads_the_manifest(exported: dict[str, Path]) -> None:
     encoder = OnnxEncoder(Bundle(exported["bundle"], "cpu"))
     assert encoder.views.names == ViewSpec().names and encoder.max_tokens == 77
     assert encoder.preprocess.crop == 32 and encoder.random_init is False
+
+
+@pytest.mark.parametrize("backbone", ["vbpr", "lattice", "mmgcn", "dualgnn", "slmrec"])
+def test_every_backbone_exports_and_serves_its_dot_product_top_k(
+        exported: dict[str, Path], tmp_path: Path, backbone: str) -> None:
+    ckpt, bundle_dir = tmp_path / "ckpt", tmp_path / "bundle"
+    res = CliRunner().invoke(cli, ["train", "--backbone", backbone, "--data",
+                                   str(exported["catalog"]), "--set", "train.epochs=1",
+                                   "--out", str(ckpt), "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["export", "--backbone", backbone, "--checkpoint", str(ckpt),
+                                   "--out", str(bundle_dir), "--max-k", "10",
+                                   "--no-torchscript"])
+    assert res.exit_code == 0, res.output
+    ref_items, ref_scores, _ = _naive_topk(ckpt, exported["catalog"], 10)
+    items, scores = Bundle(bundle_dir, "cpu", backbone).graph("topk")(users=np.arange(80))
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    assert ((items != ref_items) & np.isfinite(ref_scores)).mean() < 0.01  # ties aside
