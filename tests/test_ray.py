@@ -24,7 +24,8 @@ from cliper_prod.cli import cli
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # logical CPUs for a Serve replica (1) beside the embed stages (1 + 0.5 + 0.25)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

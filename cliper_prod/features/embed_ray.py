@@ -131,8 +131,13 @@ def _stream(ray, spans: list[dict], items_path: Path, encoder, options: EmbedOpt
     """The encoded batches in input order."""
     if not spans:
         return
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     actors = settings.actors or max(gpus, 1)
+    needed = actors * ENCODE_CPUS + PREPROCESS_CPUS + READ_CPUS
+    if resources.get("CPU", 0) < needed:  # Ray Data would wait for them forever
+        raise ConfigError(f"--ray with {actors} encode actor(s) needs {needed:g} CPUs in the "
+                          f"Ray cluster; it has {resources.get('CPU', 0):g}")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards must be cut in input order
     ctx.enable_progress_bars = False  # the driver's own bar counts items

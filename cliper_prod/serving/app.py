@@ -32,6 +32,7 @@ class ServeSettings:
     image_root: str | None = None  # image paths in /embed resolve (only) under this folder
     batching: bool = True
     max_batch_size: int = 64  # /topk requests merged into one ONNX run
+    max_ongoing_requests: int = 256  # per replica; Ray Serve's default (5) caps batches at 5
     batch_wait_timeout_s: float = 0.002
     max_request_bytes: int = 16 << 20
     max_users: int = 4096  # per /topk request
@@ -178,7 +179,9 @@ def start_service(settings: ServeSettings, replicas: int = 1, host: str = "127.0
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(CliperService.options(num_replicas=replicas).bind(settings), name="cliper",
+    deployment = CliperService.options(num_replicas=replicas,
+                                       max_ongoing_requests=settings.max_ongoing_requests)
+    serve.run(deployment.bind(settings), name="cliper",
               route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
 

@@ -1,10 +1,10 @@
-"""Time one FREEDOM training epoch and one full evaluation, side by side with MMRec.
+"""Time one training epoch and one full evaluation of a backbone, side by side with MMRec.
 
 Both run on the same machine in the same invocation, on the same data and features; the ratio
 is what counts. MMRec is run from a checkout outside this repository through a command that
 prints JSON with ``train_epoch_s`` and ``eval_s`` (see BENCHMARKS.md for the one used).
 
-    python benchmarks/bench_freedom_epoch.py --data DIR [--mmrec-cmd "..."] [--epochs 3]
+    python benchmarks/bench_epoch.py --backbone freedom --data DIR [--mmrec-cmd "..."] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from cliper_prod.data.sampling import BPRSampler
 from cliper_prod.training import evaluate_model, ranking_tasks
 
 
-def time_ours(data_dir: Path, epochs: int) -> dict:
+def time_ours(backbone: str, data_dir: Path, epochs: int) -> dict:
     data = load_dataset(data_dir)
-    config = load_config("freedom")
+    config = load_config(backbone)
     settings = build(TrainSettings, config["train"], "train")
     torch.manual_seed(0)
-    model = create_model("freedom", data, config["model"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    model = create_model(backbone, data, config["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,
+                                 weight_decay=settings.weight_decay)
     sampler = BPRSampler(data.train, data.n_items, settings.batch_size, np.random.default_rng(0))
     task = ranking_tasks(data)["valid"]
     gen = torch.Generator().manual_seed(0)
@@ -61,16 +62,18 @@ def time_ours(data_dir: Path, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="freedom")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--mmrec-cmd", help="command printing MMRec's timings as JSON")
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed (median reported)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/freedom_epoch_cpu"))
+    parser.add_argument("--out", type=Path, help="[default: benchmarks/results/<backbone>_epoch_cpu]")
     args = parser.parse_args()
+    out = args.out or Path(f"benchmarks/results/{args.backbone}_epoch_cpu")
 
     result = {"machine": f"{platform.processor() or platform.machine()}, "
                          f"{torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "cliper_prod": __version__, "data": str(args.data),
-              "ours": time_ours(args.data, args.epochs)}
+              "backbone": args.backbone, "ours": time_ours(args.backbone, args.data, args.epochs)}
     if args.mmrec_cmd:
         out = subprocess.run(shlex.split(args.mmrec_cmd), capture_output=True, text=True,
                              check=True).stdout
@@ -86,7 +89,7 @@ def main() -> None:
                     f"{result['mmrec']['eval_s']:.2f} |")
         rows.append(f"| speed-up | {result['speedup']['train_epoch_s']:.1f}x | "
                     f"{result['speedup']['eval_s']:.1f}x |")
-    report(args.out, result, "\n".join(rows))
+    report(out, result, "\n".join(rows))
 
 
 if __name__ == "__main__":
