@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed (median reported)")
     parser.add_argument("--out", type=Path, help="[default: benchmarks/results/<backbone>_epoch_cpu]")
     args = parser.parse_args()
-    out = args.out or Path(f"benchmarks/results/{args.backbone}_epoch_cpu")
+    out_path = args.out or Path(f"benchmarks/results/{args.backbone}_epoch_cpu")
 
     result = {"machine": f"{platform.processor() or platform.machine()}, "
                          f"{torch.get_num_threads()} torch threads",
@@ -89,7 +89,7 @@ def main() -> None:
                     f"{result['mmrec']['eval_s']:.2f} |")
         rows.append(f"| speed-up | {result['speedup']['train_epoch_s']:.1f}x | "
                     f"{result['speedup']['eval_s']:.1f}x |")
-    report(out, result, "\n".join(rows))
+    report(out_path, result, "\n".join(rows))
 
 
 if __name__ == "__main__":

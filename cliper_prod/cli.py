@@ -443,10 +443,10 @@ def serve(bundle_dir: Path, replicas: int, host: str, port: int, address: str | 
                              str(image_root.resolve()) if image_root else None,
                              not no_batching, max_batch_size, batch_wait_ms / 1000,
                              max_request_bytes)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     url = start_service(settings, replicas, host, port, address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s)); API schema at "
                f"{url}/docs; Ctrl-C stops", err=True)
     stop.wait()
