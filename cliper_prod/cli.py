@@ -435,18 +435,20 @@ def serve(bundle_dir: Path, replicas: int, host: str, port: int, address: str | 
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: not a folder")
     try:
-        from cliper_prod.serving.app import ServeSettings, start_service, stop_service
+        from cliper_prod.serving.app import ServeSettings, connect, start_service, stop_service
     except ImportError as exc:
         raise ConfigError(f"serve needs Ray Serve ({exc.name} missing): pip install "
                           f"'cliper-prod[ray]'") from None
-    settings = ServeSettings(str(bundle_dir.resolve()), device,
-                             str(image_root.resolve()) if image_root else None,
-                             not no_batching, max_batch_size, batch_wait_ms / 1000,
-                             max_request_bytes)
-    url = start_service(settings, replicas, host, port, address)
-    stop = threading.Event()
+    settings = ServeSettings(bundle=str(bundle_dir.resolve()), device=device,
+                             image_root=str(image_root.resolve()) if image_root else None,
+                             batching=not no_batching, max_batch_size=max_batch_size,
+                             batch_wait_timeout_s=batch_wait_ms / 1000,
+                             max_request_bytes=max_request_bytes)
+    connect(address)
+    stop = threading.Event()  # a signal from here on drains and stops, even during start-up
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
+    url = start_service(settings, replicas, host, port, address)
     click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s)); API schema at "
                f"{url}/docs; Ctrl-C stops", err=True)
     stop.wait()

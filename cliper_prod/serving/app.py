@@ -171,13 +171,18 @@ class CliperService:
                 "cliper_prod": __version__, "settings": asdict(self.settings)}
 
 
-def start_service(settings: ServeSettings, replicas: int = 1, host: str = "127.0.0.1",
-                  port: int = 8000, address: str | None = None) -> str:
-    """Deploy on the running Ray (or join ``address``, or start a local one); return the URL."""
+def connect(address: str | None = None) -> None:
+    """Join ``address``, or start a local Ray, unless this process is already connected."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def start_service(settings: ServeSettings, replicas: int = 1, host: str = "127.0.0.1",
+                  port: int = 8000, address: str | None = None) -> str:
+    """Deploy on the running Ray (or join ``address``, or start a local one); return the URL."""
+    connect(address)
     serve.start(http_options={"host": host, "port": port})
     deployment = CliperService.options(num_replicas=replicas,
                                        max_ongoing_requests=settings.max_ongoing_requests)
