@@ -9,11 +9,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cliper_prod.data.mmrec import InteractionData
+from cliper_prod.errors import ConfigError
 
 
 def bpr_loss(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
     """-mean log sigmoid(u.p - u.n): Bayesian personalised ranking on dot-product scores."""
     return -F.logsigmoid((users * pos).sum(1) - (users * neg).sum(1)).mean()
+
+
+def require_features(data: InteractionData, backbone: str) -> None:
+    """Multi-modal backbones cannot train on interactions alone: say which files are missing."""
+    if not data.features:
+        raise ConfigError(f"{backbone} needs image_feat.npy and/or text_feat.npy in the data "
+                          f"folder")
 
 
 def train_edges(data: InteractionData) -> tuple[Tensor, Tensor]:

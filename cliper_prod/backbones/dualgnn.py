@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
+from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.fusion import MLPFusion
@@ -89,9 +89,7 @@ class ModalityEncoder(nn.Module):
 class DualGNN(Recommender):
     def __init__(self, data: InteractionData, config: DualGNNConfig) -> None:
         super().__init__()
-        if not data.features:
-            raise ConfigError("DualGNN needs image_feat.npy and/or text_feat.npy in the data "
-                              "folder")
+        require_features(data, "DualGNN")
         if config.aggr_mode not in ("add", "mean"):
             raise ConfigError(f"aggr_mode must be 'add' or 'mean', got {config.aggr_mode!r}")
         if config.user_fusion not in ("mmrec", "weighted"):

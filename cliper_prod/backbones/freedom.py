@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
+from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
@@ -42,8 +42,7 @@ class FreedomConfig:
 class Freedom(Recommender):
     def __init__(self, data: InteractionData, config: FreedomConfig) -> None:
         super().__init__()
-        if not data.features:
-            raise ConfigError("FREEDOM needs image_feat.npy and/or text_feat.npy in the data folder")
+        require_features(data, "FREEDOM")
         if not 0 < config.knn_k < data.n_items:
             raise ConfigError(f"knn_k={config.knn_k} must be between 1 and the number of items "
                               f"minus one ({data.n_items - 1})")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
+from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
@@ -57,9 +57,7 @@ class LatticeConfig:
 class Lattice(Recommender):
     def __init__(self, data: InteractionData, config: LatticeConfig) -> None:
         super().__init__()
-        if not data.features:
-            raise ConfigError("LATTICE needs image_feat.npy and/or text_feat.npy in the data "
-                              "folder")
+        require_features(data, "LATTICE")
         if not 0 < config.knn_k < data.n_items:
             raise ConfigError(f"knn_k={config.knn_k} must be between 1 and the number of items "
                               f"minus one ({data.n_items - 1})")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
+from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.fusion import MLPFusion
@@ -92,8 +92,7 @@ class ModalityGCN(nn.Module):
 class MMGCN(Recommender):
     def __init__(self, data: InteractionData, config: MMGCNConfig) -> None:
         super().__init__()
-        if not data.features:
-            raise ConfigError("MMGCN needs image_feat.npy and/or text_feat.npy in the data folder")
+        require_features(data, "MMGCN")
         if config.n_layers < 1:
             raise ConfigError(f"n_layers must be at least 1, got {config.n_layers}")
         self.config = config

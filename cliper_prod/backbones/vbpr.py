@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss
+from cliper_prod.backbones.base import Recommender, bpr_loss, require_features
 from cliper_prod.data.mmrec import InteractionData
-from cliper_prod.errors import ConfigError
 from cliper_prod.features.fusion import MLPFusion
 
 
@@ -39,8 +38,7 @@ class VBPRConfig:
 class VBPR(Recommender):
     def __init__(self, data: InteractionData, config: VBPRConfig) -> None:
         super().__init__()
-        if not data.features:
-            raise ConfigError("VBPR needs image_feat.npy and/or text_feat.npy in the data folder")
+        require_features(data, "VBPR")
         self.config = config
         self.n_users, self.n_items = data.n_users, data.n_items
         dim = config.embedding_size
