@@ -24,6 +24,13 @@ def require_features(data: InteractionData, backbone: str) -> None:
                           f"folder")
 
 
+def check_knn_k(k: int, n_items: int) -> None:
+    """An item kNN graph needs at least one neighbour and fewer than all items."""
+    if not 0 < k < n_items:
+        raise ConfigError(f"knn_k={k} must be between 1 and the number of items minus one "
+                          f"({n_items - 1})")
+
+
 def train_edges(data: InteractionData) -> tuple[Tensor, Tensor]:
     """The training interactions as (users, items) index tensors."""
     train = torch.from_numpy(data.train)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
+from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k,
+                                        require_features, train_edges)
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
@@ -43,9 +44,7 @@ class Freedom(Recommender):
     def __init__(self, data: InteractionData, config: FreedomConfig) -> None:
         super().__init__()
         require_features(data, "FREEDOM")
-        if not 0 < config.knn_k < data.n_items:
-            raise ConfigError(f"knn_k={config.knn_k} must be between 1 and the number of items "
-                              f"minus one ({data.n_items - 1})")
+        check_knn_k(config.knn_k, data.n_items)
         if not 0.0 <= config.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
         self.config = config

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
+from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k,
+                                        require_features, train_edges)
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
@@ -58,9 +59,7 @@ class Lattice(Recommender):
     def __init__(self, data: InteractionData, config: LatticeConfig) -> None:
         super().__init__()
         require_features(data, "LATTICE")
-        if not 0 < config.knn_k < data.n_items:
-            raise ConfigError(f"knn_k={config.knn_k} must be between 1 and the number of items "
-                              f"minus one ({data.n_items - 1})")
+        check_knn_k(config.knn_k, data.n_items)
         if not 0.0 <= config.lambda_coeff <= 1.0:
             raise ConfigError(f"lambda_coeff must be in [0, 1], got {config.lambda_coeff}")
         self.config = config
