@@ -242,7 +242,8 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
           batch_size: int, device: str, precision: str, strict: bool, resume: bool,
           shard_items: int, max_image_pixels: int, max_text_chars: int, max_line_bytes: int,
           use_ray: bool, address: str | None, ray_actors: int | None, quiet: bool) -> None:
-    """Embed the items of a JSON Lines file into CLIPER features.
+    """Embed the items of a JSON Lines file, or of a folder of *.jsonl shards read in path
+    order as one catalog, into CLIPER features.
 
     Each item's text fields become view prompts, CLIP encodes the views and the image, and the
     view-image similarities weight the fusion. Runs CLIP in PyTorch (--clip) or an exported
@@ -252,10 +253,9 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
     from dataclasses import replace
 
     from cliper_prod.features.embed import EmbedOptions, embed_catalog
-    from cliper_prod.features.items import ItemLimits
+    from cliper_prod.features.items import ItemLimits, catalog_files
 
-    if not items.is_file():
-        raise ConfigError(f"{items}: items file not found")
+    catalog_files(items)  # a missing path or an empty folder fails before the model loads
     if (clip_source is None) == (bundle_dir is None):
         raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
     if (address or ray_actors) and not use_ray:

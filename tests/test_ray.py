@@ -235,6 +235,33 @@ def test_embed_on_ray_is_byte_identical_to_one_process(local_ray, exported, tmp_
     assert len((tmp_path / "ray" / "errors.jsonl").read_text().splitlines()) >= 4
 
 
+def test_embed_on_ray_over_shards_is_byte_identical(local_ray, exported, tmp_path) -> None:
+    """Two shards, a batch of two that spans them: the same bytes as one process, whose rows
+    are those of the unsplit file."""
+    lines = exported["policy_items"].read_text().splitlines(keepends=True)
+    folder = tmp_path / "items"
+    folder.mkdir()
+    (folder / "p1.jsonl").write_text("".join(lines[:3]))
+    (folder / "p2.jsonl").write_text("".join(lines[3:]))
+    (folder / "images").symlink_to(exported["policy_items"].parent / "images")
+    runs = {}
+    for name, items, extra in [("file", exported["policy_items"], ()), ("one", folder, ()),
+                               ("ray", folder, ("--ray",))]:
+        res = CliRunner().invoke(cli, ["embed", str(items), "--bundle", str(exported["bundle"]),
+                                       "--out", str(tmp_path / name), "--quiet", "--batch-size",
+                                       "2", "--shard-items", "4", *extra])
+        assert res.exit_code == 0, res.output
+        runs[name] = tmp_path / name
+    _same_files(runs["one"], runs["ray"])
+    for name in ["image_feat.npy", "text_feat.npy", "item_ids.txt"]:
+        assert (runs["file"] / name).read_bytes() == (runs["one"] / name).read_bytes(), name
+    errors = [json.loads(x) for x in (runs["ray"] / "errors.jsonl").read_text().splitlines()]
+    unsplit = [json.loads(x) for x in (runs["file"] / "errors.jsonl").read_text().splitlines()]
+    assert [(e["file"], e["line"]) for e in errors] == \
+        [("p1.jsonl", e["line"]) if e["line"] <= 3 else ("p2.jsonl", e["line"] - 3)
+         for e in unsplit]
+
+
 def test_embed_on_ray_resumes_after_an_interruption(local_ray, exported, tmp_path,
                                                     monkeypatch) -> None:
     from cliper_prod.features.shards import ShardStore

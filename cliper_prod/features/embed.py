@@ -1,4 +1,5 @@
-"""Batch feature extraction: items.jsonl -> CLIPER features in MMRec layout.
+"""Batch feature extraction: items.jsonl (or a folder of JSONL shards) -> CLIPER features in
+MMRec layout.
 
 One pipeline for both encoders: :class:`~cliper_prod.features.clip_towers.ClipTowers` (PyTorch)
 and the ONNX Runtime encoder of an exported bundle. Image decoding and preprocessing run in a
@@ -17,7 +18,8 @@ With ``strict`` the first such case stops the run instead (nothing is written).
 
 Outputs (each written to a temporary file and renamed, ``embed_summary.json`` last):
 ``image_feat.npy`` [N, D], ``text_feat.npy`` [N, D'] (fused), ``item_ids.txt`` (row order),
-``errors.jsonl`` (in line order), ``embed_summary.json`` (``fusion: mlp`` writes the
+``errors.jsonl`` (in catalog order; a folder's records name their shard under ``file``),
+``embed_summary.json`` (``fusion: mlp`` writes the
 concatenation and leaves the trained fusion to the recommender); with ``save_views`` also
 ``view_feat.npy`` [N, V, D] and ``similarity.npy`` [N, V]. Progress is kept in shards
 (:mod:`cliper_prod.features.shards`), so a killed run resumes where it stopped.
@@ -38,7 +40,8 @@ from tqdm import tqdm
 
 from cliper_prod.errors import DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
-from cliper_prod.features.items import Item, ItemError, ItemLimits, read_items
+from cliper_prod.features.items import (Item, ItemError, ItemLimits, catalog_files,
+                                        read_catalog, shard_name)
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
@@ -93,24 +96,37 @@ class EmbedOptions:
 
 
 class ItemErrors:
-    """Item errors in line order of discovery; with ``strict`` the first one stops the run."""
+    """Item errors as found, each with its catalog position; with ``strict`` the first one
+    stops the run, naming the file and line."""
 
-    def __init__(self, items_path: Path, strict: bool) -> None:
-        self.items_path, self.strict = items_path, strict
-        self.pending: list[dict] = []
+    def __init__(self, catalog: Path, strict: bool) -> None:
+        self.catalog, self.strict = catalog, strict
+        self.pending: list[tuple[int, dict]] = []  # (catalog position, errors.jsonl record)
 
-    def add(self, line: int, item_id: str | None, action: str, reason: str) -> None:
-        if self.strict:
-            raise DataError(self.items_path, f"item {item_id!r}: {reason} (--strict)"
-                            if item_id else f"{reason} (--strict)", line=line)
-        self.pending.append({"line": line, "item_id": item_id, "action": action,
-                             "reason": reason})
+    def add(self, at: Item | ItemError, action: str, reason: str) -> None:
+        record = {"file": at.file} if at.file is not None else {}
+        record |= {"line": at.line, "item_id": at.item_id, "action": action, "reason": reason}
+        self.extend([(at.position, record)])
 
-    def take_until(self, line: int) -> list[dict]:
-        """The errors of lines up to ``line`` (later ones were read ahead for the next shard)."""
-        done = [e for e in self.pending if e["line"] <= line]
-        self.pending = [e for e in self.pending if e["line"] > line]
-        return done
+    def extend(self, found: list[tuple[int, dict]]) -> None:
+        """Add errors found elsewhere too (by a Ray actor): ``strict`` is applied here."""
+        for position, record in found:
+            if self.strict:
+                item_id, reason = record["item_id"], record["reason"]
+                path = self.catalog / record["file"] if "file" in record else self.catalog
+                raise DataError(path, f"item {item_id!r}: {reason} (--strict)" if item_id
+                                else f"{reason} (--strict)", line=record["line"])
+            self.pending.append((position, record))
+
+    def last_position(self) -> int:
+        return max((position for position, _ in self.pending), default=0)
+
+    def take_until(self, position: int) -> list[dict]:
+        """The errors up to catalog ``position``, in catalog order (later ones were read ahead
+        for the next shard)."""
+        done = sorted((e for e in self.pending if e[0] <= position), key=lambda e: e[0])
+        self.pending = [e for e in self.pending if e[0] > position]
+        return [record for _, record in done]
 
 
 def batches(records: Iterable[Item | ItemError], size: int, errors: ItemErrors
@@ -119,7 +135,7 @@ def batches(records: Iterable[Item | ItemError], size: int, errors: ItemErrors
     def items() -> Iterator[Item]:
         for rec in records:
             if isinstance(rec, ItemError):
-                errors.add(rec.line, rec.item_id, "skipped", rec.reason)
+                errors.add(rec, "skipped", rec.reason)
             else:
                 yield rec
     stream = items()
@@ -138,10 +154,11 @@ def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | st
 
 
 def run_fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -> dict:
-    stat = items_path.stat()
-    return {"items": str(items_path.resolve()), "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns, "encoder": encoder.source, "dim": encoder.dim,
-            "options": options.fingerprint()}
+    """What a resumed run must share with the interrupted one: every input file unchanged."""
+    files = [[shard_name(items_path, f), f.stat().st_size, f.stat().st_mtime_ns]
+             for f in catalog_files(items_path)]
+    return {"items": str(items_path.resolve()), "files": files, "encoder": encoder.source,
+            "dim": encoder.dim, "options": options.fingerprint()}
 
 
 Runner = Callable[[Path, "Encoder", EmbedOptions, ShardStore, bool], None]
@@ -150,7 +167,8 @@ Runner = Callable[[Path, "Encoder", EmbedOptions, ShardStore, bool], None]
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
                   options: EmbedOptions = EmbedOptions(), progress: bool = True,
                   resume: bool = False, runner: Runner | None = None) -> dict:
-    """Embed every item of ``items_path``; write the outputs; return the summary.
+    """Embed every item of ``items_path`` (a JSONL file or a folder of JSONL shards); write
+    the outputs; return the summary.
 
     Work is saved in shards as it goes; ``resume`` continues a run that was killed.
     ``runner`` fills the shard store (default: this process; ``embed_ray`` passes a Ray one).
@@ -165,9 +183,9 @@ def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
 
 
 def resume_point(store: ShardStore) -> tuple[int, set[str]]:
-    """The last input line the saved shards account for, and the item ids they have read."""
+    """The last catalog position the saved shards account for, and the item ids they read."""
     done = list(store.metas())
-    return (done[-1]["last_line"] if done else 0), {i for m in done for i in m["read_ids"]}
+    return (done[-1]["last_position"] if done else 0), {i for m in done for i in m["read_ids"]}
 
 
 def shard_batches(options: EmbedOptions) -> int:
@@ -183,29 +201,30 @@ class ShardWriter:
         self.store, self.errors, self.per_shard = store, errors, shard_batches(options)
         self.shard, self.batches = Shard(), 0
 
-    def batch_done(self, last_line: int) -> None:
-        """The current shard received one more batch, whose last item is on ``last_line``."""
+    def batch_done(self, last_position: int) -> None:
+        """The current shard received one more batch, whose last item is at ``last_position``
+        of the catalog."""
         self.batches += 1
-        self.shard.last_line = last_line
+        self.shard.last_position = last_position
         if self.batches == self.per_shard:
             self._write()
 
     def close(self) -> None:
         """Write the last partial shard, with any bad lines after the last item."""
         if self.batches or self.errors.pending:
-            self.shard.last_line = max([self.shard.last_line,
-                                        *(e["line"] for e in self.errors.pending)])
+            self.shard.last_position = max(self.shard.last_position,
+                                           self.errors.last_position())
             self._write()
 
     def _write(self) -> None:
-        self.shard.errors = self.errors.take_until(self.shard.last_line)
+        self.shard.errors = self.errors.take_until(self.shard.last_position)
         self.store.write(self.shard)
         self.shard, self.batches = Shard(), 0
 
 
 def _run(items_path: Path, encoder: Encoder, options: EmbedOptions, store: ShardStore,
          progress: bool) -> None:
-    start_line, seen = resume_point(store)
+    start, seen = resume_point(store)
     preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
     errors = ItemErrors(items_path, options.strict)
     writer = ShardWriter(store, errors, options)
@@ -217,9 +236,9 @@ def _run(items_path: Path, encoder: Encoder, options: EmbedOptions, store: Shard
         embed_batch(batch, [f.result() for f in futures], encoder, options, writer.shard,
                     errors)
         bar.update(len(batch))
-        writer.batch_done(batch[-1].line)
+        writer.batch_done(batch[-1].position)
 
-    records = read_items(items_path, options.limits, start_line, seen)
+    records = read_catalog(items_path, options.limits, start, seen)
     with ThreadPoolExecutor(options.workers) as pool:
         for batch in batches(records, options.batch_size, errors):
             pending.append((batch, [pool.submit(load_image, preprocess, item)
@@ -242,7 +261,7 @@ def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Enco
     for i, item in enumerate(batch):
         reasons = list(item.notes)
         if not has_image[i] and not has_text[i]:
-            errors.add(item.line, item.item_id, "skipped",
+            errors.add(item, "skipped",
                        "; ".join(reasons + [f"no usable image ({images[i]}) and no text"]))
             continue
         if not has_image[i]:
@@ -250,7 +269,7 @@ def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Enco
         elif not has_text[i]:
             reasons.append("no text field; fused text feature = image embedding")
         if reasons:
-            errors.add(item.line, item.item_id, "kept", "; ".join(reasons))
+            errors.add(item, "kept", "; ".join(reasons))
         keep.append(i)
     if not keep:
         return
@@ -285,7 +304,8 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
     totals = store.merge(out_dir, shapes)
     skipped = sum(e["action"] == "skipped" for e in totals["errors"])
     summary = {
-        "items_file": str(items_path), "embedded": totals["embedded"], "skipped": skipped,
+        "items_file": str(items_path), "input_files": len(catalog_files(items_path)),
+        "embedded": totals["embedded"], "skipped": skipped,
         "kept_with_fallback": len(totals["errors"]) - skipped,
         "truncated_items": totals["truncated_items"],
         "long_text": "chunk-and-sum" if options.chunk_long_text else "truncate",

@@ -1,26 +1,30 @@
 """``embed --ray``: the embed pipeline as Ray Data stages, with the single-process outputs byte
 for byte.
 
-A sequential planning pass on the driver reads the JSONL once (every line must be parsed in
+A sequential planning pass on the driver reads the catalog once (every line must be parsed in
 order to find bad lines and duplicate ids) and cuts the items into exactly the batches and
-shards of the single-process path, recording each batch as a byte offset and its line numbers,
-not its content. Ray Data then streams three stages, each with its own back-pressure:
+shards of the single-process path, recording each batch as byte offsets and line numbers in its
+input shard(s), not its content. Ray Data then streams three stages, each with its own
+back-pressure:
 
-  read        CPU tasks re-read and parse the batch's lines from the shared file;
+  read        CPU tasks re-read and parse the batch's lines from the shared file(s);
   preprocess  CPU tasks decode, orient and resize its images;
   encode      actors holding the bundle's ONNX Runtime sessions (one GPU each when the cluster
               has GPUs) run the same per-batch code as the single-process path.
 
 Encoded batches come back to the driver in order and go through the same shard writer, so
 ``--resume``, the per-item error policy, the merge and every output byte are shared code. On a
-cluster the items file and the image paths must be readable at the same path on every node.
+cluster the items file or folder and the image paths must be readable at the same path on every
+node.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from dataclasses import dataclass, replace
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from cliper_prod.errors import ConfigError
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
                                         embed_batch, load_image, resume_point)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
-from cliper_prod.features.items import ItemLimits, read_items, reread_items
+from cliper_prod.features.items import Item, ItemLimits, read_catalog, reread_items
 from cliper_prod.features.shards import Shard, ShardStore
 
 
@@ -49,18 +53,28 @@ class RaySettings:
 
 def plan(items_path: Path, options: EmbedOptions, store: ShardStore, errors: ItemErrors
          ) -> list[dict[str, Any]]:
-    """The single-process batches after the store's resume point, as re-readable spans; bad
-    lines go to ``errors`` now (with ``strict``, the first one stops the run here)."""
-    start_line, seen = resume_point(store)
-    records = read_items(items_path, options.limits, start_line, seen)
-    return [{"index": i, "offset": batch[0].offset, "first_line": batch[0].line,
-             "lines": [item.line for item in batch]}
+    """The single-process batches after the store's resume point, as re-readable spans (one
+    segment per input shard the batch touches, as JSON); bad lines go to ``errors`` now (with
+    ``strict``, the first one stops the run here)."""
+    start, seen = resume_point(store)
+    records = read_catalog(items_path, options.limits, start, seen)
+    return [{"index": i, "segments": json.dumps([_segment(list(run)) for _, run in
+                                                 groupby(batch, key=lambda item: item.file)])}
             for i, batch in enumerate(batches(records, options.batch_size, errors))]
 
 
+def _segment(items: list[Item]) -> dict[str, Any]:
+    """Where a run of one shard's items can be re-read."""
+    return {"file": items[0].file, "base": items[0].base, "offset": items[0].offset,
+            "first_line": items[0].line, "lines": [item.line for item in items]}
+
+
 def _read(row: dict, items_path: str, limits: ItemLimits) -> dict:
-    items = reread_items(Path(items_path), row["offset"], row["first_line"], list(row["lines"]),
-                         limits)
+    root = Path(items_path)
+    items = [item for seg in json.loads(row["segments"])
+             for item in reread_items(root / seg["file"] if seg["file"] else root, seg["offset"],
+                                      seg["first_line"], seg["lines"], limits, seg["file"],
+                                      seg["base"])]
     return {"index": row["index"], "payload": pickle.dumps(items)}
 
 
@@ -86,7 +100,8 @@ class _Encode:
         errors = ItemErrors(Path(), strict=False)  # the driver applies --strict
         embed_batch(items, images, self.encoder, self.options, part, errors)
         return {"index": row["index"],
-                "payload": pickle.dumps((part, errors.pending, items[-1].line, len(items)))}
+                "payload": pickle.dumps((part, errors.pending, items[-1].position,
+                                         len(items)))}
 
 
 def ray_runner(bundle_dir: Path, settings: RaySettings):
@@ -109,13 +124,12 @@ def ray_runner(bundle_dir: Path, settings: RaySettings):
                        initial=len(resume_point(store)[1]), total=None)
             stream = _stream(ray, spans, items_path, encoder, options, bundle_dir, settings,
                              progress)
-            for expected, (index, (part, part_errors, last_line, n)) in enumerate(stream):
+            for expected, (index, (part, part_errors, last_position, n)) in enumerate(stream):
                 if index != expected:
                     raise RuntimeError(f"Ray returned batch {index} where {expected} was due")
-                for error in part_errors:
-                    errors.add(**error)
+                errors.extend(part_errors)
                 writer.shard.extend(part)
-                writer.batch_done(last_line)
+                writer.batch_done(last_position)
                 bar.update(n)
             bar.close()
         finally:

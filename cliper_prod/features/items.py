@@ -2,9 +2,13 @@
 
 Fields: ``item_id`` (string, required), ``title``, ``brand``, ``description`` (strings),
 ``categories`` (a string, a list of strings, or a list of lists as in Amazon metadata) and
-``image`` (a path; relative paths resolve against the JSONL file's folder). Unknown keys are
-ignored. A bad line yields an :class:`ItemError` instead of an item, so one bad item never
-stops a batch.
+``image`` (a path; relative paths resolve against the folder of the JSONL file that holds the
+line). Unknown keys are ignored. A bad line yields an :class:`ItemError` instead of an item, so
+one bad item never stops a batch.
+
+A catalog is one JSONL file or a folder of ``*.jsonl`` shards (at any depth, in path order),
+read as if the shards were one file: duplicates count across shards, and each record keeps its
+shard and line there for error reports, plus its catalog-wide position, which orders outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
+
+from cliper_prod.errors import ConfigError
 
 TEXT_FIELDS = ("title", "brand", "categories", "description")
 
@@ -34,6 +40,13 @@ class Item:
     line: int
     notes: tuple[str, ...] = ()  # what was changed on the way in (a field cut to the limit)
     offset: int = 0  # byte offset of the line: a distributed reader re-reads batches from here
+    file: str | None = None  # shard of a catalog folder, relative to it; None: a single file
+    base: int = 0  # lines in the catalog's earlier shards
+
+    @property
+    def position(self) -> int:
+        """Catalog-wide line number: the shards' lines counted in order."""
+        return self.base + self.line
 
 
 @dataclass(frozen=True)
@@ -41,9 +54,12 @@ class ItemError:
     line: int
     item_id: str | None
     reason: str
+    file: str | None = None
+    base: int = 0
 
-    def as_record(self) -> dict:
-        return {"line": self.line, "item_id": self.item_id, "reason": self.reason}
+    @property
+    def position(self) -> int:
+        return self.base + self.line
 
 
 class _Bad(Exception):
@@ -126,44 +142,89 @@ def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:
         offset = fh.tell()
 
 
-def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 0,
-               seen: set[str] | None = None) -> Iterator[Item | ItemError]:
-    """Stream a JSONL file; blank lines are skipped, duplicate ids reported after the first.
+def catalog_files(path: Path) -> list[Path]:
+    """The JSONL files of a catalog: ``path`` itself, or the ``*.jsonl`` files under the folder
+    ``path`` (hidden ones left out) sorted by their relative path."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such items file or folder")
+    files = sorted((p for p in path.rglob("*.jsonl") if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                   key=lambda p: p.relative_to(path).parts)
+    if not files:
+        raise ConfigError(f"{path}: the folder holds no *.jsonl files")
+    return files
 
-    ``start_line`` and ``seen`` resume a stream: lines up to ``start_line`` are skipped and the
-    ids already read before it still count as duplicates.
+
+def shard_name(root: Path, file: Path) -> str | None:
+    """How records name their shard: the path under the catalog folder (None for one file)."""
+    return None if file == root else file.relative_to(root).as_posix()
+
+
+def read_catalog(path: Path, limits: ItemLimits = ItemLimits(), start_position: int = 0,
+                 seen: set[str] | None = None) -> Iterator[Item | ItemError]:
+    """Stream a catalog (one JSONL file or a folder of shards) as one sequence of records.
+
+    ``start_position`` and ``seen`` resume a stream: records up to that catalog-wide line are
+    skipped and the ids read before it still count as duplicates.
     """
     seen = set() if seen is None else seen
+    base = 0
+    for file in catalog_files(path):
+        base += yield from read_items(file, limits, start_position - base, seen,
+                                      shard_name(path, file), base)
+
+
+def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 0,
+               seen: set[str] | None = None, file: str | None = None, base: int = 0
+               ) -> Generator[Item | ItemError, None, int]:
+    """Stream one JSONL file; blank lines are skipped, duplicate ids reported after the first;
+    return the number of lines.
+
+    Lines up to ``start_line`` are skipped; ``seen`` holds the ids read before; ``file`` and
+    ``base`` place the records in a catalog of several shards.
+    """
+    seen = set() if seen is None else seen
+    line_no = 0
     with open(path, "rb") as fh:
         for line_no, (raw, fits, offset) in enumerate(_lines(fh, limits.max_line_bytes),
                                                       start=1):
             if line_no <= start_line:
                 continue
-            if not fits:
-                yield ItemError(line_no, None, f"line longer than {limits.max_line_bytes:,} "
-                                               f"bytes")
+            parsed = _record(raw, fits, line_no, path.parent, limits)
+            if parsed is None:
                 continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield ItemError(line_no, None, f"not UTF-8 (byte {exc.start})")
-                continue
-            if not text.strip():
-                continue
-            parsed = parse_item(text, line_no, path.parent, limits)
+            parsed = replace(parsed, file=file, base=base)
             if isinstance(parsed, Item):
                 parsed = replace(parsed, offset=offset)
                 if parsed.item_id in seen:
-                    parsed = ItemError(line_no, parsed.item_id, "duplicate 'item_id' (first kept)")
+                    parsed = ItemError(line_no, parsed.item_id, "duplicate 'item_id' (first kept)",
+                                       file, base)
                 else:
                     seen.add(parsed.item_id)
             yield parsed
+    return line_no
+
+
+def _record(raw: bytes, fits: bool, line_no: int, base_dir: Path, limits: ItemLimits
+            ) -> Item | ItemError | None:
+    """One raw line -> an item, an error, or None for a blank line."""
+    if not fits:
+        return ItemError(line_no, None, f"line longer than {limits.max_line_bytes:,} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return ItemError(line_no, None, f"not UTF-8 (byte {exc.start})")
+    return parse_item(text, line_no, base_dir, limits) if text.strip() else None
 
 
 def reread_items(path: Path, offset: int, first_line: int, lines: list[int],
-                 limits: ItemLimits = ItemLimits()) -> list[Item]:
-    """The items on ``lines`` (sorted, all valid), reading from the byte ``offset`` of line
-    ``first_line``: a worker re-reads a batch that a sequential pass has already vetted."""
+                 limits: ItemLimits = ItemLimits(), file: str | None = None, base: int = 0
+                 ) -> list[Item]:
+    """The items on ``lines`` (sorted, all valid) of one file, reading from the byte ``offset``
+    of line ``first_line``: a worker re-reads a batch that a sequential pass has already
+    vetted. ``file`` and ``base`` place them in the catalog as the sequential pass did."""
     wanted, items = set(lines), []
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -173,7 +234,7 @@ def reread_items(path: Path, offset: int, first_line: int, lines: list[int],
                 item = parse_item(raw.decode("utf-8"), line_no, path.parent, limits)
                 if not isinstance(item, Item):
                     raise ValueError(f"{path}:{line_no} changed since it was read ({item.reason})")
-                items.append(replace(item, offset=at))
+                items.append(replace(item, offset=at, file=file, base=base))
                 if line_no == lines[-1]:
                     break
     if len(items) != len(lines):

@@ -32,7 +32,7 @@ class Shard:
     read_ids: list[str] = field(default_factory=list)  # every item id read (for duplicates)
     errors: list[dict] = field(default_factory=list)
     truncated_items: int = 0
-    last_line: int = 0  # input lines up to here are accounted for
+    last_position: int = 0  # catalog lines up to here are accounted for
     arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def add(self, name: str, rows: np.ndarray) -> None:
@@ -48,7 +48,8 @@ class Shard:
 
     def meta(self) -> dict[str, Any]:
         return {"ids": self.ids, "read_ids": self.read_ids, "errors": self.errors,
-                "truncated_items": self.truncated_items, "last_line": self.last_line}
+                "truncated_items": self.truncated_items,
+                "last_position": self.last_position}
 
 
 class ShardStore:
@@ -87,12 +88,14 @@ class ShardStore:
                 np.savez(fh, meta=np.str_(json.dumps(shard.meta())), **arrays)
         self.count += 1
         write_json(self.folder / PROGRESS, {"fingerprint": self.fingerprint,
-                                            "shards": self.count, "last_line": shard.last_line})
+                                            "shards": self.count,
+                                            "last_position": shard.last_position})
 
     def merge(self, out_dir: Path, shapes: dict[str, tuple[tuple[int, ...], str]]
               ) -> dict[str, Any]:
         """Stream the shards into ``out_dir``: one .npy per array name in ``shapes`` (row shape,
-        file name), ``item_ids.txt`` and ``errors.jsonl`` sorted by line; return the totals."""
+        file name), ``item_ids.txt`` and ``errors.jsonl`` (shards hold theirs in catalog order);
+        return the totals."""
         metas = list(self.metas())
         rows = sum(len(m["ids"]) for m in metas)
         for name, (row_shape, file) in shapes.items():
@@ -109,7 +112,7 @@ class ShardStore:
                 out.flush()
                 del out
         write_text(out_dir / "item_ids.txt", "".join(f"{i}\n" for m in metas for i in m["ids"]))
-        errors = sorted((e for m in metas for e in m["errors"]), key=lambda e: e["line"])
+        errors = [e for m in metas for e in m["errors"]]
         write_text(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
         return {"embedded": rows, "errors": errors,
                 "truncated_items": sum(m["truncated_items"] for m in metas)}

@@ -95,7 +95,7 @@ class ItemEmbedder:
         for line, record in enumerate(records, start=1):
             item = self._parse(record, line, seen)
             if isinstance(item, ItemError):
-                errors.add(item.line, item.item_id, "skipped", item.reason)
+                errors.add(item, "skipped", item.reason)
                 continue
             parsed.append(item)
             images.append(self._image(record, item))
@@ -108,7 +108,7 @@ class ItemEmbedder:
         image = np.concatenate(shard.arrays["image"]) if shard.ids else np.zeros((0, 0))
         return {"items": [{"item_id": i, "text_feature": t.tolist(), "image_embedding": v.tolist()}
                           for i, t, v in zip(shard.ids, text, image)],
-                "errors": sorted(errors.pending, key=lambda e: e["line"])}
+                "errors": errors.take_until(len(records))}
 
     def _parse(self, record: dict, line: int, seen: set[str]) -> Item | ItemError:
         if "image" in record and "image_base64" in record:
