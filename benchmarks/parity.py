@@ -2,10 +2,13 @@
 
 Each seed trains with the backbone's packaged defaults (models/<backbone>.toml), early-stopped on
 valid Recall@20; the test metrics at the best valid epoch are averaged, with the median train
-epoch time. MMRec's figures are passed in (``--reference`` JSON: {"recall@20": ..., ...}) from
-its own run on the same data with the same hyper-parameters.
+epoch time. MMRec's figures are passed in (``--reference`` JSON: {"recall@20": ..., ...}, and
+optionally "std" and "per_seed": {seed: {metrics, "epochs_run"}}) from its own runs on the same
+data with the same hyper-parameters. ``--runs-from`` re-reports runs of earlier invocations
+(their JSON) instead of training, so seeds trained in several sittings make one table.
 
     python benchmarks/parity.py --backbone freedom --data DIR --seeds 999 1 2 --reference ref.json
+    python benchmarks/parity.py --backbone vbpr --data DIR --runs-from a.json b.json --reference ref.json
 """
 
 from __future__ import annotations
@@ -35,29 +38,19 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[999, 1, 2])
     parser.add_argument("--reference", type=Path, help="MMRec's test metrics as JSON")
+    parser.add_argument("--runs-from", type=Path, nargs="+",
+                        help="reuse the runs of these result JSONs (same backbone) instead of "
+                             "training; --seeds is then ignored")
     parser.add_argument("--out", type=Path, help="[default: benchmarks/results/<backbone>_parity]")
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/{args.backbone}_parity")
-
-    data = load_dataset(args.data)
-    runs = []
-    for seed in args.seeds:
-        config = load_config(args.backbone, overrides={"train": {"seed": seed}})
-        start = time.perf_counter()
-        result = train_model(args.backbone, data, config, out_dir=None, progress=False)
-        runs.append({"seed": seed, "best_epoch": result.best_epoch,
-                     "epochs_run": len(result.history), "valid": result.valid,
-                     "test": result.test, "wall_s": time.perf_counter() - start,
-                     "train_epoch_median_s": statistics.median(h["train_s"]
-                                                               for h in result.history)})
-        print(f"seed {seed}: best epoch {result.best_epoch}/{len(result.history)}, test "
-              f"recall@20 {result.test['recall@20']:.4f} ndcg@20 {result.test['ndcg@20']:.4f}",
-              flush=True)
+    runs = reused_runs(args.runs_from, args.backbone) if args.runs_from else \
+        train_runs(args.backbone, args.data, args.seeds)
     mean = {k: statistics.mean(r["test"][k] for r in runs) for k in SHOWN}
     std = {k: statistics.pstdev(r["test"][k] for r in runs) for k in SHOWN}
     summary = {"backbone": args.backbone, "config": load_config(args.backbone),
                "data": str(args.data), "torch": torch.__version__, "cliper_prod": __version__,
-              "runs": runs, "test_mean": mean, "test_std": std}
+               "runs": runs, "test_mean": mean, "test_std": std}
     header = "| run | " + " | ".join(SHOWN) + " |\n|" + " --- |" * (len(SHOWN) + 1)
     lines = [header]
     for r in runs:
@@ -69,10 +62,53 @@ def main() -> None:
         ref = json.loads(args.reference.read_text())
         summary["reference"] = ref
         summary["relative_diff"] = {k: mean[k] / ref[k] - 1 for k in SHOWN if k in ref}
-        lines.append("| MMRec reference | " + " | ".join(f"{ref[k]:.4f}" for k in SHOWN) + " |")
-        lines.append("| mean / reference - 1 | " + " | ".join(
+        lines += reference_rows(ref)
+        label = "MMRec mean" if "per_seed" in ref else "reference"
+        lines.append(f"| mean / {label} - 1 | " + " | ".join(
             f"{summary['relative_diff'][k]:+.1%}" for k in SHOWN) + " |")
     report(out, summary, "\n".join(lines))
+
+
+def reused_runs(paths: list[Path], backbone: str) -> list[dict]:
+    runs = []
+    for path in paths:
+        earlier = json.loads(path.read_text())
+        if earlier["backbone"] != backbone:
+            raise SystemExit(f"{path}: runs of {earlier['backbone']}, not {backbone}")
+        runs += earlier["runs"]
+    return runs
+
+
+def reference_rows(ref: dict) -> list[str]:
+    """MMRec's rows: one per seed and the mean when the reference has them, and the gap."""
+    per_seed = ref.get("per_seed", {})
+    rows = [f"| MMRec seed {seed} ({m['epochs_run']} epochs) | "
+            + " | ".join(f"{m[k]:.4f}" for k in SHOWN) + " |" for seed, m in per_seed.items()]
+    if per_seed:
+        rows.append(f"| MMRec mean of {len(per_seed)} | " + " | ".join(
+            f"{ref[k]:.4f} ± {ref['std'][k]:.4f}" for k in SHOWN) + " |")
+    else:
+        rows.append("| MMRec reference | " + " | ".join(f"{ref[k]:.4f}" for k in SHOWN) + " |")
+    return rows
+
+
+def train_runs(backbone: str, data_dir: Path, seeds: list[int]) -> list[dict]:
+    """One early-stopped training per seed with the packaged defaults."""
+    data = load_dataset(data_dir)
+    runs = []
+    for seed in seeds:
+        config = load_config(backbone, overrides={"train": {"seed": seed}})
+        start = time.perf_counter()
+        result = train_model(backbone, data, config, out_dir=None, progress=False)
+        runs.append({"seed": seed, "best_epoch": result.best_epoch,
+                     "epochs_run": len(result.history), "valid": result.valid,
+                     "test": result.test, "wall_s": time.perf_counter() - start,
+                     "train_epoch_median_s": statistics.median(h["train_s"]
+                                                               for h in result.history)})
+        print(f"seed {seed}: best epoch {result.best_epoch}/{len(result.history)}, test "
+              f"recall@20 {result.test['recall@20']:.4f} ndcg@20 {result.test['ndcg@20']:.4f}",
+              flush=True)
+    return runs
 
 
 if __name__ == "__main__":
