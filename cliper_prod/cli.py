@@ -252,10 +252,10 @@ def embed(ctx: click.Context, items: Path, clip_source: str | None, bundle_dir: 
     """
     from dataclasses import replace
 
-    from cliper_prod.features.embed import EmbedOptions, embed_catalog
-    from cliper_prod.features.items import ItemLimits, catalog_files
+    from cliper_prod.features.embed import EmbedOptions, check_catalog, embed_catalog
+    from cliper_prod.features.items import ItemLimits
 
-    catalog_files(items)  # a missing path or an empty folder fails before the model loads
+    check_catalog(items, out_dir)  # before the model loads
     if (clip_source is None) == (bundle_dir is None):
         raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
     if (address or ray_actors) and not use_ray:

@@ -87,7 +87,7 @@ def test_strict_names_the_shard_and_its_line(sharded: dict[str, Path], tmp_path:
                                  f"malformed JSON")
 
 
-def test_empty_or_missing_catalog_is_refused(sharded: dict[str, Path], tmp_path: Path) -> None:
+def test_empty_missing_or_self_overwriting_catalog_is_refused(sharded: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "items.json").write_text("{}")
     res = _embed(sharded, tmp_path / "empty", tmp_path / "out")
@@ -95,6 +95,9 @@ def test_empty_or_missing_catalog_is_refused(sharded: dict[str, Path], tmp_path:
     res = _embed(sharded, tmp_path / "absent", tmp_path / "out")
     assert res.exit_code == 2 and "no such items file or folder" in res.stderr
     assert not (tmp_path / "out").exists()
+    res = _embed(sharded, sharded["folder"], sharded["folder"] / "features")
+    assert res.exit_code == 2 and "inside the catalog folder" in res.stderr
+    assert not (sharded["folder"] / "features").exists()
 
 
 def test_resume_across_a_shard_boundary_and_refuse_a_changed_shard(

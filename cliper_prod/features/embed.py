@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from cliper_prod.errors import DataError
+from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
 from cliper_prod.features.items import (Item, ItemError, ItemLimits, catalog_files,
                                         read_catalog, shard_name)
@@ -164,6 +164,16 @@ def run_fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -
 Runner = Callable[[Path, "Encoder", EmbedOptions, ShardStore, bool], None]
 
 
+def check_catalog(items_path: Path, out_dir: Path) -> None:
+    """Refuse a missing or empty catalog, and an output folder inside a catalog folder (its
+    ``errors.jsonl`` would be read as a shard by the next run)."""
+    catalog_files(items_path)
+    if items_path.is_dir() and out_dir.resolve().is_relative_to(items_path.resolve()):
+        raise ConfigError(f"{out_dir}: the output folder is inside the catalog folder "
+                          f"{items_path}, whose *.jsonl files are all read as shards; write "
+                          f"the outputs elsewhere")
+
+
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
                   options: EmbedOptions = EmbedOptions(), progress: bool = True,
                   resume: bool = False, runner: Runner | None = None) -> dict:
@@ -173,6 +183,7 @@ def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
     Work is saved in shards as it goes; ``resume`` continues a run that was killed.
     ``runner`` fills the shard store (default: this process; ``embed_ray`` passes a Ray one).
     """
+    check_catalog(items_path, out_dir)
     store = ShardStore(out_dir, run_fingerprint(items_path, encoder, options), resume)
     try:
         (runner or _run)(items_path, encoder, options, store, progress)
