@@ -315,7 +315,7 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
     totals = store.merge(out_dir, shapes)
     skipped = sum(e["action"] == "skipped" for e in totals["errors"])
     summary = {
-        "items_file": str(items_path), "input_files": len(catalog_files(items_path)),
+        "items_file": str(items_path), "input_files": len(store.fingerprint["files"]),
         "embedded": totals["embedded"], "skipped": skipped,
         "kept_with_fallback": len(totals["errors"]) - skipped,
         "truncated_items": totals["truncated_items"],
