@@ -155,8 +155,8 @@ def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | st
 
 def run_fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -> dict:
     """What a resumed run must share with the interrupted one: every input file unchanged."""
-    files = [[shard_name(items_path, f), f.stat().st_size, f.stat().st_mtime_ns]
-             for f in catalog_files(items_path)]
+    files = [[shard_name(items_path, f), st.st_size, st.st_mtime_ns]
+             for f in catalog_files(items_path) for st in [f.stat()]]
     return {"items": str(items_path.resolve()), "files": files, "encoder": encoder.source,
             "dim": encoder.dim, "options": options.fingerprint()}
 
