@@ -40,8 +40,7 @@ from tqdm import tqdm
 
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
-from cliper_prod.features.items import (Item, ItemError, ItemLimits, catalog_files,
-                                        read_catalog, shard_name)
+from cliper_prod.features.items import Catalog, Item, ItemError, ItemLimits, read_catalog
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
@@ -153,25 +152,26 @@ def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | st
         return str(exc)
 
 
-def run_fingerprint(items_path: Path, encoder: Encoder, options: EmbedOptions) -> dict:
+def run_fingerprint(catalog: Catalog, encoder: Encoder, options: EmbedOptions) -> dict:
     """What a resumed run must share with the interrupted one: every input file unchanged."""
-    files = [[shard_name(items_path, f), st.st_size, st.st_mtime_ns]
-             for f in catalog_files(items_path) for st in [f.stat()]]
-    return {"items": str(items_path.resolve()), "files": files, "encoder": encoder.source,
+    files = [[catalog.shard_name(f), st.st_size, st.st_mtime_ns]
+             for f in catalog.files for st in [f.stat()]]
+    return {"items": str(catalog.root.resolve()), "files": files, "encoder": encoder.source,
             "dim": encoder.dim, "options": options.fingerprint()}
 
 
-Runner = Callable[[Path, "Encoder", EmbedOptions, ShardStore, bool], None]
+Runner = Callable[[Catalog, "Encoder", EmbedOptions, ShardStore, bool], None]
 
 
-def check_catalog(items_path: Path, out_dir: Path) -> None:
-    """Refuse a missing or empty catalog, and an output folder inside a catalog folder (its
-    ``errors.jsonl`` would be read as a shard by the next run)."""
-    catalog_files(items_path)
+def check_catalog(items_path: Path, out_dir: Path) -> Catalog:
+    """The catalog at ``items_path``; refuse a missing or empty one, and an output folder inside
+    a catalog folder (its ``errors.jsonl`` would be read as a shard by the next run)."""
+    catalog = Catalog.at(items_path)
     if items_path.is_dir() and out_dir.resolve().is_relative_to(items_path.resolve()):
         raise ConfigError(f"{out_dir}: the output folder is inside the catalog folder "
                           f"{items_path}, whose *.jsonl files are all read as shards; write "
                           f"the outputs elsewhere")
+    return catalog
 
 
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
@@ -183,10 +183,10 @@ def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
     Work is saved in shards as it goes; ``resume`` continues a run that was killed.
     ``runner`` fills the shard store (default: this process; ``embed_ray`` passes a Ray one).
     """
-    check_catalog(items_path, out_dir)
-    store = ShardStore(out_dir, run_fingerprint(items_path, encoder, options), resume)
+    catalog = check_catalog(items_path, out_dir)
+    store = ShardStore(out_dir, run_fingerprint(catalog, encoder, options), resume)
     try:
-        (runner or _run)(items_path, encoder, options, store, progress)
+        (runner or _run)(catalog, encoder, options, store, progress)
     except DataError:  # --strict: the input needs fixing, nothing to resume
         store.remove()
         raise
@@ -233,11 +233,11 @@ class ShardWriter:
         self.shard, self.batches = Shard(), 0
 
 
-def _run(items_path: Path, encoder: Encoder, options: EmbedOptions, store: ShardStore,
+def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: ShardStore,
          progress: bool) -> None:
     start, seen = resume_point(store)
     preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
-    errors = ItemErrors(items_path, options.strict)
+    errors = ItemErrors(catalog.root, options.strict)
     writer = ShardWriter(store, errors, options)
     bar = tqdm(desc="embed", unit="item", disable=not progress, initial=len(seen))
     pending: deque[tuple[list[Item], list[Future]]] = deque()
@@ -249,7 +249,7 @@ def _run(items_path: Path, encoder: Encoder, options: EmbedOptions, store: Shard
         bar.update(len(batch))
         writer.batch_done(batch[-1].position)
 
-    records = read_catalog(items_path, options.limits, start, seen)
+    records = read_catalog(catalog, options.limits, start, seen)
     with ThreadPoolExecutor(options.workers) as pool:
         for batch in batches(records, options.batch_size, errors):
             pending.append((batch, [pool.submit(load_image, preprocess, item)

@@ -34,7 +34,7 @@ from cliper_prod.errors import ConfigError
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
                                         embed_batch, load_image, resume_point)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
-from cliper_prod.features.items import Item, ItemLimits, read_catalog, reread_items
+from cliper_prod.features.items import Catalog, Item, ItemLimits, read_catalog, reread_items
 from cliper_prod.features.shards import Shard, ShardStore
 
 
@@ -51,13 +51,13 @@ class RaySettings:
     precision: str = "fp32"
 
 
-def plan(items_path: Path, options: EmbedOptions, store: ShardStore, errors: ItemErrors
+def plan(catalog: Catalog, options: EmbedOptions, store: ShardStore, errors: ItemErrors
          ) -> list[dict[str, Any]]:
     """The single-process batches after the store's resume point, as re-readable spans (one
     segment per input shard the batch touches, as JSON); bad lines go to ``errors`` now (with
     ``strict``, the first one stops the run here)."""
     start, seen = resume_point(store)
-    records = read_catalog(items_path, options.limits, start, seen)
+    records = read_catalog(catalog, options.limits, start, seen)
     return [{"index": i, "segments": json.dumps([_segment(list(run)) for _, run in
                                                  groupby(batch, key=lambda item: item.file)])}
             for i, batch in enumerate(batches(records, options.batch_size, errors))]
@@ -111,18 +111,18 @@ def ray_runner(bundle_dir: Path, settings: RaySettings):
     except ImportError:
         raise ConfigError("--ray needs Ray: pip install 'cliper-prod[ray]'") from None
 
-    def run(items_path: Path, encoder, options: EmbedOptions, store: ShardStore,
+    def run(catalog: Catalog, encoder, options: EmbedOptions, store: ShardStore,
             progress: bool) -> None:
-        errors = ItemErrors(items_path, options.strict)
+        errors = ItemErrors(catalog.root, options.strict)
         writer = ShardWriter(store, errors, options)
-        spans = plan(items_path, options, store, errors)
+        spans = plan(catalog, options, store, errors)
         started = not ray.is_initialized()
         if started:
             ray.init(address=settings.address, include_dashboard=False, log_to_driver=False)
         try:
             bar = tqdm(desc="embed (ray)", unit="item", disable=not progress,
                        initial=len(resume_point(store)[1]), total=None)
-            stream = _stream(ray, spans, items_path, encoder, options, bundle_dir, settings,
+            stream = _stream(ray, spans, catalog.root, encoder, options, bundle_dir, settings,
                              progress)
             for expected, (index, (part, part_errors, last_position, n)) in enumerate(stream):
                 if index != expected:

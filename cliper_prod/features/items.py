@@ -142,27 +142,36 @@ def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:
         offset = fh.tell()
 
 
-def catalog_files(path: Path) -> list[Path]:
-    """The JSONL files of a catalog: ``path`` itself, or the ``*.jsonl`` files under the folder
-    ``path`` (hidden ones left out) sorted by their relative path."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ConfigError(f"{path}: no such items file or folder")
-    files = sorted((p for p in path.rglob("*.jsonl") if p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-                   key=lambda p: p.relative_to(path).parts)
-    if not files:
-        raise ConfigError(f"{path}: the folder holds no *.jsonl files")
-    return files
+@dataclass(frozen=True)
+class Catalog:
+    """The input of one run: ``root`` (a JSONL file or a folder of shards) and its files, listed
+    once so that the resume fingerprint covers exactly the files the reader reads."""
+
+    root: Path
+    files: tuple[Path, ...]
+
+    @classmethod
+    def at(cls, path: Path) -> Catalog:
+        """``path`` itself, or the ``*.jsonl`` files under the folder ``path`` (hidden ones left
+        out) sorted by their relative path."""
+        if path.is_file():
+            return cls(path, (path,))
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such items file or folder")
+        files = sorted((p for p in path.rglob("*.jsonl") if p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                       key=lambda p: p.relative_to(path).parts)
+        if not files:
+            raise ConfigError(f"{path}: the folder holds no *.jsonl files")
+        return cls(path, tuple(files))
+
+    def shard_name(self, file: Path) -> str | None:
+        """How records name their shard: the path under the catalog folder (None for one
+        file)."""
+        return None if file == self.root else file.relative_to(self.root).as_posix()
 
 
-def shard_name(root: Path, file: Path) -> str | None:
-    """How records name their shard: the path under the catalog folder (None for one file)."""
-    return None if file == root else file.relative_to(root).as_posix()
-
-
-def read_catalog(path: Path, limits: ItemLimits = ItemLimits(), start_position: int = 0,
+def read_catalog(catalog: Catalog, limits: ItemLimits = ItemLimits(), start_position: int = 0,
                  seen: set[str] | None = None) -> Iterator[Item | ItemError]:
     """Stream a catalog (one JSONL file or a folder of shards) as one sequence of records.
 
@@ -171,9 +180,9 @@ def read_catalog(path: Path, limits: ItemLimits = ItemLimits(), start_position: 
     """
     seen = set() if seen is None else seen
     base = 0
-    for file in catalog_files(path):
+    for file in catalog.files:
         base += yield from read_items(file, limits, start_position - base, seen,
-                                      shard_name(path, file), base)
+                                      catalog.shard_name(file), base)
 
 
 def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 0,
