@@ -6,9 +6,12 @@ epoch time. MMRec's figures are passed in (``--reference`` JSON: {"recall@20": .
 optionally "std" and "per_seed": {seed: {metrics, "epochs_run"}}) from its own runs on the same
 data with the same hyper-parameters. ``--runs-from`` re-reports runs of earlier invocations
 (their JSON) instead of training, so seeds trained in several sittings make one table.
+``--workdir`` trains each seed into its own folder there: a seed that was interrupted resumes
+from its last finished epoch, and a finished one is read back instead of trained again.
 
     python benchmarks/parity.py --backbone freedom --data DIR --seeds 999 1 2 --reference ref.json
     python benchmarks/parity.py --backbone vbpr --data DIR --runs-from a.json b.json --reference ref.json
+    python benchmarks/parity.py --backbone mmgcn --data DIR --seeds 999 --workdir /tmp/parity-mmgcn
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from _report import report
 from cliper_prod import __version__
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
-from cliper_prod.training import train_model
+from cliper_prod.io import write_json
+from cliper_prod.training import STATE_DIR, train_model
 
 SHOWN = ("recall@10", "recall@20", "recall@50", "ndcg@10", "ndcg@20", "ndcg@50")
 
@@ -41,11 +45,14 @@ def main() -> None:
     parser.add_argument("--runs-from", type=Path, nargs="+",
                         help="reuse the runs of these result JSONs (same backbone) instead of "
                              "training; --seeds is then ignored")
+    parser.add_argument("--workdir", type=Path,
+                        help="train each seed into WORKDIR/seed-S, resumable after an "
+                             "interruption; finished seeds are read back, not retrained")
     parser.add_argument("--out", type=Path, help="[default: benchmarks/results/<backbone>_parity]")
     args = parser.parse_args()
     out = args.out or Path(f"benchmarks/results/{args.backbone}_parity")
     runs = reused_runs(args.runs_from, args.backbone) if args.runs_from else \
-        train_runs(args.backbone, args.data, args.seeds)
+        train_runs(args.backbone, args.data, args.seeds, args.workdir)
     mean = {k: statistics.mean(r["test"][k] for r in runs) for k in SHOWN}
     std = {k: statistics.pstdev(r["test"][k] for r in runs) for k in SHOWN}
     summary = {"backbone": args.backbone, "config": load_config(args.backbone),
@@ -92,19 +99,33 @@ def reference_rows(ref: dict) -> list[str]:
     return rows
 
 
-def train_runs(backbone: str, data_dir: Path, seeds: list[int]) -> list[dict]:
-    """One early-stopped training per seed with the packaged defaults."""
+def train_runs(backbone: str, data_dir: Path, seeds: list[int],
+               workdir: Path | None = None) -> list[dict]:
+    """One early-stopped training per seed with the packaged defaults (resumable per seed in
+    ``workdir``)."""
     data = load_dataset(data_dir)
     runs = []
     for seed in seeds:
+        out_dir = workdir / f"seed-{seed}" if workdir is not None else None
+        record = out_dir / "parity_run.json" if out_dir is not None else None
+        if record is not None and record.exists():
+            runs.append(json.loads(record.read_text()))
+            print(f"seed {seed}: read back from {record}", flush=True)
+            continue
         config = load_config(backbone, overrides={"train": {"seed": seed}})
+        resumed = out_dir is not None and (out_dir / STATE_DIR).exists()
         start = time.perf_counter()
-        result = train_model(backbone, data, config, out_dir=None, progress=False)
-        runs.append({"seed": seed, "best_epoch": result.best_epoch,
-                     "epochs_run": len(result.history), "valid": result.valid,
-                     "test": result.test, "wall_s": time.perf_counter() - start,
-                     "train_epoch_median_s": statistics.median(h["train_s"]
-                                                               for h in result.history)})
+        result = train_model(backbone, data, config, out_dir=out_dir, progress=False,
+                             resume=True)
+        run = {"seed": seed, "best_epoch": result.best_epoch,
+               "epochs_run": len(result.history), "valid": result.valid, "test": result.test,
+               "wall_s": time.perf_counter() - start, "resumed": resumed,
+               "train_epoch_median_s": statistics.median(h["train_s"] for h in result.history),
+               "valid_recall@20_per_epoch": [round(h["valid"]["recall@20"], 5)
+                                             for h in result.history]}
+        if record is not None:
+            write_json(record, run)
+        runs.append(run)
         print(f"seed {seed}: best epoch {result.best_epoch}/{len(result.history)}, test "
               f"recall@20 {result.test['recall@20']:.4f} ndcg@20 {result.test['ndcg@20']:.4f}",
               flush=True)
