@@ -108,16 +108,20 @@ def train_runs(backbone: str, data_dir: Path, seeds: list[int],
     for seed in seeds:
         out_dir = workdir / f"seed-{seed}" if workdir is not None else None
         record = out_dir / "parity_run.json" if out_dir is not None else None
+        config = load_config(backbone, overrides={"train": {"seed": seed}})
         if record is not None and record.exists():
-            runs.append(json.loads(record.read_text()))
+            run = json.loads(record.read_text())
+            if run.get("config") != config:
+                raise SystemExit(f"{record}: trained with other settings than "
+                                 f"models/{backbone}.toml now has; delete {out_dir} to retrain")
+            runs.append(run)
             print(f"seed {seed}: read back from {record}", flush=True)
             continue
-        config = load_config(backbone, overrides={"train": {"seed": seed}})
         resumed = out_dir is not None and (out_dir / STATE_DIR).exists()
         start = time.perf_counter()
         result = train_model(backbone, data, config, out_dir=out_dir, progress=False,
                              resume=True)
-        run = {"seed": seed, "best_epoch": result.best_epoch,
+        run = {"seed": seed, "config": config, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "valid": result.valid, "test": result.test,
                "wall_s": time.perf_counter() - start, "resumed": resumed,
                "train_epoch_median_s": statistics.median(h["train_s"] for h in result.history),
