@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cliper_prod.errors import CliperError
+from cliper_prod.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,12 +23,6 @@ TOPK_GRAPH = "topk"
 TOKENIZER = "tokenizer.json"
 USER_IDS = "user_ids.txt"
 ITEM_IDS = "item_ids.txt"
-
-
-class BundleError(CliperError):
-    """A bundle is missing, incomplete, tampered with, or of a format this version can't read."""
-
-    exit_code = 7
 
 
 def sha256_file(path: Path) -> str:

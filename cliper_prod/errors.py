@@ -1,4 +1,9 @@
-"""Errors the CLI turns into one-line messages and documented exit codes, never tracebacks."""
+"""Every error the CLI turns into one line ``error: ...`` and a documented exit code.
+
+One class per exit code (README's exit-code table is tested against :data:`EXIT_CODES`), so a
+reader finds every way a command can fail in this one module, and a new stage reuses a code
+instead of inventing one.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ class CliperError(Exception):
     """Base class: a problem the user can fix; ``exit_code`` is what the CLI exits with."""
 
     exit_code = 1
+
+
+class ConfigError(CliperError):
+    """A configuration file or option is invalid, or an interrupted run's state is in the way."""
+
+    exit_code = 2
 
 
 class DataError(CliperError):
@@ -22,13 +33,59 @@ class DataError(CliperError):
         self.problem = problem
 
 
-class ConfigError(CliperError):
-    """A configuration file or option is invalid."""
-
-    exit_code = 2
-
-
 class CheckpointError(CliperError):
     """A checkpoint folder is missing, incomplete or does not fit the data."""
 
     exit_code = 4
+
+
+class TrainingDiverged(CliperError):
+    """The training loss became NaN or infinite."""
+
+    exit_code = 5
+
+
+class ModelLoadError(CliperError):
+    """A CLIP checkpoint (local folder or hub id) could not be loaded."""
+
+    exit_code = 6
+
+
+class ConversionError(ModelLoadError):
+    """An OpenAI-format CLIP / Long-CLIP checkpoint could not be converted."""
+
+
+class BundleError(CliperError):
+    """A bundle is missing, incomplete, tampered with, or of a format this version can't read."""
+
+    exit_code = 7
+
+
+class ExportError(CliperError):
+    """Export could not produce a graph that matches the PyTorch model."""
+
+    exit_code = 8
+
+
+class RuntimeSetupError(CliperError):
+    """ONNX Runtime is missing, or cannot run a graph on the requested device."""
+
+    exit_code = 9
+
+
+INTERRUPTED = 130
+
+#: exit code -> what it means, as README's table states it.
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    CliperError.exit_code: "unexpected failure",
+    ConfigError.exit_code: "bad option or configuration",
+    DataError.exit_code: "bad input data",
+    CheckpointError.exit_code: "bad checkpoint",
+    TrainingDiverged.exit_code: "training diverged",
+    ModelLoadError.exit_code: "a CLIP checkpoint could not be loaded",
+    BundleError.exit_code: "bad bundle",
+    ExportError.exit_code: "export failed",
+    RuntimeSetupError.exit_code: "ONNX Runtime missing or the device unavailable",
+    INTERRUPTED: "interrupted",
+}

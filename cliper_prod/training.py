@@ -24,17 +24,13 @@ from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
 from cliper_prod.config import TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.data.sampling import BPRSampler
-from cliper_prod.errors import CliperError, ConfigError
+from cliper_prod.errors import ConfigError, TrainingDiverged
 from cliper_prod.evaluation import RankingTask, evaluate_ranking
 from cliper_prod.io import write_json
 from cliper_prod.plotting import plot_training_curve
 
 
 STATE_DIR = ".train-state"
-
-
-class TrainingDiverged(CliperError):
-    exit_code = 5
 
 
 @dataclass

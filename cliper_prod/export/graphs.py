@@ -17,17 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cliper_prod.errors import CliperError
+from cliper_prod.errors import ExportError
 
 FP32_BOUND = {"min_cosine": 0.99999, "max_abs": 1e-4}
 FP16_BOUND = {"min_cosine": 0.999, "max_abs": None}
 DEFAULT_OPSET = 18
-
-
-class ExportError(CliperError):
-    """Export could not produce a graph that matches the PyTorch model."""
-
-    exit_code = 8
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.errors import CliperError
+from cliper_prod.errors import ModelLoadError
 from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
-
-
-class ModelLoadError(CliperError):
-    exit_code = 6
 
 
 class ImageTower(nn.Module):

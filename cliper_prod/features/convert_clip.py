@@ -18,16 +18,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cliper_prod.errors import CliperError
+from cliper_prod.errors import ConversionError
 from cliper_prod.features.image_preprocess import CLIP_MEAN, CLIP_STD
 
 LONGCLIP_KEEP = 20  # Long-CLIP keeps the first 20 of CLIP's text positions
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt")
-
-
-class ConversionError(CliperError):
-    exit_code = 6
 
 
 def _layers(sd: dict[str, Tensor], prefix: str) -> int:

@@ -6,7 +6,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cliper_prod.bundle_format import BundleError, read_manifest
+from cliper_prod.bundle_format import read_manifest
+from cliper_prod.errors import BundleError
 from cliper_prod.runtime.sessions import Graph, choose_providers
 
 

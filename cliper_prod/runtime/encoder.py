@@ -11,7 +11,8 @@ from functools import cached_property
 
 import numpy as np
 
-from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER, BundleError
+from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER
+from cliper_prod.errors import BundleError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
 from cliper_prod.features.views import ViewSpec

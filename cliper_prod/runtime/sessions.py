@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cliper_prod.errors import CliperError
+from cliper_prod.errors import RuntimeSetupError
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class RuntimeSetupError(CliperError):
-    """ONNX Runtime is missing, or cannot run a graph on the requested device."""
-
-    exit_code = 9
 
 
 def _ort():
