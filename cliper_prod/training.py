@@ -2,22 +2,28 @@
 
 The test split is evaluated once, with the weights of the best validation epoch: model selection
 never sees test (MMRec picks grid points on test, enoche/MMRec#64; this package does not).
+
+:func:`fit` runs a :class:`Trainer`, which builds the model, optimiser, scheduler, random
+generators and sampler from the config, then per epoch trains (:meth:`Trainer.train_epoch`),
+validates (:meth:`Trainer.valid_epoch`), applies early stopping (:meth:`TrainState.end_epoch`)
+and, when asked, saves everything the next epoch depends on (:meth:`Trainer.save`), so that an
+interrupted run resumes (:meth:`Trainer.restore`) to the uninterrupted run's result.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cliper_prod.backbones import Recommender, create_model
 from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
@@ -28,7 +34,9 @@ from cliper_prod.errors import ConfigError, TrainingDiverged
 from cliper_prod.evaluation import RankingTask, evaluate_ranking
 from cliper_prod.io import write_json
 from cliper_prod.plotting import plot_training_curve
+from cliper_prod.progress import progress_bar
 
+log = logging.getLogger(__name__)
 
 STATE_DIR = ".train-state"
 
@@ -55,6 +63,53 @@ class TrainResult:
     grid: list[dict] | None = None  # every grid point's overrides and best valid metrics
 
 
+@dataclass
+class TrainState:
+    """What decides the next epoch besides the weights, the optimiser and the random generators.
+
+    The fields are saved under their own names after every epoch (:meth:`to_saved`), so that
+    :meth:`from_saved` continues an interrupted run exactly where it stopped.
+    """
+
+    #: one record per finished epoch: epoch, loss, train_s, eval_s and the valid metrics
+    history: list[dict] = field(default_factory=list)
+    #: the best value of the validation metric so far; improving on it resets ``stale``
+    best_value: float = -math.inf
+    #: the first epoch that reached ``best_value``; -1 before the first epoch
+    best_epoch: int = -1
+    #: the weights after ``best_epoch``: what the run returns
+    best_state: dict[str, torch.Tensor] | None = None
+    #: epochs since the last improvement; more than ``patience`` of them stop the run
+    stale: int = 0
+    #: the last finished epoch; the next one to run is ``epoch + 1`` (-1: none ran yet)
+    epoch: int = -1
+    #: early stopping or the last epoch ended the run: no epoch is left to run
+    finished: bool = False
+
+    def end_epoch(self, record: dict, model: Recommender, settings: TrainSettings) -> bool:
+        """Record a finished epoch and apply early stopping; True when it is a new best."""
+        self.history.append(record)
+        self.epoch = record["epoch"]
+        value = record["valid"][settings.valid_metric]
+        improved = value > self.best_value
+        if improved:
+            self.best_value, self.best_epoch, self.stale = value, self.epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.stale += 1
+        self.finished = self.stale > settings.patience or self.epoch == settings.epochs - 1
+        return improved
+
+    def to_saved(self) -> dict:
+        """The fields as the state file holds them, next to the weights and generators."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainState:
+        """The state that :meth:`to_saved` wrote into ``saved``."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -79,6 +134,7 @@ def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSetting
 
 
 def _load_state(path: Path, config: dict) -> dict | None:
+    """The state saved at ``path``, None without one; a state of other settings is refused."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,6 +142,116 @@ def _load_state(path: Path, config: dict) -> dict | None:
         raise ConfigError(f"{path}: the interrupted run had other settings; resume with the "
                           f"same options, or delete {path.parent} to start over")
     return state
+
+
+def _epoch_line(record: dict, metric: str, improved: bool) -> str:
+    """The one line logged per epoch; ``*`` marks a new best."""
+    return (f"epoch {record['epoch']:4d}  loss {record['loss']:.4f}  valid {metric} "
+            f"{record['valid'][metric]:.4f}{'  *' if improved else ''}  "
+            f"({record['train_s']:.1f}s + {record['eval_s']:.1f}s)")
+
+
+class Trainer:
+    """One backbone trained on one config: the objects built from it and the steps of an epoch.
+
+    Every random draw (torch's global generator, the sampler's and the graph generator) happens
+    in the same order in an uninterrupted and in a resumed run; keep it so when changing a step.
+    """
+
+    def __init__(self, backbone: str, data: InteractionData, config: dict,
+                 progress: bool = True) -> None:
+        """Build the model, optimiser, scheduler, generators and sampler, seeded first."""
+        settings = build(TrainSettings, config["train"], "train")
+        if max(settings.topk) > data.n_items:
+            raise ConfigError(f"topk {list(settings.topk)} asks for more items than the dataset "
+                              f"has ({data.n_items})")
+        seed_everything(settings.seed)
+        self.config, self.settings, self.progress = config, settings, progress
+        self.model = create_model(backbone, data, config["model"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate,
+                                          weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda e: settings.lr_decay ** (e / settings.lr_decay_epochs))
+        self.sampler_rng = np.random.default_rng(settings.seed)
+        self.graph_rng = torch.Generator().manual_seed(settings.seed)
+        self.sampler = BPRSampler(data.train, data.n_items, settings.batch_size,
+                                  self.sampler_rng)
+        self.valid_task = ranking_tasks(data)["valid"]
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over freshly sampled BPR batches and a scheduler step; the mean loss."""
+        self.model.train()
+        self.model.pre_epoch(self.graph_rng)
+        total = 0.0
+        bar = progress_bar(self.sampler.epoch(), enabled=self.progress, total=len(self.sampler),
+                           desc=f"epoch {epoch}", leave=False, unit="batch")
+        for users, pos, neg in bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model.loss(users, pos, neg)
+            loss.backward()
+            self.optimizer.step()
+            value = loss.item()
+            total += value
+            bar.set_postfix(loss=f"{value:.4f}")
+        self.scheduler.step()
+        mean_loss = total / len(self.sampler)
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
+                                   f"learning rate")
+        return mean_loss
+
+    def valid_epoch(self) -> dict[str, float]:
+        """The current weights' metrics on the validation split (never test)."""
+        return evaluate_model(self.model, self.valid_task, self.settings)
+
+    def run_epoch(self, state: TrainState) -> None:
+        """Train and validate the epoch after ``state.epoch`` and record it in ``state``."""
+        epoch = state.epoch + 1
+        start = time.perf_counter()
+        loss = self.train_epoch(epoch)
+        train_s = time.perf_counter() - start
+        valid = self.valid_epoch()
+        record = {"epoch": epoch, "loss": loss, "train_s": train_s,
+                  "eval_s": time.perf_counter() - start - train_s, "valid": valid}
+        improved = state.end_epoch(record, self.model, self.settings)
+        if self.progress:
+            log.info(_epoch_line(record, self.settings.valid_metric, improved))
+
+    def save(self, path: Path, state: TrainState) -> None:
+        """Write ``state`` with the weights, optimiser, scheduler and generators, atomically."""
+        save_torch(path, {
+            "config": self.config, **state.to_saved(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler_rng": json.dumps(self.sampler_rng.bit_generator.state),
+            "graph_rng": self.graph_rng.get_state(), "torch_rng": torch.get_rng_state()})
+
+    def restore(self, path: Path) -> TrainState:
+        """Load what :meth:`save` wrote at ``path``; a fresh state when nothing is there."""
+        saved = _load_state(path, self.config)
+        if saved is None:
+            return TrainState()
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.sampler_rng.bit_generator.state = json.loads(saved["sampler_rng"])
+        self.graph_rng.set_state(saved["graph_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = TrainState.from_saved(saved)
+        if self.progress:
+            log.info(f"resuming after epoch {state.epoch} ({path})")
+        return state
+
+    def fit(self, state_path: Path | None = None) -> FitResult:
+        """Run epochs until early stopping or the last one; return the best epoch's model."""
+        state = self.restore(state_path) if state_path is not None else TrainState()
+        while not state.finished:
+            self.run_epoch(state)
+            if state_path is not None:
+                self.save(state_path, state)
+        self.model.load_state_dict(state.best_state)
+        return FitResult(self.model, state.best_epoch, state.history[state.best_epoch]["valid"],
+                         state.history, self.config)
 
 
 def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True,
@@ -97,86 +263,7 @@ def fit(backbone: str, data: InteractionData, config: dict, progress: bool = Tru
     and a run that finds it continues after the last saved epoch with the same result as an
     uninterrupted one.
     """
-    settings = build(TrainSettings, config["train"], "train")
-    if max(settings.topk) > data.n_items:
-        raise ConfigError(f"topk {list(settings.topk)} asks for more items than the dataset has "
-                          f"({data.n_items})")
-    seed_everything(settings.seed)
-    model = create_model(backbone, data, config["model"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate,
-                                 weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: settings.lr_decay ** (e / settings.lr_decay_epochs))
-    rng = np.random.default_rng(settings.seed)
-    graph_rng = torch.Generator().manual_seed(settings.seed)
-    sampler = BPRSampler(data.train, data.n_items, settings.batch_size, rng)
-    valid_task = ranking_tasks(data)["valid"]
-
-    history: list[dict] = []
-    best_value, best_epoch, best_state, stale, first, finished = -math.inf, -1, None, 0, 0, False
-    saved = _load_state(state_path, config) if state_path else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        rng.bit_generator.state = json.loads(saved["sampler_rng"])
-        graph_rng.set_state(saved["graph_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        history, best_state = saved["history"], saved["best_state"]
-        best_value, best_epoch, stale = saved["best_value"], saved["best_epoch"], saved["stale"]
-        first, finished = saved["epoch"] + 1, saved["finished"]
-        if progress:
-            tqdm.write(f"resuming after epoch {saved['epoch']} ({state_path})")
-    for epoch in range(first, 0 if finished else settings.epochs):
-        start = time.perf_counter()
-        model.train()
-        model.pre_epoch(graph_rng)
-        total = 0.0
-        bar = tqdm(sampler.epoch(), total=len(sampler), desc=f"epoch {epoch}", leave=False,
-                   disable=not progress, unit="batch")
-        for users, pos, neg in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss = model.loss(users, pos, neg)
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        scheduler.step()
-        mean_loss = total / len(sampler)
-        if not math.isfinite(mean_loss):
-            raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
-                                   f"learning rate")
-        train_s = time.perf_counter() - start
-        valid = evaluate_model(model, valid_task, settings)
-        record = {"epoch": epoch, "loss": mean_loss, "train_s": train_s,
-                  "eval_s": time.perf_counter() - start - train_s, "valid": valid}
-        history.append(record)
-        value = valid[settings.valid_metric]
-        improved = value > best_value
-        if improved:
-            best_value, best_epoch, stale = value, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        if progress:
-            tqdm.write(f"epoch {epoch:4d}  loss {mean_loss:.4f}  valid {settings.valid_metric} "
-                       f"{value:.4f}{'  *' if improved else ''}  ({train_s:.1f}s + "
-                       f"{record['eval_s']:.1f}s)")
-        finished = stale > settings.patience or epoch == settings.epochs - 1
-        if state_path is not None:
-            save_torch(state_path, {
-                "config": config, "epoch": epoch, "finished": finished,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler_rng": json.dumps(rng.bit_generator.state),
-                "graph_rng": graph_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                "history": history, "best_state": best_state, "best_value": best_value,
-                "best_epoch": best_epoch, "stale": stale})
-        if finished:
-            break
-
-    model.load_state_dict(best_state)
-    return FitResult(model, best_epoch, history[best_epoch]["valid"], history, config)
+    return Trainer(backbone, data, config, progress).fit(state_path)
 
 
 def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
@@ -214,7 +301,7 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
         summary.append({"overrides": point, "best_epoch": result.best_epoch,
                         "valid": result.valid})
         if progress and grid:
-            tqdm.write(f"grid point {point}: valid {metric} {result.valid[metric]:.4f}")
+            log.info(f"grid point {point}: valid {metric} {result.valid[metric]:.4f}")
         if best is None or result.valid[metric] > best.valid[metric]:
             best = result
     assert best is not None

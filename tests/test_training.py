@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,18 @@ def test_cli_grid_rejects_unknown_keys(toy_dataset: Path) -> None:
     res = CliRunner().invoke(cli, ["train", "--data", str(toy_dataset),
                                    "--grid", "model.reg=0,1"])
     assert res.exit_code == 2 and "unknown key [model] reg" in res.stderr
+
+
+def test_progress_lines_go_to_the_log_only_when_asked(toy_dataset: Path, caplog, capsys) -> None:
+    data = load_dataset(toy_dataset)
+    cfg = fast_config("freedom", epochs=2)
+    caplog.set_level(logging.INFO, logger="cliper_prod.training")
+    training.train_model("freedom", data, cfg, progress=False, grid={"model.reg_weight": [0.0]})
+    assert caplog.messages == []
+    training.train_model("freedom", data, cfg, progress=True, grid={"model.reg_weight": [0.0]})
+    first, second, point = caplog.messages
+    assert first.startswith("epoch    0  loss ") and "  valid recall@10 " in first
+    assert first.endswith("s)") and "  *  (" in first  # the first epoch is always a new best
+    assert second.startswith("epoch    1  loss ")
+    assert point.startswith("grid point {'model': {'reg_weight': 0.0}}: valid recall@10 ")
+    assert capsys.readouterr().out == ""  # library code logs; only the CLI prints
