@@ -28,7 +28,8 @@ from PIL import Image
 from _report import report
 
 from cliper_prod import __version__
-from cliper_prod.export.bundle import FeatureSettings, export_features, write_manifest
+from cliper_prod.export.bundle import (FeatureSettings, GraphOptions, export_features,
+                                       write_manifest)
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.views import ViewSpec
@@ -107,7 +108,8 @@ def main() -> None:
         spec = ViewSpec()
         settings = FeatureSettings(str(folder), True, "sa", 0.1, spec)
         start = time.perf_counter()
-        graphs, features = export_features(settings, tmp / "bundle", torchscript=False)
+        graphs, features = export_features(settings, tmp / "bundle",
+                                            GraphOptions(torchscript=False))
         export_s = time.perf_counter() - start
         write_manifest(tmp / "bundle", graphs, features, 18, None, None)
         bundle = Bundle(tmp / "bundle", device="auto")

@@ -20,7 +20,7 @@ from pathlib import Path
 from _report import report
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
-from cliper_prod.features.embed_ray import RaySettings, ray_runner
+from cliper_prod.runtime.embed_ray import RaySettings, ray_runner
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 

@@ -1,5 +1,5 @@
 """``python -m cliper_prod`` runs the CLI."""
 
-from cliper_prod.cli import main
+from cliper_prod.commands import main
 
 main()

@@ -12,24 +12,23 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.io import atomic_path, write_json, write_text
+from cliper_prod.progress import progress_bar
 from cliper_prod.training import train_model
 
 VARIANTS = ("vanilla", "cliper")
 
 
-def compare_backbones(data_dir: Path, features: dict[str, Path | None], backbones: list[str],
-                      seeds: list[int], overrides: dict | None = None, progress: bool = True
-                      ) -> dict:
+def compare_backbones(data_dir: Path, features: dict[str, Path | None], *,
+                      backbones: list[str], seeds: list[int], overrides: dict | None = None,
+                      progress: bool = True) -> dict:
     """Train backbone x variant x seed; return per-run test metrics and their summaries."""
     datasets = {v: load_dataset(data_dir, features_dir=features[v]) for v in VARIANTS}
     runs = []
     jobs = [(b, v, s) for b in backbones for v in VARIANTS for s in seeds]
-    for backbone, variant, seed in tqdm(jobs, desc="compare", disable=not progress, unit="run"):
+    for backbone, variant, seed in progress_bar(jobs, desc="compare", enabled=progress, unit="run"):
         config = load_config(backbone, overrides={**(overrides or {}),
                                                   "train": {**(overrides or {}).get("train", {}),
                                                             "seed": seed}})

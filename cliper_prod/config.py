@@ -1,7 +1,9 @@
-"""Hyper-parameters: the backbone's TOML defaults in ``models/`` merged with a user's file.
+"""Hyper-parameters: the packaged TOML defaults in ``models/`` merged with a user's file.
 
-A user file holds the same ``[model]`` / ``[train]`` sections with any subset of keys; an unknown
-section or key is an error (a typo must not silently train with the default).
+The defaults of a backbone are its ``models/<backbone>.toml`` (``[model]``, and the few
+``[train]`` keys it changes) over ``models/train.toml`` (the ``[train]`` section every backbone
+shares). A user file holds the same ``[model]`` / ``[train]`` sections with any subset of keys;
+an unknown section or key is an error (a typo must not silently train with the default).
 """
 
 from __future__ import annotations
@@ -48,20 +50,28 @@ class TrainSettings:
             raise ConfigError(f"valid_metric {self.valid_metric} needs K={k} in topk {self.topk}")
 
 
-def available_backbones() -> list[str]:
-    """Backbones with a packaged preset (import-light: the CLI builds its choices from this
-    without importing torch)."""
-    return sorted(p.name.removesuffix(".toml")
-                  for p in resources.files("cliper_prod.presets").iterdir()
-                  if p.name.endswith(".toml"))
+TRAIN_PRESET = "train"  # models/train.toml: the [train] defaults that every backbone shares
+
+
+def _packaged(name: str) -> Path:
+    return Path(str(resources.files("cliper_prod.presets") / f"{name}.toml"))
 
 
 def preset_path(backbone: str) -> Path:
     """The packaged default file of a backbone (``models/<backbone>.toml`` in a checkout)."""
-    path = Path(str(resources.files("cliper_prod.presets") / f"{backbone}.toml"))
-    if not path.exists():
+    path = _packaged(backbone)
+    if backbone == TRAIN_PRESET or not path.exists():
         raise ConfigError(f"no default hyper-parameters for backbone {backbone!r} ({path})")
     return path
+
+
+def preset(backbone: str) -> dict[str, dict[str, Any]]:
+    """The packaged defaults of ``backbone``: its own [model], and the shared [train] with the
+    keys its file overrides."""
+    path = preset_path(backbone)
+    own = read_toml(path)
+    shared = {"model": own["model"], "train": read_toml(_packaged(TRAIN_PRESET))["train"]}
+    return merge(shared, {"train": own["train"]}, str(path))
 
 
 def read_toml(path: Path) -> dict[str, dict[str, Any]]:
@@ -94,7 +104,7 @@ def merge(defaults: dict[str, dict[str, Any]], override: dict[str, dict[str, Any
 def load_config(backbone: str, user_file: Path | None = None,
                 overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Defaults of ``backbone``, then ``user_file``, then command-line ``overrides``."""
-    config = read_toml(preset_path(backbone))
+    config = preset(backbone)
     if user_file is not None:
         config = merge(config, read_toml(user_file), str(user_file))
     if overrides:

@@ -86,6 +86,6 @@ EXIT_CODES: dict[int, str] = {
     ModelLoadError.exit_code: "a CLIP checkpoint could not be loaded",
     BundleError.exit_code: "bad bundle",
     ExportError.exit_code: "export failed",
-    RuntimeSetupError.exit_code: "ONNX Runtime missing or the device unavailable",
+    RuntimeSetupError.exit_code: "ONNX Runtime missing",
     INTERRUPTED: "interrupted",
 }

@@ -6,9 +6,10 @@ catalog -> CLIP features (a small random-weight CLIP built from a config) -> FRE
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-
-import click
+from typing import Iterator
 
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
@@ -17,7 +18,10 @@ from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import embed_catalog
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE
+from cliper_prod.fusion_modes import EXTRACTION_FUSIONS
 from cliper_prod.training import train_model
+
+log = logging.getLogger(__name__)
 
 
 def catalog_texts(catalog: Path) -> list[str]:
@@ -35,17 +39,17 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
     catalog = workdir / "catalog"
     if not (catalog / "synthetic.inter").exists():
         generate_catalog(catalog, SyntheticSpec())
-    click.echo(f"[1/5] catalog: {load_dataset(catalog).summary()} ({catalog})")
+    log.info(f"[1/5] catalog: {load_dataset(catalog).summary()} ({catalog})")
 
     clip_dir = workdir / "tiny-clip"
     if not (clip_dir / "config.json").exists():
         build_tiny_clip(clip_dir, catalog_texts(catalog))
     summary = embed_catalog(catalog / "items.jsonl", ClipTowers(clip_dir), catalog / "cliper",
                             progress=progress)
-    click.echo(f"[2/5] CLIPER features: {summary['embedded']} items, {len(summary['views'])} views, "
-               f"fusion {summary['fusion']}, {summary['skipped']} skipped -> {catalog / 'cliper'}"
-               f"\n      CLIP: a small CLIP built from a config with RANDOM weights ({clip_dir}): "
-               f"the features prove the plumbing, not semantic quality")
+    log.info(f"[2/5] CLIPER features: {summary['embedded']} items, {len(summary['views'])} views, "
+             f"fusion {summary['fusion']}, {summary['skipped']} skipped -> {catalog / 'cliper'}"
+             f"\n      CLIP: a small CLIP built from a config with RANDOM weights ({clip_dir}): "
+             f"the features prove the plumbing, not semantic quality")
 
     data = load_dataset(catalog, features_dir=catalog / "cliper")
     config = load_config("freedom")
@@ -53,9 +57,9 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
         config["train"]["epochs"] = max_epochs
     out = workdir / "freedom-cliper"
     result = train_model("freedom", data, config, out, progress=progress)
-    click.echo(f"[3/5] FREEDOM trained on CLIPER features: best epoch {result.best_epoch}, valid "
-               f"recall@20 {result.valid['recall@20']:.4f}, test recall@20 "
-               f"{result.test['recall@20']:.4f}, ndcg@20 {result.test['ndcg@20']:.4f} -> {out}")
+    log.info(f"[3/5] FREEDOM trained on CLIPER features: best epoch {result.best_epoch}, valid "
+             f"recall@20 {result.valid['recall@20']:.4f}, test recall@20 "
+             f"{result.test['recall@20']:.4f}, ndcg@20 {result.test['ndcg@20']:.4f} -> {out}")
     bundle = _export_and_serve(workdir, out, catalog, progress)
     return {"valid": result.valid, "test": result.test, "checkpoint": str(out),
             "bundle": str(bundle)}
@@ -70,11 +74,12 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     from cliper_prod.runtime.topk import recommend_to_file
 
     bundle_dir = workdir / "bundle"
-    manifest = export_bundle(checkpoint, "freedom", bundle_dir, log=lambda m: None)
+    with _quiet("cliper_prod.export"):  # the demo reports the export in one line
+        manifest = export_bundle(checkpoint, backbone="freedom", out=bundle_dir)
     worst = min(p["min_cosine"] for g in manifest["graphs"].values()
                 for v, p in g["parity"].items() if v != "onnx_fp16")
-    click.echo(f"[4/5] exported {len(manifest['graphs'])} graphs (ONNX fp32 + fp16, TorchScript); "
-               f"parity with PyTorch: worst fp32 cosine {worst:.7f} -> {bundle_dir}")
+    log.info(f"[4/5] exported {len(manifest['graphs'])} graphs (ONNX fp32 + fp16, TorchScript); "
+             f"parity with PyTorch: worst fp32 cosine {worst:.7f} -> {bundle_dir}")
     bundle = Bundle(bundle_dir)
     encoder = OnnxEncoder(bundle)
     options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau)
@@ -85,14 +90,26 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     recs = workdir / "recs.jsonl"
     recommend_to_file(bundle, users, recs, k=10)
     first = json.loads(recs.read_text().splitlines()[0])
-    click.echo(f"[5/5] ONNX Runtime ({bundle.providers[0]}): embedded {summary['embedded']} items "
-               f"-> {workdir / 'features-onnx'}; top-10 for 5 users -> {recs} (user "
-               f"{first['user_id']}: {', '.join(first['items'][:3])}, ...)")
+    log.info(f"[5/5] ONNX Runtime ({bundle.providers[0]}): embedded {summary['embedded']} items "
+             f"-> {workdir / 'features-onnx'}; top-10 for 5 users -> {recs} (user "
+             f"{first['user_id']}: {', '.join(first['items'][:3])}, ...)")
     return bundle_dir
 
 
-def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path,
-                        modes: tuple[str, ...] = ("sa", "sum", "concat"),
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Hold ``logger`` to warnings for the duration."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path, *,
+                        modes: tuple[str, ...] = EXTRACTION_FUSIONS,
                         backbone: str = "freedom", overrides: dict | None = None,
                         random_init: bool = False, progress: bool = True) -> list[dict]:
     """Embed ``items`` with each fusion mode and train ``backbone`` on each; one row per mode.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from cliper_prod.config import load_config
 
 
 def write_inter(folder: Path, rows: list[tuple], header: str = "userID\titemID\tx_label",
@@ -34,6 +35,11 @@ def toy_rows(n_users: int = 30, n_items: int = 20, per_user: int = 8, seed: int 
     return rows
 
 
+def model_config(backbone: str, **model) -> dict:
+    """The packaged [model] defaults of ``backbone`` with ``model``'s keys changed."""
+    return {**load_config(backbone)["model"], **model}
+
+
 @pytest.fixture
 def toy_dataset(tmp_path: Path) -> Path:
     """A 30-user, 20-item folder with 16-d image and 8-d text features."""
@@ -48,8 +54,7 @@ def toy_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory) -> dict[str, Path]:
     """Synthetic catalog -> tiny random CLIP -> embed (PyTorch) -> FREEDOM -> bundle."""
-    from cliper_prod.cli import cli
-    from cliper_prod.config import load_config
+    from cliper_prod.commands import cli
     from cliper_prod.data.mmrec import load_dataset
     from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
     from cliper_prod.features.clip_towers import ClipTowers

@@ -17,6 +17,7 @@ from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import InteractionData, load_dataset
 from cliper_prod.graph import co_occurrence_neighbours, mean_adjacency
 from cliper_prod.training import train_model
+from tests.conftest import model_config
 
 # user 4 shares no item with anyone; user 3 has two neighbours; many ties in the co-counts
 TRAIN = np.array([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 1), (2, 2), (2, 3), (3, 3),
@@ -31,10 +32,6 @@ def tiny_data(text_views: int | None = None) -> InteractionData:
     splits = {"train": TRAIN, "valid": TRAIN[:2], "test": TRAIN[:2]}
     return InteractionData("tiny", Path("."), N_USERS, N_ITEMS, splits, features,
                            text_views=text_views)
-
-
-def model_config(backbone: str, **model) -> dict:
-    return {**load_config(backbone)["model"], **model}
 
 
 def neighbour_lists() -> dict[int, list[int]]:

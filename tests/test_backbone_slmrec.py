@@ -15,6 +15,7 @@ from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.errors import ConfigError
 from cliper_prod.training import train_model
+from tests.conftest import model_config
 
 BATCH_USERS = torch.tensor([0, 0, 3, 5, 3, 7])  # repeated users and items, as real batches have
 BATCH_POS = torch.tensor([1, 2, 2, 7, 4, 19])
@@ -27,9 +28,7 @@ def toy(toy_dataset: Path):
 
 def make(data, seed: int = 0, **model):
     torch.manual_seed(seed)
-    cfg = load_config("slmrec")["model"]
-    cfg.update(model)
-    return create_model("slmrec", data, cfg)
+    return create_model("slmrec", data, model_config("slmrec", **model))
 
 
 def np_(t: torch.Tensor) -> np.ndarray:

@@ -16,15 +16,12 @@ from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.graph import (cosine_knn_graph, edge_matmul, fixed_propagation,
                                row_degree_normalize)
 from cliper_prod.training import train_model
+from tests.conftest import model_config
 
 
 @pytest.fixture
 def toy(toy_dataset: Path):
     return load_dataset(toy_dataset)  # 30 users, 20 items, 16-d image and 8-d text features
-
-
-def model_config(backbone: str, **model) -> dict:
-    return {**load_config(backbone)["model"], **model}
 
 
 def naive_bpr(u: np.ndarray, p: np.ndarray, n: np.ndarray) -> float:

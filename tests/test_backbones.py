@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from cliper_prod.backbones import create_model
-from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
                                knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
+from tests.conftest import model_config
 
 USERS = torch.tensor([0, 0, 1, 1, 1, 2, 3])
 ITEMS = torch.tensor([0, 2, 0, 1, 3, 3, 2])
@@ -105,12 +105,6 @@ def test_pruning_samples_edges_by_inverse_sqrt_degree() -> None:
 @pytest.fixture
 def toy(toy_dataset: Path):
     return load_dataset(toy_dataset)
-
-
-def model_config(backbone: str, **model) -> dict:
-    cfg = load_config(backbone)["model"]
-    cfg.update(model)
-    return cfg
 
 
 def test_lightgcn_propagation_equals_dense_math(toy) -> None:

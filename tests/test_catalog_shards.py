@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
 from cliper_prod.features.shards import ShardStore
 from cliper_prod.features.tiny_clip import build_tiny_clip

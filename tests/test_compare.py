@@ -7,7 +7,7 @@ import statistics
 
 from click.testing import CliRunner
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.training import train_model

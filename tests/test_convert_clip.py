@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.convert_clip import convert_state_dict
 

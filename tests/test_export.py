@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from cliper_prod.bundle_format import sha256_file
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
+from tests.test_backbone_contract import naive_topk
 from tests.test_features import SKELETON, naive_fusion
 
 FP32 = {"min_cosine": 0.99999, "max_abs": 1e-4}
@@ -114,23 +115,9 @@ def test_text_fusion_graphs_match_naive_fusion(exported: dict[str, Path]) -> Non
     assert_parity(ref_text, out[0].numpy(), FP32)
 
 
-def _naive_topk(ckpt: Path, catalog: Path, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    users = np.load(ckpt / "user_embeddings.npy").astype(np.float64)
-    items = np.load(ckpt / "item_embeddings.npy").astype(np.float64)
-    scores = users @ items.T
-    train: dict[int, set[int]] = {}
-    for line in (catalog / "synthetic.inter").read_text().splitlines()[1:]:
-        u, i, label = (int(x) for x in line.split("\t")[:3])
-        if label == 0:
-            train.setdefault(u, set()).add(i)
-            scores[u, i] = -np.inf
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(scores, order, 1), train
-
-
 def test_topk_graph_equals_naive_numpy_and_never_returns_training_items(
         exported: dict[str, Path]) -> None:
-    ref_items, ref_scores, train = _naive_topk(exported["ckpt"], exported["catalog"], 50)
+    ref_items, ref_scores, train = naive_topk(exported["ckpt"], exported["catalog"], 50)
     bundle = Bundle(exported["bundle"], "cpu")
     users = np.arange(80, dtype=np.int64)
     for graph in (bundle.graph("topk"),):
@@ -152,7 +139,7 @@ def test_topk_cli_policy_and_ids(exported: dict[str, Path], tmp_path: Path) -> N
     bundle = str(exported["bundle"])
     user_ids = (exported["bundle"] / "user_ids.txt").read_text().split()
     item_ids = (exported["bundle"] / "item_ids.txt").read_text().split()
-    ref_items, _, _ = _naive_topk(exported["ckpt"], exported["catalog"], 5)
+    ref_items, _, _ = naive_topk(exported["ckpt"], exported["catalog"], 5)
     users = tmp_path / "u.txt"
     users.write_text(f"# header\n{user_ids[3]}\n\n  {user_ids[7]}  \n")
     out = tmp_path / "recs.jsonl"
@@ -286,21 +273,3 @@ def test_onnx_encoder_reads_the_manifest(exported: dict[str, Path]) -> None:
     encoder = OnnxEncoder(Bundle(exported["bundle"], "cpu"))
     assert encoder.views.names == ViewSpec().names and encoder.max_tokens == 77
     assert encoder.preprocess.crop == 32 and encoder.random_init is False
-
-
-@pytest.mark.parametrize("backbone", ["vbpr", "lattice", "mmgcn", "dualgnn", "slmrec"])
-def test_every_backbone_exports_and_serves_its_dot_product_top_k(
-        exported: dict[str, Path], tmp_path: Path, backbone: str) -> None:
-    ckpt, bundle_dir = tmp_path / "ckpt", tmp_path / "bundle"
-    res = CliRunner().invoke(cli, ["train", "--backbone", backbone, "--data",
-                                   str(exported["catalog"]), "--set", "train.epochs=1",
-                                   "--out", str(ckpt), "--quiet"])
-    assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(cli, ["export", "--backbone", backbone, "--checkpoint", str(ckpt),
-                                   "--out", str(bundle_dir), "--max-k", "10",
-                                   "--no-torchscript"])
-    assert res.exit_code == 0, res.output
-    ref_items, ref_scores, _ = _naive_topk(ckpt, exported["catalog"], 10)
-    items, scores = Bundle(bundle_dir, "cpu", backbone).graph("topk")(users=np.arange(80))
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
-    assert ((items != ref_items) & np.isfinite(ref_scores)).mean() < 0.01  # ties aside

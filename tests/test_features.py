@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.clip_towers import ClipTowers
@@ -366,7 +366,7 @@ def test_mlp_fusion_is_trained_with_the_recommender(towers: ClipTowers, tmp_path
     (items.parent / "i_id_mapping.csv").write_text("asin\titemID\nA\t0\nB\t1\nC\t2\nD\t3\n")
     write_inter(items.parent, [(0, 0, 0), (0, 1, 0), (1, 2, 0), (1, 3, 0), (0, 2, 1), (1, 0, 2)])
     data = load_dataset(items.parent, features_dir=out)
-    assert data.text_views == 5
+    assert (data.text_views, data.text_fusion) == (5, "mlp")
     cfg = load_config("freedom")["model"]
     cfg.update(knn_k=2)
     with pytest.raises(ConfigError, match="set model.reg_weight > 0"):

@@ -17,7 +17,7 @@ import pytest
 import ray
 from click.testing import CliRunner
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog

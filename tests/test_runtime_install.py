@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 
 REPO = Path(__file__).resolve().parents[1]
 

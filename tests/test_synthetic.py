@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
 

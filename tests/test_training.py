@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import cliper_prod.training as training
-from cliper_prod.cli import cli
+from cliper_prod.commands import cli
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 

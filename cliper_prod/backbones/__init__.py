@@ -1,33 +1,50 @@
-"""Backbone registry: name -> (model class, its hyper-parameter dataclass)."""
+"""The backbone table: every backbone's name and model class, in one place.
+
+Importing this module does not import torch: the CLI builds its ``--backbone`` choices from
+:data:`BACKBONE_NAMES` at import time, and a serving host has no torch. A model class (with its
+hyper-parameter dataclass, its ``config_class``) is imported when a model is created.
+"""
 
 from __future__ import annotations
 
-from cliper_prod.backbones.base import Recommender
-from cliper_prod.backbones.dualgnn import DualGNN, DualGNNConfig
-from cliper_prod.backbones.freedom import Freedom, FreedomConfig
-from cliper_prod.backbones.lattice import Lattice, LatticeConfig
-from cliper_prod.backbones.lightgcn import LightGCN, LightGCNConfig
-from cliper_prod.backbones.mmgcn import MMGCN, MMGCNConfig
-from cliper_prod.backbones.slmrec import SLMRec, SLMRecConfig
-from cliper_prod.backbones.vbpr import VBPR, VBPRConfig
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from cliper_prod.config import build
-from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
 
-BACKBONES: dict[str, tuple[type[Recommender], type]] = {
-    "dualgnn": (DualGNN, DualGNNConfig),
-    "freedom": (Freedom, FreedomConfig),
-    "lattice": (Lattice, LatticeConfig),
-    "lightgcn": (LightGCN, LightGCNConfig),
-    "mmgcn": (MMGCN, MMGCNConfig),
-    "slmrec": (SLMRec, SLMRecConfig),
-    "vbpr": (VBPR, VBPRConfig),
+if TYPE_CHECKING:
+    from cliper_prod.backbones.base import Recommender
+    from cliper_prod.data.mmrec import InteractionData
+
+BACKBONES: dict[str, str] = {  # name -> "module:ModelClass"; its preset is models/<name>.toml
+    "dualgnn": "cliper_prod.backbones.dualgnn:DualGNN",
+    "freedom": "cliper_prod.backbones.freedom:Freedom",
+    "lattice": "cliper_prod.backbones.lattice:Lattice",
+    "lightgcn": "cliper_prod.backbones.lightgcn:LightGCN",
+    "mmgcn": "cliper_prod.backbones.mmgcn:MMGCN",
+    "slmrec": "cliper_prod.backbones.slmrec:SLMRec",
+    "vbpr": "cliper_prod.backbones.vbpr:VBPR",
 }
+BACKBONE_NAMES: tuple[str, ...] = tuple(sorted(BACKBONES))
+
+
+def model_class(backbone: str) -> type[Recommender]:
+    """The model class of ``backbone``, imported on first use."""
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}; available: {', '.join(BACKBONE_NAMES)}")
+    module, _, name = BACKBONES[backbone].partition(":")
+    return getattr(import_module(module), name)
 
 
 def create_model(backbone: str, data: InteractionData, model_values: dict) -> Recommender:
     """Instantiate ``backbone`` on ``data`` with the [model] section of its config."""
-    if backbone not in BACKBONES:
-        raise ConfigError(f"unknown backbone {backbone!r}; available: {', '.join(BACKBONES)}")
-    cls, config_cls = BACKBONES[backbone]
-    return cls(data, build(config_cls, model_values, "model"))
+    cls = model_class(backbone)
+    return cls(data, build(cls.config_class, model_values, "model"))
+
+
+def __getattr__(name: str) -> Any:
+    """``Recommender`` on first use (it imports torch)."""
+    if name == "Recommender":
+        return import_module("cliper_prod.backbones.base").Recommender
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,18 @@
-"""What every backbone offers the trainer, the evaluator and the exporter."""
+"""What every backbone offers the trainer, the evaluator and the exporter, and the modality
+inputs they share.
+
+A backbone keeps its modality matrices in ``self.features`` in the form its paper needs
+(:func:`feature_tensors`: fixed inputs, not saved; :func:`trained_features`: Parameters), calls
+:meth:`Recommender.init_text_fusion` at the point where it builds its text modules, and reads
+them through :meth:`Recommender.modality`, which fuses the text views in CLIPER's MLP mode:
+MMRec's abstract recommender likewise loads the feature matrices once for every model.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +20,7 @@ from torch import Tensor, nn
 
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
+from cliper_prod.features.fusion import TRAINED_FUSIONS
 
 
 def bpr_loss(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
@@ -37,9 +48,41 @@ def train_edges(data: InteractionData) -> tuple[Tensor, Tensor]:
     return train[:, 0].contiguous(), train[:, 1].contiguous()
 
 
+def feature_tensors(data: InteractionData, names: Iterable[str] | None = None
+                    ) -> dict[str, Tensor]:
+    """The modality matrices over the loaded arrays (no copy), in ``names`` order (default: the
+    data's), absent ones skipped: fixed inputs, rebuilt from the data rather than saved."""
+    return {m: torch.from_numpy(data.features[m]) for m in names or data.features
+            if m in data.features}
+
+
+def trained_features(data: InteractionData, names: Iterable[str] | None = None
+                     ) -> nn.ParameterDict:
+    """Trained copies of the modality matrices, saved with the model (MMRec's
+    ``nn.Embedding.from_pretrained(freeze=False)``)."""
+    # pairs, not a dict: ParameterDict sorts a plain dict's keys
+    return nn.ParameterDict([(m, nn.Parameter(t.clone()))
+                             for m, t in feature_tensors(data, names).items()])
+
+
 class Recommender(nn.Module, ABC):
     """A backbone: trained with BPR triples; serves final user and item embedding tables whose
-    dot product is the ranking score."""
+    dot product is the ranking score.
+
+    A subclass is built as ``Model(data, config)``:
+
+    Args:
+        data (InteractionData): The training interactions and the image and/or text features.
+        config: An instance of the subclass's :attr:`config_class`, the dataclass of its
+            ``[model]`` hyper-parameters.
+    """
+
+    config_class: ClassVar[type]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: Mapping[str, Tensor] = {}  # modality -> [n_items, d], as the model keeps it
+        self.text_fusion: nn.Module | None = None  # CLIPER's trained fusion of the text views
 
     def init_id_embeddings(self, data: InteractionData, dim: int) -> None:
         """User and item ID embeddings, Xavier-uniform as MMRec initialises them."""
@@ -48,6 +91,31 @@ class Recommender(nn.Module, ABC):
         self.item_embedding = nn.Embedding(self.n_items, dim)
         nn.init.xavier_uniform_(self.user_embedding.weight)
         nn.init.xavier_uniform_(self.item_embedding.weight)
+
+    def init_text_fusion(self, data: InteractionData) -> None:
+        """In a fusion mode trained with the recommender (``data.text_views`` set: text_feat.npy
+        holds V concatenated view embeddings; ``data.text_fusion`` names the mode, CLIPER's
+        ``mlp``) create the layer trained here that fuses them into one; :meth:`modality_dim`
+        then says the fused width. It draws random numbers, so each backbone calls it where its
+        construction order puts it."""
+        if data.text_views:
+            views = data.text_views
+            self.text_fusion = TRAINED_FUSIONS[data.text_fusion](
+                views, data.features["text"].shape[1] // views)
+
+    def is_fused(self, name: str) -> bool:
+        """Whether :meth:`modality` passes modality ``name`` through the trained fusion."""
+        return name == "text" and self.text_fusion is not None
+
+    def modality(self, name: str, items: Tensor | None = None) -> Tensor:
+        """The feature matrix of modality ``name`` (its rows ``items``, default all) with the text
+        views fused by the trained layer."""
+        feat = self.features[name] if items is None else self.features[name][items]
+        return self.text_fusion(feat) if self.is_fused(name) else feat
+
+    def modality_dim(self, name: str) -> int:
+        """The width of :meth:`modality`'s matrix for ``name``."""
+        return self.text_fusion.dim if self.is_fused(name) else self.features[name].shape[1]
 
     def pre_epoch(self, generator: torch.Generator) -> None:
         """Per-epoch work before the batches (FREEDOM prunes its graph here)."""

@@ -36,16 +36,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
+from cliper_prod.backbones.base import (Recommender, bpr_loss, feature_tensors, require_features,
+                                        train_edges)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.features.fusion import MLPFusion
 from cliper_prod.graph import (Propagation, bipartite_edge_index, co_occurrence_neighbours,
                                fixed_propagation, mean_adjacency, normalized_adjacency)
 
 
 @dataclass(frozen=True)
 class DualGNNConfig:
+    """DualGNN's ``[model]`` hyper-parameters (``models/dualgnn.toml``: MMRec's defaults and
+    effective behaviour).
+
+    Args:
+        embedding_size (int): Width of the user preferences and projected item features, hence
+            of the served tables (MMRec's hard-coded dim_latent 64).
+        n_layers (int): Propagations over the user-item graph (MMRec hard-codes two).
+        aggr_mode (str): ``"add"`` propagates with :math:`D^{-1/2} A D^{-1/2}`, ``"mean"`` with
+            :math:`D^{-1} A`.
+        user_knn_k (int): Neighbours per user in the co-occurrence user graph (MMRec's k, 40).
+        user_fusion (str): ``"mmrec"``: users get w0 (image + text) + w1 text, MMRec's in-place
+            sum; ``"weighted"``: w0 image + w1 text, the paper's.
+        reg_weight (float): Weight of the L2 term on the batch's user preferences and the fusion
+            weights; MMRec's grid: 1e-5, 1e-4, 1e-3, 1e-2, 1e-1.
+    """
+
     embedding_size: int
     n_layers: int
     aggr_mode: str
@@ -87,6 +103,27 @@ class ModalityEncoder(nn.Module):
 
 
 class DualGNN(Recommender):
+    r"""The DualGNN model from the `"DualGNN: Dual Graph Neural Network for Multimedia
+    Recommendation" <https://doi.org/10.1109/TMM.2021.3138298>`_ paper (Wang et al., IEEE
+    Transactions on Multimedia 2023), as MMRec runs it (see the module docstring).
+
+    Per modality :math:`m`, with :math:`\hat{A}` the normalised user-item graph,
+
+    .. math::
+        \mathbf{x}_m = \mathrm{normalize}\big([\mathbf{P}_m;
+            \mathrm{MLP}_m(\mathbf{F}_m)]\big), \qquad
+        \mathbf{r}_m = \sum_{l=0}^{L} \hat{A}^l \mathbf{x}_m;
+
+    items are :math:`\sum_m \mathbf{r}_m`; users fuse their modality rows with learnt
+    per-user weights, :math:`\mathbf{u} = w_{u0} \mathbf{r}_{\mathrm{image}}
+    + w_{u1} \mathbf{r}_{\mathrm{text}}`, then add their user-graph neighbours,
+    :math:`\mathbf{u} + \sum_j s_{uj} \mathbf{u}_j`. The loss is BPR (in log base 2) plus
+    ``reg_weight`` times the L2 terms.
+
+    """
+
+    config_class = DualGNNConfig
+
     def __init__(self, data: InteractionData, config: DualGNNConfig) -> None:
         super().__init__()
         require_features(data, "DualGNN")
@@ -99,15 +136,11 @@ class DualGNN(Recommender):
             raise ConfigError(f"user_knn_k must be at least 1, got {config.user_knn_k}")
         self.config = config
         self.n_users, self.n_items = data.n_users, data.n_items
-        # fixed inputs, rebuilt from the data rather than saved
-        self.features = {m: torch.from_numpy(a) for m, a in data.features.items()}
-        # CLIPER's MLP fusion: V concatenated text views, fused by a layer trained here
-        self.text_fusion = (MLPFusion(data.text_views, data.features["text"].shape[1]
-                                      // data.text_views) if data.text_views else None)
+        self.features = feature_tensors(data)
+        self.init_text_fusion(data)
         self.encoders = nn.ModuleDict({
-            m: ModalityEncoder(self.n_users, self.text_fusion.dim if m == "text" and
-                               self.text_fusion else f.shape[1], config.embedding_size)
-            for m, f in self.features.items()})
+            m: ModalityEncoder(self.n_users, self.modality_dim(m), config.embedding_size)
+            for m in self.features})
         self.fusion_weight: nn.Parameter | None = None  # per-user modality weights
         if len(self.encoders) == 2:
             self.fusion_weight = nn.Parameter(
@@ -137,12 +170,8 @@ class DualGNN(Recommender):
                                                                               generator)
         self._build_user_graph()
 
-    def _features(self, modality: str) -> Tensor:
-        feat = self.features[modality]
-        return self.text_fusion(feat) if modality == "text" and self.text_fusion else feat
-
     def propagate(self) -> tuple[Tensor, Tensor]:
-        reps = {m: enc(self._features(m), self.graph, self.config.n_layers)
+        reps = {m: enc(self.modality(m), self.graph, self.config.n_layers)
                 for m, enc in self.encoders.items()}
         items = sum(r[self.n_users:] for r in reps.values())
         if self.fusion_weight is None:

@@ -18,18 +18,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k,
-                                        require_features, train_edges)
+from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k, feature_tensors,
+                                        require_features, train_edges, trained_features)
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.features.fusion import MLPFusion
 from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
                                knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
 
 
 @dataclass(frozen=True)
 class FreedomConfig:
+    """FREEDOM's ``[model]`` hyper-parameters (``models/freedom.toml``: MMRec's defaults).
+
+    Args:
+        embedding_size (int): Width of the user and item ID embeddings, hence of the served
+            tables.
+        feat_embed_dim (int): Width the modality features are projected to for the modality BPR
+            terms, scored against the users' embeddings: ``embedding_size`` when they exist.
+        knn_k (int): Neighbours per item in each modality's kNN graph, the item itself
+            included.
+        mm_image_weight (float): Weight of the image kNN graph in the item graph, the text graph
+            getting ``1 - mm_image_weight``.
+        n_mm_layers (int): Propagations of the item ID embeddings over the item graph.
+        n_ui_layers (int): LightGCN layers over the user-item graph.
+        dropout (float): Share of the user-item edges pruned each epoch (degree-sensitive), in
+            ``[0, 1)``; MMRec's grid point 0.8.
+        reg_weight (float): Weight of the modality BPR terms; MMRec's grid: 0, 1e-5, 1e-4, 1e-3.
+            At 0 (the default) the terms, the trained features and the projections do not exist.
+    """
+
     embedding_size: int
     feat_embed_dim: int
     knn_k: int
@@ -41,39 +59,57 @@ class FreedomConfig:
 
 
 class Freedom(Recommender):
+    r"""The FREEDOM model from the `"A Tale of Two Graphs: Freezing and Denoising Graph
+    Structures for Multimodal Recommendation" <https://arxiv.org/abs/2211.06924>`_ paper (Zhou
+    and Shen, ACM MM 2023).
+
+    A frozen item-item graph :math:`S = \sum_m w_m S_m` mixes the modalities' kNN graphs
+    (:math:`S_m = D_m^{-1/2} A_m D_m^{-1/2}`, :math:`A_m` the cosine top-``knn_k`` of the raw
+    features). Each epoch the user-item graph :math:`\hat{A}` keeps ``1 - dropout`` of the
+    training edges, drawn with probability :math:`\propto 1 / \sqrt{d_u d_i}`. The embeddings
+    are
+
+    .. math::
+        [\mathbf{U}; \mathbf{I}] = \frac{1}{L + 1} \sum_{l=0}^{L} \hat{A}^l
+        [\mathbf{E}_u; \mathbf{E}_i], \qquad
+        \mathbf{I} \leftarrow \mathbf{I} + S^{L_m} \mathbf{E}_i,
+
+    with :math:`L` = ``n_ui_layers``, :math:`L_m` = ``n_mm_layers``, and the loss is
+    :math:`\mathrm{BPR}(\mathbf{U}, \mathbf{I}) + \lambda \sum_m
+    \mathrm{BPR}(\mathbf{U}, W_m \mathbf{x}_m + b_m)` with :math:`\lambda` = ``reg_weight``
+    and :math:`\mathbf{x}_m` the trained modality features.
+
+    """
+
+    config_class = FreedomConfig
+
     def __init__(self, data: InteractionData, config: FreedomConfig) -> None:
         super().__init__()
         require_features(data, "FREEDOM")
         check_knn_k(config.knn_k, data.n_items)
         if not 0.0 <= config.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
+        if data.text_views and not config.reg_weight:
+            raise ConfigError("MLP fusion is trained through FREEDOM's modality loss: set "
+                              "model.reg_weight > 0 (e.g. --set model.reg_weight=1e-3)")
         self.config = config
         self.init_id_embeddings(data, config.embedding_size)
 
         # With reg_weight 0 the modality BPR terms add exactly nothing (MMRec still computes them
         # and Adam leaves the zero-gradient features unchanged), so the features and projections
         # only exist when they are trained.
-        self.features = nn.ParameterDict()
-        self.projections = nn.ModuleDict()
-        graphs = {}
-        for modality, array in data.features.items():
-            feat = torch.from_numpy(array)
-            graphs[modality] = knn_normalized_adjacency(feat, config.knn_k)
-            if config.reg_weight:
-                self.features[modality] = nn.Parameter(feat.clone())
-                self.projections[modality] = nn.Linear(feat.shape[1], config.feat_embed_dim)
+        self.features = trained_features(data) if config.reg_weight else nn.ParameterDict()
+        self.projections = nn.ModuleDict({m: nn.Linear(f.shape[1], config.feat_embed_dim)
+                                          for m, f in self.features.items()})
+        graphs = {m: knn_normalized_adjacency(f, config.knn_k)
+                  for m, f in feature_tensors(data).items()}
         self.item_graph = mixed_item_graph(graphs, config.mm_image_weight)
-        # CLIPER's MLP fusion: the text features are V concatenated view embeddings, fused by a
-        # layer trained here. FREEDOM's item graph is frozen at start, so it is built from the
-        # concatenation, and the layer learns through the text BPR term.
-        self.text_fusion: MLPFusion | None = None
-        if data.text_views:
-            if not config.reg_weight:
-                raise ConfigError("MLP fusion is trained through FREEDOM's modality loss: set "
-                                  "model.reg_weight > 0 (e.g. --set model.reg_weight=1e-3)")
-            dim = data.features["text"].shape[1] // data.text_views
-            self.text_fusion = MLPFusion(data.text_views, dim)
-            self.projections["text"] = nn.Linear(dim, config.feat_embed_dim)
+        # The item graph is frozen at start, so it comes from the concatenated text views; the
+        # fusion layer learns through the text BPR term, whose projection takes the fused width.
+        # The raw-width one it replaces stays above: its random draws fix today's seeded runs.
+        self.init_text_fusion(data)
+        if self.text_fusion is not None:
+            self.projections["text"] = nn.Linear(self.modality_dim("text"), config.feat_embed_dim)
 
         self.train_users, self.train_items = train_edges(data)
         self.full_adj = normalized_adjacency(
@@ -102,10 +138,7 @@ class Freedom(Recommender):
         u_all, i_all = self._embed(self.train_adj)
         u = u_all[users]
         loss = bpr_loss(u, i_all[pos], i_all[neg])
-        for modality, feat in self.features.items():
-            pos_f, neg_f = feat[pos], feat[neg]
-            if modality == "text" and self.text_fusion is not None:
-                pos_f, neg_f = self.text_fusion(pos_f), self.text_fusion(neg_f)
-            proj = self.projections[modality]
+        for modality, proj in self.projections.items():
+            pos_f, neg_f = self.modality(modality, pos), self.modality(modality, neg)
             loss = loss + self.config.reg_weight * bpr_loss(u, proj(pos_f), proj(neg_f))
         return loss

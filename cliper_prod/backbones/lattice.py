@@ -34,18 +34,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops
 
-from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k,
-                                        require_features, train_edges)
+from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k, feature_tensors,
+                                        require_features, train_edges, trained_features)
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.features.fusion import MLPFusion
 from cliper_prod.graph import (Propagation, bipartite_edge_index, cosine_knn_graph, edge_matmul,
                                fixed_propagation, mean_adjacency, row_degree_normalize)
+
+MODALITIES = ("image", "text")  # the order of modal_weight
 
 
 @dataclass(frozen=True)
 class LatticeConfig:
+    """LATTICE's ``[model]`` hyper-parameters (``models/lattice.toml``: MMRec's defaults with
+    cf_model lightgcn).
+
+    Args:
+        embedding_size (int): Width of the user and item ID embeddings, hence of the served
+            tables.
+        feat_embed_dim (int): Width of the projected features the learned item graph comes from.
+        knn_k (int): Neighbours per item in the learned and the frozen kNN graphs, the item
+            itself included.
+        lambda_coeff (float): Share of the frozen feature graph in the item graph, in
+            ``[0, 1]``; the learned graph gets ``1 - lambda_coeff``.
+        n_layers (int): Propagations of the item ID embeddings over the item graph.
+        n_ui_layers (int): LightGCN layers over the user-item graph (MMRec's
+            ``len(weight_size)``).
+        reg_weight (float): Weight of the squared L2 norm of the batch's final embeddings;
+            MMRec's grid: 0, 1e-5 .. 1e-3.
+    """
+
     embedding_size: int
     feat_embed_dim: int
     knn_k: int
@@ -56,6 +75,31 @@ class LatticeConfig:
 
 
 class Lattice(Recommender):
+    r"""The LATTICE model from the `"Mining Latent Structures for Multimedia Recommendation"
+    <https://arxiv.org/abs/2104.09036>`_ paper (Zhang et al., ACM MM 2021).
+
+    Per modality :math:`m`, :math:`\tilde{S}_m` is the cosine top-``knn_k`` graph of the
+    projected trained features :math:`W_m \mathbf{x}_m + b_m` and :math:`S_m` that of the raw
+    features, frozen. With :math:`\alpha = \mathrm{softmax}(\text{modal\_weight})` and
+    :math:`N(\cdot)` the symmetric row-degree normalisation, the item graph and the embeddings
+    are
+
+    .. math::
+        S = (1 - \lambda) N\Big(\sum_m \alpha_m \tilde{S}_m\Big)
+            + \lambda \sum_m \alpha_m N(S_m), \qquad
+        \mathbf{h} = S^{L_i} \mathbf{E}_i,
+
+        [\mathbf{U}; \mathbf{I}] = \frac{1}{L + 1} \sum_{l=0}^{L}
+        \big(D^{-1} (A + I)\big)^l [\mathbf{E}_u; \mathbf{E}_i], \qquad
+        \mathbf{I} \leftarrow \mathbf{I} + \mathbf{h} / \lVert \mathbf{h} \rVert_2,
+
+    with :math:`\lambda` = ``lambda_coeff``, :math:`L_i` = ``n_layers``, :math:`L` =
+    ``n_ui_layers``; the loss is BPR plus ``reg_weight`` times the batch's squared L2 norms.
+
+    """
+
+    config_class = LatticeConfig
+
     def __init__(self, data: InteractionData, config: LatticeConfig) -> None:
         super().__init__()
         require_features(data, "LATTICE")
@@ -65,23 +109,18 @@ class Lattice(Recommender):
         self.config = config
         self.init_id_embeddings(data, config.embedding_size)
 
-        self.features = nn.ParameterDict()  # trained, as MMRec's from_pretrained(freeze=False)
-        self.projections = nn.ModuleDict()
         self.frozen_graphs: dict[str, tuple[Tensor, Tensor]] = {}
-        self.text_fusion: MLPFusion | None = None
-        for modality in ("image", "text"):
-            if modality not in data.features:
-                continue
-            feat = torch.from_numpy(data.features[modality])
+        for modality, feat in feature_tensors(data, MODALITIES).items():
             edge_index, weight = cosine_knn_graph(feat, config.knn_k)
             self.frozen_graphs[modality] = (
                 edge_index, row_degree_normalize(edge_index, weight, self.n_items))
-            self.features[modality] = nn.Parameter(feat.clone())
-            in_dim = feat.shape[1]
-            if modality == "text" and data.text_views:
-                in_dim //= data.text_views
-                self.text_fusion = MLPFusion(data.text_views, in_dim)
-            self.projections[modality] = nn.Linear(in_dim, config.feat_embed_dim)
+        self.features = trained_features(data, MODALITIES)
+        self.projections = nn.ModuleDict()
+        for modality in self.features:
+            if modality == "text":  # the learned text graph comes from the fused views
+                self.init_text_fusion(data)
+            self.projections[modality] = nn.Linear(self.modality_dim(modality),
+                                                   config.feat_embed_dim)
         self.modal_weight = nn.Parameter(torch.tensor([0.5, 0.5])) \
             if len(self.features) == 2 else None
 
@@ -96,13 +135,11 @@ class Lattice(Recommender):
 
     def item_graph(self) -> tuple[Tensor, Tensor]:
         """(edge_index, weight) of the item graph from the current weights, differentiable."""
-        mix = dict(zip(("image", "text"), torch.softmax(self.modal_weight, 0))) \
+        mix = dict(zip(MODALITIES, torch.softmax(self.modal_weight, 0))) \
             if self.modal_weight is not None else {m: 1.0 for m in self.features}
         learned, frozen = [], []
-        for modality, feat in self.features.items():
-            if modality == "text" and self.text_fusion is not None:
-                feat = self.text_fusion(feat)
-            edge_index, weight = cosine_knn_graph(self.projections[modality](feat),
+        for modality, project in self.projections.items():
+            edge_index, weight = cosine_knn_graph(project(self.modality(modality)),
                                                   self.config.knn_k)
             learned.append((edge_index, mix[modality] * weight))
             edge_index, weight = self.frozen_graphs[modality]

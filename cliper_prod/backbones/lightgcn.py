@@ -14,6 +14,16 @@ from cliper_prod.graph import Propagation, bipartite_edge_index, normalized_adja
 
 @dataclass(frozen=True)
 class LightGCNConfig:
+    """LightGCN's ``[model]`` hyper-parameters (``models/lightgcn.toml``: MMRec's defaults).
+
+    Args:
+        embedding_size (int): Width of the user and item ID embeddings, hence of the served
+            tables.
+        n_layers (int): Propagations over the user-item graph.
+        reg_weight (float): Weight of the L2 norms of the batch's ID embeddings (MMRec's
+            EmbLoss).
+    """
+
     embedding_size: int
     n_layers: int
     reg_weight: float
@@ -28,6 +38,23 @@ def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
 
 
 class LightGCN(Recommender):
+    r"""The LightGCN model from the `"LightGCN: Simplifying and Powering Graph Convolution
+    Network for Recommendation" <https://arxiv.org/abs/2002.02126>`_ paper (He et al., SIGIR
+    2020), on IDs only.
+
+    The tables are the mean of the ID embeddings' propagations over the user-item graph,
+
+    .. math::
+        [\mathbf{U}; \mathbf{I}] = \frac{1}{L + 1} \sum_{l=0}^{L} \hat{A}^l
+        [\mathbf{E}_u; \mathbf{E}_i], \qquad \hat{A} = D^{-1/2} A D^{-1/2},
+
+    with :math:`L` = ``n_layers``; the loss is BPR plus ``reg_weight`` times the L2 norms of the
+    batch's ID embeddings.
+
+    """
+
+    config_class = LightGCNConfig
+
     def __init__(self, data: InteractionData, config: LightGCNConfig) -> None:
         super().__init__()
         self.config = config

@@ -30,15 +30,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, require_features, train_edges
+from cliper_prod.backbones.base import (Recommender, bpr_loss, feature_tensors, require_features,
+                                        train_edges)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.features.fusion import MLPFusion
 from cliper_prod.graph import Propagation, bipartite_edge_index, mean_adjacency
 
 
 @dataclass(frozen=True)
 class MMGCNConfig:
+    """MMGCN's ``[model]`` hyper-parameters (``models/mmgcn.toml``: MMRec's defaults and
+    effective behaviour).
+
+    Args:
+        embedding_size (int): Width of the ID embeddings and of every layer's output, hence of
+            the served tables.
+        n_layers (int): GCN layers per modality; 3, as MMRec's GCN always runs (its MMGCN.yaml
+            says 2).
+        image_latent_dim (int): Width of the Linear the image features pass first (MMRec: 256);
+            0 uses the raw features.
+        text_latent_dim (int): The same for the text features (MMRec: 0, used as they are).
+        concat (bool): ``G_l([h | x_hat])`` when true, as MMRec's truthy ``concate = 'False'``
+            runs; false gives the additive ``G_l(h) + x_hat`` it meant.
+        train_embeddings (bool): Train the ID embeddings and user preferences (the paper);
+            MMRec leaves them at their random init (false).
+        reg_weight (float): Weight of the L2 term on the batch's ID embeddings and the image
+            preferences; MMRec's grid: 0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1.
+    """
+
     embedding_size: int
     n_layers: int
     image_latent_dim: int
@@ -90,6 +109,28 @@ class ModalityGCN(nn.Module):
 
 
 class MMGCN(Recommender):
+    r"""The MMGCN model from the `"MMGCN: Multi-modal Graph Convolution Network for Personalized
+    Recommendation of Micro-video" <https://doi.org/10.1145/3343031.3351034>`_ paper (Wei et al.,
+    ACM MM 2019), as MMRec runs it (see the module docstring).
+
+    Per modality :math:`m`, starting from the L2-normalised rows
+    :math:`\mathbf{x}^{(0)} = [\mathbf{P}_m; \mathbf{F}_m]` of the user preferences and item
+    features, each layer :math:`l` computes
+
+    .. math::
+        \mathbf{h} = \sigma\big(\mathrm{mean}_{j \in \mathcal{N}(i)}
+            \mathbf{x}^{(l)}_j W_l\big), \qquad
+        \hat{\mathbf{x}} = \sigma\big(\mathrm{Linear}_l(\mathbf{x}^{(l)})\big)
+            + \mathbf{e}_{\mathrm{id}}, \qquad
+        \mathbf{x}^{(l+1)} = \sigma\big(G_l([\mathbf{h} \,|\, \hat{\mathbf{x}}])\big),
+
+    :math:`\sigma` the leaky ReLU; the tables are the mean over modalities of
+    :math:`\mathbf{x}^{(L)}`, trained with BPR plus ``reg_weight`` times the L2 terms.
+
+    """
+
+    config_class = MMGCNConfig
+
     def __init__(self, data: InteractionData, config: MMGCNConfig) -> None:
         super().__init__()
         require_features(data, "MMGCN")
@@ -99,27 +140,19 @@ class MMGCN(Recommender):
         self.n_users, self.n_items = data.n_users, data.n_items
         random_table(self, "id_embedding", self.n_users + self.n_items, config.embedding_size,
                      config.train_embeddings)
-        # fixed inputs, rebuilt from the data rather than saved
-        self.features = {m: torch.from_numpy(a) for m, a in data.features.items()}
-        # CLIPER's MLP fusion: V concatenated text views, fused by a layer trained here
-        self.text_fusion = (MLPFusion(data.text_views, data.features["text"].shape[1]
-                                      // data.text_views) if data.text_views else None)
+        self.features = feature_tensors(data)
+        self.init_text_fusion(data)
         self.gcns = nn.ModuleDict()
-        for modality, feat in self.features.items():
-            fused = modality == "text" and self.text_fusion is not None
-            feat_dim = self.text_fusion.dim if fused else feat.shape[1]
+        for modality in self.features:
             latent = config.image_latent_dim if modality == "image" else config.text_latent_dim
-            self.gcns[modality] = ModalityGCN(self.n_users, feat_dim, latent, config)
+            self.gcns[modality] = ModalityGCN(self.n_users, self.modality_dim(modality), latent,
+                                              config)
         users, items = train_edges(data)
         self.graph = mean_adjacency(bipartite_edge_index(users, items, self.n_users),
                                     self.n_users + self.n_items)
 
-    def _features(self, modality: str) -> Tensor:
-        feat = self.features[modality]
-        return self.text_fusion(feat) if modality == "text" and self.text_fusion else feat
-
     def _embed(self) -> Tensor:
-        out = [gcn(self._features(m), self.graph, self.id_embedding) for m, gcn in
+        out = [gcn(self.modality(m), self.graph, self.id_embedding) for m, gcn in
                self.gcns.items()]
         return torch.stack(out).mean(0)
 

@@ -41,11 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, train_edges
+from cliper_prod.backbones.base import Recommender, feature_tensors, train_edges
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.features.fusion import MLPFusion
 from cliper_prod.graph import bipartite_edge_index, normalized_adjacency
 
 MODALITIES = ("image", "text")
@@ -53,12 +52,26 @@ MODALITIES = ("image", "text")
 
 @dataclass(frozen=True)
 class SLMRecConfig:
+    """SLMRec's ``[model]`` hyper-parameters (``models/slmrec.toml``: MMRec's defaults, FAC
+    task).
+
+    Args:
+        embedding_size (int): Width of every view's embeddings and of the served tables (MMRec's
+            recdim); even, the last FAC space being half of it.
+        n_layers (int): LightGCN layers over the user-item graph (MMRec's layer_num).
+        temp (float): Temperature of the main in-batch InfoNCE loss over cosine scores.
+        ssl_temp (float): Temperature of the FAC contrast; MMRec's grid: 0.1, 0.2, 0.5, 1.0.
+        ssl_alpha (float): Weight of the FAC contrast; MMRec's grid: 0.01, 0.05, 0.1, 0.5, 1.0.
+        reg (float): An axis of MMRec's grid (1e-4 ... 0.1) that its SLMRec never reads: kept
+            so that grid points read the same, with no effect.
+    """
+
     embedding_size: int
     n_layers: int
     temp: float
     ssl_temp: float
     ssl_alpha: float
-    reg: float  # MMRec's grid axis that its SLMRec ignores (see the module docstring)
+    reg: float
 
 
 def info_nce(anchors: Tensor, targets: Tensor, temp: float) -> Tensor:
@@ -75,6 +88,33 @@ def _linear(n_in: int, n_out: int) -> nn.Linear:
 
 
 class SLMRec(Recommender):
+    r"""The SLMRec model from the `"Self-supervised Learning for Multimedia Recommendation"
+    <https://doi.org/10.1109/TMM.2022.3187556>`_ paper (Tao et al., IEEE Transactions on
+    Multimedia 2022), with its FAC task and concat fusion, as MMRec runs it.
+
+    Each view :math:`v` (item IDs, then :math:`\mathrm{Linear}_m(\hat{\mathbf{x}}_m)` of each
+    modality's L2-normalised features) goes through its own LightGCN pass with the user IDs,
+    :math:`[\mathbf{U}_v; \mathbf{I}_v] = \frac{1}{L + 1} \sum_{l=0}^{L} \hat{A}^l
+    [\mathbf{E}_u; \mathbf{V}_v]`, and the tables are
+
+    .. math::
+        \mathbf{U} = \mathrm{Linear}_u([\mathbf{U}_{\mathrm{id}} | \mathbf{U}_{\mathrm{image}}
+            | \mathbf{U}_{\mathrm{text}}]), \qquad
+        \mathbf{I} = \mathrm{Linear}_i([\mathbf{I}_{\mathrm{id}} | \mathbf{I}_{\mathrm{image}}
+            | \mathbf{I}_{\mathrm{text}}]).
+
+    The loss is the in-batch InfoNCE of the cosines :math:`\cos(\mathbf{u}_b, \mathbf{i}_j) /
+    \tau` (target :math:`j = b`, :math:`\tau` = ``temp``) plus ``ssl_alpha`` times the FAC
+    contrast of the batch items' ID, image and text blocks (temperature ``ssl_temp``).
+
+    Args:
+        data (InteractionData): The training interactions and both the image and the text
+            features.
+        config (SLMRecConfig): The hyper-parameters.
+    """
+
+    config_class = SLMRecConfig
+
     def __init__(self, data: InteractionData, config: SLMRecConfig) -> None:
         super().__init__()
         missing = [m for m in MODALITIES if m not in data.features]
@@ -89,18 +129,12 @@ class SLMRec(Recommender):
         d = config.embedding_size
         self.init_id_embeddings(data, d)
 
-        self.text_fusion: MLPFusion | None = None
-        self.features: dict[str, Tensor] = {}
-        self.dense = nn.ModuleDict()
-        for modality in MODALITIES:
-            feat = torch.from_numpy(data.features[modality])
-            if modality == "text" and data.text_views:
-                self.text_fusion = MLPFusion(data.text_views, feat.shape[1] // data.text_views)
-                self.features[modality] = feat  # normalised after the trained fusion
-                self.dense[modality] = _linear(self.text_fusion.dim, d)
-            else:
-                self.features[modality] = F.normalize(feat, dim=1)
-                self.dense[modality] = _linear(feat.shape[1], d)
+        # L2-normalised once; in MLP fusion mode the fused text is normalised instead
+        self.features = {m: f if m == "text" and data.text_views else F.normalize(f, dim=1)
+                         for m, f in feature_tensors(data, MODALITIES).items()}
+        self.dense = nn.ModuleDict({"image": _linear(self.modality_dim("image"), d)})
+        self.init_text_fusion(data)
+        self.dense["text"] = _linear(self.modality_dim("text"), d)
         width = d * (1 + len(MODALITIES))
         self.user_head, self.item_head = _linear(width, d), _linear(width, d)
         # FAC projections, named after the spaces they map into (MMRec's g_i_iv ... g_t_ivat)
@@ -112,16 +146,17 @@ class SLMRec(Recommender):
         self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
                                         self.n_users + self.n_items)
 
-    def _modality(self, modality: str) -> Tensor:
-        feat = self.features[modality]
-        if modality == "text" and self.text_fusion is not None:
-            feat = F.normalize(self.text_fusion(feat), dim=1)
+    def _view(self, modality: str) -> Tensor:
+        """A modality's item rows entering the propagation: its normalised features, projected."""
+        feat = self.modality(modality)
+        if self.is_fused(modality):
+            feat = F.normalize(feat, dim=1)
         return self.dense[modality](feat)
 
     def _views(self) -> list[tuple[Tensor, Tensor]]:
         """(user rows, item rows) of each propagated view: ID, then the modalities."""
         users = self.user_embedding.weight
-        items = [self.item_embedding.weight] + [self._modality(m) for m in MODALITIES]
+        items = [self.item_embedding.weight] + [self._view(m) for m in MODALITIES]
         out = [light_propagate(self.adj, torch.cat([users, view]), self.config.n_layers)
                for view in items]
         return [(o[:self.n_users], o[self.n_users:]) for o in out]

@@ -20,22 +20,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, require_features
+from cliper_prod.backbones.base import Recommender, bpr_loss, feature_tensors, require_features
 from cliper_prod.data.mmrec import InteractionData
-from cliper_prod.features.fusion import MLPFusion
 
 
 @dataclass(frozen=True)
 class VBPRConfig:
+    """VBPR's ``[model]`` hyper-parameters (``models/vbpr.toml``: MMRec's defaults).
+
+    Args:
+        embedding_size (int): Width of the item ID embeddings and of the projected features;
+            user vectors and the served tables are twice as wide.
+        reg_weight (float): Weight of the plain L2 norms of the batch's vectors (MMRec's
+            EmbLoss); MMRec's grid: 2.0 .. 1e-5.
+    """
+
     embedding_size: int
     reg_weight: float
 
 
 class VBPR(Recommender):
+    r"""The VBPR model from the `"VBPR: Visual Bayesian Personalized Ranking from Implicit
+    Feedback" <https://arxiv.org/abs/1510.01784>`_ paper (He and McAuley, AAAI 2016), as MMRec
+    implements it.
+
+    The score of user :math:`u` for item :math:`i` is
+
+    .. math::
+        \hat{y}_{ui} = \mathbf{p}_u^\top [\mathbf{e}_i \,|\, W \mathbf{x}_i + \mathbf{b}],
+
+    :math:`\mathbf{p}_u` a :math:`2d`-wide user embedding, :math:`\mathbf{e}_i` the item ID
+    embedding and :math:`\mathbf{x}_i` the item's text then image features; the loss is BPR
+    plus ``reg_weight`` times the batch's L2 norms.
+
+    """
+
+    config_class = VBPRConfig
+
     def __init__(self, data: InteractionData, config: VBPRConfig) -> None:
         super().__init__()
         require_features(data, "VBPR")
@@ -47,26 +71,17 @@ class VBPR(Recommender):
         nn.init.xavier_uniform_(self.user_embedding.weight)
         nn.init.xavier_uniform_(self.item_embedding.weight)
 
-        # Frozen inputs (MMRec never trains them), concatenated once, kept out of the state dict.
-        self.raw_features = torch.from_numpy(np.concatenate(
-            [data.features[m] for m in ("text", "image") if m in data.features], 1))
-        in_dim = self.raw_features.shape[1]
-        self.text_fusion: MLPFusion | None = None
-        self.text_dim = 0
-        if data.text_views:
-            self.text_dim = data.features["text"].shape[1]
-            self.text_fusion = MLPFusion(data.text_views, self.text_dim // data.text_views)
-            in_dim += self.text_fusion.dim - self.text_dim
+        # frozen inputs (MMRec never trains them), text first as MMRec concatenates them
+        self.features = feature_tensors(data, ("text", "image"))
+        self.init_text_fusion(data)
+        in_dim = sum(self.modality_dim(m) for m in self.features)
         self.item_linear = nn.Linear(in_dim, dim)
         nn.init.xavier_normal_(self.item_linear.weight)
         nn.init.zeros_(self.item_linear.bias)
 
     def _content(self, items: Tensor) -> Tensor:
         """The items' content features, text (fused, with MLP fusion) then image."""
-        x = self.raw_features[items]
-        if self.text_fusion is None:
-            return x
-        return torch.cat([self.text_fusion(x[:, :self.text_dim]), x[:, self.text_dim:]], 1)
+        return torch.cat([self.modality(m, items) for m in self.features], 1)
 
     def _items(self, items: Tensor) -> Tensor:
         return torch.cat([self.item_embedding(items), self.item_linear(self._content(items))], 1)

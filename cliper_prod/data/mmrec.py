@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cliper_prod.errors import DataError
+from cliper_prod.fusion_modes import fusion_mode
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class InteractionData:
     item_ids: list[str] | None = None
     dropped_cold: dict[str, int] = field(default_factory=dict)  # split -> rows of users absent from train
     features_dir: Path | None = None  # an embed output folder the features came from
-    text_views: int | None = None  # text features are V concatenated views for a trained MLP
+    text_views: int | None = None  # text features are V concatenated views, fused by a layer
+    text_fusion: str = "mlp"       # the backbone trains: this fusion mode's (see fusion_modes)
 
     @property
     def train(self) -> np.ndarray:
@@ -184,9 +186,10 @@ def _drop_cold_users(splits: dict[str, np.ndarray], path: Path) -> dict[str, int
 
 
 def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: int
-                           ) -> tuple[dict[str, np.ndarray], int | None]:
+                           ) -> tuple[dict[str, np.ndarray], tuple[str, int] | None]:
     """Features written by ``cliper-prod embed`` (rows in ``item_ids.txt`` order), reordered
-    to the dataset's item ids (its ``i_id_mapping.csv``, else the integer ids themselves)."""
+    to the dataset's item ids (its ``i_id_mapping.csv``, else the integer ids themselves), and,
+    when their fusion is trained with the recommender, that mode and the number of views."""
     ids_path = folder / "item_ids.txt"
     if not ids_path.exists():
         raise DataError(ids_path, "not found: --features-dir must be an output folder of "
@@ -204,7 +207,8 @@ def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: in
         out[modality] = np.ascontiguousarray(feat[order])
     summary_path = folder / "embed_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return out, len(summary["views"]) if summary.get("fusion") == "mlp" else None
+    mode = fusion_mode(summary.get("fusion", "sa"))
+    return out, (mode.name, len(summary["views"])) if mode.trained_with_recommender else None
 
 
 def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
@@ -235,9 +239,9 @@ def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
     if (root / "i_id_mapping.csv").exists():
         item_ids = read_id_mapping(root / "i_id_mapping.csv", "itemID", n_items)
 
-    text_views = None
+    trained_fusion = None
     if features_dir is not None:
-        features, text_views = read_embedded_features(Path(features_dir), item_ids, n_items)
+        features, trained_fusion = read_embedded_features(Path(features_dir), item_ids, n_items)
     else:
         features = {}
         for modality, fname in (feature_files or FEATURE_FILES).items():
@@ -251,4 +255,5 @@ def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
                            splits=splits, features=features, user_ids=user_ids,
                            item_ids=item_ids, dropped_cold=dropped,
                            features_dir=Path(features_dir) if features_dir else None,
-                           text_views=text_views)
+                           **({"text_fusion": trained_fusion[0], "text_views": trained_fusion[1]}
+                              if trained_fusion else {}))

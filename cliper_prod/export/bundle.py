@@ -14,6 +14,7 @@ The bundle is built in a temporary sibling folder, verified, and only then renam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -36,8 +37,11 @@ from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, Gr
                                        export_onnx, export_torchscript, feeds, to_fp16,
                                        torch_outputs, verify)
 from cliper_prod.features.views import ViewSpec
+from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json, write_npy, write_text
 from cliper_prod.scoring import TopKScorer, training_csr
+
+log = logging.getLogger(__name__)
 
 SAMPLE_FIELDS = [  # parity inputs: short, long (truncated), partial and empty items
     {"title": "Organic cotton baby blanket", "brand": "Dreamo", "categories": "Baby, Bedding",
@@ -49,6 +53,25 @@ SAMPLE_FIELDS = [  # parity inputs: short, long (truncated), partial and empty i
 
 
 @dataclass(frozen=True)
+class GraphOptions:
+    """How the graphs are written, for every graph of a bundle.
+
+    Attributes:
+        max_k: most items per user the top-K graph returns (``topk -k`` may ask for fewer).
+        chunk_items: items the top-K graph scores at a time (bounds its memory to batch x chunk).
+        opset: ONNX opset of every graph.
+        fp16: also write fp16 variants of the CLIP graphs.
+        torchscript: also write TorchScript twins.
+    """
+
+    max_k: int = 100
+    chunk_items: int = 1 << 16
+    opset: int = DEFAULT_OPSET
+    fp16: bool = True
+    torchscript: bool = True
+
+
+@dataclass(frozen=True)
 class FeatureSettings:
     """How the item features were (or will be) extracted: fixed in the bundle."""
 
@@ -57,10 +80,6 @@ class FeatureSettings:
     fusion: str
     tau: float
     views: ViewSpec
-
-    @property
-    def graph_fusion(self) -> str:
-        return "concat" if self.fusion == "mlp" else self.fusion
 
 
 def feature_settings(features_dir: Path | None, clip: str | None, random_init: bool
@@ -119,12 +138,12 @@ def _as_tuple(out: Any) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _export_graph(spec: GraphSpec, folder: Path, opset: int, fp16: bool, torchscript: bool,
+def _export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: bool,
                   extra_check=lambda outs: None) -> dict[str, Any]:
     """Export one module in every requested form and verify each against PyTorch."""
     reference = torch_outputs(spec)
     fp32 = folder / graph_file(spec.name)
-    export_onnx(spec, fp32, opset)
+    export_onnx(spec, fp32, options.opset)
     record: dict[str, Any] = {**_io_spec(fp32), "files": {"fp32": fp32.name}, "parity": {}}
     record["parity"]["onnx_fp32"] = verify(fp32.name, reference, _ort_run(fp32, spec),
                                            FP32_BOUND, extra_check)
@@ -134,7 +153,7 @@ def _export_graph(spec: GraphSpec, folder: Path, opset: int, fp16: bool, torchsc
         record["files"]["fp16"] = half.name
         record["parity"]["onnx_fp16"] = verify(half.name, reference, _ort_run(half, spec),
                                                FP16_BOUND)
-    if torchscript:
+    if options.torchscript:
         script = folder / graph_file(spec.name, kind="pt")
         export_torchscript(spec, script)
         record["files"]["torchscript"] = script.name
@@ -176,7 +195,8 @@ def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[Graph
     mask = torch.from_numpy(tokens.attention_mask).reshape(n, n_views, -1)
     has_image = torch.tensor([True, False, True, True])
     has_text = torch.tensor([True, True, True, False])
-    encoder = towers.view_encoder(ViewFusion(settings.graph_fusion, settings.tau))
+    extracted_as = fusion_mode(settings.fusion).extracted_as
+    encoder = towers.view_encoder(ViewFusion(extracted_as, settings.tau))
     specs = [
         GraphSpec(IMAGE_GRAPH, towers.image_tower, (pixels[:2],), (pixels,), ["pixel_values"],
                   ["image_embedding"]),
@@ -189,7 +209,7 @@ def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[Graph
     towers.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
     special = towers.special
     info = {"clip": settings.clip, "random_weights": settings.random_init,
-            "fusion": settings.fusion, "graph_fusion": settings.graph_fusion,
+            "fusion": settings.fusion, "graph_fusion": extracted_as,
             "tau": settings.tau, "views": list(settings.views.names),
             "view_spec": asdict(settings.views), "max_tokens": towers.max_tokens,
             "dim": towers.dim, "long_text": "truncate",
@@ -198,17 +218,17 @@ def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[Graph
     return specs, info
 
 
-def export_features(settings: FeatureSettings, folder: Path, opset: int = DEFAULT_OPSET,
-                    fp16: bool = True, torchscript: bool = True, log=print
+def export_features(settings: FeatureSettings, folder: Path,
+                    options: GraphOptions = GraphOptions()
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The image and text+fusion graphs and the tokenizer into ``folder``; verified."""
     folder.mkdir(parents=True, exist_ok=True)
     specs, info = _feature_graphs(settings, folder)
     records = {}
     for spec in specs:
-        log(f"exporting {spec.name} (CLIP {settings.clip}"
-            f"{', RANDOM weights' if settings.random_init else ''})")
-        records[spec.name] = _export_graph(spec, folder, opset, fp16, torchscript)
+        log.info("exporting %s (CLIP %s%s)", spec.name, settings.clip,
+                 ", RANDOM weights" if settings.random_init else "")
+        records[spec.name] = _export_graph(spec, folder, options, fp16=options.fp16)
     return records, info
 
 
@@ -226,11 +246,14 @@ def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
     return check
 
 
-def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None = None,
-                  random_init: bool = False, data_dir: Path | None = None, max_k: int = 100,
-                  opset: int = DEFAULT_OPSET, fp16: bool = True, torchscript: bool = True,
-                  chunk_items: int = 1 << 16, log=print) -> dict[str, Any]:
-    """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically)."""
+def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | None = None,
+                  random_init: bool = False, data_dir: Path | None = None,
+                  options: GraphOptions = GraphOptions()) -> dict[str, Any]:
+    """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically).
+
+    ``clip`` overrides the CLIP checkpoint the model's features were embedded with (``None``
+    with vanilla features: no feature graphs); ``data_dir`` is the training data if it moved.
+    """
     model, data, payload = load_model(checkpoint, data_dir)
     if payload["backbone"] != backbone:
         raise CheckpointError(f"{checkpoint}: holds a {payload['backbone']} model, not "
@@ -243,8 +266,7 @@ def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None =
     os.umask(umask)
     folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
-        manifest = _build(folder, model, data, payload, settings, max_k, opset, fp16,
-                          torchscript, chunk_items, log)
+        manifest = _build(folder, model, data, payload, settings, options)
         _replace_dir(folder, out)
     finally:
         if folder.exists():
@@ -252,14 +274,16 @@ def export_bundle(checkpoint: Path, backbone: str, out: Path, clip: str | None =
     return manifest
 
 
-def _build(folder: Path, model, data, payload, settings: FeatureSettings | None, max_k: int,
-           opset: int, fp16: bool, torchscript: bool, chunk_items: int, log) -> dict[str, Any]:
+def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
+           options: GraphOptions) -> dict[str, Any]:
     graphs: dict[str, Any] = {}
-    spec, topk_info = _topk_graph(model, data, max_k, chunk_items)
+    spec, topk_info = _topk_graph(model, data, options.max_k, options.chunk_items)
     ref_items, ref_scores = torch_outputs(spec)
-    log(f"exporting {spec.name} ({data.n_users} users x {data.n_items} items, K={topk_info['k']})")
-    graphs[spec.name] = {**_export_graph(spec, folder, opset, False, torchscript,
-                                         _same_topk(ref_items, ref_scores)), **topk_info}
+    log.info("exporting %s (%d users x %d items, K=%d)", spec.name, data.n_users, data.n_items,
+             topk_info["k"])
+    graphs[spec.name] = {**_export_graph(spec, folder, options, fp16=False,
+                                         extra_check=_same_topk(ref_items, ref_scores)),
+                         **topk_info}
     write_npy(folder / "user_embeddings.npy", spec.module.user_emb.numpy())
     write_npy(folder / "item_embeddings.npy", spec.module.item_emb_t.t().contiguous().numpy())
     write_text(folder / USER_IDS, "".join(f"{u}\n" for u in
@@ -268,9 +292,9 @@ def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
                                           (data.item_ids or range(data.n_items))))
     features = None
     if settings is not None:
-        records, features = export_features(settings, folder, opset, fp16, torchscript, log)
+        records, features = export_features(settings, folder, options)
         graphs.update(records)
-    return write_manifest(folder, graphs, features, opset, backbone=payload["backbone"],
+    return write_manifest(folder, graphs, features, options.opset, backbone=payload["backbone"],
                           dataset=data.name)
 
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
@@ -44,7 +43,9 @@ from cliper_prod.features.items import Catalog, Item, ItemError, ItemLimits, rea
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
+from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json
+from cliper_prod.progress import progress_bar
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one being encoded
 
@@ -80,11 +81,6 @@ class EmbedOptions:
     limits: ItemLimits = field(default_factory=ItemLimits)
     max_image_pixels: int = 64_000_000
     workers: int = max(os.cpu_count() or 1, 1)
-
-    @property
-    def graph_fusion(self) -> str:
-        """The fusion the encoder computes: ``mlp`` is extracted as the concatenation."""
-        return "concat" if self.fusion == "mlp" else self.fusion
 
     def fingerprint(self) -> dict:
         """What decides the output bytes (not workers, strictness or progress)."""
@@ -239,7 +235,7 @@ def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: Shard
     preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
     errors = ItemErrors(catalog.root, options.strict)
     writer = ShardWriter(store, errors, options)
-    bar = tqdm(desc="embed", unit="item", disable=not progress, initial=len(seen))
+    bar = progress_bar(desc="embed", unit="item", enabled=progress, initial=len(seen))
     pending: deque[tuple[list[Item], list[Future]]] = deque()
 
     def encode_oldest() -> None:
@@ -293,7 +289,8 @@ def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Enco
     tokens = encoder.tokenize([v for item in batch for v in spec.build(item.fields)],
                               chunk=options.chunk_long_text)
     fused, scores, image, views = encoder.encode_views(
-        tokens, image, has_image, has_text, options.graph_fusion, options.tau)
+        tokens, image, has_image, has_text, fusion_mode(options.fusion).extracted_as,
+        options.tau)
     shard.truncated_items += int(tokens.truncated.reshape(len(batch), -1).any(1).sum())
     shard.ids += [item.item_id for item in batch]
     shard.add("image", image)
@@ -307,7 +304,7 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
                    items_path: Path) -> dict:
     dim = encoder.dim
     n_views = len(options.views.names)
-    text_dim = n_views * dim if options.graph_fusion == "concat" else dim
+    text_dim = fusion_mode(options.fusion).text_width(n_views, dim)
     shapes = {"image": ((dim,), "image_feat.npy"), "text": ((text_dim,), "text_feat.npy")}
     if options.save_views:
         shapes |= {"views": ((n_views, dim), "view_feat.npy"),

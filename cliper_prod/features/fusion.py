@@ -1,29 +1,39 @@
-"""Similarity and fusion (CLIPER, Eq. 2-3), as a torch module the exporter can trace.
+"""Similarity and fusion (CLIPER, Eq. 2-3), as torch modules the exporter can trace.
 
-s_v = cos(t_v, v_img) / tau for each view v. Fusion of the view embeddings t_v [B, V, D]:
+s_v = cos(t_v, v_img) / tau for each view v. The modes (their table is
+:mod:`cliper_prod.fusion_modes`) fuse the view embeddings t_v [B, V, D]:
   - ``sa`` (default): softmax over views of s_v weights the views: sum_v softmax(s)_v t_v;
   - ``sum``: sum_v t_v;
-  - ``concat``: [t_1 | ... | t_V], dimension V * D.
-The image embedding is used as is. The fourth mode, ``mlp``, is trained with the recommender:
-extraction writes the concatenation, and the backbone owns an :class:`MLPFusion` (one linear
-layer, LeakyReLU; the paper's activation symbol is lost in its text) that it trains.
+  - ``concat``: [t_1 | ... | t_V], dimension V * D;
+  - ``mlp``: trained with the recommender: extraction writes the concatenation, and the backbone
+    owns an :class:`MLPFusion` (one linear layer, LeakyReLU; the paper's activation symbol is
+    lost in its text) that it trains.
+The image embedding is used as is.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FUSION_MODES = ("sa", "sum", "concat")
-EMBED_FUSIONS = FUSION_MODES + ("mlp",)  # mlp: extracted as concat, fused by the recommender
+from cliper_prod.fusion_modes import FUSION_MODES
+
+#: Extraction-time fusions: (views [B, V, D], scores [B, V]) -> fused text feature.
+FUSE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "sa": lambda views, scores: (torch.softmax(scores, dim=1).unsqueeze(-1) * views).sum(1),
+    "sum": lambda views, scores: views.sum(1),
+    "concat": lambda views, scores: views.flatten(1),
+}
 
 
 class ViewFusion(nn.Module):
     def __init__(self, mode: str = "sa", tau: float = 0.1) -> None:
         super().__init__()
-        if mode not in FUSION_MODES:
-            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {mode!r}")
+        if mode not in FUSE:
+            raise ValueError(f"fusion must be one of {tuple(FUSE)}, got {mode!r}")
         if not tau > 0:
             raise ValueError(f"tau must be positive, got {tau}")
         self.mode = mode
@@ -45,22 +55,19 @@ class ViewFusion(nn.Module):
         if has_image is not None:
             image = torch.where(has_image.unsqueeze(1), image, views.mean(1))
         scores = self.similarity(views, image)
-        if self.mode == "sa":
-            fused = (torch.softmax(scores, dim=1).unsqueeze(-1) * views).sum(1)
-        elif self.mode == "sum":
-            fused = views.sum(1)
-        else:
-            fused = views.flatten(1)
-        if has_text is not None and self.mode != "concat":
+        fused = FUSE[self.mode](views, scores)
+        if has_text is not None and not FUSION_MODES[self.mode].concatenates:
             fused = torch.where(has_text.unsqueeze(1), fused, image)
         return fused, scores, image
 
-    def output_dim(self, n_views: int, dim: int) -> int:
-        return n_views * dim if self.mode == "concat" else dim
-
 
 class MLPFusion(nn.Module):
-    """[t_1 | ... | t_V] (V * D) -> D, trained with the recommender."""
+    """[t_1 | ... | t_V] (V * D) -> D, trained with the recommender.
+
+    Args:
+        n_views: V, the views concatenated in each input row.
+        dim: D, the width of one view embedding and of the output (``self.dim``).
+    """
 
     def __init__(self, n_views: int, dim: int) -> None:
         super().__init__()
@@ -70,3 +77,8 @@ class MLPFusion(nn.Module):
 
     def forward(self, concatenated: Tensor) -> Tensor:
         return self.act(self.layer(concatenated))
+
+
+#: Fusions trained with the recommender: mode name -> module built as ``cls(n_views, dim)``,
+#: whose ``dim`` is its output width.
+TRAINED_FUSIONS: dict[str, type[nn.Module]] = {"mlp": MLPFusion}

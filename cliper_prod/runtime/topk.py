@@ -83,14 +83,15 @@ def rankings(user_ids: list[str], top_items: np.ndarray, top_scores: np.ndarray,
     return out
 
 
-def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, k: int = 20,
+def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, *, k: int = 20,
                       skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """:func:`recommend` into ``out_path``, renamed into place only when every user is done."""
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        return recommend(bundle, users_path, fh, k, skip_unknown, batch_size)
+        return recommend(bundle, users_path, fh, k=k, skip_unknown=skip_unknown,
+                         batch_size=batch_size)
 
 
-def recommend(bundle: Bundle, users_path: Path, out: IO[str], k: int = 20,
+def recommend(bundle: Bundle, users_path: Path, out: IO[str], *, k: int = 20,
               skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """Write one JSON line per user: {"user_id", "items", "scores"}, training items excluded."""
     check_k(bundle, k)

@@ -179,7 +179,7 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
-def start_service(settings: ServeSettings, replicas: int = 1, host: str = "127.0.0.1",
+def start_service(settings: ServeSettings, *, replicas: int = 1, host: str = "127.0.0.1",
                   port: int = 8000, address: str | None = None) -> str:
     """Deploy on the running Ray (or join ``address``, or start a local one); return the URL."""
     connect(address)

@@ -28,14 +28,13 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
                                         embed_batch, load_image, resume_point)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.items import Catalog, Item, ItemLimits, read_catalog, reread_items
 from cliper_prod.features.shards import Shard, ShardStore
+from cliper_prod.progress import progress_bar
 
 
 # Distinct CPU requests keep Ray Data from fusing the stages into one operator, so each stage
@@ -120,8 +119,8 @@ def ray_runner(bundle_dir: Path, settings: RaySettings):
         if started:
             ray.init(address=settings.address, include_dashboard=False, log_to_driver=False)
         try:
-            bar = tqdm(desc="embed (ray)", unit="item", disable=not progress,
-                       initial=len(resume_point(store)[1]), total=None)
+            bar = progress_bar(desc="embed (ray)", unit="item", enabled=progress,
+                               initial=len(resume_point(store)[1]), total=None)
             stream = _stream(ray, spans, catalog.root, encoder, options, bundle_dir, settings,
                              progress)
             for expected, (index, (part, part_errors, last_position, n)) in enumerate(stream):

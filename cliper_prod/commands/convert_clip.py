@@ -1,0 +1,21 @@
+"""``cliper-prod convert-clip``: an OpenAI-format CLIP / Long-CLIP .pt -> a transformers folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("convert-clip")
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="New transformers CLIP folder.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path, file_okay=False),
+              required=True, help="A CLIP folder whose tokenizer files are copied (same BPE).")
+def command(checkpoint: Path, out_dir: Path, tokenizer_dir: Path) -> None:
+    """Convert an OpenAI-format CLIP or Long-CLIP .pt checkpoint into a transformers folder
+    usable with `embed --clip`."""
+    from cliper_prod.features.convert_clip import convert_checkpoint
+
+    click.echo(convert_checkpoint(checkpoint, out_dir, tokenizer_dir))

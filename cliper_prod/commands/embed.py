@@ -1,0 +1,195 @@
+"""``cliper-prod embed``: a catalog's items -> CLIPER features, in PyTorch or from a bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cliper_prod.commands.common import device_option, quiet_option
+from cliper_prod.errors import ConfigError
+from cliper_prod.fusion_modes import FUSION_MODES, FUSION_NAMES
+
+#: Options a bundle fixes at export: giving one with --bundle is an error, not ignored.
+FIXED_IN_BUNDLE = ("random_init", "fusion", "tau", "fields", "no_global_view", "missing_word",
+                   "chunk_long_text")
+
+
+@dataclass(frozen=True)
+class EmbedArgs:
+    """The command line of ``embed``, checked as a whole (see :meth:`check`)."""
+
+    items: Path
+    clip_source: str | None
+    bundle_dir: Path | None
+    out_dir: Path
+    random_init: bool
+    fusion: str
+    tau: float
+    fields: str
+    no_global_view: bool
+    missing_word: str
+    chunk_long_text: bool
+    save_views: bool
+    batch_size: int
+    device: str
+    precision: str
+    strict: bool
+    resume: bool
+    shard_items: int
+    max_image_pixels: int
+    max_text_chars: int
+    max_line_bytes: int
+    use_ray: bool
+    address: str | None
+    ray_actors: int | None
+    quiet: bool
+
+    def check(self, given: set[str]) -> None:
+        """Refuse combinations that cannot mean what the user asked, before any model loads;
+        ``given`` names the options set on the command line."""
+        from cliper_prod.features.embed import check_catalog
+
+        check_catalog(self.items, self.out_dir)
+        if (self.clip_source is None) == (self.bundle_dir is None):
+            raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
+        if (self.address or self.ray_actors) and not self.use_ray:
+            raise ConfigError("--address and --ray-actors go with --ray")
+        if self.use_ray and self.bundle_dir is None:
+            raise ConfigError("--ray runs the exported ONNX graphs: export a bundle "
+                              "(`cliper-prod export --clip ...`) and pass --bundle")
+        fixed = [f"--{name.replace('_', '-')}" for name in FIXED_IN_BUNDLE if name in given]
+        if self.bundle_dir is not None and fixed:
+            raise ConfigError(f"{', '.join(fixed)}: fixed in the bundle at export; drop the "
+                              f"option(s) or embed with --clip")
+
+    def encoder_and_options(self) -> tuple[Any, Any]:
+        """The encoder (ONNX Runtime bundle or PyTorch towers) and the pipeline's options."""
+        from cliper_prod.features.embed import EmbedOptions
+        from cliper_prod.features.items import ItemLimits
+
+        if self.bundle_dir is not None:
+            from cliper_prod.runtime.bundle import Bundle
+            from cliper_prod.runtime.encoder import OnnxEncoder
+
+            encoder = OnnxEncoder(Bundle(self.bundle_dir, self.device), self.precision)
+            views, fusion, tau = encoder.views, encoder.fusion, encoder.tau
+        else:
+            from cliper_prod.features.clip_towers import ClipTowers
+
+            views, fusion, tau = self._view_spec(), self.fusion, self.tau
+            encoder = ClipTowers(self.clip_source, device=self._torch_device(),
+                                 random_init=self.random_init)
+        return encoder, EmbedOptions(
+            views=views, fusion=fusion, tau=tau, batch_size=self.batch_size,
+            chunk_long_text=self.chunk_long_text, save_views=self.save_views,
+            strict=self.strict, shard_items=self.shard_items,
+            max_image_pixels=self.max_image_pixels,
+            limits=ItemLimits(max_line_bytes=self.max_line_bytes,
+                              max_text_chars=self.max_text_chars))
+
+    def _view_spec(self) -> Any:
+        from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE, ViewSpec
+
+        names = tuple(f.strip() for f in self.fields.split(",") if f.strip())
+        unknown = [n for n in names if n not in DEFAULT_TEMPLATES]
+        if unknown:
+            raise ConfigError(f"--fields: unknown field(s) {unknown}; known: "
+                              f"{list(DEFAULT_TEMPLATES)}")
+        return ViewSpec(fields=names,
+                        global_template=None if self.no_global_view else GLOBAL_TEMPLATE,
+                        missing_word=self.missing_word)
+
+    def _torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def runner(self) -> Any:
+        """The Ray Data runner with --ray; None runs in this process."""
+        if not self.use_ray:
+            return None
+        from cliper_prod.runtime.embed_ray import RaySettings, ray_runner
+
+        return ray_runner(self.bundle_dir, RaySettings(self.address, self.ray_actors,
+                                                       self.device, self.precision))
+
+
+_FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
+
+
+@click.command("embed")
+@click.argument("items", type=click.Path(path_type=Path))
+@click.option("--clip", "clip_source",
+              help="PyTorch path: CLIP or Long-CLIP checkpoint, a local folder or a hub id.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              help="ONNX Runtime path: a bundle written by `cliper-prod export` (its views, "
+                   "fusion and tau are fixed at export).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output folder (image_feat.npy, text_feat.npy, item_ids.txt, errors.jsonl).")
+@click.option("--random-init", is_flag=True,
+              help="Build the model from the folder's config with RANDOM weights (plumbing only).")
+@click.option("--fusion", type=click.Choice(FUSION_NAMES), default="sa", show_default=True,
+              help=f"How the view embeddings become one text feature ({_FUSION_HELP}).")
+@click.option("--tau", type=click.FloatRange(min=0, min_open=True), default=0.1,
+              show_default=True, help="Temperature of the view-image similarity.")
+@click.option("--fields", default="title,brand,categories,description", show_default=True,
+              help="Comma-separated text fields that make views.")
+@click.option("--no-global-view", is_flag=True, help="Leave out the global view.")
+@click.option("--missing-word", default="Missing", show_default=True,
+              help="Fills a field-view whose field is absent.")
+@click.option("--chunk-long-text", is_flag=True,
+              help="Embed over-long text in windows and sum them, instead of truncating "
+                   "(PyTorch path only).")
+@click.option("--save-views", is_flag=True, help="Also write view_feat.npy and similarity.npy.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@device_option()
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="Which exported graphs to run (--bundle only).")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 3) at the first item error instead of listing it and going on.")
+@click.option("--resume", is_flag=True,
+              help="Continue a run that was interrupted (same input and options).")
+@click.option("--shard-items", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Items per crash-safe shard: the most work a kill can lose.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=64_000_000,
+              show_default=True, help="Larger images are refused before decoding.")
+@click.option("--max-text-chars", type=click.IntRange(min=1), default=20_000,
+              show_default=True, help="Longer text fields are cut (and reported).")
+@click.option("--max-line-bytes", type=click.IntRange(min=1), default=8 << 20,
+              show_default=True, help="Longer JSONL lines are skipped (and reported).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Distribute reading, image preprocessing and ONNX inference over Ray Data "
+                   "(needs --bundle); same outputs byte for byte.")
+@click.option("--address", help="Ray cluster to join with --ray (default: start a local one).")
+@click.option("--ray-actors", type=click.IntRange(min=1),
+              help="Encode actors with --ray [default: one per GPU, else one].")
+@quiet_option("No progress bar.")
+@click.pass_context
+def command(ctx: click.Context, **params: Any) -> None:
+    """Embed the items of a JSON Lines file, or of a folder of *.jsonl shards read in path
+    order as one catalog, into CLIPER features.
+
+    Each item's text fields become view prompts, CLIP encodes the views and the image, and the
+    view-image similarities weight the fusion. Runs CLIP in PyTorch (--clip) or an exported
+    bundle on ONNX Runtime (--bundle; no torch needed). Bad items are listed in errors.jsonl
+    with the reason; see README for the per-item policy.
+    """
+    from cliper_prod.features.embed import embed_catalog
+
+    args = EmbedArgs(**params)
+    args.check({f.name for f in fields(EmbedArgs)
+                if ctx.get_parameter_source(f.name) is click.core.ParameterSource.COMMANDLINE})
+    encoder, options = args.encoder_and_options()
+    if encoder.random_init:
+        click.echo("note: CLIP built from its config with RANDOM weights: the features prove "
+                   "the plumbing, not semantic quality.", err=True)
+    summary = embed_catalog(args.items, encoder, args.out_dir, options, progress=not args.quiet,
+                            resume=args.resume, runner=args.runner())
+    click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
+               f"a fallback {summary['kept_with_fallback']}, text cut at {encoder.max_tokens} "
+               f"tokens for {summary['truncated_items']} -> {args.out_dir}")

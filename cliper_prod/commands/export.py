@@ -1,0 +1,54 @@
+"""``cliper-prod export``: a trained checkpoint -> a self-verifying ONNX/TorchScript bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cliper_prod.commands.common import backbone_option
+
+
+@click.command("export")
+@backbone_option(default="freedom", show_default=True,
+                 help="Backbone of the checkpoint (checked).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+              help="Folder written by `cliper-prod train`.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="The training data, if it moved since training.")
+@click.option("--clip", "clip_source",
+              help="CLIP checkpoint for the feature graphs [default: the one the model's "
+                   "CLIPER features were embedded with; none for vanilla features].")
+@click.option("--random-init", is_flag=True, help="CLIP with RANDOM weights from its config.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Bundle folder [default: export/<backbone>].")
+@click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Most items per user the top-K graph returns (topk -k may ask for fewer).")
+@click.option("--chunk-items", type=click.IntRange(min=1), default=1 << 16, show_default=True,
+              help="Items scored at a time by the top-K graph (exact; bounds its memory to "
+                   "batch x chunk instead of batch x catalog).")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option("--no-fp16", is_flag=True, help="Skip the fp16 variants of the CLIP graphs.")
+@click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
+def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
+            random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int, opset: int,
+            no_fp16: bool, no_torchscript: bool) -> None:
+    """Export a trained model to a self-verifying ONNX/TorchScript bundle.
+
+    The bundle holds the top-K graph over the final embedding tables (training items
+    excluded), the CLIP image tower and the text+fusion graph (fp32 and fp16), the tokenizer,
+    the id maps, and manifest.json with versions, hashes and the parity measured against
+    PyTorch. Export fails if any graph misses the parity bounds.
+    """
+    from cliper_prod.export.bundle import GraphOptions, export_bundle
+
+    out_dir = out_dir or Path("export") / backbone
+    options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,
+                           torchscript=not no_torchscript)
+    manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip=clip_source,
+                             random_init=random_init, data_dir=data_dir, options=options)
+    for name, graph in manifest["graphs"].items():
+        figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"
+                            for variant, p in graph["parity"].items())
+        click.echo(f"{name}: {figures}")
+    click.echo(f"bundle -> {out_dir} ({len(manifest['files'])} files)")

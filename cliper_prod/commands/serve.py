@@ -1,0 +1,65 @@
+"""``cliper-prod serve``: a bundle over HTTP on Ray Serve, stopped cleanly by Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cliper_prod.commands.common import DEFAULT_BUNDLE, device_option
+from cliper_prod.errors import ConfigError
+
+
+@click.command("serve")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              default=DEFAULT_BUNDLE, show_default=True,
+              help="Bundle folder written by `cliper-prod export`.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--address", help="Ray cluster to deploy on (default: start a local Ray).")
+@device_option()
+@click.option("--image-root", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder that /embed image paths resolve under (default: paths refused, "
+                   "base64 images only).")
+@click.option("--no-batching", is_flag=True, help="Run each /topk request alone.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="/topk requests merged into one ONNX run.")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How long a /topk request waits for others to batch with.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20,
+              show_default=True)
+def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str | None,
+            device: str, image_root: Path | None, no_batching: bool, max_batch_size: int,
+            batch_wait_ms: float, max_request_bytes: int) -> None:
+    """Serve a bundle over HTTP on Ray Serve: POST /topk, POST /embed, GET /healthz,
+    GET /metadata (OpenAPI schema at /openapi.json). Stops cleanly on Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from cliper_prod.runtime.bundle import Bundle
+
+    Bundle(bundle_dir, device)  # a broken bundle fails here, with its exit code
+    if image_root is not None and not image_root.is_dir():
+        raise ConfigError(f"--image-root {image_root}: not a folder")
+    try:
+        from cliper_prod.serving.app import ServeSettings, connect, start_service, stop_service
+    except ImportError as exc:
+        raise ConfigError(f"serve needs Ray Serve ({exc.name} missing): pip install "
+                          f"'cliper-prod[ray]'") from None
+    settings = ServeSettings(bundle=str(bundle_dir.resolve()), device=device,
+                             image_root=str(image_root.resolve()) if image_root else None,
+                             batching=not no_batching, max_batch_size=max_batch_size,
+                             batch_wait_timeout_s=batch_wait_ms / 1000,
+                             max_request_bytes=max_request_bytes)
+    connect(address)
+    stop = threading.Event()  # a signal from here on drains and stops, even during start-up
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    url = start_service(settings, replicas=replicas, host=host, port=port, address=address)
+    click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s)); API schema at "
+               f"{url}/docs; Ctrl-C stops", err=True)
+    stop.wait()
+    click.echo("draining in-flight requests and stopping", err=True)
+    stop_service()
