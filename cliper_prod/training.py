@@ -276,7 +276,7 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
 
 
 def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
-                progress: bool = True, mask_valid_in_test: bool = False,
+                *, progress: bool = True, mask_valid_in_test: bool = False,
                 grid: dict[str, list] | None = None, resume: bool = False) -> TrainResult:
     """Train ``backbone`` (each grid point, if any), select on validation only, then rank test
     once with the selected model and write the checkpoint folder.

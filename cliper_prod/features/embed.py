@@ -171,7 +171,7 @@ def check_catalog(items_path: Path, out_dir: Path) -> Catalog:
 
 
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
-                  options: EmbedOptions = EmbedOptions(), progress: bool = True,
+                  options: EmbedOptions = EmbedOptions(), *, progress: bool = True,
                   resume: bool = False, runner: Runner | None = None) -> dict:
     """Embed every item of ``items_path`` (a JSONL file or a folder of JSONL shards); write
     the outputs; return the summary.
