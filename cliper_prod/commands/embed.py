@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cliper_prod.commands.common import device_option, quiet_option
 from cliper_prod.errors import ConfigError
 from cliper_prod.fusion_modes import FUSION_MODES, FUSION_NAMES
+
+if TYPE_CHECKING:  # the command imports its work only when it runs
+    from cliper_prod.features.embed import EmbedOptions, Encoder, Runner
+    from cliper_prod.features.views import ViewSpec
 
 #: Options a bundle fixes at export: giving one with --bundle is an error, not ignored.
 FIXED_IN_BUNDLE = ("random_init", "fusion", "tau", "fields", "no_global_view", "missing_word",
@@ -65,7 +69,7 @@ class EmbedArgs:
             raise ConfigError(f"{', '.join(fixed)}: fixed in the bundle at export; drop the "
                               f"option(s) or embed with --clip")
 
-    def encoder_and_options(self) -> tuple[Any, Any]:
+    def encoder_and_options(self) -> tuple[Encoder, EmbedOptions]:
         """The encoder (ONNX Runtime bundle or PyTorch towers) and the pipeline's options."""
         from cliper_prod.features.embed import EmbedOptions
         from cliper_prod.features.items import ItemLimits
@@ -90,7 +94,7 @@ class EmbedArgs:
             limits=ItemLimits(max_line_bytes=self.max_line_bytes,
                               max_text_chars=self.max_text_chars))
 
-    def _view_spec(self) -> Any:
+    def _view_spec(self) -> ViewSpec:
         from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE, ViewSpec
 
         names = tuple(f.strip() for f in self.fields.split(",") if f.strip())
@@ -109,7 +113,7 @@ class EmbedArgs:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def runner(self) -> Any:
+    def runner(self) -> Runner | None:
         """The Ray Data runner with --ray; None runs in this process."""
         if not self.use_ray:
             return None
