@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +88,52 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     assert res.exit_code == 0, res.output
     return {"root": root, "catalog": catalog, "clip": clip, "ckpt": root / "ckpt",
             "bundle": root / "bundle", "policy_items": extra}
+
+
+READ_TIMEOUT_S = 2.0  # the shared service's --read-timeout-s
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One Ray per session (Serve takes tens of seconds to start): the service's replica (1 CPU)
+    beside the stages of `embed --ray` (1 + 0.5 + 0.25)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def image_root(exported, tmp_path_factory) -> Path:
+    """The catalog's images copied into a root of their own, with a symbolic link loop."""
+    root = tmp_path_factory.mktemp("image_root")
+    shutil.copytree(exported["catalog"] / "images", root / "images")
+    (root / "loop.png").symlink_to("loop.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def service(local_ray, exported, image_root) -> str:
+    """The bundle served on loopback (a free port); its URL."""
+    from ray import serve
+
+    from cliper_prod.serving.app import ServeSettings, start_service
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServeSettings(bundle=str(exported["bundle"]), image_root=str(image_root),
+                             max_request_bytes=1 << 20, max_users=100, max_items=64,
+                             read_timeout_s=READ_TIMEOUT_S)
+    url = start_service(settings, port=port)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    serve.shutdown()

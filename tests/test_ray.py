@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -14,26 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 from click.testing import CliRunner
 
 from cliper_prod.commands import cli
-
-
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # logical CPUs for a Serve replica (1) beside the embed stages (1 + 0.5 + 0.25)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, path: str, body: object = None, raw: bytes | None = None,
@@ -46,27 +28,6 @@ def call(url: str, path: str, body: object = None, raw: bytes | None = None,
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
-
-
-@pytest.fixture(scope="module")
-def service(local_ray, exported):
-    from cliper_prod.serving.app import ServeSettings, start_service
-
-    settings = ServeSettings(bundle=str(exported["bundle"]), image_root=str(exported["catalog"]),
-                             max_request_bytes=1 << 20, max_users=100, max_items=64)
-    url = start_service(settings, port=_free_port())
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if call(url, "/healthz")[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    yield url
-    from ray import serve
-
-    serve.shutdown()
 
 
 def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:

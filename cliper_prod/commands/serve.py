@@ -30,9 +30,17 @@ from cliper_prod.errors import ConfigError
               help="How long a /topk request waits for others to batch with.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20,
               show_default=True)
+@click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True,
+              help="Time to receive a request's body; a slower client gets a 408.")
+@click.option("--startup-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0,
+              show_default=True,
+              help="Time for Ray Serve's proxy and the replicas to start (exit code 9 past it); "
+                   "raise it on a busy machine.")
 def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str | None,
             device: str, image_root: Path | None, no_batching: bool, max_batch_size: int,
-            batch_wait_ms: float, max_request_bytes: int) -> None:
+            batch_wait_ms: float, max_request_bytes: int, read_timeout_s: float,
+            startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP on Ray Serve: POST /topk, POST /embed, GET /healthz,
     GET /metadata (OpenAPI schema at /openapi.json). Stops cleanly on Ctrl-C or SIGTERM."""
     import signal
@@ -52,12 +60,14 @@ def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str 
                              image_root=str(image_root.resolve()) if image_root else None,
                              batching=not no_batching, max_batch_size=max_batch_size,
                              batch_wait_timeout_s=batch_wait_ms / 1000,
-                             max_request_bytes=max_request_bytes)
+                             max_request_bytes=max_request_bytes,
+                             read_timeout_s=read_timeout_s)
     connect(address)
     stop = threading.Event()  # a signal from here on drains and stops, even during start-up
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
-    url = start_service(settings, replicas=replicas, host=host, port=port, address=address)
+    url = start_service(settings, replicas=replicas, host=host, port=port, address=address,
+                        startup_timeout_s=startup_timeout_s)
     click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s)); API schema at "
                f"{url}/docs; Ctrl-C stops", err=True)
     stop.wait()

@@ -39,7 +39,8 @@ import numpy as np
 
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
-from cliper_prod.features.items import Catalog, Item, ItemError, ItemLimits, read_catalog
+from cliper_prod.features.items import (Catalog, Item, ItemError, ItemLimits, clip,
+                                        read_catalog)
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
@@ -139,11 +140,12 @@ def batches(records: Iterable[Item | ItemError], size: int, errors: ItemErrors
 
 
 def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
-    """Pixel values, or the reason there are none."""
+    """Pixel values, or the reason there are none, naming the image as the item gives it (a
+    served request's path, never the server's)."""
     if item.image is None:
         return "no 'image' field"
     try:
-        return preprocess.load(item.image)
+        return preprocess.load(item.image, clip(item.image_name or str(item.image)))
     except ImageDecodeError as exc:
         return str(exc)
 

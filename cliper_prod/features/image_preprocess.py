@@ -3,19 +3,24 @@
 scale to [0, 1], normalise with the model's mean and std, channels first.
 
 Beyond the processor: EXIF orientation is applied first (a phone photo stands upright), and
-images larger than ``max_pixels`` are refused before decoding (decompression bombs).
+images larger than ``max_pixels`` are refused before decoding (decompression bombs). Every
+problem with a file (missing, not a regular file, unreadable, a name the file system refuses,
+not an image) is an :class:`ImageDecodeError` that names the image by the label its caller
+gives, never by the operating system's message, which quotes the absolute path.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,6 +28,25 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ImageDecodeError(Exception):
     """The file is missing, not an image, truncated or too large; the message says which."""
+
+
+def problem(exc: Exception) -> str:
+    """What went wrong, without the path an OS error quotes or a name's undecodable
+    characters (an HTTP answer must neither show server paths nor fail to encode)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format"
+    if isinstance(exc, UnicodeError):
+        return "the name is not valid Unicode"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return os.strerror(exc.errno)
+    if isinstance(exc, RuntimeError):  # pathlib's resolve() on Python < 3.13
+        return "symbolic link loop"
+    return str(exc) or type(exc).__name__
+
+
+def unusable(exc: Exception, label: str) -> ImageDecodeError:
+    """The error for a path the file system refuses (null byte, name too long, link loop)."""
+    return ImageDecodeError(f"image not readable ({problem(exc)}): {label}")
 
 
 @dataclass(frozen=True)
@@ -69,13 +93,21 @@ class ClipImagePreprocessor:
             / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
 
-    def load(self, path: Path) -> np.ndarray:
-        """Decode, orient and preprocess one file, or raise ImageDecodeError with the reason."""
-        if not path.is_file():
-            raise ImageDecodeError(f"image not found: {path}")
-        if path.stat().st_size == 0:
-            raise ImageDecodeError(f"image file is empty: {path}")
-        return self.decode(path, str(path))
+    def load(self, path: Path, label: str | None = None) -> np.ndarray:
+        """Decode, orient and preprocess one file, or raise ImageDecodeError with the reason;
+        ``label`` names it there (default: ``path``)."""
+        label = str(path) if label is None else label
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise ImageDecodeError(f"image not found: {label}") from None
+        except (OSError, ValueError) as exc:
+            raise unusable(exc, label) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(f"image is not a regular file: {label}")
+        if info.st_size == 0:
+            raise ImageDecodeError(f"image file is empty: {label}")
+        return self.decode(path, label)
 
     def decode(self, source: Path | BinaryIO, label: str) -> np.ndarray:
         """Decode a file or an in-memory image (a served request's base64 bytes); ``label``
@@ -100,7 +132,7 @@ class ClipImagePreprocessor:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageDecodeError(f"image too large (decompression bomb guard): {label}") from exc
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageDecodeError(f"not a readable image ({exc}): {label}") from exc
+            raise ImageDecodeError(f"not a readable image ({problem(exc)}): {label}") from exc
 
 
 def _on_white(img: Image.Image) -> Image.Image:

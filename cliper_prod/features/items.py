@@ -4,7 +4,8 @@ Fields: ``item_id`` (string, required), ``title``, ``brand``, ``description`` (s
 ``categories`` (a string, a list of strings, or a list of lists as in Amazon metadata) and
 ``image`` (a path; relative paths resolve against the folder of the JSONL file that holds the
 line). Unknown keys are ignored. A bad line yields an :class:`ItemError` instead of an item, so
-one bad item never stops a batch.
+one bad item never stops a batch. Lines are read by :func:`loads_strict`, the JSON reader the
+HTTP service uses for request bodies too.
 
 A catalog is one JSONL file or a folder of ``*.jsonl`` shards (at any depth, in path order),
 read as if the shards were one file: duplicates count across shards, and each record keeps its
@@ -14,10 +15,11 @@ shard and line there for error reports, plus its catalog-wide position, which or
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Generator, Iterator
+from typing import Generator, Iterator, NoReturn
 
 from cliper_prod.errors import ConfigError
 
@@ -42,6 +44,7 @@ class Item:
     offset: int = 0  # byte offset of the line: a distributed reader re-reads batches from here
     file: str | None = None  # shard of a catalog folder, relative to it; None: a single file
     base: int = 0  # lines in the catalog's earlier shards
+    image_name: str | None = None  # ``image`` as the line gives it, how error messages name it
 
     @property
     def position(self) -> int:
@@ -64,6 +67,61 @@ class ItemError:
 
 class _Bad(Exception):
     pass
+
+
+class StrictJSONError(ValueError):
+    """Text that is not strict JSON (RFC 8259); the message says why, never echoing the text."""
+
+
+ECHO_CHARS = 200  # an id or a path quoted back in a message is cut to this many characters
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with an ellipsis): a client's 1 MB id must
+    not come back as a 1 MB message."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise StrictJSONError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise StrictJSONError(f"number {clip(text, 40)} is beyond the range of a float")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 300:
+        raise StrictJSONError(f"integer of {len(text):,} digits")
+    return int(text)
+
+
+def loads_strict(text: str | bytes) -> object:
+    """Parse JSON as RFC 8259 defines it, refusing what Python's reader lets through: NaN and
+    Infinity, numbers beyond a float's range (1e400), integers over 300 digits, strings with a
+    lone surrogate escape (``"\\ud800"``, not Unicode text), bytes that are not UTF-8 and nesting
+    deeper than the interpreter's stack. Such values cannot be encoded in an answer or written
+    to a file, so they are refused here, once, for the service and the CLI alike."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           parse_int=_bounded_int)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as exc:
+        raise StrictJSONError(f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+                              if exc.lineno > 1 else f"{exc.msg} at column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise StrictJSONError(f"not UTF-8 (byte {exc.start})") from None
+    except UnicodeEncodeError:
+        raise StrictJSONError("a string holds a lone surrogate escape (\\ud800-\\udfff without "
+                              "its pair), which is not Unicode text") from None
+    except RecursionError:
+        raise StrictJSONError("nested too deeply") from None
+    return value
 
 
 def _clean(text: str) -> str:
@@ -91,9 +149,9 @@ def parse_item(text: str, line: int, base_dir: Path, limits: ItemLimits = ItemLi
                ) -> Item | ItemError:
     """One JSONL line -> an item, or the reason it cannot be one."""
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return ItemError(line, None, f"malformed JSON ({exc.msg} at column {exc.colno})")
+        record = loads_strict(text)
+    except StrictJSONError as exc:
+        return ItemError(line, None, f"malformed JSON ({exc})")
     if not isinstance(record, dict):
         return ItemError(line, None, f"expected a JSON object, got {type(record).__name__}")
     item_id = record.get("item_id")
@@ -124,8 +182,10 @@ def parse_item(text: str, line: int, base_dir: Path, limits: ItemLimits = ItemLi
             raise _Bad("'image' must be a non-empty path string")
     except _Bad as exc:
         return ItemError(line, item_id, str(exc))
-    path = None if image is None else (base_dir / image.strip())
-    return Item(item_id, fields, path, line, tuple(notes))
+    if image is None:
+        return Item(item_id, fields, None, line, tuple(notes))
+    return Item(item_id, fields, base_dir / image.strip(), line, tuple(notes),
+                image_name=image.strip())
 
 
 def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:

@@ -5,24 +5,38 @@ schema is at ``/openapi.json`` (``/docs`` renders it). ``/topk`` calls from conc
 are merged by Ray Serve's dynamic batching into one ONNX run (``batching`` off runs each request
 alone, for comparison). Requests are validated by their schema (422), by the bundle (400: unknown
 ids, k too large) and by size (413 over ``max_request_bytes``, 411 without Content-Length); an
-answer is never a 500 for bad input. The same deployment runs on a laptop or a Ray cluster.
+answer is never a 500 for bad input. Bodies are read within ``read_timeout_s`` (else 408) and
+parsed by :func:`~cliper_prod.features.items.loads_strict`, the CLI's reader (NaN, Infinity and
+lone surrogates are a 422). An unexpected exception is logged with a request id and answered
+as a 500 with that id. The same deployment runs on a laptop or a Ray cluster.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime.
 import asyncio
+import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.api import RunTarget
+from ray.serve.schema import ApplicationStatus
 
 from cliper_prod import __version__
-from cliper_prod.features.items import ItemLimits
+from cliper_prod.errors import RuntimeSetupError
+from cliper_prod.features.items import ItemLimits, StrictJSONError, clip, loads_strict
 from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.serving.handlers import ItemEmbedder, RequestError, TopKRanker
+from cliper_prod.serving.handlers import ItemEmbedder, RequestError, TopKRanker, new_request_id
+
+logger = logging.getLogger(__name__)
+APP_NAME = "cliper"
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class ServeSettings:
     max_ongoing_requests: int = 256  # per replica; Ray Serve's default (5) caps batches at 5
     batch_wait_timeout_s: float = 0.002
     max_request_bytes: int = 16 << 20
+    read_timeout_s: float = 10.0  # to receive a request's body, else 408
     max_users: int = 4096  # per /topk request
     max_items: int = 256  # per /embed request
     embed_batch_size: int = 64  # as `cliper-prod embed --batch-size`
@@ -84,10 +99,73 @@ class EmbedResponse(BaseModel):
     errors: list[ItemProblem]
 
 
+class StrictJSONRequest(Request):
+    """A request whose body must arrive within ``read_timeout_s`` (408) and be strict JSON
+    (422): the one place request bodies are read and parsed."""
+
+    async def body(self) -> bytes:
+        timeout = self.app.state.read_timeout_s
+        try:
+            return await asyncio.wait_for(super().body(), timeout)
+        except TimeoutError:
+            raise HTTPException(408, f"request body not received within {timeout:g} s") from None
+
+    async def json(self) -> object:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads_strict(await self.body())
+            except StrictJSONError as exc:
+                raise HTTPException(422, [{"type": "json_invalid", "loc": ["body"],
+                                           "msg": f"JSON decode error: {exc}"}]) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes that hand their endpoint a :class:`StrictJSONRequest`."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+        return strict
+
+
 app = FastAPI(title="cliper-prod", version=__version__,
               description="CLIPER top-K recommendations and item features from an exported "
                           "bundle on ONNX Runtime.")
+app.router.route_class = StrictJSONRoute
 app.state.max_request_bytes = ServeSettings.max_request_bytes
+app.state.read_timeout_s = ServeSettings.read_timeout_s
+
+
+def _problem(error: dict) -> dict:
+    """A validation error without the client's ``input`` (megabytes, perhaps) and with the
+    keys of its location cut short."""
+    message = error["msg"]
+    if "error" in error.get("ctx", {}):
+        message += f": {error['ctx']['error']}"
+    return {"type": error["type"], "msg": clip(message),
+            "loc": [clip(part) if isinstance(part, str) else part for part in error["loc"]]}
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 that states what is wrong where, never echoing the value."""
+    return JSONResponse({"detail": [_problem(e) for e in exc.errors()[:20]]}, status_code=422)
+
+
+@app.middleware("http")
+async def catch_all(request: Request, call_next: Callable) -> Response:
+    """An unexpected exception: logged with a request id, answered as a 500 with that id."""
+    try:
+        return await call_next(request)
+    except Exception:
+        request_id = new_request_id()
+        logger.exception("%s %s failed (request id %s)", request.method, request.url.path,
+                         request_id)
+        return JSONResponse({"detail": "internal error", "request_id": request_id},
+                            status_code=500)
 
 
 @app.middleware("http")
@@ -117,6 +195,7 @@ class CliperService:
                                       else None, settings.embed_batch_size, ItemLimits())
                          if "features" in bundle.manifest else None)
         app.state.max_request_bytes = settings.max_request_bytes
+        app.state.read_timeout_s = settings.read_timeout_s
         self._rank_batched.set_max_batch_size(settings.max_batch_size)
         self._rank_batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -180,15 +259,53 @@ def connect(address: str | None = None) -> None:
 
 
 def start_service(settings: ServeSettings, *, replicas: int = 1, host: str = "127.0.0.1",
-                  port: int = 8000, address: str | None = None) -> str:
-    """Deploy on the running Ray (or join ``address``, or start a local one); return the URL."""
+                  port: int = 8000, address: str | None = None,
+                  startup_timeout_s: float = 120.0) -> str:
+    """Deploy on the running Ray (or join ``address``, or start a local one); return the URL
+    once the application runs. Any failure on the way, or no running application within
+    ``startup_timeout_s``, is a :class:`RuntimeSetupError` of one line (the traceback at
+    DEBUG)."""
     connect(address)
-    serve.start(http_options={"host": host, "port": port})
-    deployment = CliperService.options(num_replicas=replicas,
-                                       max_ongoing_requests=settings.max_ongoing_requests)
-    serve.run(deployment.bind(settings), name="cliper",
-              route_prefix="/", blocking=False)
+    deadline = time.monotonic() + startup_timeout_s
+    try:
+        # the controller's wait for a proxy to answer (5 s by default) is what a busy machine
+        # missed: it gets the whole start-up time (on first start of Serve in the cluster)
+        env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(startup_timeout_s)}
+        serve.start(http_options={"host": host, "port": port},
+                    controller_options={"runtime_env": {"env_vars": env}})
+        deployment = CliperService.options(num_replicas=replicas,
+                                           max_ongoing_requests=settings.max_ongoing_requests)
+        serve.run_many([RunTarget(deployment.bind(settings), name=APP_NAME, route_prefix="/")],
+                       wait_for_applications_running=False)
+        _wait_running(deadline, startup_timeout_s)
+    except RuntimeSetupError:
+        raise
+    except Exception as exc:
+        logger.debug("Ray Serve start-up failed", exc_info=True)
+        raise RuntimeSetupError(f"Ray Serve did not start ({type(exc).__name__}: "
+                                f"{_first_line(exc)})") from exc
     return f"http://{host}:{port}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return clip(str(exc).strip().splitlines()[0] if str(exc).strip() else "no message", 300)
+
+
+def _wait_running(deadline: float, timeout_s: float) -> None:
+    """Until the application runs; its failure or the deadline is a RuntimeSetupError."""
+    while True:
+        app_status = serve.status().applications.get(APP_NAME)
+        state = app_status.status if app_status else ApplicationStatus.NOT_STARTED
+        if state == ApplicationStatus.RUNNING:
+            return
+        if state in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise RuntimeSetupError(f"the service failed to deploy: "
+                                    f"{clip(app_status.message.strip() or state.value, 300)}")
+        if time.monotonic() > deadline:
+            raise RuntimeSetupError(f"the service was not running after {timeout_s:g} s "
+                                    f"({state.value}); raise --startup-timeout-s on a busy "
+                                    f"machine")
+        time.sleep(0.5)
 
 
 def stop_service() -> None:

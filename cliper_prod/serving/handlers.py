@@ -1,5 +1,7 @@
 """What the service computes, without Ray or HTTP: top-K for user ids and CLIPER features for
 posted items, from one exported bundle. Bad requests raise :class:`RequestError` (a 4xx).
+Messages quote a client's ids and paths as sent, cut short
+(:func:`~cliper_prod.features.items.clip`), and never name the server's own paths.
 
 Both run the exact code of the command-line tools (``cliper-prod topk`` formats rankings with
 :func:`~cliper_prod.runtime.topk.rankings`; ``/embed`` batches items with the CLI's batch size
@@ -12,6 +14,8 @@ import base64
 import binascii
 import io
 import json
+import logging
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +23,25 @@ import numpy as np
 
 from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch, load_image
-from cliper_prod.features.image_preprocess import ImageDecodeError
-from cliper_prod.features.items import Item, ItemError, ItemLimits, parse_item
+from cliper_prod.features.image_preprocess import ImageDecodeError, unusable
+from cliper_prod.features.items import Item, ItemError, ItemLimits, clip, parse_item
 from cliper_prod.features.shards import Shard
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 from cliper_prod.runtime.topk import rankings
+
+logger = logging.getLogger(__name__)
+
+
+def new_request_id() -> str:
+    """The id an unexpected failure is logged under and answered with, to match the two."""
+    return uuid.uuid4().hex[:16]
+
+
+def _ids(ids: list[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``ids``, each cut short, and how many more there are."""
+    shown = ", ".join(repr(clip(i)) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 class RequestError(Exception):
@@ -48,8 +65,7 @@ class TopKRanker:
     def rows(self, user_ids: list[str]) -> np.ndarray:
         unknown = [u for u in user_ids if u not in self.user_index]
         if unknown:
-            raise RequestError(f"unknown user id(s) {unknown[:5]}" +
-                               (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+            raise RequestError(f"unknown user id(s) {_ids(unknown)}")
         if len(set(user_ids)) != len(user_ids):
             raise RequestError("repeated user ids in one request")
         return np.fromiter((self.user_index[u] for u in user_ids), np.int64, len(user_ids))
@@ -58,7 +74,7 @@ class TopKRanker:
         """Rows of items to leave out; the graph must rank k of them plus k others."""
         unknown = [i for i in item_ids if i not in self.item_index]
         if unknown:
-            raise RequestError(f"exclude: unknown item id(s) {unknown[:5]}")
+            raise RequestError(f"exclude: unknown item id(s) {_ids(unknown)}")
         rows = {self.item_index[i] for i in item_ids}
         if k + len(rows) > self.max_k:
             raise RequestError(f"k ({k}) plus excluded items ({len(rows)}) exceeds the "
@@ -93,12 +109,12 @@ class ItemEmbedder:
         errors = ItemErrors(Path("<request>"), strict=False)
         parsed, images, seen = [], [], set()
         for line, record in enumerate(records, start=1):
-            item = self._parse(record, line, seen)
-            if isinstance(item, ItemError):
-                errors.add(item, "skipped", item.reason)
+            prepared = self._prepare(record, line, seen)
+            if isinstance(prepared, ItemError):
+                errors.add(prepared, "skipped", prepared.reason)
                 continue
-            parsed.append(item)
-            images.append(self._image(record, item))
+            parsed.append(prepared[0])
+            images.append(prepared[1])
         shard = Shard()
         size = self.options.batch_size
         for start in range(0, len(parsed), size):
@@ -108,7 +124,21 @@ class ItemEmbedder:
         image = np.concatenate(shard.arrays["image"]) if shard.ids else np.zeros((0, 0))
         return {"items": [{"item_id": i, "text_feature": t.tolist(), "image_embedding": v.tolist()}
                           for i, t, v in zip(shard.ids, text, image)],
-                "errors": errors.take_until(len(records))}
+                "errors": [{**e, "item_id": e["item_id"] and clip(e["item_id"])}
+                           for e in errors.take_until(len(records))]}
+
+    def _prepare(self, record: dict, line: int, seen: set[str]
+                 ) -> tuple[Item, np.ndarray | str] | ItemError:
+        """The item and its pixels (or why there are none); an unexpected failure is logged
+        and becomes this item's error, so the rest of the request is still answered."""
+        try:
+            item = self._parse(record, line, seen)
+            return item if isinstance(item, ItemError) else (item, self._image(record, item))
+        except Exception:
+            request_id = new_request_id()
+            logger.exception("item %d of an /embed request failed (request id %s)", line,
+                             request_id)
+            return ItemError(line, None, f"internal error (request id {request_id})")
 
     def _parse(self, record: dict, line: int, seen: set[str]) -> Item | ItemError:
         if "image" in record and "image_base64" in record:
@@ -133,12 +163,17 @@ class ItemEmbedder:
             except (binascii.Error, ValueError):
                 return "'image_base64' is not valid base64"
             try:
-                return self.preprocess.decode(io.BytesIO(raw), f"item {item.item_id} (base64)")
+                return self.preprocess.decode(io.BytesIO(raw), "image_base64")
             except ImageDecodeError as exc:
                 return str(exc)
-        if item.image is not None:
-            if self.image_root is None:
-                return "image paths are disabled on this server (start it with --image-root)"
-            if not item.image.resolve().is_relative_to(self.image_root):
-                return f"image path outside the server's image root: {record['image']}"
+        if item.image is None:
+            return load_image(self.preprocess, item)
+        if self.image_root is None:
+            return "image paths are disabled on this server (start it with --image-root)"
+        try:
+            inside = item.image.resolve().is_relative_to(self.image_root)
+        except (OSError, ValueError, RuntimeError) as exc:  # null byte, link loop
+            return str(unusable(exc, clip(item.image_name)))
+        if not inside:
+            return f"image path outside the server's image root: {clip(item.image_name)}"
         return load_image(self.preprocess, item)
