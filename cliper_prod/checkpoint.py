@@ -7,6 +7,10 @@ Layout (all written atomically):
   history.json          per-epoch loss, time and validation metrics
   metrics.json          best epoch, its validation metrics and the test metrics at that epoch
   training_curve.png
+
+The files hold CPU tensors and arrays whatever device trained the model, and are read onto the
+CPU before the model is moved where it is asked for: a checkpoint trained on a GPU evaluates
+and exports on a machine without one, and the reverse.
 """
 
 from __future__ import annotations
@@ -41,19 +45,21 @@ def save_torch(path: Path, obj: Any) -> None:
 def save_model(out_dir: Path, backbone: str, config: dict, data: InteractionData,
                state_dict: dict[str, torch.Tensor]) -> None:
     payload = {"backbone": backbone, "config": config, "data": data_fingerprint(data),
-               "state_dict": state_dict, "package_version": __version__}
+               "state_dict": {k: v.cpu() for k, v in state_dict.items()},
+               "package_version": __version__}
     save_torch(out_dir / MODEL_FILE, payload)
 
 
 def save_embeddings(out_dir: Path, model: Recommender) -> None:
     users, items = model.embedding_tables()
-    write_npy(out_dir / "user_embeddings.npy", users.numpy().astype("float32"))
-    write_npy(out_dir / "item_embeddings.npy", items.numpy().astype("float32"))
+    write_npy(out_dir / "user_embeddings.npy", users.cpu().numpy().astype("float32"))
+    write_npy(out_dir / "item_embeddings.npy", items.cpu().numpy().astype("float32"))
 
 
-def load_model(checkpoint: Path, data_dir: Path | None = None
-               ) -> tuple[Recommender, InteractionData, dict]:
-    """Rebuild a trained model on its data (or ``data_dir``), checking that the data fits."""
+def load_model(checkpoint: Path, data_dir: Path | None = None,
+               device: torch.device | str = "cpu") -> tuple[Recommender, InteractionData, dict]:
+    """Rebuild a trained model on its data (or ``data_dir``) on ``device``, checking that the
+    data fits; the file loads onto the CPU whatever device saved it."""
     path = checkpoint / MODEL_FILE if checkpoint.is_dir() else checkpoint
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found (expected a folder written by "
@@ -71,6 +77,6 @@ def load_model(checkpoint: Path, data_dir: Path | None = None
         if found != meta[key]:
             raise CheckpointError(f"{path}: trained on {meta[key]} {key[2:]} but {data.root} has "
                                   f"{found}; pass the training data with --data")
-    model = create_model(payload["backbone"], data, payload["config"]["model"])
+    model = create_model(payload["backbone"], data, payload["config"]["model"], device)
     model.load_state_dict(payload["state_dict"])
     return model, data, payload

@@ -12,6 +12,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import torch
+
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.io import atomic_path, write_json, write_text
@@ -23,8 +25,9 @@ VARIANTS = ("vanilla", "cliper")
 
 def compare_backbones(data_dir: Path, features: dict[str, Path | None], *,
                       backbones: list[str], seeds: list[int], overrides: dict | None = None,
-                      progress: bool = True) -> dict:
-    """Train backbone x variant x seed; return per-run test metrics and their summaries."""
+                      progress: bool = True, device: torch.device | str = "cpu") -> dict:
+    """Train backbone x variant x seed on ``device``; return per-run test metrics and their
+    summaries."""
     datasets = {v: load_dataset(data_dir, features_dir=features[v]) for v in VARIANTS}
     runs = []
     jobs = [(b, v, s) for b in backbones for v in VARIANTS for s in seeds]
@@ -32,7 +35,7 @@ def compare_backbones(data_dir: Path, features: dict[str, Path | None], *,
         config = load_config(backbone, overrides={**(overrides or {}),
                                                   "train": {**(overrides or {}).get("train", {}),
                                                             "seed": seed}})
-        result = train_model(backbone, datasets[variant], config, progress=False)
+        result = train_model(backbone, datasets[variant], config, progress=False, device=device)
         runs.append({"backbone": backbone, "features": variant, "seed": seed,
                      "best_epoch": result.best_epoch, "valid": result.valid,
                      "test": result.test})

@@ -74,14 +74,16 @@ class RankingTask:
                    n_items)
 
     def hits(self, users: np.ndarray, scores: Tensor, max_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mask each user's hidden items, take the top max_k and mark the positives among them."""
+        """Mask each user's hidden items, take the top max_k and mark the positives among them,
+        on the scores' device; only the [users, max_k] hit matrix comes back to the CPU."""
+        device = scores.device
         rows, cols = _rows_of(self.mask_indptr, self.mask_items, users)
-        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
         top = torch.topk(scores, max_k, dim=1).indices
-        is_pos = torch.zeros(scores.shape, dtype=torch.bool)
+        is_pos = torch.zeros(scores.shape, dtype=torch.bool, device=device)
         rows, cols = _rows_of(self.pos_indptr, self.pos_items, users)
-        is_pos[torch.from_numpy(rows), torch.from_numpy(cols)] = True
-        return torch.gather(is_pos, 1, top).numpy(), np.diff(self.pos_indptr)[users]
+        is_pos[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = True
+        return torch.gather(is_pos, 1, top).cpu().numpy(), np.diff(self.pos_indptr)[users]
 
 
 def _rows_of(indptr: np.ndarray, items: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +94,7 @@ def _rows_of(indptr: np.ndarray, items: np.ndarray, users: np.ndarray) -> tuple[
     return rows, items[np.repeat(starts, lens) + offsets]
 
 
-ScoreFn = Callable[[Tensor], Tensor]  # user indices [B] -> scores [B, n_items]
+ScoreFn = Callable[[Tensor], Tensor]  # user indices [B] (CPU) -> scores [B, n_items] (any device)
 
 
 @torch.no_grad()

@@ -74,8 +74,10 @@ def co_occurrence_neighbours(users: Tensor, items: Tensor, n_users: int, n_items
     """Each user's (at most) k other users sharing the most items, most shared first, ties by
     lower id: neighbour ids [n_users, k], shared-item counts [n_users, k] (0 past the end) and
     how many each user has. One sparse product R R^T: no dense n_users x n_users matrix."""
-    r = torch.sparse_coo_tensor(torch.stack([users, items]), torch.ones(len(users)),
-                                (n_users, n_items), check_invariants=False).coalesce()
+    device = users.device
+    r = torch.sparse_coo_tensor(torch.stack([users, items]),
+                                torch.ones(len(users), device=device), (n_users, n_items),
+                                check_invariants=False).coalesce()
     r = torch.sparse_coo_tensor(r.indices(), torch.ones_like(r.values()), r.shape,
                                 check_invariants=False)  # repeated pairs count once
     with warnings.catch_warnings():  # sparse CSR is "beta"; sparse @ sparse is stable
@@ -89,10 +91,10 @@ def co_occurrence_neighbours(users: Tensor, items: Tensor, n_users: int, n_items
     order = torch.sort(row * (top + 1) + (top - count), stable=True).indices
     row, col, count = row[order], col[order], count[order]
     per_user = torch.bincount(row, minlength=n_users)
-    rank = torch.arange(len(row)) - (torch.cumsum(per_user, 0) - per_user)[row]
+    rank = torch.arange(len(row), device=device) - (torch.cumsum(per_user, 0) - per_user)[row]
     keep = rank < k
-    neighbours = torch.zeros(n_users, k, dtype=torch.long)
-    counts = torch.zeros(n_users, k)
+    neighbours = torch.zeros(n_users, k, dtype=torch.long, device=device)
+    counts = torch.zeros(n_users, k, device=device)
     neighbours[row[keep], rank[keep]] = col[keep]
     counts[row[keep], rank[keep]] = count[keep].float()
     return neighbours, counts, per_user.clamp(max=k)
@@ -109,7 +111,8 @@ def degree_sensitive_prune(users: Tensor, items: Tensor, n_users: int, n_items: 
                            keep_ratio: float, generator: torch.Generator | None = None
                            ) -> Propagation:
     """FREEDOM's edge pruning: keep ``keep_ratio`` of the edges, sampled without replacement with
-    probability proportional to 1/sqrt(deg(u) deg(i)), and renormalise the kept graph."""
+    probability proportional to 1/sqrt(deg(u) deg(i)), and renormalise the kept graph.
+    ``generator`` must be on the edges' device."""
     weights = bipartite_edge_weights(users, items, n_users, n_items)
     n_keep = int(len(users) * keep_ratio)
     keep = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
@@ -123,7 +126,7 @@ def knn_edge_index(features: Tensor, k: int, chunk: int = 4096) -> Tensor:
     cols = [torch.topk(normed[s:s + chunk] @ normed.T, k, dim=1).indices
             for s in range(0, len(normed), chunk)]
     col = torch.cat(cols)
-    row = torch.arange(len(normed)).repeat_interleave(k)
+    row = torch.arange(len(normed), device=normed.device).repeat_interleave(k)
     return torch.stack([row, col.reshape(-1)])
 
 
@@ -162,7 +165,8 @@ def cosine_knn_graph(features: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def row_degree_normalize(edge_index: Tensor, weight: Tensor, num_nodes: int) -> Tensor:
     """w_ij / sqrt(d_i d_j) with d the weighted row sums, for a possibly asymmetric graph (MMRec's
     compute_normalized_laplacian); rows summing to zero get zero weight."""
-    inv_sqrt = torch.zeros(num_nodes, dtype=weight.dtype).index_add(0, edge_index[0], weight)
+    inv_sqrt = torch.zeros(num_nodes, dtype=weight.dtype, device=weight.device).index_add(
+        0, edge_index[0], weight)
     inv_sqrt = inv_sqrt.pow(-0.5)
     inv_sqrt = inv_sqrt.masked_fill(torch.isinf(inv_sqrt), 0.0)
     return inv_sqrt[edge_index[0]] * weight * inv_sqrt[edge_index[1]]

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
@@ -111,15 +113,17 @@ def _quiet(logger: str) -> Iterator[None]:
 def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path, *,
                         modes: tuple[str, ...] = EXTRACTION_FUSIONS,
                         backbone: str = "freedom", overrides: dict | None = None,
-                        random_init: bool = False, progress: bool = True) -> list[dict]:
-    """Embed ``items`` with each fusion mode and train ``backbone`` on each; one row per mode.
+                        random_init: bool = False, progress: bool = True,
+                        device: torch.device | str = "cpu") -> list[dict]:
+    """Embed ``items`` with each fusion mode and train ``backbone`` on each (on ``device``);
+    one row per mode.
 
     Selection is on validation; test is the metric at the selected epoch. The rows only mean
     something with a pretrained CLIP: with random weights they test the plumbing.
     """
     from cliper_prod.features.embed import EmbedOptions
 
-    towers = ClipTowers(clip, random_init=random_init)
+    towers = ClipTowers(clip, device=device, random_init=random_init)
     rows = []
     for mode in modes:
         features = workdir / f"features-{mode}"
@@ -127,7 +131,7 @@ def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path, *
         data = load_dataset(data_dir, features_dir=features)
         config = load_config(backbone, overrides=overrides)
         result = train_model(backbone, data, config, workdir / f"{backbone}-{mode}",
-                             progress=progress)
+                             progress=progress, device=device)
         rows.append({"fusion": mode, "best_epoch": result.best_epoch, "valid": result.valid,
                      "test": result.test})
     return rows

@@ -8,6 +8,11 @@ generators and sampler from the config, then per epoch trains (:meth:`Trainer.tr
 validates (:meth:`Trainer.valid_epoch`), applies early stopping (:meth:`TrainState.end_epoch`)
 and, when asked, saves everything the next epoch depends on (:meth:`Trainer.save`), so that an
 interrupted run resumes (:meth:`Trainer.restore`) to the uninterrupted run's result.
+
+Everything runs on one torch device: the model and its graphs (built there), each batch (moved
+there) and the ranking. The weights start from the CPU generator on every device; the sampler
+draws with numpy and the graph generator lives on the device (FREEDOM's pruning and DualGNN's
+user graph sample there), so CPU runs are those of a build without devices.
 """
 
 from __future__ import annotations
@@ -128,19 +133,27 @@ def ranking_tasks(data: InteractionData, mask_valid_in_test: bool = False
 
 def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSettings
                    ) -> dict[str, float]:
+    """Rank with the model's tables on the device they are on."""
     users, items = model.embedding_tables()
-    return evaluate_ranking(lambda u: users[u] @ items.T, task, settings.topk,
+    return evaluate_ranking(lambda u: users[u.to(users.device)] @ items.T, task, settings.topk,
                             settings.eval_batch_size)
 
 
-def _load_state(path: Path, config: dict) -> dict | None:
-    """The state saved at ``path``, None without one; a state of other settings is refused."""
+def _load_state(path: Path, config: dict, device: torch.device) -> dict | None:
+    """The state saved at ``path`` with its tensors on the CPU whatever device wrote it, None
+    without one; a state of other settings, or of another kind of device (whose generators
+    cannot continue here), is refused."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["config"] != config:
         raise ConfigError(f"{path}: the interrupted run had other settings; resume with the "
                           f"same options, or delete {path.parent} to start over")
+    saved_on = state.get("device", "cpu")  # states written before --device were all CPU
+    if saved_on != device.type:
+        raise ConfigError(f"{path}: the interrupted run trained on {saved_on}; resume it with "
+                          f"--device {saved_on}, or delete {path.parent} to start over on "
+                          f"{device.type}")
     return state
 
 
@@ -154,26 +167,29 @@ def _epoch_line(record: dict, metric: str, improved: bool) -> str:
 class Trainer:
     """One backbone trained on one config: the objects built from it and the steps of an epoch.
 
-    Every random draw (torch's global generator, the sampler's and the graph generator) happens
+    Every random draw (torch's global generators, the sampler's and the graph generator) happens
     in the same order in an uninterrupted and in a resumed run; keep it so when changing a step.
     """
 
     def __init__(self, backbone: str, data: InteractionData, config: dict,
-                 progress: bool = True) -> None:
-        """Build the model, optimiser, scheduler, generators and sampler, seeded first."""
+                 progress: bool = True, device: torch.device | str = "cpu") -> None:
+        """Build the model (on ``device``), optimiser, scheduler, generators and sampler, seeded
+        first."""
         settings = build(TrainSettings, config["train"], "train")
         if max(settings.topk) > data.n_items:
             raise ConfigError(f"topk {list(settings.topk)} asks for more items than the dataset "
                               f"has ({data.n_items})")
         seed_everything(settings.seed)
         self.config, self.settings, self.progress = config, settings, progress
-        self.model = create_model(backbone, data, config["model"])
+        self.device = torch.device(device)
+        self.model = create_model(backbone, data, config["model"], self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate,
                                           weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda e: settings.lr_decay ** (e / settings.lr_decay_epochs))
         self.sampler_rng = np.random.default_rng(settings.seed)
-        self.graph_rng = torch.Generator().manual_seed(settings.seed)
+        # on the device: a generator samples only tensors on its own device
+        self.graph_rng = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.sampler = BPRSampler(data.train, data.n_items, settings.batch_size,
                                   self.sampler_rng)
         self.valid_task = ranking_tasks(data)["valid"]
@@ -185,7 +201,8 @@ class Trainer:
         total = 0.0
         bar = progress_bar(self.sampler.epoch(), enabled=self.progress, total=len(self.sampler),
                            desc=f"epoch {epoch}", leave=False, unit="batch")
-        for users, pos, neg in bar:
+        for batch in bar:
+            users, pos, neg = (t.to(self.device, non_blocking=True) for t in batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.model.loss(users, pos, neg)
             loss.backward()
@@ -218,17 +235,20 @@ class Trainer:
             log.info(_epoch_line(record, self.settings.valid_metric, improved))
 
     def save(self, path: Path, state: TrainState) -> None:
-        """Write ``state`` with the weights, optimiser, scheduler and generators, atomically."""
+        """Write ``state`` with the weights, optimiser, scheduler and generators (CUDA's too, on
+        a GPU), atomically."""
+        cuda = self.device.type == "cuda"
         save_torch(path, {
-            "config": self.config, **state.to_saved(),
+            "config": self.config, "device": self.device.type, **state.to_saved(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler_rng": json.dumps(self.sampler_rng.bit_generator.state),
-            "graph_rng": self.graph_rng.get_state(), "torch_rng": torch.get_rng_state()})
+            "graph_rng": self.graph_rng.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else []})
 
     def restore(self, path: Path) -> TrainState:
         """Load what :meth:`save` wrote at ``path``; a fresh state when nothing is there."""
-        saved = _load_state(path, self.config)
+        saved = _load_state(path, self.config, self.device)
         if saved is None:
             return TrainState()
         self.model.load_state_dict(saved["model"])
@@ -237,6 +257,8 @@ class Trainer:
         self.sampler_rng.bit_generator.state = json.loads(saved["sampler_rng"])
         self.graph_rng.set_state(saved["graph_rng"])
         torch.set_rng_state(saved["torch_rng"])
+        if saved.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
         state = TrainState.from_saved(saved)
         if self.progress:
             log.info(f"resuming after epoch {state.epoch} ({path})")
@@ -255,15 +277,15 @@ class Trainer:
 
 
 def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True,
-        state_path: Path | None = None) -> FitResult:
+        state_path: Path | None = None, device: torch.device | str = "cpu") -> FitResult:
     """Train ``backbone`` with early stopping on validation; return the best epoch's model.
 
     With ``state_path`` everything that decides the next epoch (weights, optimiser, random
     generators, history, early-stopping counters) is saved there atomically after each epoch,
     and a run that finds it continues after the last saved epoch with the same result as an
-    uninterrupted one.
+    uninterrupted one. Everything runs on ``device``.
     """
-    return Trainer(backbone, data, config, progress).fit(state_path)
+    return Trainer(backbone, data, config, progress, device).fit(state_path)
 
 
 def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
@@ -277,9 +299,11 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
 
 def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
                 *, progress: bool = True, mask_valid_in_test: bool = False,
-                grid: dict[str, list] | None = None, resume: bool = False) -> TrainResult:
-    """Train ``backbone`` (each grid point, if any), select on validation only, then rank test
-    once with the selected model and write the checkpoint folder.
+                grid: dict[str, list] | None = None, resume: bool = False,
+                device: torch.device | str = "cpu") -> TrainResult:
+    """Train ``backbone`` (each grid point, if any) on ``device``, select on validation only,
+    then rank test once with the selected model and write the checkpoint folder (its files
+    hold CPU tensors and arrays, whatever the device).
 
     With ``out_dir``, per-epoch state goes to ``out_dir/.train-state/`` until the outputs are
     written; ``resume`` continues from it after an interruption.
@@ -296,7 +320,7 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
     for index, point in enumerate(grid_points(grid or {})):
         cfg = {s: {**config[s], **point.get(s, {})} for s in config}
         result = fit(backbone, data, cfg, progress,
-                     state_dir / f"point-{index}.pt" if state_dir else None)
+                     state_dir / f"point-{index}.pt" if state_dir else None, device)
         metric = cfg["train"]["valid_metric"]
         summary.append({"overrides": point, "best_epoch": result.best_epoch,
                         "valid": result.valid})
@@ -325,6 +349,7 @@ def write_outputs(out_dir: Path, backbone: str, config: dict, data: InteractionD
         "backbone": backbone, "dataset": data.name, "best_epoch": result.best_epoch,
         "epochs_run": len(result.history), "valid_metric": settings.valid_metric,
         "valid": result.valid, "test": result.test, "config": config,
+        "device": model.device.type,
         "dropped_cold_interactions": data.dropped_cold, "grid": result.grid})
     plot_training_curve(result.history, settings.valid_metric, result.best_epoch,
                         out_dir / "training_curve.png")

@@ -14,6 +14,8 @@ from cliper_prod.config import build
 from cliper_prod.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from cliper_prod.backbones.base import Recommender
     from cliper_prod.data.mmrec import InteractionData
 
@@ -37,10 +39,12 @@ def model_class(backbone: str) -> type[Recommender]:
     return getattr(import_module(module), name)
 
 
-def create_model(backbone: str, data: InteractionData, model_values: dict) -> Recommender:
-    """Instantiate ``backbone`` on ``data`` with the [model] section of its config."""
+def create_model(backbone: str, data: InteractionData, model_values: dict,
+                 device: torch.device | str = "cpu") -> Recommender:
+    """Instantiate ``backbone`` on ``data`` with the [model] section of its config, its fixed
+    inputs built on ``device`` and its (CPU-initialised) parameters moved there."""
     cls = model_class(backbone)
-    return cls(data, build(cls.config_class, model_values, "model"))
+    return cls(data, build(cls.config_class, model_values, "model"), device).to(device)
 
 
 def __getattr__(name: str) -> Any:

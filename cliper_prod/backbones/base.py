@@ -42,24 +42,28 @@ def check_knn_k(k: int, n_items: int) -> None:
                           f"({n_items - 1})")
 
 
-def train_edges(data: InteractionData) -> tuple[Tensor, Tensor]:
-    """The training interactions as (users, items) index tensors."""
-    train = torch.from_numpy(data.train)
+def train_edges(data: InteractionData, device: torch.device | str = "cpu"
+                ) -> tuple[Tensor, Tensor]:
+    """The training interactions as (users, items) index tensors on ``device``, where the
+    graphs built from them are then built."""
+    train = torch.from_numpy(data.train).to(device)
     return train[:, 0].contiguous(), train[:, 1].contiguous()
 
 
-def feature_tensors(data: InteractionData, names: Iterable[str] | None = None
-                    ) -> dict[str, Tensor]:
-    """The modality matrices over the loaded arrays (no copy), in ``names`` order (default: the
-    data's), absent ones skipped: fixed inputs, rebuilt from the data rather than saved."""
-    return {m: torch.from_numpy(data.features[m]) for m in names or data.features
+def feature_tensors(data: InteractionData, names: Iterable[str] | None = None,
+                    device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The modality matrices on ``device`` (on the CPU: over the loaded arrays, no copy), in
+    ``names`` order (default: the data's), absent ones skipped: fixed inputs, rebuilt from the
+    data rather than saved."""
+    return {m: torch.from_numpy(data.features[m]).to(device) for m in names or data.features
             if m in data.features}
 
 
 def trained_features(data: InteractionData, names: Iterable[str] | None = None
                      ) -> nn.ParameterDict:
     """Trained copies of the modality matrices, saved with the model (MMRec's
-    ``nn.Embedding.from_pretrained(freeze=False)``)."""
+    ``nn.Embedding.from_pretrained(freeze=False)``); on the CPU, as every Parameter until
+    :func:`~cliper_prod.backbones.create_model` moves the model."""
     # pairs, not a dict: ParameterDict sorts a plain dict's keys
     return nn.ParameterDict([(m, nn.Parameter(t.clone()))
                              for m, t in feature_tensors(data, names).items()])
@@ -69,18 +73,24 @@ class Recommender(nn.Module, ABC):
     """A backbone: trained with BPR triples; serves final user and item embedding tables whose
     dot product is the ranking score.
 
-    A subclass is built as ``Model(data, config)``:
+    A subclass is built as ``Model(data, config, device)``, then moved to ``device``
+    (:func:`~cliper_prod.backbones.create_model` does both). Its Parameters are initialised on
+    the CPU, from the CPU generator in the same order on every device, so that a seed gives the
+    same initial weights everywhere; its fixed inputs (feature matrices, edge lists, graphs),
+    which ``nn.Module.to`` does not move, are built on ``self.device`` from the start.
 
     Args:
         data (InteractionData): The training interactions and the image and/or text features.
         config: An instance of the subclass's :attr:`config_class`, the dataclass of its
             ``[model]`` hyper-parameters.
+        device (torch.device | str): Where the fixed inputs are built and the model runs.
     """
 
     config_class: ClassVar[type]
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__()
+        self.device = torch.device(device)
         self.features: Mapping[str, Tensor] = {}  # modality -> [n_items, d], as the model keeps it
         self.text_fusion: nn.Module | None = None  # CLIPER's trained fusion of the text views
 

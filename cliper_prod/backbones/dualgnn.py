@@ -73,12 +73,13 @@ class DualGNNConfig:
 def sample_user_graph(neighbours: Tensor, counts: Tensor, n_found: Tensor,
                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """MMRec's per-epoch user graph: [n_users, k] neighbour ids and softmax weights, short lists
-    padded by copying slot randint(0, t) into slot t; users without neighbours get weight 0."""
-    k = neighbours.shape[1]
-    slot = torch.arange(k).repeat(len(n_found), 1)
+    padded by copying slot randint(0, t) into slot t; users without neighbours get weight 0.
+    Drawn on the candidates' device, so ``generator`` (if given) must be on it too."""
+    k, device = neighbours.shape[1], neighbours.device
+    slot = torch.arange(k, device=device).repeat(len(n_found), 1)
     for t in range(1, k):
         short = ((n_found > 0) & (n_found <= t)).nonzero().squeeze(1)
-        pick = torch.randint(0, t, (len(short),), generator=generator)
+        pick = torch.randint(0, t, (len(short),), generator=generator, device=device)
         slot[short, t] = slot[short, pick]
     weight = torch.softmax(counts.gather(1, slot), 1) * (n_found > 0).unsqueeze(1)
     return neighbours.gather(1, slot), weight
@@ -124,8 +125,9 @@ class DualGNN(Recommender):
 
     config_class = DualGNNConfig
 
-    def __init__(self, data: InteractionData, config: DualGNNConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: DualGNNConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         require_features(data, "DualGNN")
         if config.aggr_mode not in ("add", "mean"):
             raise ConfigError(f"aggr_mode must be 'add' or 'mean', got {config.aggr_mode!r}")
@@ -136,7 +138,7 @@ class DualGNN(Recommender):
             raise ConfigError(f"user_knn_k must be at least 1, got {config.user_knn_k}")
         self.config = config
         self.n_users, self.n_items = data.n_users, data.n_items
-        self.features = feature_tensors(data)
+        self.features = feature_tensors(data, device=self.device)
         self.init_text_fusion(data)
         self.encoders = nn.ModuleDict({
             m: ModalityEncoder(self.n_users, self.modality_dim(m), config.embedding_size)
@@ -146,7 +148,7 @@ class DualGNN(Recommender):
             self.fusion_weight = nn.Parameter(
                 nn.init.xavier_normal_(torch.empty(self.n_users, 2)).softmax(1))
 
-        users, items = train_edges(data)
+        users, items = train_edges(data, self.device)
         edges = bipartite_edge_index(users, items, self.n_users)
         adjacency = normalized_adjacency if config.aggr_mode == "add" else mean_adjacency
         self.graph = adjacency(edges, self.n_users + self.n_items)
@@ -159,7 +161,8 @@ class DualGNN(Recommender):
         self.register_load_state_dict_post_hook(lambda module, _: module._build_user_graph())
 
     def _build_user_graph(self) -> None:
-        rows = torch.arange(self.n_users).repeat_interleave(self.config.user_knn_k)
+        rows = torch.arange(self.n_users, device=self.device).repeat_interleave(
+            self.config.user_knn_k)
         weight = self.user_neighbour_weights.reshape(-1)
         keep = weight > 0
         edges = torch.stack([rows[keep], self.user_neighbours.reshape(-1)[keep]])

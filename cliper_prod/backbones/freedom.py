@@ -83,8 +83,9 @@ class Freedom(Recommender):
 
     config_class = FreedomConfig
 
-    def __init__(self, data: InteractionData, config: FreedomConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: FreedomConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         require_features(data, "FREEDOM")
         check_knn_k(config.knn_k, data.n_items)
         if not 0.0 <= config.dropout < 1.0:
@@ -102,7 +103,7 @@ class Freedom(Recommender):
         self.projections = nn.ModuleDict({m: nn.Linear(f.shape[1], config.feat_embed_dim)
                                           for m, f in self.features.items()})
         graphs = {m: knn_normalized_adjacency(f, config.knn_k)
-                  for m, f in feature_tensors(data).items()}
+                  for m, f in feature_tensors(data, device=self.device).items()}
         self.item_graph = mixed_item_graph(graphs, config.mm_image_weight)
         # The item graph is frozen at start, so it comes from the concatenated text views; the
         # fusion layer learns through the text BPR term, whose projection takes the fused width.
@@ -111,7 +112,7 @@ class Freedom(Recommender):
         if self.text_fusion is not None:
             self.projections["text"] = nn.Linear(self.modality_dim("text"), config.feat_embed_dim)
 
-        self.train_users, self.train_items = train_edges(data)
+        self.train_users, self.train_items = train_edges(data, self.device)
         self.full_adj = normalized_adjacency(
             bipartite_edge_index(self.train_users, self.train_items, self.n_users),
             self.n_users + self.n_items)

@@ -100,8 +100,9 @@ class Lattice(Recommender):
 
     config_class = LatticeConfig
 
-    def __init__(self, data: InteractionData, config: LatticeConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: LatticeConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         require_features(data, "LATTICE")
         check_knn_k(config.knn_k, data.n_items)
         if not 0.0 <= config.lambda_coeff <= 1.0:
@@ -110,7 +111,7 @@ class Lattice(Recommender):
         self.init_id_embeddings(data, config.embedding_size)
 
         self.frozen_graphs: dict[str, tuple[Tensor, Tensor]] = {}
-        for modality, feat in feature_tensors(data, MODALITIES).items():
+        for modality, feat in feature_tensors(data, MODALITIES, self.device).items():
             edge_index, weight = cosine_knn_graph(feat, config.knn_k)
             self.frozen_graphs[modality] = (
                 edge_index, row_degree_normalize(edge_index, weight, self.n_items))
@@ -124,7 +125,7 @@ class Lattice(Recommender):
         self.modal_weight = nn.Parameter(torch.tensor([0.5, 0.5])) \
             if len(self.features) == 2 else None
 
-        users, items = train_edges(data)
+        users, items = train_edges(data, self.device)
         edge_index, _ = add_self_loops(bipartite_edge_index(users, items, self.n_users),
                                        num_nodes=self.n_users + self.n_items)
         self.ui_adj = mean_adjacency(edge_index, self.n_users + self.n_items)

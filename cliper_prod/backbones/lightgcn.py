@@ -55,11 +55,12 @@ class LightGCN(Recommender):
 
     config_class = LightGCNConfig
 
-    def __init__(self, data: InteractionData, config: LightGCNConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: LightGCNConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         self.config = config
         self.init_id_embeddings(data, config.embedding_size)
-        users, items = train_edges(data)
+        users, items = train_edges(data, self.device)
         self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
                                         self.n_users + self.n_items)
 

@@ -131,8 +131,9 @@ class MMGCN(Recommender):
 
     config_class = MMGCNConfig
 
-    def __init__(self, data: InteractionData, config: MMGCNConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: MMGCNConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         require_features(data, "MMGCN")
         if config.n_layers < 1:
             raise ConfigError(f"n_layers must be at least 1, got {config.n_layers}")
@@ -140,14 +141,14 @@ class MMGCN(Recommender):
         self.n_users, self.n_items = data.n_users, data.n_items
         random_table(self, "id_embedding", self.n_users + self.n_items, config.embedding_size,
                      config.train_embeddings)
-        self.features = feature_tensors(data)
+        self.features = feature_tensors(data, device=self.device)
         self.init_text_fusion(data)
         self.gcns = nn.ModuleDict()
         for modality in self.features:
             latent = config.image_latent_dim if modality == "image" else config.text_latent_dim
             self.gcns[modality] = ModalityGCN(self.n_users, self.modality_dim(modality), latent,
                                               config)
-        users, items = train_edges(data)
+        users, items = train_edges(data, self.device)
         self.graph = mean_adjacency(bipartite_edge_index(users, items, self.n_users),
                                     self.n_users + self.n_items)
 

@@ -115,8 +115,9 @@ class SLMRec(Recommender):
 
     config_class = SLMRecConfig
 
-    def __init__(self, data: InteractionData, config: SLMRecConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: SLMRecConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         missing = [m for m in MODALITIES if m not in data.features]
         if missing:
             raise ConfigError(f"SLMRec needs both image_feat.npy and text_feat.npy; missing "
@@ -131,7 +132,7 @@ class SLMRec(Recommender):
 
         # L2-normalised once; in MLP fusion mode the fused text is normalised instead
         self.features = {m: f if m == "text" and data.text_views else F.normalize(f, dim=1)
-                         for m, f in feature_tensors(data, MODALITIES).items()}
+                         for m, f in feature_tensors(data, MODALITIES, self.device).items()}
         self.dense = nn.ModuleDict({"image": _linear(self.modality_dim("image"), d)})
         self.init_text_fusion(data)
         self.dense["text"] = _linear(self.modality_dim("text"), d)
@@ -142,7 +143,7 @@ class SLMRec(Recommender):
         self.iv_to_iva = _linear(d, d)
         self.iva_to_ivat, self.text_to_ivat = _linear(d, d // 2), _linear(d, d // 2)
 
-        users, items = train_edges(data)
+        users, items = train_edges(data, self.device)
         self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
                                         self.n_users + self.n_items)
 

@@ -60,8 +60,9 @@ class VBPR(Recommender):
 
     config_class = VBPRConfig
 
-    def __init__(self, data: InteractionData, config: VBPRConfig) -> None:
-        super().__init__()
+    def __init__(self, data: InteractionData, config: VBPRConfig,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(device)
         require_features(data, "VBPR")
         self.config = config
         self.n_users, self.n_items = data.n_users, data.n_items
@@ -72,7 +73,7 @@ class VBPR(Recommender):
         nn.init.xavier_uniform_(self.item_embedding.weight)
 
         # frozen inputs (MMRec never trains them), text first as MMRec concatenates them
-        self.features = feature_tensors(data, ("text", "image"))
+        self.features = feature_tensors(data, ("text", "image"), self.device)
         self.init_text_fusion(data)
         in_dim = sum(self.modality_dim(m) for m in self.features)
         self.item_linear = nn.Linear(in_dim, dim)
@@ -87,8 +88,8 @@ class VBPR(Recommender):
         return torch.cat([self.item_embedding(items), self.item_linear(self._content(items))], 1)
 
     def propagate(self) -> tuple[Tensor, Tensor]:
-        return (self.user_embedding(torch.arange(self.n_users)),  # a copy, not the parameter
-                self._items(torch.arange(self.n_items)))
+        return (self.user_embedding(torch.arange(self.n_users, device=self.device)),  # a copy
+                self._items(torch.arange(self.n_items, device=self.device)))
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         items, inverse = torch.unique(torch.cat([pos, neg]), return_inverse=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import parse_list, quiet_option
+from cliper_prod.commands.common import device_option, parse_list, quiet_option
 from cliper_prod.fusion_modes import EXTRACTION_FUSIONS, FUSION_NAMES
 
 
@@ -25,22 +25,26 @@ from cliper_prod.fusion_modes import EXTRACTION_FUSIONS, FUSION_NAMES
 @click.option("--epochs", type=click.IntRange(min=1), help="Cap on training epochs.")
 @click.option("--reg-weight", type=click.FloatRange(min=0), default=None,
               help="FREEDOM's modality-loss weight for every mode (mlp needs > 0).")
+@device_option("Where CLIP embeds and the backbone trains and ranks; auto: the GPU when torch "
+               "sees one.")
 @quiet_option()
 def command(items: Path, data_dir: Path, clip_source: str, random_init: bool, workdir: Path,
             modes: str, backbone: str, epochs: int | None, reg_weight: float | None,
-            quiet: bool) -> None:
+            device: str, quiet: bool) -> None:
     """Train the backbone on features of each fusion mode and print a table (selected on
     validation, test at that epoch)."""
+    from cliper_prod.device import resolve_device
     from cliper_prod.io import write_json
     from cliper_prod.pipeline import run_fusion_ablation
 
+    torch_device = resolve_device(device)
     chosen = tuple(parse_list(modes, "--modes", FUSION_NAMES))
     overrides: dict = {"model": {"reg_weight": reg_weight}} if reg_weight is not None else {}
     if epochs is not None:
         overrides["train"] = {"epochs": epochs}
     rows = run_fusion_ablation(items, data_dir, clip_source, workdir, modes=chosen,
                                backbone=backbone, overrides=overrides, random_init=random_init,
-                               progress=not quiet)
+                               progress=not quiet, device=torch_device)
     write_json(workdir / "ablation.json", rows)
     click.echo("| fusion | best epoch | valid R@20 | test R@20 | test N@20 | test R@50 |")
     click.echo("| --- | --- | --- | --- | --- | --- |")

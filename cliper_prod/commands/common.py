@@ -78,6 +78,8 @@ def quiet_option(what: str = "No progress bars or per-epoch lines.") -> Decorato
 
 
 def device_option(what: str = "auto: the GPU when one is usable.") -> Decorator:
+    """``--device auto|cpu|cuda``; torch commands turn it into a device with
+    :func:`cliper_prod.device.resolve_device`."""
     return click.option("--device", type=click.Choice(DEVICES), default="auto",
                         show_default=True, help=what)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cliper_prod.backbones import BACKBONE_NAMES
-from cliper_prod.commands.common import parse_list, parse_overrides, quiet_option
+from cliper_prod.commands.common import device_option, parse_list, parse_overrides, quiet_option
 from cliper_prod.errors import ConfigError
 
 PAPER_BACKBONES = "lattice,mmgcn,dualgnn,slmrec,freedom"  # the paper's Table 2
@@ -27,14 +27,17 @@ PAPER_BACKBONES = "lattice,mmgcn,dualgnn,slmrec,freedom"  # the paper's Table 2
               help="Override a setting of every backbone, e.g. --set train.epochs=50.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               default=Path("runs") / "compare", show_default=True)
+@device_option("Where every run trains and ranks; auto: the GPU when torch sees one.")
 @quiet_option()
 def command(data_dir: Path, features_vanilla: Path | None, features_cliper: Path | None,
             backbones: str, seeds: str, overrides: tuple[str, ...], out_dir: Path,
-            quiet: bool) -> None:
+            device: str, quiet: bool) -> None:
     """Train each backbone on vanilla and on CLIPER features over several seeds; write the
     paper's Table 2 layout (compare.md, compare.json) and a bar chart (compare.png)."""
     from cliper_prod.comparison import compare_backbones, table, write_report
+    from cliper_prod.device import resolve_device
 
+    torch_device = resolve_device(device)
     names = parse_list(backbones, "--backbones", BACKBONE_NAMES)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -45,7 +48,8 @@ def command(data_dir: Path, features_vanilla: Path | None, features_cliper: Path
     features = {"vanilla": features_vanilla,
                 "cliper": features_cliper or data_dir / "cliper"}
     result = compare_backbones(data_dir, features, backbones=names, seeds=seed_list,
-                               overrides=parse_overrides(overrides), progress=not quiet)
+                               overrides=parse_overrides(overrides), progress=not quiet,
+                               device=torch_device)
     write_report(result, out_dir)
     click.echo(table(result))
     click.echo(f"-> {out_dir}/compare.md, compare.json, compare.png", err=True)

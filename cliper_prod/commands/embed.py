@@ -49,6 +49,7 @@ class EmbedArgs:
     use_ray: bool
     address: str | None
     ray_actors: int | None
+    gpus_per_actor: float | None
     quiet: bool
 
     def check(self, given: set[str]) -> None:
@@ -59,8 +60,9 @@ class EmbedArgs:
         check_catalog(self.items, self.out_dir)
         if (self.clip_source is None) == (self.bundle_dir is None):
             raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
-        if (self.address or self.ray_actors) and not self.use_ray:
-            raise ConfigError("--address and --ray-actors go with --ray")
+        if (self.address or self.ray_actors or self.gpus_per_actor is not None) \
+                and not self.use_ray:
+            raise ConfigError("--address, --ray-actors and --gpus-per-actor go with --ray")
         if self.use_ray and self.bundle_dir is None:
             raise ConfigError("--ray runs the exported ONNX graphs: export a bundle "
                               "(`cliper-prod export --clip ...`) and pass --bundle")
@@ -81,10 +83,11 @@ class EmbedArgs:
             encoder = OnnxEncoder(Bundle(self.bundle_dir, self.device), self.precision)
             views, fusion, tau = encoder.views, encoder.fusion, encoder.tau
         else:
+            from cliper_prod.device import resolve_device
             from cliper_prod.features.clip_towers import ClipTowers
 
             views, fusion, tau = self._view_spec(), self.fusion, self.tau
-            encoder = ClipTowers(self.clip_source, device=self._torch_device(),
+            encoder = ClipTowers(self.clip_source, device=resolve_device(self.device),
                                  random_init=self.random_init)
         return encoder, EmbedOptions(
             views=views, fusion=fusion, tau=tau, batch_size=self.batch_size,
@@ -106,13 +109,6 @@ class EmbedArgs:
                         global_template=None if self.no_global_view else GLOBAL_TEMPLATE,
                         missing_word=self.missing_word)
 
-    def _torch_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
     def runner(self) -> Runner | None:
         """The Ray Data runner with --ray; None runs in this process."""
         if not self.use_ray:
@@ -120,7 +116,8 @@ class EmbedArgs:
         from cliper_prod.runtime.embed_ray import RaySettings, ray_runner
 
         return ray_runner(self.bundle_dir, RaySettings(self.address, self.ray_actors,
-                                                       self.device, self.precision))
+                                                       self.device, self.precision,
+                                                       self.gpus_per_actor))
 
 
 _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
@@ -172,6 +169,9 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 @click.option("--address", help="Ray cluster to join with --ray (default: start a local one).")
 @click.option("--ray-actors", type=click.IntRange(min=1),
               help="Encode actors with --ray [default: one per GPU, else one].")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0),
+              help="GPUs Ray gives each encode actor with --ray [default: 1 when the cluster "
+                   "has GPUs, else 0].")
 @quiet_option("No progress bar.")
 @click.pass_context
 def command(ctx: click.Context, **params: Any) -> None:

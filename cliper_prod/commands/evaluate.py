@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import format_metrics
+from cliper_prod.commands.common import device_option, format_metrics
 
 
 @click.command("evaluate")
@@ -19,14 +19,17 @@ from cliper_prod.commands.common import format_metrics
 @click.option("--mask-valid-in-test", is_flag=True,
               help="Also hide validation items when ranking for test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@device_option("Where the model and the ranking run, whatever device trained it; auto: the "
+               "GPU when torch sees one.")
 def command(checkpoint: Path, data_dir: Path | None, split: str, mask_valid_in_test: bool,
-            as_json: bool) -> None:
+            as_json: bool, device: str) -> None:
     """Full-ranking Recall/NDCG/Precision/MAP of a trained model on one split."""
     from cliper_prod.checkpoint import load_model
     from cliper_prod.config import TrainSettings, build
+    from cliper_prod.device import resolve_device
     from cliper_prod.training import evaluate_model, ranking_tasks
 
-    model, data, payload = load_model(checkpoint, data_dir)
+    model, data, payload = load_model(checkpoint, data_dir, device=resolve_device(device))
     settings = build(TrainSettings, payload["config"]["train"], "train")
     metrics = evaluate_model(model, ranking_tasks(data, mask_valid_in_test)[split], settings)
     if as_json:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import (DEFAULT_CHECKPOINTS, backbone_option, format_metrics,
-                                         parse_grid, parse_overrides, quiet_option)
+from cliper_prod.commands.common import (DEFAULT_CHECKPOINTS, backbone_option, device_option,
+                                         format_metrics, parse_grid, parse_overrides,
+                                         quiet_option)
 from cliper_prod.errors import ConfigError
 
 
@@ -34,12 +35,14 @@ from cliper_prod.errors import ConfigError
 @click.option("--mask-valid-in-test", is_flag=True,
               help="Also hide validation items when ranking for test (MMRec does not).")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from its last epoch (same options).")
+              help="Continue an interrupted run from its last epoch (same options and device).")
+@device_option("Where the model, its graphs and the ranking run; auto: the GPU when torch "
+               "sees one.")
 @quiet_option()
 def command(backbone: str, data_dir: Path, features: str, features_dir: Path | None,
             config_file: Path | None, overrides: tuple[str, ...], grid_pairs: tuple[str, ...],
             seed: int | None, out_dir: Path | None, mask_valid_in_test: bool, resume: bool,
-            quiet: bool) -> None:
+            device: str, quiet: bool) -> None:
     """Train a backbone with BPR, early-stopped on the validation split.
 
     Writes model.pt, user/item embedding tables, history.json, metrics.json and
@@ -47,8 +50,10 @@ def command(backbone: str, data_dir: Path, features: str, features_dir: Path | N
     """
     from cliper_prod.config import load_config
     from cliper_prod.data.mmrec import load_dataset
+    from cliper_prod.device import resolve_device
     from cliper_prod.training import train_model
 
+    torch_device = resolve_device(device)
     extra = parse_overrides(overrides)
     if seed is not None:
         extra.setdefault("train", {})["seed"] = seed
@@ -62,7 +67,8 @@ def command(backbone: str, data_dir: Path, features: str, features_dir: Path | N
     click.echo(data.summary(), err=True)
     out_dir = out_dir or DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
     result = train_model(backbone, data, config, out_dir, progress=not quiet,
-                         mask_valid_in_test=mask_valid_in_test, grid=grid, resume=resume)
+                         mask_valid_in_test=mask_valid_in_test, grid=grid, resume=resume,
+                         device=torch_device)
     if result.grid:
         click.echo(f"selected on validation: {result.config['model']}")
     click.echo(f"best epoch {result.best_epoch} of {len(result.history)}; checkpoint: {out_dir}")

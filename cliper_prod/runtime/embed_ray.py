@@ -48,6 +48,13 @@ class RaySettings:
     actors: int | None = None  # encode actors; default: one per GPU, else one
     device: str = "auto"
     precision: str = "fp32"
+    gpus_per_actor: float | None = None  # Ray's num_gpus per encode actor; default: 1 with GPUs
+
+    def actor_gpus(self, cluster_gpus: float) -> float:
+        """What each encode actor asks Ray for: Ray hides GPUs from an actor asking for none."""
+        if self.gpus_per_actor is not None:
+            return self.gpus_per_actor
+        return 1.0 if cluster_gpus else 0.0
 
 
 def plan(catalog: Catalog, options: EmbedOptions, store: ShardStore, errors: ItemErrors
@@ -162,6 +169,7 @@ def _stream(ray, spans: list[dict], items_path: Path, encoder, options: EmbedOpt
                .map(_preprocess, fn_kwargs={"preprocess": preprocess}, num_cpus=PREPROCESS_CPUS)
                .map(_Encode, fn_constructor_kwargs={"bundle_dir": str(bundle_dir.resolve()),
                                                     "settings": settings, "options": options},
-                    concurrency=actors, num_cpus=ENCODE_CPUS, num_gpus=1 if gpus else 0))
+                    concurrency=actors, num_cpus=ENCODE_CPUS,
+                    num_gpus=settings.actor_gpus(gpus)))
     for row in dataset.iter_rows():
         yield row["index"], pickle.loads(row["payload"])
