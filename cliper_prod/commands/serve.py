@@ -30,6 +30,9 @@ from cliper_prod.errors import ConfigError
               help="How long a /topk request waits for others to batch with.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20,
               show_default=True)
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0),
+              help="GPUs Ray gives each replica (fractions share one) [default: 1 with "
+                   "--device cuda, else 0; Ray hides GPUs from a replica that asks for none].")
 @click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True,
               help="Time to receive a request's body; a slower client gets a 408.")
@@ -39,8 +42,8 @@ from cliper_prod.errors import ConfigError
                    "raise it on a busy machine.")
 def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str | None,
             device: str, image_root: Path | None, no_batching: bool, max_batch_size: int,
-            batch_wait_ms: float, max_request_bytes: int, read_timeout_s: float,
-            startup_timeout_s: float) -> None:
+            batch_wait_ms: float, max_request_bytes: int, gpus_per_replica: float | None,
+            read_timeout_s: float, startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP on Ray Serve: POST /topk, POST /embed, GET /healthz,
     GET /metadata (OpenAPI schema at /openapi.json). Stops cleanly on Ctrl-C or SIGTERM."""
     import signal
@@ -52,7 +55,8 @@ def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str 
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: not a folder")
     try:
-        from cliper_prod.serving.app import ServeSettings, connect, start_service, stop_service
+        from cliper_prod.serving.app import (ServeSettings, connect, live_providers,
+                                             start_service, stop_service)
     except ImportError as exc:
         raise ConfigError(f"serve needs Ray Serve ({exc.name} missing): pip install "
                           f"'cliper-prod[ray]'") from None
@@ -61,15 +65,20 @@ def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str 
                              batching=not no_batching, max_batch_size=max_batch_size,
                              batch_wait_timeout_s=batch_wait_ms / 1000,
                              max_request_bytes=max_request_bytes,
-                             read_timeout_s=read_timeout_s)
+                             read_timeout_s=read_timeout_s,
+                             gpus_per_replica=(1.0 if device == "cuda" else 0.0)
+                             if gpus_per_replica is None else gpus_per_replica)
     connect(address)
     stop = threading.Event()  # a signal from here on drains and stops, even during start-up
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     url = start_service(settings, replicas=replicas, host=host, port=port, address=address,
                         startup_timeout_s=startup_timeout_s)
-    click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s)); API schema at "
-               f"{url}/docs; Ctrl-C stops", err=True)
+    sessions = ", ".join(f"{name} on {providers[0]}"
+                         for name, providers in live_providers().items())
+    click.echo(f"serving {bundle_dir} at {url} ({replicas} replica(s), "
+               f"{settings.gpus_per_replica:g} GPU each; {sessions}); API schema at {url}/docs; "
+               f"Ctrl-C stops", err=True)
     stop.wait()
     click.echo("draining in-flight requests and stopping", err=True)
     stop_service()

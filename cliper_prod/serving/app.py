@@ -53,6 +53,7 @@ class ServeSettings:
     max_users: int = 4096  # per /topk request
     max_items: int = 256  # per /embed request
     embed_batch_size: int = 64  # as `cliper-prod embed --batch-size`
+    gpus_per_replica: float = 0.0  # Ray's num_gpus per replica: Ray hides GPUs from the others
 
 
 class TopKRequest(BaseModel):
@@ -182,6 +183,16 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+def require_gpu_sessions(providers: dict[str, list[str]], device: str) -> None:
+    """With ``device`` cuda every session must run on the GPU: ONNX Runtime falls back to the
+    CPU without a word when it sees none (a replica given no GPU by Ray sees none)."""
+    on_cpu = [name for name, p in providers.items() if p[0] != "CUDAExecutionProvider"]
+    if device == "cuda" and on_cpu:
+        raise RuntimeSetupError(f"--device cuda: the {', '.join(on_cpu)} session(s) see no GPU "
+                                f"and run on {providers[on_cpu[0]][0]}; give each replica a GPU "
+                                f"(--gpus-per-replica) or serve with --device cpu")
+
+
 @serve.deployment(graceful_shutdown_timeout_s=20, graceful_shutdown_wait_loop_s=1)
 @serve.ingress(app)
 class CliperService:
@@ -189,15 +200,25 @@ class CliperService:
         self.settings = settings
         bundle = Bundle(Path(settings.bundle), settings.device)
         self.manifest = bundle.manifest
-        self.providers = bundle.providers
         self.ranker = TopKRanker(bundle)
         self.embedder = (ItemEmbedder(bundle, Path(settings.image_root) if settings.image_root
                                       else None, settings.embed_batch_size, ItemLimits())
                          if "features" in bundle.manifest else None)
+        self.providers = self.live_providers()
+        require_gpu_sessions(self.providers, settings.device)
         app.state.max_request_bytes = settings.max_request_bytes
         app.state.read_timeout_s = settings.read_timeout_s
         self._rank_batched.set_max_batch_size(settings.max_batch_size)
         self._rank_batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    def live_providers(self) -> dict[str, list[str]]:
+        """The execution providers each ONNX Runtime session of this replica really runs on
+        (the CUDA provider may be asked for and not given)."""
+        graphs = {"topk": self.ranker.graph}
+        if self.embedder is not None:
+            encoder = self.embedder.encoder
+            graphs |= {"image_encoder": encoder.image_graph, "text_fusion": encoder.text_graph}
+        return {name: graph.session.get_providers() for name, graph in graphs.items()}
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _rank_batched(self, requests: list[np.ndarray]
@@ -245,7 +266,7 @@ class CliperService:
     @app.get("/metadata")
     async def metadata(self) -> dict:
         """The bundle's manifest (backbone, dimensions, model versions, file hashes) and how
-        this replica runs it."""
+        this replica runs it (``providers``: each live session's)."""
         return {"manifest": self.manifest, "providers": self.providers,
                 "cliper_prod": __version__, "settings": asdict(self.settings)}
 
@@ -258,6 +279,18 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
+def service_deployment(settings: ServeSettings, replicas: int) -> serve.Deployment:
+    """The deployment as Ray receives it: replicas, their request cap and their GPUs."""
+    return CliperService.options(num_replicas=replicas,
+                                 max_ongoing_requests=settings.max_ongoing_requests,
+                                 ray_actor_options={"num_gpus": settings.gpus_per_replica})
+
+
+def live_providers() -> dict[str, list[str]]:
+    """The providers of one running replica's sessions (they all run the same settings)."""
+    return serve.get_app_handle(APP_NAME).live_providers.remote().result()
+
+
 def start_service(settings: ServeSettings, *, replicas: int = 1, host: str = "127.0.0.1",
                   port: int = 8000, address: str | None = None,
                   startup_timeout_s: float = 120.0) -> str:
@@ -266,6 +299,7 @@ def start_service(settings: ServeSettings, *, replicas: int = 1, host: str = "12
     ``startup_timeout_s``, is a :class:`RuntimeSetupError` of one line (the traceback at
     DEBUG)."""
     connect(address)
+    _check_gpus(settings.gpus_per_replica * replicas)
     deadline = time.monotonic() + startup_timeout_s
     try:
         # the controller's wait for a proxy to answer (5 s by default) is what a busy machine
@@ -273,8 +307,7 @@ def start_service(settings: ServeSettings, *, replicas: int = 1, host: str = "12
         env = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": str(startup_timeout_s)}
         serve.start(http_options={"host": host, "port": port},
                     controller_options={"runtime_env": {"env_vars": env}})
-        deployment = CliperService.options(num_replicas=replicas,
-                                           max_ongoing_requests=settings.max_ongoing_requests)
+        deployment = service_deployment(settings, replicas)
         serve.run_many([RunTarget(deployment.bind(settings), name=APP_NAME, route_prefix="/")],
                        wait_for_applications_running=False)
         _wait_running(deadline, startup_timeout_s)
@@ -285,6 +318,17 @@ def start_service(settings: ServeSettings, *, replicas: int = 1, host: str = "12
         raise RuntimeSetupError(f"Ray Serve did not start ({type(exc).__name__}: "
                                 f"{_first_line(exc)})") from exc
     return f"http://{host}:{port}"
+
+
+def _check_gpus(needed: float) -> None:
+    """Replicas asking for more GPUs than the cluster has would wait for them forever."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if needed > have:
+        raise RuntimeSetupError(f"the replicas ask for {needed:g} GPU(s) and the Ray cluster has "
+                                f"{have:g}; lower --gpus-per-replica or --replicas, or serve "
+                                f"with --device cpu")
 
 
 def _first_line(exc: BaseException) -> str:
