@@ -1,0 +1,327 @@
+"""Every GPU figure of the package, side by side in one process, one JSON and one table.
+
+    python benchmarks/gpu_suite.py --out DIR            # on the GPU machine (about 6 minutes)
+    python benchmarks/gpu_suite.py --out DIR --smoke    # every part on the CPU at tiny sizes
+
+(a) FREEDOM on Baby with generated features: a training epoch and a full evaluation on each
+    device (cuda and cpu), two epochs each;
+(b) the CLIP image tower and the text + SA fusion graph (ViT-B/16 configuration, random
+    weights): every ONNX variant the export wrote (plain, fused; fp32, fp16) on ONNX Runtime
+    with IO binding, PyTorch eager fp16 and torch.compile fp16, items/s;
+(c) end-to-end ``embed --bundle`` of generated items with JPEG files: items/s and its ratio to
+    the towers alone;
+(d) top-K of 1M x 64 items for 1,024 users, K=50: the exported top-K graph (fp32, fp16) vs
+    torch.topk over the full score matrix, p50/p99 ms.
+Speed does not depend on the weights; no figure here says anything about accuracy. ``--smoke``
+runs the same code at tiny sizes on the CPU (the test suite runs it, so the suite cannot rot);
+its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from _report import report
+from bench_embed import FIELDS, SKELETON, vit_b16_folder, write_catalog
+
+from cliper_prod import __version__
+from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
+from cliper_prod.config import load_config
+from cliper_prod.data.mmrec import load_dataset
+from cliper_prod.export.bundle import FeatureSettings, GraphOptions, export_features, write_manifest
+from cliper_prod.export.graphs import GraphSpec, export_onnx
+from cliper_prod.features.clip_towers import ClipTowers
+from cliper_prod.features.embed import EmbedOptions, embed_catalog
+from cliper_prod.features.fusion import ViewFusion
+from cliper_prod.features.views import ViewSpec
+from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.encoder import OnnxEncoder
+from cliper_prod.runtime.sessions import Graph, choose_providers
+from cliper_prod.scoring import TopKScorer, training_csr
+from cliper_prod.training import Trainer
+
+BABY = SKELETON.parents[1] / "data" / "amazon" / "baby"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part runs: the GPU run's sizes, or tiny ones for ``--smoke``."""
+
+    tower_batches: tuple[int, ...] = (64, 256)
+    embed_items: int = 4096
+    embed_batch: int = 256
+    topk_items: int = 1_000_000
+    topk_dim: int = 64
+    topk_users: int = 1024
+    topk_k: int = 50
+    train_epochs: int = 2
+    repeats: int = 10
+    compile_backend: str = "inductor"
+
+
+SMOKE = Sizes(tower_batches=(2,), embed_items=8, embed_batch=4, topk_items=2000, topk_dim=16,
+              topk_users=32, topk_k=10, train_epochs=1, repeats=2, compile_backend="eager")
+
+
+def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None
+          ) -> list[float]:
+    """Seconds of each of ``repeats`` calls after one warm-up call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def devices() -> list[str]:
+    return ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+
+
+def cuda_sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def part_training(data_dir: Path, sizes: Sizes) -> dict:
+    """(a) FREEDOM: seconds per training epoch and per full evaluation, per device."""
+    data = load_dataset(data_dir)
+    config = load_config("freedom")
+    out = {}
+    for device in devices():
+        trainer = Trainer("freedom", data, config, progress=False, device=device)
+        epochs, evals = [], []
+        for epoch in range(sizes.train_epochs):
+            start = time.perf_counter()
+            trainer.train_epoch(epoch)
+            cuda_sync()
+            epochs.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            trainer.valid_epoch()
+            cuda_sync()
+            evals.append(time.perf_counter() - start)
+        out[device] = {"train_epoch_s": epochs, "evaluation_s": evals}
+    return {"dataset": data.summary(), "per_device": out}
+
+
+def _tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
+    size = towers.preprocess.crop
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    tokens = towers.tokenize(ViewSpec().build(FIELDS) * batch)
+    n_views = len(ViewSpec().names)
+    image = towers.encode_images(pixels)
+    flags = np.ones(batch, dtype=bool)
+    return {"pixel_values": pixels,
+            "input_ids": tokens.input_ids.reshape(batch, n_views, -1),
+            "attention_mask": tokens.attention_mask.reshape(batch, n_views, -1),
+            "image_embedding": image, "has_image": flags, "has_text": flags}
+
+
+def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict
+                ) -> dict[str, Callable[[], object]]:
+    """One timed call per ONNX variant the export wrote for ``graph``."""
+    files = json.loads((bundle_dir / MANIFEST).read_text())["graphs"][graph]["files"]
+    paths = {}
+    for variant, name in files.items():
+        if not name.endswith(".onnx"):
+            continue
+        session = Graph(bundle_dir / name, providers)
+        feeds = {k: inputs[k] for k in session.input_names}
+        paths[f"ort_{variant}"] = lambda s=session, f=feeds: s(**f)
+    return paths
+
+
+def _torch_paths(module: torch.nn.Module, args: tuple, device: str, backend: str
+                 ) -> dict[str, Callable[[], object]]:
+    """PyTorch eager and torch.compile at half precision on ``device``."""
+    half = torch.float16
+    module = copy.deepcopy(module).to(device=device, dtype=half).eval()
+    args = tuple(a.to(device=device, dtype=half) if a.is_floating_point() else a.to(device)
+                 for a in args)
+    compiled = torch.compile(module, backend=backend)
+
+    def run(m: torch.nn.Module) -> Callable[[], object]:
+        def call() -> object:
+            with torch.inference_mode():
+                return m(*args)
+        return call
+    return {"torch_eager_fp16": run(module), "torch_compile_fp16": run(compiled)}
+
+
+def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[str]) -> list:
+    """(b) items/s of the image tower and the text + SA graph, every path side by side."""
+    device = devices()[0]
+    towers = ClipTowers(clip_dir, device="cpu", random_init=True)
+    rows = []
+    for batch in sizes.tower_batches:
+        inputs = _tower_inputs(towers, batch)
+        t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        for graph, module, args in (
+                (IMAGE_GRAPH, towers.image_tower, (t["pixel_values"],)),
+                (TEXT_GRAPH, towers.view_encoder(ViewFusion("sa", 0.1)),
+                 (t["input_ids"], t["attention_mask"], t["image_embedding"], t["has_image"],
+                  t["has_text"]))):
+            paths = {**_onnx_paths(bundle_dir, graph, providers, inputs),
+                     **_torch_paths(module, args, device, sizes.compile_backend)}
+            row = {"graph": graph, "batch": batch}
+            for name, fn in paths.items():
+                row[name] = batch / statistics.median(timed(fn, sizes.repeats, cuda_sync))
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def part_embed(bundle_dir: Path, workdir: Path, sizes: Sizes, towers_items_per_s: float
+               ) -> dict:
+    """(c) the whole ``embed --bundle`` job: JSONL -> JPEG decode -> graphs -> files."""
+    items = write_catalog(workdir / "catalog", sizes.embed_items)
+    encoder = OnnxEncoder(Bundle(bundle_dir, "auto"), "fp16")
+    options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
+                           batch_size=sizes.embed_batch)
+    start = time.perf_counter()
+    embed_catalog(items, encoder, workdir / "features", options, progress=False)
+    rate = sizes.embed_items / (time.perf_counter() - start)
+    return {"items": sizes.embed_items, "items_per_s": rate,
+            "ratio_to_towers_alone": rate / towers_items_per_s}
+
+
+def fp16_topk(src: Path, dst: Path) -> None:
+    """The top-K graph with fp16 tables and scores (fp32 IO); IsInf stays fp32, which ONNX
+    defines for float16 only from opset 20."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                               op_block_list=DEFAULT_OP_BLOCK_LIST + ["IsInf"]))
+    model.topological_sort()
+    onnx.save(model.model, str(dst))
+
+
+def part_topk(workdir: Path, sizes: Sizes, providers: list[str]) -> dict:
+    """(d) p50/p99 ms of one top-K batch: the exported graph (fp32, fp16) vs torch.topk."""
+    gen = torch.Generator().manual_seed(0)
+    n_users = max(sizes.topk_users, 4)
+    users = torch.randn(n_users, sizes.topk_dim, generator=gen)
+    items = torch.randn(sizes.topk_items, sizes.topk_dim, generator=gen)
+    pairs = np.stack([np.arange(n_users), np.arange(n_users) % sizes.topk_items], 1)
+    scorer = TopKScorer(users, items, *training_csr(pairs, n_users), sizes.topk_k,
+                        1 << 16).eval()
+    spec = GraphSpec("topk", scorer, (torch.arange(2),), (torch.arange(2),), ["users"],
+                     ["items", "scores"])
+    export_onnx(spec, workdir / "topk.onnx")
+    fp16_topk(workdir / "topk.onnx", workdir / "topk.fp16.onnx")
+    query = np.arange(sizes.topk_users)
+    paths: dict[str, Callable[[], object]] = {
+        f"ort_{p}": (lambda g: lambda: g(users=query))(Graph(workdir / f"{f}.onnx", providers))
+        for p, f in (("fp32", "topk"), ("fp16", "topk.fp16"))}
+    device = devices()[0]
+    u, i = users[:sizes.topk_users].to(device), items.to(device)
+    for name, dtype in (("torch_topk_fp32", torch.float32), ("torch_topk_fp16", torch.float16)):
+        a, b = u.to(dtype), i.to(dtype)
+        paths[name] = lambda a=a, b=b: torch.topk(a @ b.T, sizes.topk_k, dim=1)
+    out = {}
+    for name, fn in paths.items():
+        ms = np.asarray(timed(fn, sizes.repeats * 5, cuda_sync)) * 1e3
+        out[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return {"items": sizes.topk_items, "dim": sizes.topk_dim, "users": sizes.topk_users,
+            "k": sizes.topk_k, "paths": out}
+
+
+def machine() -> dict:
+    """GPU, driver and versions, recorded with every figure."""
+    info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "providers": onnxruntime.get_available_providers(), "cliper_prod": __version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        info["driver"] = smi.stdout.strip() or smi.stderr.strip()
+    return info
+
+
+def training_data(workdir: Path, smoke: bool) -> Path:
+    """Baby with generated features (the smoke run: the tiny synthetic catalog)."""
+    if smoke:
+        from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
+
+        generate_catalog(workdir / "synthetic", SyntheticSpec(n_users=60, n_items=80))
+        return workdir / "synthetic"
+    from cliper_prod.data.random_features import with_random_features
+
+    with_random_features(BABY, workdir / "baby")
+    return workdir / "baby"
+
+
+def table(result: dict) -> str:
+    lines = ["| part | path | figure |", "| --- | --- | --- |"]
+    for device, t in result["training"]["per_device"].items():
+        lines.append(f"| (a) FREEDOM | {device} | epoch {statistics.median(t['train_epoch_s']):.2f} s, "
+                     f"evaluation {statistics.median(t['evaluation_s']):.2f} s |")
+    for row in result["towers"]:
+        for name, value in row.items():
+            if name not in ("graph", "batch"):
+                lines.append(f"| (b) {row['graph']} batch {row['batch']} | {name} | "
+                             f"{value:,.0f} items/s |")
+    e = result["embed"]
+    lines.append(f"| (c) embed --bundle | {e['items']} items | {e['items_per_s']:,.0f} items/s, "
+                 f"{e['ratio_to_towers_alone']:.0%} of the towers alone |")
+    for name, p in result["topk"]["paths"].items():
+        lines.append(f"| (d) top-K | {name} | p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms |")
+    info = result["machine"]
+    lines.append(f"\n{info.get('gpu', 'no GPU')} (driver {info.get('driver', '-')}), torch "
+                 f"{info['torch']}, onnxruntime {info['onnxruntime']}"
+                 f"{', SMOKE run: tiny sizes, figures mean nothing' if result['smoke'] else ''}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for suite.json/.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, on the CPU")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else Sizes()
+    providers = choose_providers("auto")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        clip = SKELETON if args.smoke else vit_b16_folder(work / "clip")
+        settings = FeatureSettings(str(clip), True, "sa", 0.1, ViewSpec())
+        graphs, features = export_features(settings, work / "bundle",
+                                           GraphOptions(torchscript=False))
+        write_manifest(work / "bundle", graphs, features, 18, None, None)
+        result: dict = {"smoke": args.smoke, "machine": machine(), "sizes": sizes.__dict__}
+        result["training"] = part_training(training_data(work, args.smoke), sizes)
+        result["towers"] = part_towers(clip, work / "bundle", sizes, providers)
+        image_rate = max(v for r in result["towers"] if r["graph"] == IMAGE_GRAPH
+                         for k, v in r.items() if k.startswith("ort_"))
+        text_rate = max(v for r in result["towers"] if r["graph"] == TEXT_GRAPH
+                        for k, v in r.items() if k.startswith("ort_"))
+        towers_alone = 1 / (1 / image_rate + 1 / text_rate)
+        result["embed"] = part_embed(work / "bundle", work, sizes, towers_alone)
+        result["topk"] = part_topk(work, sizes, providers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report(args.out / "suite", result, table(result))
+
+
+if __name__ == "__main__":
+    main()

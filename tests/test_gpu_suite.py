@@ -1,0 +1,30 @@
+"""The GPU suite runs every part at tiny sizes on the CPU, so it cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_smoke_runs_every_part(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "gpu_suite.py", "--smoke", "--out", str(tmp_path)],
+                         cwd=REPO / "benchmarks", capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "suite.json").read_text())
+    assert result["smoke"] is True and "torch" in result["machine"]
+    per_device = result["training"]["per_device"]
+    assert set(per_device) == {"cpu"} and len(per_device["cpu"]["train_epoch_s"]) == 1
+    graphs = {row["graph"] for row in result["towers"]}
+    assert graphs == {"image_encoder", "text_fusion"}
+    for row in result["towers"]:
+        assert {"ort_fp32", "ort_fp16", "torch_eager_fp16", "torch_compile_fp16"} <= set(row)
+        assert all(v > 0 for k, v in row.items() if k not in ("graph", "batch"))
+    assert result["embed"]["items_per_s"] > 0 and result["embed"]["ratio_to_towers_alone"] > 0
+    assert set(result["topk"]["paths"]) == {"ort_fp32", "ort_fp16", "torch_topk_fp32",
+                                            "torch_topk_fp16"}
+    table = (tmp_path / "suite.md").read_text()
+    assert "(a) FREEDOM | cpu" in table and "SMOKE run" in table
