@@ -23,6 +23,10 @@ TOPK_GRAPH = "topk"
 TOKENIZER = "tokenizer.json"
 USER_IDS = "user_ids.txt"
 ITEM_IDS = "item_ids.txt"
+#: Graph variants: as exported, or rewritten by ONNX Runtime's transformer optimizer (fused
+#: attention, SkipLayerNormalization, Gelu kinds; contrib ops of the ``com.microsoft`` domain).
+PLAIN, FUSED = "plain", "fused"
+VARIANTS = (PLAIN, FUSED)
 
 
 def sha256_file(path: Path) -> str:
@@ -33,9 +37,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def graph_file(name: str, precision: str = "fp32", kind: str = "onnx") -> str:
-    suffix = "" if precision == "fp32" else f".{precision}"
-    return f"{name}{suffix}.{kind}"
+def file_key(precision: str = "fp32", variant: str = PLAIN) -> str:
+    """Key of a graph file in its manifest record's ``files``: ``fp16``, ``fused.fp32``, ..."""
+    return precision if variant == PLAIN else f"{variant}.{precision}"
+
+
+def graph_file(name: str, precision: str = "fp32", kind: str = "onnx",
+               variant: str = PLAIN) -> str:
+    """``image_encoder.onnx``, ``image_encoder.fp16.onnx``, ``image_encoder.fused.fp16.onnx``."""
+    parts = [name] + ([variant] if variant != PLAIN else []) + (
+        [precision] if precision != "fp32" else [])
+    return ".".join(parts + [kind])
 
 
 def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:

@@ -52,14 +52,21 @@ def test_serve_cuda_without_a_cuda_runtime_exits_9(exported: dict) -> None:
     assert res.exit_code == 9 and "error: --device cuda" in res.stderr, res.output
 
 
-def test_sessions_that_fell_back_to_the_cpu_are_refused_under_cuda(exported: dict) -> None:
-    """A real session on this machine runs on the CPU, as ORT's silent fallback does."""
-    live = {"topk": Bundle(exported["bundle"], "cpu").graph("topk").session.get_providers()}
-    serving.require_gpu_sessions(live, "cpu")
-    serving.require_gpu_sessions(live, "auto")
-    with pytest.raises(RuntimeSetupError, match="topk session.*see no GPU") as info:
-        serving.require_gpu_sessions(live, "cuda")
+def test_a_session_that_fell_back_to_the_cpu_is_refused_under_cuda(monkeypatch,
+                                                                   exported: dict) -> None:
+    """The CPU onnxruntime here, asked for the CUDA provider, runs on the CPU: ONNX Runtime's
+    silent fallback, as on a GPU host whose process sees no GPU."""
+    monkeypatch.setattr(runtime_bundle, "choose_providers",
+                        lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    Bundle(exported["bundle"], "auto").graph("topk")  # auto may fall back
+    with pytest.raises(RuntimeSetupError, match="runs topk on CPUExecutionProvider") as info:
+        Bundle(exported["bundle"], "cuda").graph("topk")
     assert info.value.exit_code == 9
+    users = exported["root"] / "users.txt"
+    users.write_text((exported["bundle"] / "user_ids.txt").read_text().split()[0] + "\n")
+    res = CliRunner().invoke(cli, ["topk", "--users", str(users), "--bundle",
+                                   str(exported["bundle"]), "--device", "cuda"])
+    assert res.exit_code == 9 and "sees no GPU" in res.stderr, res.output
 
 
 def test_replicas_asking_for_missing_gpus_fail_at_once(monkeypatch) -> None:

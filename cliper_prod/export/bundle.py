@@ -6,6 +6,7 @@ Contents (see export/README.md for the format):
   image_encoder[.fp16].onnx / .pt    pixel_values [B, 3, H, W] -> image embedding [B, D]
   text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
                                      image feature, view embeddings
+  <clip graph>.fused[.fp16].onnx     the same, rewritten by ONNX Runtime's transformer optimizer
   tokenizer.json                     the CLIP tokenizer (read by the `tokenizers` library)
   manifest.json                      versions, IO specs, view settings, hashes, parity figures
 The bundle is built in a temporary sibling folder, verified, and only then renamed into place.
@@ -18,24 +19,27 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from cliper_prod import __version__
-from cliper_prod.bundle_format import (FORMAT_VERSION, IMAGE_GRAPH, ITEM_IDS, MANIFEST,
-                                       TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS, graph_file,
-                                       sha256_file)
+from cliper_prod.bundle_format import (FORMAT_VERSION, FUSED, IMAGE_GRAPH, ITEM_IDS, MANIFEST,
+                                       PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
+                                       file_key, graph_file, sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError, ConfigError
 from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
-                                       export_onnx, export_torchscript, feeds, to_fp16,
-                                       torch_outputs, verify)
+                                       export_onnx, export_torchscript, feeds,
+                                       optimize_clip, to_fp16, torch_outputs, verify)
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json, write_npy, write_text
@@ -62,6 +66,9 @@ class GraphOptions:
         opset: ONNX opset of every graph.
         fp16: also write fp16 variants of the CLIP graphs.
         torchscript: also write TorchScript twins.
+        fused: also write the CLIP graphs as rewritten by ONNX Runtime's transformer optimizer
+            (fused attention, SkipLayerNormalization, QuickGelu), each precision, with their
+            CPU latency beside the plain graphs' (the runtime's choice, see export/README.md).
     """
 
     max_k: int = 100
@@ -69,6 +76,7 @@ class GraphOptions:
     opset: int = DEFAULT_OPSET
     fp16: bool = True
     torchscript: bool = True
+    fused: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,21 +146,36 @@ def _as_tuple(out: Any) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
+CPU = "CPUExecutionProvider"
+LATENCY_RUNS = 5  # timed runs of the verification batch per graph (after one warm-up)
+
+
 def _export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: bool,
-                  extra_check=lambda outs: None) -> dict[str, Any]:
-    """Export one module in every requested form and verify each against PyTorch."""
+                  extra_check=lambda outs: None, fused: nn.Module | None = None
+                  ) -> dict[str, Any]:
+    """Export one module in every requested form and verify each against PyTorch.
+
+    ``fused``: the same module with eager attention, exported and optimized for the fused
+    variant, which is verified against the same reference and timed against the plain one.
+    """
     reference = torch_outputs(spec)
     fp32 = folder / graph_file(spec.name)
     export_onnx(spec, fp32, options.opset)
-    record: dict[str, Any] = {**_io_spec(fp32), "files": {"fp32": fp32.name}, "parity": {}}
-    record["parity"]["onnx_fp32"] = verify(fp32.name, reference, _ort_run(fp32, spec),
-                                           FP32_BOUND, extra_check)
-    if fp16:
-        half = folder / graph_file(spec.name, "fp16")
-        to_fp16(fp32, half)
-        record["files"]["fp16"] = half.name
-        record["parity"]["onnx_fp16"] = verify(half.name, reference, _ort_run(half, spec),
-                                               FP16_BOUND)
+    record: dict[str, Any] = {**_io_spec(fp32), "files": {}, "parity": {}}
+    runs = {PLAIN: _verified_onnx(spec, fp32, PLAIN, reference, fp16, extra_check, record)}
+    if fused is not None:
+        path = folder / graph_file(spec.name, variant=FUSED)
+        config = fused.config
+        with tempfile.TemporaryDirectory() as tmp:
+            eager = Path(tmp) / path.name
+            export_onnx(replace(spec, module=fused), eager, options.opset)
+            ops = optimize_clip(eager, path, config.num_hidden_layers,
+                                config.num_attention_heads, config.hidden_size)
+        runs[FUSED] = _verified_onnx(spec, path, FUSED, reference, fp16, extra_check, record)
+        record[FUSED] = {"attn_implementation": "eager", "optimizer": "onnxruntime.transformers "
+                         "optimize_model(model_type='clip', opt_level=0)",
+                         "layers": config.num_hidden_layers, "ops": ops, **_preference(runs)}
+        log.info("%s: fused %s; CPU prefers %s", spec.name, ops, record[FUSED]["preferred"][CPU])
     if options.torchscript:
         script = folder / graph_file(spec.name, kind="pt")
         export_torchscript(spec, script)
@@ -161,6 +184,42 @@ def _export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16:
                                                  _script_run(script, spec), FP32_BOUND,
                                                  extra_check)
     return record
+
+
+def _verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: bool,
+                   extra_check, record: dict[str, Any]) -> dict[str, Callable]:
+    """Verify ``fp32`` (and its fp16 twin, written here), list both in ``record``; their runs."""
+    runs = {"fp32": _ort_run(fp32, spec)}
+    checks = [("fp32", fp32, FP32_BOUND, extra_check)]
+    if fp16:
+        half = fp32.with_name(graph_file(spec.name, "fp16", variant=variant))
+        to_fp16(fp32, half)
+        runs["fp16"] = _ort_run(half, spec)
+        checks.append(("fp16", half, FP16_BOUND, lambda outs: None))
+    for precision, path, bound, check in checks:
+        key = file_key(precision, variant)
+        record["files"][key] = path.name
+        record["parity"][f"onnx_{key.replace('.', '_')}"] = verify(path.name, reference,
+                                                                    runs[precision], bound, check)
+    return runs
+
+
+def _preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
+    """Median CPU latency of each variant per precision, interleaved; the faster is preferred."""
+    latency: dict[str, dict[str, float]] = {}
+    for precision in runs[PLAIN]:
+        variants = {variant: by_precision[precision] for variant, by_precision in runs.items()}
+        times: dict[str, list[float]] = {variant: [] for variant in variants}
+        for run in variants.values():
+            run()  # warm-up
+        for _ in range(LATENCY_RUNS):
+            for variant, run in variants.items():
+                start = time.perf_counter()
+                run()
+                times[variant].append(time.perf_counter() - start)
+        latency[precision] = {v: round(1e3 * statistics.median(t), 4) for v, t in times.items()}
+    return {"latency_ms": {CPU: latency},
+            "preferred": {CPU: {p: min(ms, key=ms.get) for p, ms in latency.items()}}}
 
 
 def _topk_graph(model, data, max_k: int, chunk_items: int) -> tuple[GraphSpec, dict[str, Any]]:
@@ -178,7 +237,10 @@ def _topk_graph(model, data, max_k: int, chunk_items: int) -> tuple[GraphSpec, d
     return spec, info
 
 
-def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[GraphSpec], dict]:
+def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
+                    ) -> tuple[list[GraphSpec], dict[str, nn.Module], dict]:
+    """The CLIP graphs' specs, their eager-attention twins for the fused variant (when
+    ``fused``; same weights) and the manifest's feature settings."""
     from cliper_prod.features.clip_towers import ClipTowers
     from cliper_prod.features.fusion import ViewFusion
 
@@ -206,6 +268,12 @@ def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[Graph
                   ["input_ids", "attention_mask", "image_embedding", "has_image", "has_text"],
                   ["text_feature", "similarity", "image_feature", "view_embeddings"]),
     ]
+    twins: dict[str, nn.Module] = {}
+    if fused:
+        eager = ClipTowers(settings.clip, random_init=settings.random_init,
+                           attn_implementation="eager")
+        twins = {IMAGE_GRAPH: eager.image_tower,
+                 TEXT_GRAPH: eager.view_encoder(ViewFusion(extracted_as, settings.tau))}
     towers.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
     special = towers.special
     info = {"clip": settings.clip, "random_weights": settings.random_init,
@@ -215,7 +283,7 @@ def _feature_graphs(settings: FeatureSettings, folder: Path) -> tuple[list[Graph
             "dim": towers.dim, "long_text": "truncate",
             "special_tokens": {"bos": special.bos, "eos": special.eos, "pad": special.pad},
             "preprocess": towers.preprocess.as_dict()}
-    return specs, info
+    return specs, twins, info
 
 
 def export_features(settings: FeatureSettings, folder: Path,
@@ -223,12 +291,13 @@ def export_features(settings: FeatureSettings, folder: Path,
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The image and text+fusion graphs and the tokenizer into ``folder``; verified."""
     folder.mkdir(parents=True, exist_ok=True)
-    specs, info = _feature_graphs(settings, folder)
+    specs, twins, info = _feature_graphs(settings, folder, options.fused)
     records = {}
     for spec in specs:
         log.info("exporting %s (CLIP %s%s)", spec.name, settings.clip,
                  ", RANDOM weights" if settings.random_init else "")
-        records[spec.name] = _export_graph(spec, folder, options, fp16=options.fp16)
+        records[spec.name] = _export_graph(spec, folder, options, fp16=options.fp16,
+                                           fused=twins.get(spec.name))
     return records, info
 
 

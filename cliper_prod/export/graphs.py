@@ -2,13 +2,15 @@
 
 Graphs are exported with torch's dynamo-based ONNX exporter (batch dimension dynamic), checked
 with ``onnx.checker`` and then compared with the PyTorch module on a sample batch through ONNX
-Runtime; export fails loudly when parity misses the bounds below.
+Runtime; export fails loudly when parity misses the bounds below. CLIP graphs can also be
+rewritten by ONNX Runtime's transformer optimizer (:func:`optimize_clip`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +24,10 @@ from cliper_prod.errors import ExportError
 FP32_BOUND = {"min_cosine": 0.99999, "max_abs": 1e-4}
 FP16_BOUND = {"min_cosine": 0.999, "max_abs": None}
 DEFAULT_OPSET = 18
+#: Ops counted in an optimized graph: the fusions' products and what they replace.
+FUSED_OPS = ("Attention", "SkipLayerNormalization", "LayerNormalization", "QuickGelu", "Gelu",
+             "FastGelu", "BiasGelu")
+MASK = "attention_mask"  # the only name under which the CLIP attention fusion takes a mask
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,71 @@ def to_fp16(src: Path, dst: Path) -> None:
         model.topological_sort()  # the converter appends its input casts at the end
     onnx.save(model.model, str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
+
+
+def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) -> dict[str, int]:
+    """ONNX Runtime's CLIP fusions (``optimize_model(model_type="clip")``) on ``src`` -> ``dst``;
+    returns the counts of :data:`FUSED_OPS`.
+
+    The optimizer skips what it does not recognise without a word, so this fails unless each of
+    the ``layers`` encoder layers became one fused Attention node. ``src`` must come from an
+    eager-attention module (SDPA exports match no attention pattern). Two adaptations to the
+    dynamo export: symbolic shape inference is off (it stops at the fusion head's opset-18
+    ReduceL2, and without it neither SkipLayerNormalization nor attention fuse; the parity
+    check vouches for the result), and the text encoder's additive causal+padding mask is named
+    ``attention_mask`` while the optimizer runs, the one name under which it takes a mask.
+    """
+    import onnx
+    import onnxruntime
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = onnx.load(str(src))
+    mask = _additive_mask(model)
+    if mask is not None:
+        _rename(model, {MASK: f"{MASK}.input", mask: MASK})
+    options = FusionOptions("clip")
+    options.enable_shape_inference = False
+    quiet = logging.getLogger().manager.disable
+    logging.disable(logging.WARNING)  # the optimizer's module loggers warn about shape inference
+    try:
+        optimized = optimize_model(model, model_type="clip", num_heads=heads, hidden_size=hidden,
+                                   opt_level=0, optimization_options=options)
+    except Exception as exc:  # the optimizer raises many types; the cause matters
+        raise ExportError(f"{dst.name}: ONNX Runtime's optimizer failed: "
+                          f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        logging.disable(quiet)
+    if mask is not None:
+        _rename(optimized.model, {MASK: mask, f"{MASK}.input": MASK})
+    counts = Counter(node.op_type for node in optimized.model.graph.node)
+    ops = {op: counts[op] for op in FUSED_OPS}
+    if ops["Attention"] != layers:
+        raise ExportError(f"{dst.name}: ONNX Runtime's optimizer fused {ops['Attention']} of "
+                          f"{layers} attention layers (ops: {ops}); onnxruntime "
+                          f"{onnxruntime.__version__} does not match this graph's attention: "
+                          f"export without the fused graphs (GraphOptions(fused=False))")
+    optimized.save_model_to_file(str(dst))
+    onnx.checker.check_model(str(dst), full_check=True)
+    return ops
+
+
+def _additive_mask(model) -> str | None:
+    """The one tensor every attention softmax adds to its scores, if there is one."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    masks = {producer[n.input[0]].input[1] for n in model.graph.node
+             if n.op_type == "Softmax" and n.input[0] in producer
+             and producer[n.input[0]].op_type == "Add"}
+    return masks.pop() if len(masks) == 1 else None
+
+
+def _rename(model, names: dict[str, str]) -> None:
+    """Rename tensors everywhere in the graph, all at once (so names may swap)."""
+    for node in model.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        value.name = names.get(value.name, value.name)
 
 
 def export_torchscript(spec: GraphSpec, path: Path) -> None:

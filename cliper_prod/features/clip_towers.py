@@ -29,6 +29,11 @@ class ImageTower(nn.Module):
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
 
+    @property
+    def config(self):
+        """The vision encoder's transformers config (layers, heads, width)."""
+        return self.vision_model.config
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
 
@@ -40,6 +45,11 @@ class TextTower(nn.Module):
         super().__init__()
         self.text_model = clip.text_model
         self.text_projection = clip.text_projection
+
+    @property
+    def config(self):
+        """The text encoder's transformers config (layers, heads, width)."""
+        return self.text_model.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
@@ -58,6 +68,11 @@ class ViewEncoder(nn.Module):
         self.text_tower = text_tower
         self.fusion = fusion
 
+    @property
+    def config(self):
+        """The text encoder's transformers config: the graph's only attention layers."""
+        return self.text_tower.config
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image: Tensor,
                 has_image: Tensor, has_text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         b, v, length = input_ids.shape
@@ -68,10 +83,15 @@ class ViewEncoder(nn.Module):
 
 
 class ClipTowers:
-    """The two towers, the tokenizer and the image preprocessor of one checkpoint."""
+    """The two towers, the tokenizer and the image preprocessor of one checkpoint.
+
+    ``attn_implementation`` is passed to transformers (``None``: its default, SDPA): the export
+    of the ONNX Runtime-optimized graphs loads ``"eager"``, whose explicit softmax(QK^T)V is the
+    pattern ONNX Runtime's attention fusion recognises; the weights are the same either way.
+    """
 
     def __init__(self, source: str | Path, device: str | torch.device = "cpu",
-                 random_init: bool = False) -> None:
+                 random_init: bool = False, attn_implementation: str | None = None) -> None:
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel
         from transformers.utils import logging as hf_logging
 
@@ -82,9 +102,11 @@ class ClipTowers:
         try:
             if random_init:  # a config-only folder: realistic shapes, random weights
                 torch.manual_seed(0)
-                clip = CLIPModel(CLIPConfig.from_pretrained(self.source))
+                clip = CLIPModel(CLIPConfig.from_pretrained(
+                    self.source, attn_implementation=attn_implementation))
             else:
-                clip = CLIPModel.from_pretrained(self.source)
+                clip = CLIPModel.from_pretrained(self.source,
+                                                 attn_implementation=attn_implementation)
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a CLIP checkpoint from {self.source!r}: "

@@ -1,14 +1,37 @@
-"""An exported bundle opened for inference: manifest checked, graphs loaded on demand."""
+"""An exported bundle opened for inference: manifest checked, graphs loaded on demand.
+
+A CLIP graph may come in two variants (plain, and fused by ONNX Runtime's optimizer); ``auto``
+runs the one the manifest measured faster on the session's provider, fused on a provider the
+export did not measure (CUDA: the fused attention kernels are what the fusions are for), and
+plain for bundles written before fused graphs existed.
+"""
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cliper_prod.bundle_format import read_manifest
-from cliper_prod.errors import BundleError
+from cliper_prod.bundle_format import FUSED, PLAIN, VARIANTS, file_key, read_manifest
+from cliper_prod.errors import BundleError, RuntimeSetupError
 from cliper_prod.runtime.sessions import Graph, choose_providers
+
+log = logging.getLogger(__name__)
+
+
+def pick_variant(record: dict[str, Any], provider: str, precision: str = "fp32",
+                 requested: str = "auto") -> str:
+    """The variant of one graph to run (see the module docstring); ``requested`` overrides."""
+    if requested not in ("auto", *VARIANTS):
+        raise BundleError(f"graph variant must be auto, {' or '.join(VARIANTS)}; got "
+                          f"{requested!r}")
+    if requested != "auto":
+        return requested
+    if file_key(precision, FUSED) not in record["files"]:
+        return PLAIN
+    measured = record.get(FUSED, {}).get("preferred", {}).get(provider, {})
+    return measured.get(precision, FUSED)
 
 
 class Bundle:
@@ -18,20 +41,40 @@ class Bundle:
         if backbone is not None and self.manifest["backbone"] != backbone:
             raise BundleError(f"{folder}: holds a {self.manifest['backbone']} model, not "
                               f"{backbone}")
+        self.device = device
         self.providers = choose_providers(device)
 
-    def graph(self, name: str, precision: str = "fp32") -> Graph:
-        return Graph(self.graph_file(name, precision), self.providers)
+    def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Graph:
+        """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU."""
+        graph = Graph(self.graph_file(name, precision, variant), self.providers)
+        live = graph.session.get_providers()[0]
+        if self.device == "cuda" and live != "CUDAExecutionProvider":
+            raise RuntimeSetupError(
+                f"--device cuda: ONNX Runtime runs {name} on {live}: it sees no GPU and falls "
+                f"back without a word (under Ray a replica or actor sees a GPU only when given "
+                f"one: --gpus-per-replica, --gpus-per-actor)")
+        return graph
 
-    def graph_file(self, name: str, precision: str = "fp32") -> Path:
+    def variant(self, name: str, precision: str = "fp32", requested: str = "auto") -> str:
+        """Which variant of ``name`` this bundle's provider runs (:func:`pick_variant`)."""
+        chosen = pick_variant(self._record(name), self.providers[0], precision, requested)
+        log.info("%s %s: %s graph on %s", name, precision, chosen, self.providers[0])
+        return chosen
+
+    def graph_file(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Path:
+        record = self._record(name)
+        file = record["files"].get(file_key(precision, variant))
+        if file is None:
+            raise BundleError(f"{self.folder}: no {file_key(precision, variant)} variant of "
+                              f"{name} (has "
+                              f"{sorted(k for k in record['files'] if k != 'torchscript')})")
+        return self.folder / file
+
+    def _record(self, name: str) -> dict[str, Any]:
         record = self.manifest["graphs"].get(name)
         if record is None:
             raise BundleError(f"{self.folder}: the bundle has no {name} graph")
-        file = record["files"].get(precision)
-        if file is None:
-            raise BundleError(f"{self.folder}: no {precision} variant of {name} "
-                              f"(has {sorted(k for k in record['files'] if k != 'torchscript')})")
-        return self.folder / file
+        return record
 
     @property
     def features(self) -> dict[str, Any]:

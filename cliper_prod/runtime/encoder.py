@@ -2,7 +2,8 @@
 
 Same interface as :class:`~cliper_prod.features.clip_towers.ClipTowers`, so ``embed --bundle``
 runs the exact pipeline and per-item policy of the PyTorch path. Token ids come from the
-bundle's ``tokenizer.json`` via the ``tokenizers`` library (no transformers, no torch).
+bundle's ``tokenizer.json`` via the ``tokenizers`` library (no transformers, no torch). Each
+graph runs the variant (plain or fused) :meth:`Bundle.variant` picks for the session's provider.
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from cliper_prod.runtime.sessions import Graph
 
 
 class OnnxEncoder:
-    def __init__(self, bundle: Bundle, precision: str = "fp32") -> None:
+    def __init__(self, bundle: Bundle, precision: str = "fp32", variant: str = "auto") -> None:
         from tokenizers import Tokenizer
 
         info = bundle.features
-        self.source = f"{bundle.folder} ({info['clip']}, {precision})"
+        # a bundle that lacks a graph fails here, before any work
+        self.variants = {name: bundle.variant(name, precision, variant)
+                         for name in (IMAGE_GRAPH, TEXT_GRAPH)}
+        for name, chosen in self.variants.items():
+            bundle.graph_file(name, precision, chosen)
+        self.source = (f"{bundle.folder} ({info['clip']}, {precision}, "
+                       f"{'/'.join(sorted(set(self.variants.values())))})")
         self.random_init = bool(info["random_weights"])
         self.max_tokens = int(info["max_tokens"])
         self.dim = int(info["dim"])
@@ -40,19 +47,16 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(bundle.folder / TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        # Sessions open on first use (a Ray driver only needs the metadata), but a bundle that
-        # lacks a graph fails here, before any work.
+        # sessions open on first use (a Ray driver only needs the metadata)
         self.bundle, self.precision = bundle, precision
-        for name in (IMAGE_GRAPH, TEXT_GRAPH):
-            bundle.graph_file(name, precision)
 
     @cached_property
     def image_graph(self) -> Graph:
-        return self.bundle.graph(IMAGE_GRAPH, self.precision)
+        return self.bundle.graph(IMAGE_GRAPH, self.precision, self.variants[IMAGE_GRAPH])
 
     @cached_property
     def text_graph(self) -> Graph:
-        return self.bundle.graph(TEXT_GRAPH, self.precision)
+        return self.bundle.graph(TEXT_GRAPH, self.precision, self.variants[TEXT_GRAPH])
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

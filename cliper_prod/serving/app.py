@@ -183,16 +183,6 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
-def require_gpu_sessions(providers: dict[str, list[str]], device: str) -> None:
-    """With ``device`` cuda every session must run on the GPU: ONNX Runtime falls back to the
-    CPU without a word when it sees none (a replica given no GPU by Ray sees none)."""
-    on_cpu = [name for name, p in providers.items() if p[0] != "CUDAExecutionProvider"]
-    if device == "cuda" and on_cpu:
-        raise RuntimeSetupError(f"--device cuda: the {', '.join(on_cpu)} session(s) see no GPU "
-                                f"and run on {providers[on_cpu[0]][0]}; give each replica a GPU "
-                                f"(--gpus-per-replica) or serve with --device cpu")
-
-
 @serve.deployment(graceful_shutdown_timeout_s=20, graceful_shutdown_wait_loop_s=1)
 @serve.ingress(app)
 class CliperService:
@@ -204,8 +194,7 @@ class CliperService:
         self.embedder = (ItemEmbedder(bundle, Path(settings.image_root) if settings.image_root
                                       else None, settings.embed_batch_size, ItemLimits())
                          if "features" in bundle.manifest else None)
-        self.providers = self.live_providers()
-        require_gpu_sessions(self.providers, settings.device)
+        self.providers = self.live_providers()  # with cuda, Bundle.graph refused CPU ones
         app.state.max_request_bytes = settings.max_request_bytes
         app.state.read_timeout_s = settings.read_timeout_s
         self._rank_batched.set_max_batch_size(settings.max_batch_size)
