@@ -58,7 +58,7 @@ class Bundle:
     def variant(self, name: str, precision: str = "fp32", requested: str = "auto") -> str:
         """Which variant of ``name`` this bundle's provider runs (:func:`pick_variant`)."""
         chosen = pick_variant(self._record(name), self.providers[0], precision, requested)
-        log.info("%s %s: %s graph on %s", name, precision, chosen, self.providers[0])
+        log.debug("%s %s: %s graph on %s", name, precision, chosen, self.providers[0])
         return chosen
 
     def graph_file(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Path:
