@@ -62,6 +62,17 @@ def vit_b16_folder(root: Path) -> Path:
     return root
 
 
+def feature_bundle(clip: Path, out: Path) -> float:
+    """Export ``clip``'s graphs (random weights, SA fusion, default views) as a bundle of CLIP
+    graphs only at ``out``, every ONNX variant; the seconds it took."""
+    settings = FeatureSettings(str(clip), True, "sa", 0.1, ViewSpec())
+    start = time.perf_counter()
+    graphs, features = export_features(settings, out, GraphOptions(torchscript=False))
+    export_s = time.perf_counter() - start
+    write_manifest(out, graphs, features, 18, None, None)
+    return export_s
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -106,12 +117,7 @@ def main() -> None:
         folder = Path(args.clip) if args.clip else vit_b16_folder(tmp / "clip")
         towers = ClipTowers(folder, device=device, random_init=True)
         spec = ViewSpec()
-        settings = FeatureSettings(str(folder), True, "sa", 0.1, spec)
-        start = time.perf_counter()
-        graphs, features = export_features(settings, tmp / "bundle",
-                                            GraphOptions(torchscript=False))
-        export_s = time.perf_counter() - start
-        write_manifest(tmp / "bundle", graphs, features, 18, None, None)
+        export_s = feature_bundle(folder, tmp / "bundle")
         bundle = Bundle(tmp / "bundle", device="auto")
         onnx_paths = {p: OnnxEncoder(bundle, p) for p in ("fp32", "fp16")}
         prompts = spec.build(FIELDS)

@@ -17,23 +17,19 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
-from bench_embed import timed, vit_b16_folder
+from bench_embed import feature_bundle, timed, vit_b16_folder
 
 from _report import report
 
 from cliper_prod import __version__
 from cliper_prod.bundle_format import FUSED, IMAGE_GRAPH, PLAIN, TEXT_GRAPH
-from cliper_prod.export.bundle import (FeatureSettings, GraphOptions, export_features,
-                                       write_manifest)
 from cliper_prod.export.graphs import parity
 from cliper_prod.features.clip_towers import ClipTowers
-from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle import Bundle
 
 
@@ -51,13 +47,9 @@ def main() -> None:
         tmp = Path(tmp)
         folder = Path(args.clip) if args.clip else vit_b16_folder(tmp / "clip")
         towers = ClipTowers(folder, random_init=True)
-        settings = FeatureSettings(str(folder), True, "sa", 0.1, ViewSpec())
-        start = time.perf_counter()
-        graphs, features = export_features(settings, tmp / "bundle",
-                                           GraphOptions(torchscript=False))
-        export_s = time.perf_counter() - start
-        write_manifest(tmp / "bundle", graphs, features, 18, None, None)
+        export_s = feature_bundle(folder, tmp / "bundle")
         bundle = Bundle(tmp / "bundle", device="cpu")
+        graphs = bundle.manifest["graphs"]  # each graph's files, parity and fused record
         sessions = {(v, p): bundle.graph(IMAGE_GRAPH, p, v)
                     for v in (PLAIN, FUSED) for p in ("fp32", "fp16")}
         size = towers.preprocess.crop

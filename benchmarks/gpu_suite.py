@@ -36,13 +36,12 @@ import onnxruntime
 import torch
 
 from _report import report
-from bench_embed import FIELDS, SKELETON, vit_b16_folder, write_catalog
+from bench_embed import FIELDS, SKELETON, feature_bundle, vit_b16_folder, write_catalog
 
 from cliper_prod import __version__
 from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
-from cliper_prod.export.bundle import FeatureSettings, GraphOptions, export_features, write_manifest
 from cliper_prod.export.graphs import GraphSpec, export_onnx
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
@@ -305,10 +304,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         clip = SKELETON if args.smoke else vit_b16_folder(work / "clip")
-        settings = FeatureSettings(str(clip), True, "sa", 0.1, ViewSpec())
-        graphs, features = export_features(settings, work / "bundle",
-                                           GraphOptions(torchscript=False))
-        write_manifest(work / "bundle", graphs, features, 18, None, None)
+        feature_bundle(clip, work / "bundle")
         result: dict = {"smoke": args.smoke, "machine": machine(), "sizes": sizes.__dict__}
         result["training"] = part_training(training_data(work, args.smoke), sizes)
         result["towers"] = part_towers(clip, work / "bundle", sizes, providers)
