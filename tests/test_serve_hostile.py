@@ -325,3 +325,29 @@ def test_serve_start_up_timeout_is_the_users_to_set(exported, monkeypatch) -> No
     assert "not running after 1.5 s (DEPLOYING); raise --startup-timeout-s" in res.output
     env = started["controller_options"]["runtime_env"]["env_vars"]
     assert env == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "1.5"}
+
+
+def test_readiness_ranks_on_the_graph_caches_success_and_never_a_failure(exported) -> None:
+    from cliper_prod.runtime.bundle import Bundle
+    from cliper_prod.serving.handlers import ReadinessProbe, TopKRanker
+
+    ranker, now, calls = TopKRanker(Bundle(exported["bundle"], "cpu")), [0.0], []
+
+    def rank(rows):
+        calls.append(rows)
+        return ranker.rank(rows)
+    probe = ReadinessProbe(rank, max_age_s=5.0, clock=lambda: now[0])
+    probe.check()
+    now[0] = 4.0
+    probe.check()
+    assert len(calls) == 1 and calls[0].tolist() == [0]  # one real ranking, then the cache
+    now[0] = 9.5
+    probe.check()
+    assert len(calls) == 2
+
+    def broken(rows):
+        raise RuntimeError("session gone")
+    failing = ReadinessProbe(broken, clock=lambda: now[0])
+    for _ in range(2):  # a failure is reported every time, not cached
+        with pytest.raises(RuntimeError, match="session gone"):
+            failing.check()

@@ -33,7 +33,8 @@ from cliper_prod import __version__
 from cliper_prod.errors import RuntimeSetupError
 from cliper_prod.features.items import ItemLimits, StrictJSONError, clip, loads_strict
 from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.serving.handlers import ItemEmbedder, RequestError, TopKRanker, new_request_id
+from cliper_prod.serving.handlers import (ItemEmbedder, ReadinessProbe, RequestError, TopKRanker,
+                                          new_request_id)
 
 logger = logging.getLogger(__name__)
 APP_NAME = "cliper"
@@ -195,6 +196,7 @@ class CliperService:
                                       else None, settings.embed_batch_size, ItemLimits())
                          if "features" in bundle.manifest else None)
         self.providers = self.live_providers()  # with cuda, Bundle.graph refused CPU ones
+        self.readiness = ReadinessProbe(self.ranker.rank)
         app.state.max_request_bytes = settings.max_request_bytes
         app.state.read_timeout_s = settings.read_timeout_s
         self._rank_batched.set_max_batch_size(settings.max_batch_size)
@@ -249,8 +251,22 @@ class CliperService:
         return await asyncio.to_thread(self.embedder.embed, request.items)
 
     @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self) -> Response:
+        """Ready when the loaded graph ranks a user (checked at most every few seconds); 503
+        with the reason otherwise."""
+        try:
+            await asyncio.to_thread(self.readiness.check)
+        except Exception as exc:  # a broken session raises ONNX Runtime's own types
+            logger.warning("readiness check failed: %s", exc)
+            return JSONResponse({"status": "unavailable",
+                                 "detail": clip(f"{type(exc).__name__}: {exc}", 300)},
+                                status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic replica check: the same ranking; raising makes Serve replace
+        the replica."""
+        self.readiness.check()
 
     @app.get("/metadata")
     async def metadata(self) -> dict:
