@@ -213,7 +213,7 @@ def test_an_unexpected_exception_is_a_logged_500_with_a_request_id(caplog) -> No
 def test_an_unexpected_exception_in_one_item_leaves_the_others_embedded(exported, monkeypatch,
                                                                         caplog) -> None:
     from cliper_prod.runtime.bundle import Bundle
-    from cliper_prod.serving import handlers
+    from cliper_prod.runtime import recommender as handlers
 
     load = handlers.load_image
 
@@ -224,7 +224,7 @@ def test_an_unexpected_exception_in_one_item_leaves_the_others_embedded(exported
 
     monkeypatch.setattr(handlers, "load_image", fails_for_boom)
     embedder = handlers.ItemEmbedder(Bundle(exported["bundle"], "cpu"), exported["catalog"])
-    with caplog.at_level(logging.ERROR, logger="cliper_prod.serving.handlers"):
+    with caplog.at_level(logging.ERROR, logger="cliper_prod.runtime.recommender"):
         answer = embedder.embed([{"item_id": "a", "title": "t"},
                                  {"item_id": "boom", "title": "t", "image": "x.png"},
                                  {"item_id": "c", "title": "t"}])
@@ -329,7 +329,7 @@ def test_serve_start_up_timeout_is_the_users_to_set(exported, monkeypatch) -> No
 
 def test_readiness_ranks_on_the_graph_caches_success_and_never_a_failure(exported) -> None:
     from cliper_prod.runtime.bundle import Bundle
-    from cliper_prod.serving.handlers import ReadinessProbe, TopKRanker
+    from cliper_prod.runtime.recommender import ReadinessProbe, TopKRanker
 
     ranker, now, calls = TopKRanker(Bundle(exported["bundle"], "cpu")), [0.0], []
 

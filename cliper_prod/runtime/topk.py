@@ -22,6 +22,7 @@ from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.io import atomic_path
 from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.recommender import TopKRanker
 
 
 @dataclass
@@ -69,20 +70,6 @@ def check_k(bundle: Bundle, k: int) -> int:
     return max_k
 
 
-def rankings(user_ids: list[str], top_items: np.ndarray, top_scores: np.ndarray, k: int,
-             item_ids: np.ndarray, exclude: set[int] = frozenset()) -> list[dict]:
-    """{"user_id", "items", "scores"} per user from the graph's padded top rows: padding
-    (score -inf) and ``exclude`` rows dropped, then the first ``k`` kept."""
-    out = []
-    for user, idx, scores in zip(user_ids, top_items, top_scores):
-        kept = np.isfinite(scores)
-        if exclude:
-            kept &= ~np.isin(idx, list(exclude))
-        idx, scores = idx[kept][:k], scores[kept][:k]
-        out.append({"user_id": user, "items": item_ids[idx].tolist(), "scores": scores.tolist()})
-    return out
-
-
 def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, *, k: int = 20,
                       skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """:func:`recommend` into ``out_path``, renamed into place only when every user is done."""
@@ -95,15 +82,12 @@ def recommend(bundle: Bundle, users_path: Path, out: IO[str], *, k: int = 20,
               skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """Write one JSON line per user: {"user_id", "items", "scores"}, training items excluded."""
     check_k(bundle, k)
-    graph = bundle.graph(TOPK_GRAPH)
-    items = np.asarray(bundle.item_ids, dtype=object)
-    index = {u: i for i, u in enumerate(bundle.user_ids)}
+    ranker = TopKRanker(bundle)  # the ranking code of the service and the Python API
     summary = TopKSummary()
-    stream = read_users(users_path, index, skip_unknown, summary)
+    stream = read_users(users_path, ranker.user_index, skip_unknown, summary)
     while batch := list(islice(stream, batch_size)):
         rows = np.fromiter((row for _, row in batch), dtype=np.int64, count=len(batch))
-        top_items, top_scores = graph(users=rows)
-        for record in rankings([user for user, _ in batch], top_items, top_scores, k, items):
+        for record in ranker.answer([user for user, _ in batch], ranker.rank(rows), k, set()):
             out.write(json.dumps(record) + "\n")
         summary.users += len(batch)
     return summary

@@ -31,10 +31,10 @@ from ray.serve.schema import ApplicationStatus
 
 from cliper_prod import __version__
 from cliper_prod.errors import RuntimeSetupError
-from cliper_prod.features.items import ItemLimits, StrictJSONError, clip, loads_strict
+from cliper_prod.features.items import StrictJSONError, clip, loads_strict
 from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.serving.handlers import (ItemEmbedder, ReadinessProbe, RequestError, TopKRanker,
-                                          new_request_id)
+from cliper_prod.runtime.recommender import (ReadinessProbe, Recommender, RequestError,
+                                             new_request_id)
 
 logger = logging.getLogger(__name__)
 APP_NAME = "cliper"
@@ -191,10 +191,11 @@ class CliperService:
         self.settings = settings
         bundle = Bundle(Path(settings.bundle), settings.device)
         self.manifest = bundle.manifest
-        self.ranker = TopKRanker(bundle)
-        self.embedder = (ItemEmbedder(bundle, Path(settings.image_root) if settings.image_root
-                                      else None, settings.embed_batch_size, ItemLimits())
-                         if "features" in bundle.manifest else None)
+        self.recommender = Recommender(
+            bundle, image_root=Path(settings.image_root) if settings.image_root else None,
+            embed_batch_size=settings.embed_batch_size)
+        self.ranker = self.recommender.ranker
+        self.embedder = self.recommender.embedder if self.recommender.has_features else None
         self.providers = self.live_providers()  # with cuda, Bundle.graph refused CPU ones
         self.readiness = ReadinessProbe(self.ranker.rank)
         app.state.max_request_bytes = settings.max_request_bytes
@@ -226,11 +227,7 @@ class CliperService:
             raise HTTPException(413, f"{len(request.users)} users; at most "
                                      f"{self.settings.max_users} per request")
         try:
-            if request.k > self.ranker.max_k:
-                raise RequestError(f"k={request.k}: the bundle ranks at most "
-                                   f"{self.ranker.max_k} items per user")
-            rows = self.ranker.rows(request.users)
-            exclude = self.ranker.exclusions(request.exclude, request.k)
+            rows, exclude = self.ranker.prepare(request.users, request.k, request.exclude)
         except RequestError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         if self.settings.batching:
@@ -248,7 +245,7 @@ class CliperService:
         if len(request.items) > self.settings.max_items:
             raise HTTPException(413, f"{len(request.items)} items; at most "
                                      f"{self.settings.max_items} per request")
-        return await asyncio.to_thread(self.embedder.embed, request.items)
+        return await asyncio.to_thread(self.recommender.embed, request.items)
 
     @app.get("/healthz")
     async def healthz(self) -> Response:

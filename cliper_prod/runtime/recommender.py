@@ -1,11 +1,12 @@
-"""What the service computes, without Ray or HTTP: top-K for user ids and CLIPER features for
-posted items, from one exported bundle. Bad requests raise :class:`RequestError` (a 4xx).
-Messages quote a client's ids and paths as sent, cut short
-(:func:`~cliper_prod.features.items.clip`), and never name the server's own paths.
+"""An exported bundle as a Python object: :class:`Recommender` ranks users and embeds items.
 
-Both run the exact code of the command-line tools (``cliper-prod topk`` formats rankings with
-:func:`~cliper_prod.runtime.topk.rankings`; ``/embed`` batches items with the CLI's batch size
-and runs :func:`~cliper_prod.features.embed.embed_batch`), so answers match them.
+One code path for every way in: ``cliper-prod topk`` ranks with :class:`TopKRanker`, the HTTP
+service answers ``/topk`` and ``/embed`` with a :class:`Recommender` (batching ``/topk`` rows of
+concurrent requests into one graph run), and Python code calls it directly. ``/embed`` and
+:meth:`Recommender.embed` run the CLI's :func:`~cliper_prod.features.embed.embed_batch` with its
+per-item policy. Requests it cannot answer raise :class:`RequestError` (a 4xx on the service);
+messages quote a client's ids and paths as sent, cut short
+(:func:`~cliper_prod.features.items.clip`), and never name the server's own paths.
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import cached_property
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from cliper_prod.bundle_format import TOPK_GRAPH
+from cliper_prod.errors import BundleError
 from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch, load_image
 from cliper_prod.features.image_preprocess import ImageDecodeError, unusable
 from cliper_prod.features.items import Item, ItemError, ItemLimits, clip, parse_item
 from cliper_prod.features.shards import Shard
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
-from cliper_prod.runtime.topk import rankings
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,20 @@ class ReadinessProbe:
         self.last_ok = self.clock()
 
 
+def rankings(user_ids: list[str], top_items: np.ndarray, top_scores: np.ndarray, k: int,
+             item_ids: np.ndarray, exclude: set[int] = frozenset()) -> list[dict]:
+    """{"user_id", "items", "scores"} per user from the graph's padded top rows: padding
+    (score -inf) and ``exclude`` rows dropped, then the first ``k`` kept."""
+    out = []
+    for user, idx, scores in zip(user_ids, top_items, top_scores):
+        kept = np.isfinite(scores)
+        if exclude:
+            kept &= ~np.isin(idx, list(exclude))
+        idx, scores = idx[kept][:k], scores[kept][:k]
+        out.append({"user_id": user, "items": item_ids[idx].tolist(), "scores": scores.tolist()})
+    return out
+
+
 class TopKRanker:
     """User ids -> rows of the top-K graph -> rankings with training items excluded."""
 
@@ -103,6 +119,14 @@ class TopKRanker:
             raise RequestError(f"k ({k}) plus excluded items ({len(rows)}) exceeds the "
                                f"{self.max_k} items the bundle ranks per user")
         return rows
+
+    def prepare(self, user_ids: list[str], k: int, exclude: Sequence[str] = ()
+                ) -> tuple[np.ndarray, set[int]]:
+        """The graph rows of ``user_ids`` and the rows to leave out, every check of a request
+        made before any graph runs."""
+        if not 1 <= k <= self.max_k:
+            raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
+        return self.rows(user_ids), self.exclusions(list(exclude), k)
 
     def rank(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The graph's padded top rows (the unit Ray Serve batches across requests)."""
@@ -200,3 +224,48 @@ class ItemEmbedder:
         if not inside:
             return f"image path outside the server's image root: {clip(item.image_name)}"
         return load_image(self.preprocess, item)
+
+
+class Recommender:
+    """A bundle written by ``cliper-prod export``, ready to answer in Python::
+
+        rec = Recommender("export/freedom")
+        rec.topk(["u1", "u2"], k=10, exclude=["i7"])  # [{"user_id", "items", "scores"}, ...]
+        rec.embed([{"item_id": "x", "title": "..."}])  # {"items": [...], "errors": [...]}
+
+    ``topk`` leaves out each user's training items and ``exclude``; ``embed`` follows the CLI's
+    per-item policy (bad items are listed in ``errors``, the others embedded), with image paths
+    only under ``image_root``. Both raise :class:`RequestError` for what cannot be answered.
+    """
+
+    def __init__(self, bundle: str | Path | Bundle, *, device: str = "auto",
+                 backbone: str | None = None, image_root: Path | None = None,
+                 embed_batch_size: int = 64) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(Path(bundle), device,
+                                                                       backbone)
+        self.ranker = TopKRanker(self.bundle)
+        self.image_root, self.embed_batch_size = image_root, embed_batch_size
+
+    @property
+    def has_features(self) -> bool:
+        """Whether the bundle carries the CLIP graphs :meth:`embed` runs."""
+        return self.bundle.manifest.get("features") is not None
+
+    @cached_property
+    def embedder(self) -> ItemEmbedder:
+        if not self.has_features:
+            raise BundleError(f"{self.bundle.folder}: no CLIP feature graphs (exported without "
+                              f"--clip)")
+        return ItemEmbedder(self.bundle, self.image_root, self.embed_batch_size)
+
+    def topk(self, user_ids: Sequence[str], k: int = 20, exclude: Sequence[str] = ()
+             ) -> list[dict]:
+        """The top ``k`` items of each user, best first, with their scores."""
+        users = list(user_ids)
+        rows, excluded = self.ranker.prepare(users, k, exclude)
+        return self.ranker.answer(users, self.ranker.rank(rows), k, excluded)
+
+    def embed(self, items: list[dict]) -> dict:
+        """CLIPER features of items in the JSONL schema (``item_id``, text fields, ``image``
+        path or ``image_base64``)."""
+        return self.embedder.embed(items)
