@@ -99,6 +99,11 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+# one decoder for every call (json.loads with hooks builds a new one each time)
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float,
+                           parse_int=_bounded_int)
+
+
 def loads_strict(text: str | bytes) -> object:
     """Parse JSON as RFC 8259 defines it, refusing what Python's reader lets through: NaN and
     Infinity, numbers beyond a float's range (1e400), integers over 300 digits, strings with a
@@ -108,9 +113,13 @@ def loads_strict(text: str | bytes) -> object:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
-                           parse_int=_bounded_int)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        elif not text.isascii():
+            text.encode("utf-8")  # a str a caller built may hold a lone surrogate itself
+        if text.startswith("\ufeff"):  # as json.loads says it (the decoder does not look)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _STRICT.decode(text)
+        if "\\u" in text:  # only an escape can put a lone surrogate into the parsed value
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except json.JSONDecodeError as exc:
         raise StrictJSONError(f"{exc.msg} at line {exc.lineno} column {exc.colno}"
                               if exc.lineno > 1 else f"{exc.msg} at column {exc.colno}") from None
