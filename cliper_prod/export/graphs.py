@@ -117,7 +117,7 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) ->
         raise ExportError(f"{dst.name}: ONNX Runtime's optimizer fused {ops['Attention']} of "
                           f"{layers} attention layers (ops: {ops}); onnxruntime "
                           f"{onnxruntime.__version__} does not match this graph's attention: "
-                          f"export without the fused graphs (GraphOptions(fused=False))")
+                          f"export without the fused graphs (--no-fused)")
     optimized.save_model_to_file(str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return ops

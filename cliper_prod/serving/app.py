@@ -195,7 +195,6 @@ class CliperService:
             bundle, image_root=Path(settings.image_root) if settings.image_root else None,
             embed_batch_size=settings.embed_batch_size)
         self.ranker = self.recommender.ranker
-        self.embedder = self.recommender.embedder if self.recommender.has_features else None
         self.providers = self.live_providers()  # with cuda, Bundle.graph refused CPU ones
         self.readiness = ReadinessProbe(self.ranker.rank)
         app.state.max_request_bytes = settings.max_request_bytes
@@ -207,8 +206,8 @@ class CliperService:
         """The execution providers each ONNX Runtime session of this replica really runs on
         (the CUDA provider may be asked for and not given)."""
         graphs = {"topk": self.ranker.graph}
-        if self.embedder is not None:
-            encoder = self.embedder.encoder
+        if self.recommender.has_features:
+            encoder = self.recommender.embedder.encoder
             graphs |= {"image_encoder": encoder.image_graph, "text_fusion": encoder.text_graph}
         return {name: graph.session.get_providers() for name, graph in graphs.items()}
 
@@ -239,7 +238,7 @@ class CliperService:
     @app.post("/embed", response_model=EmbedResponse)
     async def embed(self, request: EmbedRequest) -> dict:
         """CLIPER features of each item, with the CLI's per-item error policy."""
-        if self.embedder is None:
+        if not self.recommender.has_features:
             raise HTTPException(404, "this bundle has no CLIP feature graphs (exported without "
                                      "--clip)")
         if len(request.items) > self.settings.max_items:
