@@ -10,7 +10,7 @@
     with IO binding, PyTorch eager fp16 and torch.compile fp16, items/s;
 (c) end-to-end ``embed --bundle`` of generated items with JPEG files: items/s and its ratio to
     the towers alone;
-(d) top-K of 1M x 64 items for 1,024 users, K=50: the exported top-K graph (fp32, fp16) vs
+(d) top-K of 1M x 64 items for 1,024 users, K=50: the exported top-K graph (fp32) vs
     torch.topk over the full score matrix, p50/p99 ms.
 Speed does not depend on the weights; no figure here says anything about accuracy. ``--smoke``
 runs the same code at tiny sizes on the CPU (the test suite runs it, so the suite cannot rot);
@@ -50,7 +50,8 @@ from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 from cliper_prod.runtime.sessions import Graph, choose_providers
-from cliper_prod.scoring import TopKScorer, training_csr
+from cliper_prod.histories import history_pairs, training_csr
+from cliper_prod.scoring import TopKScorer
 from cliper_prod.training import Trainer
 
 BABY = SKELETON.parents[1] / "data" / "amazon" / "baby"
@@ -201,36 +202,24 @@ def part_embed(bundle_dir: Path, workdir: Path, sizes: Sizes, towers_items_per_s
             "ratio_to_towers_alone": rate / towers_items_per_s}
 
 
-def fp16_topk(src: Path, dst: Path) -> None:
-    """The top-K graph with fp16 tables and scores (fp32 IO); IsInf stays fp32, which ONNX
-    defines for float16 only from opset 20."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    model = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
-                                               op_block_list=DEFAULT_OP_BLOCK_LIST + ["IsInf"]))
-    model.topological_sort()
-    onnx.save(model.model, str(dst))
-
-
 def part_topk(workdir: Path, sizes: Sizes, providers: list[str]) -> dict:
-    """(d) p50/p99 ms of one top-K batch: the exported graph (fp32, fp16) vs torch.topk."""
+    """(d) p50/p99 ms of one top-K batch: the exported graph (fp32) vs torch.topk."""
     gen = torch.Generator().manual_seed(0)
     n_users = max(sizes.topk_users, 4)
     users = torch.randn(n_users, sizes.topk_dim, generator=gen)
     items = torch.randn(sizes.topk_items, sizes.topk_dim, generator=gen)
     pairs = np.stack([np.arange(n_users), np.arange(n_users) % sizes.topk_items], 1)
-    scorer = TopKScorer(users, items, *training_csr(pairs, n_users), sizes.topk_k,
-                        1 << 16).eval()
-    spec = GraphSpec("topk", scorer, (torch.arange(2),), (torch.arange(2),), ["users"],
-                     ["items", "scores"])
+    scorer = TopKScorer(items, sizes.topk_k, 1 << 16).eval()
+    inputs = ["queries", "exclude_rows", "exclude_items"]
+    sample = (users[:2], torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    spec = GraphSpec("topk", scorer, sample, sample, inputs, ["items", "scores"],
+                     dims=["batch", "pairs", "pairs"], external_data=True)
     export_onnx(spec, workdir / "topk.onnx")
-    fp16_topk(workdir / "topk.onnx", workdir / "topk.fp16.onnx")
     query = np.arange(sizes.topk_users)
+    feeds = dict(zip(inputs, (users.numpy()[query],
+                              *history_pairs(*training_csr(pairs, n_users), query))))
     paths: dict[str, Callable[[], object]] = {
-        f"ort_{p}": (lambda g: lambda: g(users=query))(Graph(workdir / f"{f}.onnx", providers))
-        for p, f in (("fp32", "topk"), ("fp16", "topk.fp16"))}
+        "ort_fp32": (lambda g: lambda: g(**feeds))(Graph(workdir / "topk.onnx", providers))}
     device = devices()[0]
     u, i = users[:sizes.topk_users].to(device), items.to(device)
     for name, dtype in (("torch_topk_fp32", torch.float32), ("torch_topk_fp16", torch.float16)):

@@ -15,7 +15,9 @@ from typing import Any
 
 from cliper_prod.errors import BundleError
 
-FORMAT_VERSION = 1
+#: 2: the top-K graph scores queries (the user table is a file), takes the excluded
+#: (row, item) pairs as inputs and keeps its item table in external data.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 IMAGE_GRAPH = "image_encoder"
 TEXT_GRAPH = "text_fusion"
@@ -23,6 +25,10 @@ TOPK_GRAPH = "topk"
 TOKENIZER = "tokenizer.json"
 USER_IDS = "user_ids.txt"
 ITEM_IDS = "item_ids.txt"
+USER_TABLE = "user_embeddings.npy"
+ITEM_TABLE = "item_embeddings.npy"
+HISTORY_INDPTR = "history_indptr.npy"  # each user's training items, CSR (see histories.py)
+HISTORY_ITEMS = "history_items.npy"
 #: Graph variants: as exported, or rewritten by ONNX Runtime's transformer optimizer (fused
 #: attention, SkipLayerNormalization, Gelu kinds; contrib ops of the ``com.microsoft`` domain).
 PLAIN, FUSED = "plain", "fused"

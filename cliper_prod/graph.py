@@ -15,6 +15,8 @@ from torch import Tensor
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import degree, to_torch_csr_tensor, to_undirected
 
+from cliper_prod.item_knn import knn_neighbours
+
 
 class _CachedTransposeMatmul(torch.autograd.Function):
     @staticmethod
@@ -120,20 +122,18 @@ def degree_sensitive_prune(users: Tensor, items: Tensor, n_users: int, n_items: 
     return normalized_adjacency(edge_index, n_users + n_items)
 
 
-def knn_edge_index(features: Tensor, k: int, chunk: int = 4096) -> Tensor:
-    """Each item's k most cosine-similar items (itself included, as in FREEDOM), as (row, col)."""
-    normed = torch.nn.functional.normalize(features, dim=1)
-    cols = [torch.topk(normed[s:s + chunk] @ normed.T, k, dim=1).indices
-            for s in range(0, len(normed), chunk)]
-    col = torch.cat(cols)
-    row = torch.arange(len(normed), device=normed.device).repeat_interleave(k)
+def knn_edge_index(features: Tensor, k: int, method: str = "exact") -> Tensor:
+    """Each item's k most cosine-similar items (itself included, as in FREEDOM), as (row, col),
+    found by ``method`` (:data:`cliper_prod.item_knn.KNN_METHODS`)."""
+    col = knn_neighbours(features, k, method)
+    row = torch.arange(len(col), device=col.device).repeat_interleave(k)
     return torch.stack([row, col.reshape(-1)])
 
 
-def knn_normalized_adjacency(features: Tensor, k: int) -> Tensor:
+def knn_normalized_adjacency(features: Tensor, k: int, method: str = "exact") -> Tensor:
     """FREEDOM's item-item graph for one modality: kNN adjacency scaled by
     rowdeg(i)^-1/2 rowdeg(j)^-1/2 (MMRec normalises both sides with the row degree)."""
-    edge_index = knn_edge_index(features, k)
+    edge_index = knn_edge_index(features, k, method)
     n = features.shape[0]
     inv_sqrt = degree(edge_index[0], n).rsqrt()
     weight = inv_sqrt[edge_index[0]] * inv_sqrt[edge_index[1]]
@@ -152,12 +152,12 @@ def mixed_item_graph(graphs: dict[str, Tensor], image_weight: float) -> Propagat
     return Propagation(_csr(adj), symmetric=False)
 
 
-def cosine_knn_graph(features: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def cosine_knn_graph(features: Tensor, k: int, method: str = "exact") -> tuple[Tensor, Tensor]:
     """Each item's k most cosine-similar items (itself included) weighted by that cosine, as
     (edge_index, weight). The choice of neighbours is fixed; the weights stay differentiable in
     ``features`` (what a dense top-k of the similarity matrix gives, without the dense matrix)."""
     with torch.no_grad():
-        edge_index = knn_edge_index(features, k)
+        edge_index = knn_edge_index(features, k, method)
     normed = torch.nn.functional.normalize(features, dim=1)
     return edge_index, (normed[edge_index[0]] * normed[edge_index[1]]).sum(1)
 

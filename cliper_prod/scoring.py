@@ -1,75 +1,95 @@
-"""Top-K recommendation from the final embedding tables, each user's training items excluded.
+"""Top-K recommendation over an item table: queries [B, D] -> items [B, K], scores [B, K].
 
-:class:`TopKScorer` is the module the bundle exports (ONNX and TorchScript): user indices [B]
--> item indices [B, K] and scores [B, K], best first. Training items are looked up in a CSR
-table inside the graph; a user with fewer than K unseen items gets item ``-1`` and score
-``-inf`` at the tail, which the runtime drops. Every shape is static apart from the batch, so
-the graph exports without data-dependent sizes.
+:class:`TopKScorer` is the module the bundle exports (ONNX, TorchScript). Scores are dot
+products; the pairs ``(exclude_rows[e], exclude_items[e])`` (a user's training items, given by
+the runtime from the bundle's CSR tables, :mod:`cliper_prod.histories`) score ``-inf``. A user
+with fewer than K rankable items gets item ``-1`` and score ``-inf`` at the tail, which the
+runtime drops.
 
-Large catalogs are scored in chunks of ``chunk_items`` items: each chunk keeps its own top K
-and the final top K is taken over those candidates, which is exact (every global winner is a
-winner of its chunk) and never materialises the [B, N] score matrix; peak memory is
-[B, chunk_items]. The chunk loop is unrolled when the module is exported.
+The catalog is scored in chunks of ``chunk_items`` items: each chunk's top K is merged into a
+running top K, which is exact (every global winner wins its chunk) and bounds memory to
+[B, chunk_items]. The loop is a loop in every form: ``scan`` in the ONNX graph (one copy of the
+chunk body whatever the catalog's size), a plain loop in eager PyTorch and the TorchScript twin. The table is stored
+chunk-major, [chunks, D + 1, chunk + 1]: the extra row gives padding items (past the last real
+one) the score :data:`FLOOR`, and the extra column is where exclusions outside the chunk land,
+so neither needs a copy of the scores.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-
-def training_csr(pairs: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(user, item) rows -> (indptr [U+1], indices): each user's training items."""
-    order = np.lexsort((pairs[:, 1], pairs[:, 0]))
-    counts = np.bincount(pairs[:, 0], minlength=n_users)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return indptr, pairs[order, 1].astype(np.int64)
+#: Score of padding items: below every real score, above the -inf of excluded items.
+FLOOR = -3.0e38
 
 
 class TopKScorer(nn.Module):
-    def __init__(self, user_emb: Tensor, item_emb: Tensor, indptr: np.ndarray,
-                 indices: np.ndarray, k: int, chunk_items: int = 1 << 16) -> None:
+    def __init__(self, item_emb: Tensor, k: int, chunk_items: int = 1 << 16) -> None:
         super().__init__()
-        n_items = item_emb.shape[0]
+        n_items, dim = item_emb.shape
         self.k = min(int(k), n_items)
-        self.chunk_items = int(chunk_items)
-        self.register_buffer("user_emb", user_emb.detach().float().contiguous())
-        self.register_buffer("item_emb_t", item_emb.detach().float().t().contiguous())
-        self.register_buffer("indptr", torch.from_numpy(indptr))
-        # one padding entry, so the clamped lookups of users without history stay in the table
-        self.register_buffer("indices", torch.from_numpy(np.append(indices, n_items)))
-        widest = int(np.diff(indptr).max(initial=0))
-        self.register_buffer("offsets", torch.arange(max(widest, 1)))
+        self.chunk = int(min(chunk_items, n_items))
+        self.per_chunk = min(self.k, self.chunk + 1)  # spare column: ranks last, dropped
+        self.floor = FLOOR
+        n_chunks = -(-n_items // self.chunk)
+        rows = torch.zeros(n_chunks * self.chunk, dim + 1)
+        rows[:n_items, :dim] = item_emb.detach().float()
+        rows[n_items:, dim] = FLOOR  # padding items
+        spare = torch.zeros(n_chunks, 1, dim + 1)
+        spare[..., dim] = FLOOR  # the column exclusions outside the chunk land in
+        table = torch.cat([rows.reshape(n_chunks, self.chunk, dim + 1), spare], dim=1)
+        self.register_buffer("chunks", table.transpose(1, 2).contiguous())
+        self.register_buffer("firsts", torch.arange(n_chunks) * self.chunk)
 
-    def forward(self, users: Tensor) -> tuple[Tensor, Tensor]:
-        queries = self.user_emb[users]
-        start = self.indptr[users]
-        count = self.indptr[users + 1] - start
-        slot = start.unsqueeze(1) + self.offsets  # [B, widest]
-        valid = self.offsets < count.unsqueeze(1)
-        seen = self.indices[slot.clamp(max=self.indices.shape[0] - 1)]
-        n_items = self.item_emb_t.shape[1]
-        tops, items = [], []
-        for first in range(0, n_items, self.chunk_items):
-            size = min(self.chunk_items, n_items - first)
-            top, idx = self._chunk_top(queries, first, size, seen - first, valid)
-            tops.append(top)
-            items.append(idx + first)
-        top, item = (tops[0], items[0]) if len(tops) == 1 else self._merge(tops, items)
-        return torch.where(torch.isfinite(top), item, -1), top
+    def forward(self, queries: Tensor, exclude_rows: Tensor, exclude_items: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        batch = queries.shape[0]
+        lifted = torch.cat([queries, queries.new_ones(batch, 1)], dim=1)
+        best = queries.new_full((batch, self.k), float("-inf"))
+        owner = torch.zeros_like(best, dtype=torch.int64) - 1
+        if torch.jit.is_scripting():
+            best, owner = self._loop(lifted, exclude_rows, exclude_items, best, owner)
+        else:
+            best, owner = self._eager_or_export(lifted, exclude_rows, exclude_items, best, owner)
+        real = best > self.floor / 2
+        return torch.where(real, owner, -1), torch.where(real, best, float("-inf"))
 
-    def _chunk_top(self, queries: Tensor, first: int, size: int, local: Tensor,
-                   valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Top K of items [first, first + size), the user's training items excluded."""
-        scores = queries @ self.item_emb_t[:, first:first + size]  # [B, size]
-        inside = valid & (local >= 0) & (local < size)
-        local = torch.where(inside, local, size)  # outside the chunk: the padding column
-        padded = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
-        padded = padded.scatter(1, local, float("-inf"))[:, :-1]
-        return padded.topk(min(self.k, size), dim=1)
+    def _loop(self, lifted: Tensor, exclude_rows: Tensor, exclude_items: Tensor, best: Tensor,
+              owner: Tensor) -> tuple[Tensor, Tensor]:
+        for c in range(self.chunks.shape[0]):
+            best, owner = self._step(lifted, exclude_rows, exclude_items, best, owner,
+                                     self.chunks[c], self.firsts[c])
+        return best, owner
 
-    def _merge(self, tops: list[Tensor], items: list[Tensor]) -> tuple[Tensor, Tensor]:
-        candidates, owners = torch.cat(tops, dim=1), torch.cat(items, dim=1)
-        top, pos = candidates.topk(self.k, dim=1)
-        return top, owners.gather(1, pos)
+    @torch.jit.unused
+    def _eager_or_export(self, *args: Tensor) -> tuple[Tensor, Tensor]:
+        """``scan`` while exporting (one chunk body in the graph), else the plain loop (eager
+        ``scan`` would compile its body on every new shape)."""
+        return self._scan(*args) if torch.compiler.is_exporting() else self._loop(*args)
+
+    @torch.jit.unused
+    def _scan(self, lifted: Tensor, exclude_rows: Tensor, exclude_items: Tensor, best: Tensor,
+              owner: Tensor) -> tuple[Tensor, Tensor]:
+        from torch._higher_order_ops.scan import scan
+
+        def body(carry: tuple[Tensor, Tensor], xs: tuple[Tensor, Tensor]):
+            merged = self._step(lifted, exclude_rows, exclude_items, *carry, *xs)
+            return merged, xs[1].clone()  # scan needs a per-step output; it must not alias
+
+        (best, owner), _ = scan(body, (best, owner), (self.chunks, self.firsts))
+        return best, owner
+
+    def _step(self, lifted: Tensor, exclude_rows: Tensor, exclude_items: Tensor, best: Tensor,
+              owner: Tensor, chunk: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+        """Merge the top K of one chunk (training items excluded) into the running top K."""
+        scores = lifted @ chunk  # [B, chunk + 1]
+        local = exclude_items - first
+        inside = (local >= 0) & (local < self.chunk)
+        columns = torch.where(inside, local, self.chunk)
+        scores = scores.index_put((exclude_rows, columns), scores.new_full((), float("-inf")))
+        top, pos = scores.topk(self.per_chunk, dim=1)
+        candidates = torch.cat([best, top], dim=1)
+        owners = torch.cat([owner, pos + first], dim=1)
+        best, keep = candidates.topk(self.k, dim=1)
+        return best, owners.gather(1, keep)

@@ -17,6 +17,7 @@ from cliper_prod.backbones import BACKBONE_NAMES, model_class
 from cliper_prod.commands import cli
 from cliper_prod.config import TRAIN_PRESET, load_config
 from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.recommender import TopKRanker
 
 
 def naive_topk(ckpt: Path, catalog: Path, k: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -70,6 +71,6 @@ def test_trains_exports_and_serves_its_dot_product_top_k(exported: dict[str, Pat
                                    "--no-torchscript"])
     assert res.exit_code == 0, res.output
     ref_items, ref_scores, _ = naive_topk(ckpt, exported["catalog"], 10)
-    items, scores = Bundle(bundle_dir, "cpu", backbone).graph("topk")(users=np.arange(80))
+    items, scores = TopKRanker(Bundle(bundle_dir, "cpu", backbone)).rank(np.arange(80))
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
     assert ((items != ref_items) & np.isfinite(ref_scores)).mean() < 0.01  # ties aside

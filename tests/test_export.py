@@ -17,7 +17,9 @@ from cliper_prod.bundle_format import sha256_file
 from cliper_prod.commands import cli
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.views import ViewSpec
+from cliper_prod.histories import history_pairs
 from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.recommender import TopKRanker
 from cliper_prod.runtime.encoder import OnnxEncoder
 from tests.test_backbone_contract import naive_topk
 from tests.test_features import SKELETON, naive_fusion
@@ -44,8 +46,10 @@ def test_bundle_files_and_manifest(exported: dict[str, Path]) -> None:
     names = {p.name for p in bundle.iterdir()}
     for stem in ("image_encoder", "text_fusion"):
         assert {f"{stem}.onnx", f"{stem}.fp16.onnx", f"{stem}.pt"} <= names
-    assert {"topk.onnx", "topk.pt", "tokenizer.json", "user_ids.txt", "item_ids.txt",
-            "user_embeddings.npy", "item_embeddings.npy"} <= names
+    assert {"topk.onnx", "topk.onnx.data", "topk.pt", "tokenizer.json", "user_ids.txt",
+            "item_ids.txt", "user_embeddings.npy", "item_embeddings.npy", "history_indptr.npy",
+            "history_items.npy"} <= names
+    assert manifest["graphs"]["topk"]["external_data"] == "topk.onnx.data"
     assert set(manifest["files"]) == names - {"manifest.json"}
     for name, digest in manifest["files"].items():
         assert sha256_file(bundle / name) == digest
@@ -120,18 +124,21 @@ def test_topk_graph_equals_naive_numpy_and_never_returns_training_items(
     ref_items, ref_scores, train = naive_topk(exported["ckpt"], exported["catalog"], 50)
     bundle = Bundle(exported["bundle"], "cpu")
     users = np.arange(80, dtype=np.int64)
-    for graph in (bundle.graph("topk"),):
-        items, scores = graph(users=users)
-        assert items.shape == (80, 50) and scores.dtype == np.float32
-        for u in range(80):
-            assert not set(items[u].tolist()) & train[u]
-            assert (items[u] == -1).sum() == max(0, 50 - (60 - len(train[u])))
-        differ = (items != ref_items) & np.isfinite(ref_scores)
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
-        assert differ.mean() < 0.01  # ties aside
+    items, scores = TopKRanker(bundle).rank(users)
+    assert items.shape == (80, 50) and scores.dtype == np.float32
+    for u in range(80):
+        assert not set(items[u].tolist()) & train[u]
+        assert (items[u] == -1).sum() == max(0, 50 - (60 - len(train[u])))
+    differ = (items != ref_items) & np.isfinite(ref_scores)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    assert differ.mean() < 0.01  # ties aside
     script = torch.jit.load(str(exported["bundle"] / "topk.pt"))
+    indptr, history = (np.load(exported["bundle"] / f"history_{n}.npy") for n in
+                       ("indptr", "items"))
+    queries = np.load(exported["bundle"] / "user_embeddings.npy")[users]
     with torch.no_grad():
-        s_items, _ = script(torch.from_numpy(users))
+        s_items, _ = script(torch.from_numpy(queries),
+                            *(torch.from_numpy(a) for a in history_pairs(indptr, history, users)))
     np.testing.assert_array_equal(s_items.numpy(), items)
 
 
@@ -230,7 +237,7 @@ def _corrupt(folder: Path) -> None:
 
 def _format(folder: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -239,7 +246,7 @@ def _format(folder: Path) -> None:
      "sha256 differs from the manifest"),
     (lambda f: (f / "item_ids.txt").unlink(), 7, "listed in the manifest but missing"),
     (lambda f: (f / "manifest.json").unlink(), 7, "not a complete bundle"),
-    (_format, 7, "this cliper-prod reads format 1"),
+    (_format, 7, "this cliper-prod reads format 2"),
     (_set_opset, 9, "cannot load this graph"),
     (_corrupt, 9, "cannot load this graph"),
 ])

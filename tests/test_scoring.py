@@ -1,17 +1,21 @@
 """Top-K scorer against a naive numpy reference: full score matrix, training items set to -inf,
-stable argsort. Chunked or not, in PyTorch and as an ONNX graph, the results must agree."""
+stable argsort. Chunked or not, in PyTorch, TorchScript and as an ONNX graph, the results must
+agree; the graph's size must not depend on the catalog's, nor a batch's exclusion work on
+anybody else's history."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from cliper_prod.export.graphs import GraphSpec, export_onnx
+from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.runtime.sessions import Graph
-from cliper_prod.scoring import TopKScorer, training_csr
+from cliper_prod.scoring import TopKScorer
 
 
 def _problem(n_users: int = 40, n_items: int = 230, dim: int = 8, seed: int = 0):
@@ -34,48 +38,102 @@ def _naive(users: np.ndarray, items: np.ndarray, pairs: np.ndarray, k: int):
     return np.where(np.isfinite(top), order, -1), top
 
 
+def _rows(pairs: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The training pairs of the queried users, renumbered to their row in the query."""
+    out = [(r, i) for r, u in enumerate(query) for uu, i in pairs if uu == u]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _inputs(users, pairs, query):
+    indptr, history = training_csr(pairs, len(users))
+    rows, seen = history_pairs(indptr, history, query)
+    return torch.from_numpy(users[query]), torch.from_numpy(rows), torch.from_numpy(seen)
+
+
+def test_history_pairs_are_each_users_own_items_in_query_order() -> None:
+    users, _, pairs = _problem()
+    query = np.array([7, 0, 39, 3, 7 - 7])[:4]
+    indptr, history = training_csr(pairs, len(users))
+    rows, seen = history_pairs(indptr, history, query)
+    got = sorted(zip(rows.tolist(), seen.tolist()))
+    assert got == sorted(map(tuple, _rows(pairs, query).tolist()))
+    empty = history_pairs(indptr, history, np.zeros(0, dtype=np.int64))
+    assert [len(a) for a in empty] == [0, 0]
+
+
 @pytest.mark.parametrize("chunk", [1 << 16, 100, 37, 7])
 @pytest.mark.parametrize("k", [1, 20])
 def test_chunked_topk_equals_the_naive_reference(chunk: int, k: int) -> None:
     users, items, pairs = _problem()
-    indptr, indices = training_csr(pairs, len(users))
-    scorer = TopKScorer(torch.from_numpy(users), torch.from_numpy(items), indptr, indices, k,
-                        chunk_items=chunk)
+    query = np.arange(len(users))
+    scorer = TopKScorer(torch.from_numpy(items), k, chunk_items=chunk)
     with torch.no_grad():
-        got_items, got_top = scorer(torch.arange(len(users)))
+        got_items, got_top = scorer(*_inputs(users, pairs, query))
     ref_items, ref_top = _naive(users, items, pairs, k)
     np.testing.assert_allclose(got_top.numpy(), ref_top, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got_items.numpy(), ref_items)
     assert (got_items[0] == -1).sum() == max(0, k - 5)  # user 0 has 5 unseen items
+    script = torch.jit.script(scorer)  # the twin loops in TorchScript too
+    np.testing.assert_array_equal(script(*_inputs(users, pairs, query))[0].numpy(), ref_items)
 
 
 def test_a_user_without_training_items_and_an_empty_history() -> None:
     users, items, _ = _problem(n_users=3, n_items=12)
-    indptr, indices = training_csr(np.zeros((0, 2), dtype=np.int64), 3)
-    scorer = TopKScorer(torch.from_numpy(users), torch.from_numpy(items), indptr, indices, 4,
-                        chunk_items=5)
+    none = np.zeros((0, 2), dtype=np.int64)
+    scorer = TopKScorer(torch.from_numpy(items), 4, chunk_items=5)
     with torch.no_grad():
-        got, _ = scorer(torch.tensor([2, 0]))
-    ref, _ = _naive(users[[2, 0]], items, np.zeros((0, 2), dtype=np.int64), 4)
+        got, _ = scorer(*_inputs(users, none, np.array([2, 0])))
+    ref, _ = _naive(users[[2, 0]], items, none, 4)
     np.testing.assert_array_equal(got.numpy(), ref)
 
 
-def test_chunked_topk_exports_to_onnx_and_matches(tmp_path: Path) -> None:
+def _export(items: np.ndarray, k: int, chunk: int, path: Path) -> None:
+    scorer = TopKScorer(torch.from_numpy(items), k, chunk_items=chunk).eval()
+    sample = (torch.zeros(2, items.shape[1]), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    spec = GraphSpec("topk", scorer, sample, sample, ["queries", "exclude_rows",
+                                                      "exclude_items"], ["items", "scores"],
+                     dims=["batch", "pairs", "pairs"], external_data=True)
+    export_onnx(spec, path)
+
+
+def test_the_onnx_graph_matches_and_keeps_one_chunk_body_whatever_the_catalog(
+        tmp_path: Path) -> None:
     users, items, pairs = _problem()
-    indptr, indices = training_csr(pairs, len(users))
-    scorer = TopKScorer(torch.from_numpy(users), torch.from_numpy(items), indptr, indices, 10,
-                        chunk_items=64).eval()
-    spec = GraphSpec("topk", scorer, (torch.arange(2),), (torch.arange(2),), ["users"],
-                     ["items", "scores"])
-    export_onnx(spec, tmp_path / "topk.onnx")
+    _export(items, 10, 16, tmp_path / "topk.onnx")
     graph = Graph(tmp_path / "topk.onnx", ["CPUExecutionProvider"])
     query = np.array([5, 0, 17, 39, 3], dtype=np.int64)
-    got_items, got_top = graph(users=query)
+    q, rows, seen = (t.numpy() for t in _inputs(users, pairs, query))
+    got_items, got_top = graph(queries=q, exclude_rows=rows, exclude_items=seen)
     ref_items, ref_top = _naive(users[query], items, _rows(pairs, query), 10)
     np.testing.assert_array_equal(got_items, ref_items)
     np.testing.assert_allclose(got_top, ref_top, rtol=1e-5, atol=1e-5)
+    # the item table is external data; 15 chunks or 2, the graph has the same nodes
+    assert (tmp_path / "topk.onnx.data").stat().st_size >= items.nbytes
+    _export(items, 10, 128, tmp_path / "few.onnx")
+
+    def ops(name: str) -> list[str]:
+        return sorted(n.op_type for n in onnx.load(str(tmp_path / name),
+                                                    load_external_data=False).graph.node)
+    assert ops("topk.onnx") == ops("few.onnx") and "Scan" in ops("topk.onnx")
 
 
-def _rows(pairs: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """The training pairs of the queried users, renumbered to their row in the query."""
-    return np.array([(r, i) for r, u in enumerate(query) for uu, i in pairs if uu == u])
+def test_a_heavy_user_is_excluded_exactly_and_costs_only_their_own_batch_rows() -> None:
+    """One user holds 90% of the catalog; the others a handful each. The heavy user's top-K
+    is the few unseen items; a batch without them gets pairs for its own users' items only."""
+    rng = np.random.default_rng(3)
+    n_items, heavy = 5000, 4500
+    users = rng.standard_normal((50, 16)).astype(np.float32)
+    items = rng.standard_normal((n_items, 16)).astype(np.float32)
+    pairs = [(0, i) for i in rng.choice(n_items, heavy, replace=False)]
+    pairs += [(u, i) for u in range(1, 50) for i in rng.choice(n_items, 3, replace=False)]
+    pairs = np.array(pairs, dtype=np.int64)
+    indptr, history = training_csr(pairs, len(users))
+    light = np.arange(1, 50)
+    assert len(history_pairs(indptr, history, light)[0]) == 3 * len(light)
+    scorer = TopKScorer(torch.from_numpy(items), 600, chunk_items=512)
+    query = np.array([4, 0, 9])
+    with torch.no_grad():
+        got, top = scorer(*_inputs(users, pairs, query))
+    ref, ref_top = _naive(users[query], items, _rows(pairs, query), 600)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    assert (got[1] >= 0).sum() == n_items - heavy  # 500 unseen, then padding

@@ -22,6 +22,7 @@ from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k, feat
                                         require_features, train_edges, trained_features)
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
+from cliper_prod.item_knn import check_method
 from cliper_prod.errors import ConfigError
 from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
                                knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
@@ -38,6 +39,10 @@ class FreedomConfig:
             terms, scored against the users' embeddings: ``embedding_size`` when they exist.
         knn_k (int): Neighbours per item in each modality's kNN graph, the item itself
             included.
+        knn_method (str): How the kNN graphs are found (:data:`cliper_prod.item_knn.KNN_METHODS`):
+            ``exact`` (brute force in torch, O(n^2 d)), ``faiss-flat`` (exact), ``faiss-ivf`` or
+            ``faiss-hnsw`` (approximate, for large catalogs; the recall against exact on a
+            sample is logged).
         mm_image_weight (float): Weight of the image kNN graph in the item graph, the text graph
             getting ``1 - mm_image_weight``.
         n_mm_layers (int): Propagations of the item ID embeddings over the item graph.
@@ -51,6 +56,7 @@ class FreedomConfig:
     embedding_size: int
     feat_embed_dim: int
     knn_k: int
+    knn_method: str
     mm_image_weight: float
     n_mm_layers: int
     n_ui_layers: int
@@ -88,6 +94,7 @@ class Freedom(Recommender):
         super().__init__(device)
         require_features(data, "FREEDOM")
         check_knn_k(config.knn_k, data.n_items)
+        check_method(config.knn_method)
         if not 0.0 <= config.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {config.dropout}")
         if data.text_views and not config.reg_weight:
@@ -102,7 +109,7 @@ class Freedom(Recommender):
         self.features = trained_features(data) if config.reg_weight else nn.ParameterDict()
         self.projections = nn.ModuleDict({m: nn.Linear(f.shape[1], config.feat_embed_dim)
                                           for m, f in self.features.items()})
-        graphs = {m: knn_normalized_adjacency(f, config.knn_k)
+        graphs = {m: knn_normalized_adjacency(f, config.knn_k, config.knn_method)
                   for m, f in feature_tensors(data, device=self.device).items()}
         self.item_graph = mixed_item_graph(graphs, config.mm_image_weight)
         # The item graph is frozen at start, so it comes from the concatenated text views; the

@@ -38,6 +38,7 @@ from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k, feat
                                         require_features, train_edges, trained_features)
 from cliper_prod.backbones.lightgcn import light_propagate
 from cliper_prod.data.mmrec import InteractionData
+from cliper_prod.item_knn import check_method
 from cliper_prod.errors import ConfigError
 from cliper_prod.graph import (Propagation, bipartite_edge_index, cosine_knn_graph, edge_matmul,
                                fixed_propagation, mean_adjacency, row_degree_normalize)
@@ -56,6 +57,10 @@ class LatticeConfig:
         feat_embed_dim (int): Width of the projected features the learned item graph comes from.
         knn_k (int): Neighbours per item in the learned and the frozen kNN graphs, the item
             itself included.
+        knn_method (str): How the kNN graphs are found (:data:`cliper_prod.item_knn.KNN_METHODS`):
+            ``exact`` (brute force in torch, O(n^2 d)), ``faiss-flat`` (exact), ``faiss-ivf`` or
+            ``faiss-hnsw`` (approximate, for large catalogs; the recall against exact on a
+            sample is logged).
         lambda_coeff (float): Share of the frozen feature graph in the item graph, in
             ``[0, 1]``; the learned graph gets ``1 - lambda_coeff``.
         n_layers (int): Propagations of the item ID embeddings over the item graph.
@@ -68,6 +73,7 @@ class LatticeConfig:
     embedding_size: int
     feat_embed_dim: int
     knn_k: int
+    knn_method: str
     lambda_coeff: float
     n_layers: int
     n_ui_layers: int
@@ -105,6 +111,7 @@ class Lattice(Recommender):
         super().__init__(device)
         require_features(data, "LATTICE")
         check_knn_k(config.knn_k, data.n_items)
+        check_method(config.knn_method)
         if not 0.0 <= config.lambda_coeff <= 1.0:
             raise ConfigError(f"lambda_coeff must be in [0, 1], got {config.lambda_coeff}")
         self.config = config
@@ -112,7 +119,7 @@ class Lattice(Recommender):
 
         self.frozen_graphs: dict[str, tuple[Tensor, Tensor]] = {}
         for modality, feat in feature_tensors(data, MODALITIES, self.device).items():
-            edge_index, weight = cosine_knn_graph(feat, config.knn_k)
+            edge_index, weight = cosine_knn_graph(feat, config.knn_k, config.knn_method)
             self.frozen_graphs[modality] = (
                 edge_index, row_degree_normalize(edge_index, weight, self.n_items))
         self.features = trained_features(data, MODALITIES)
@@ -141,7 +148,7 @@ class Lattice(Recommender):
         learned, frozen = [], []
         for modality, project in self.projections.items():
             edge_index, weight = cosine_knn_graph(project(self.modality(modality)),
-                                                  self.config.knn_k)
+                                                  self.config.knn_k, self.config.knn_method)
             learned.append((edge_index, mix[modality] * weight))
             edge_index, weight = self.frozen_graphs[modality]
             frozen.append((edge_index, mix[modality] * weight))

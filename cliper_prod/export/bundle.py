@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from cliper_prod import __version__
-from cliper_prod.bundle_format import (FORMAT_VERSION, FUSED, IMAGE_GRAPH, ITEM_IDS, MANIFEST,
-                                       PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
+from cliper_prod.bundle_format import (FORMAT_VERSION, FUSED, HISTORY_INDPTR, HISTORY_ITEMS,
+                                       IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST, PLAIN,
+                                       TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS, USER_TABLE,
                                        file_key, graph_file, sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError, ConfigError
@@ -43,7 +44,8 @@ from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, Gr
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json, write_npy, write_text
-from cliper_prod.scoring import TopKScorer, training_csr
+from cliper_prod.histories import history_pairs, training_csr
+from cliper_prod.scoring import TopKScorer
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ def _export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16:
     fp32 = folder / graph_file(spec.name)
     export_onnx(spec, fp32, options.opset)
     record: dict[str, Any] = {**_io_spec(fp32), "files": {}, "parity": {}}
+    if spec.external_data:  # the exporter's name for it; hashed with every other file
+        record["external_data"] = f"{fp32.name}.data"
     runs = {PLAIN: _verified_onnx(spec, fp32, PLAIN, reference, fp16, extra_check, record)}
     if fused is not None:
         path = folder / graph_file(spec.name, variant=FUSED)
@@ -222,19 +226,24 @@ def _preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
             "preferred": {CPU: {p: min(ms, key=ms.get) for p, ms in latency.items()}}}
 
 
-def _topk_graph(model, data, max_k: int, chunk_items: int) -> tuple[GraphSpec, dict[str, Any]]:
-    users, items = (t.float() for t in model.embedding_tables())
-    indptr, indices = training_csr(data.train, data.n_users)
-    scorer = TopKScorer(users, items, indptr, indices, max_k, chunk_items).eval()
+def _topk_graph(model, data, max_k: int, chunk_items: int
+                ) -> tuple[GraphSpec, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """The top-K graph's spec (checked on 64 users with their training items), its manifest
+    record and the training CSR tables the runtime feeds it from."""
+    users, items = (t.detach().float() for t in model.embedding_tables())
+    indptr, history = training_csr(data.train, data.n_users)
+    scorer = TopKScorer(items, max_k, chunk_items).eval()
     rng = np.random.default_rng(0)
-    check = torch.from_numpy(rng.choice(data.n_users, size=min(64, data.n_users),
-                                        replace=False).astype(np.int64))
-    spec = GraphSpec(TOPK_GRAPH, scorer, (torch.arange(min(2, data.n_users)),), (check,),
-                     ["users"], ["items", "scores"])
+    check = rng.choice(data.n_users, size=min(64, data.n_users), replace=False)
+    rows, seen = (torch.from_numpy(a) for a in history_pairs(indptr, history, check))
+    sample = (users[:2], torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    spec = GraphSpec(TOPK_GRAPH, scorer, sample, (users[check], rows, seen),
+                     ["queries", "exclude_rows", "exclude_items"], ["items", "scores"],
+                     dims=["batch", "pairs", "pairs"], external_data=True, script=True)
     info = {"k": scorer.k, "n_users": data.n_users, "n_items": data.n_items,
             "dim": int(users.shape[1]), "score": "dot", "excludes": "training items",
-            "chunk_items": chunk_items}
-    return spec, info
+            "chunk_items": scorer.chunk}
+    return spec, info, (indptr, history)
 
 
 def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
@@ -346,15 +355,19 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | Non
 def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
            options: GraphOptions) -> dict[str, Any]:
     graphs: dict[str, Any] = {}
-    spec, topk_info = _topk_graph(model, data, options.max_k, options.chunk_items)
+    spec, topk_info, (indptr, history) = _topk_graph(model, data, options.max_k,
+                                                     options.chunk_items)
     ref_items, ref_scores = torch_outputs(spec)
     log.info("exporting %s (%d users x %d items, K=%d)", spec.name, data.n_users, data.n_items,
              topk_info["k"])
     graphs[spec.name] = {**_export_graph(spec, folder, options, fp16=False,
                                          extra_check=_same_topk(ref_items, ref_scores)),
                          **topk_info}
-    write_npy(folder / "user_embeddings.npy", spec.module.user_emb.numpy())
-    write_npy(folder / "item_embeddings.npy", spec.module.item_emb_t.t().contiguous().numpy())
+    users, items = (t.detach().float().contiguous().numpy() for t in model.embedding_tables())
+    write_npy(folder / USER_TABLE, users)
+    write_npy(folder / ITEM_TABLE, items)
+    write_npy(folder / HISTORY_INDPTR, indptr)
+    write_npy(folder / HISTORY_ITEMS, history)
     write_text(folder / USER_IDS, "".join(f"{u}\n" for u in
                                           (data.user_ids or range(data.n_users))))
     write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in
@@ -382,7 +395,8 @@ def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any
                      "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         "opset": opset, "graphs": graphs, "features": features,
         "ids": {"users": USER_IDS, "items": ITEM_IDS},
-        "tables": {"users": "user_embeddings.npy", "items": "item_embeddings.npy"},
+        "tables": {"users": USER_TABLE, "items": ITEM_TABLE,
+                   "history_indptr": HISTORY_INDPTR, "history_items": HISTORY_ITEMS},
         "files": {name: sha256_file(folder / name) for name in files},
     }
     write_json(folder / MANIFEST, manifest)

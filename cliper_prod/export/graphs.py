@@ -38,11 +38,19 @@ class GraphSpec:
     check: tuple[torch.Tensor, ...]  # compared on these (another batch size)
     input_names: Sequence[str]
     output_names: Sequence[str]
+    #: name of each input's dynamic first dimension (default: all ``batch``)
+    dims: Sequence[str] | None = None
+    #: initializers in ``<file>.data`` beside the graph (no 2 GB protobuf limit)
+    external_data: bool = False
+    #: TorchScript by ``torch.jit.script`` (keeps loops loops) instead of tracing
+    script: bool = False
 
 
 def export_onnx(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    dynamic = tuple({0: batch} for _ in spec.sample)
+    names = spec.dims or ["batch"] * len(spec.sample)
+    dims = {name: torch.export.Dim(name, min=1, max=1 << 20) if name == "batch" else
+            torch.export.Dim(name, min=0, max=1 << 40) for name in set(names)}
+    dynamic = tuple({0: dims[name]} for name in names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -50,7 +58,8 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None
             torch.onnx.export(spec.module, spec.sample, str(path), dynamo=True,
                               input_names=list(spec.input_names),
                               output_names=list(spec.output_names), dynamic_shapes=dynamic,
-                              opset_version=opset, external_data=False, verbose=False)
+                              opset_version=opset, external_data=spec.external_data,
+                              verbose=False)
         except Exception as exc:  # the exporter raises many types; the cause matters
             raise ExportError(f"{spec.name}: ONNX export failed: {exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0]}") from exc
@@ -144,8 +153,9 @@ def _rename(model, names: dict[str, str]) -> None:
 def export_torchscript(spec: GraphSpec, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(spec.module, spec.sample, check_trace=False)
-        traced.save(str(path))
+        module = (torch.jit.script(spec.module) if spec.script else
+                  torch.jit.trace(spec.module, spec.sample, check_trace=False))
+        module.save(str(path))
 
 
 def parity(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> dict[str, float]:

@@ -32,6 +32,7 @@ from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch, lo
 from cliper_prod.features.image_preprocess import ImageDecodeError, unusable
 from cliper_prod.features.items import Item, ItemError, ItemLimits, clip, parse_item
 from cliper_prod.features.shards import Shard
+from cliper_prod.histories import history_pairs
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 
@@ -100,6 +101,10 @@ class TopKRanker:
         self.item_ids = np.asarray(bundle.item_ids, dtype=object)
         self.item_index = {i: n for n, i in enumerate(bundle.item_ids)}
         self.user_index = {u: n for n, u in enumerate(bundle.user_ids)}
+        tables = {name: bundle.folder / file for name, file in bundle.manifest["tables"].items()}
+        self.queries = np.load(tables["users"], mmap_mode="r")  # paged in as users are ranked
+        self.indptr = np.load(tables["history_indptr"], mmap_mode="r")
+        self.history = np.load(tables["history_items"], mmap_mode="r")
 
     def rows(self, user_ids: list[str]) -> np.ndarray:
         unknown = [u for u in user_ids if u not in self.user_index]
@@ -129,8 +134,11 @@ class TopKRanker:
         return self.rows(user_ids), self.exclusions(list(exclude), k)
 
     def rank(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The graph's padded top rows (the unit Ray Serve batches across requests)."""
-        return self.graph(users=rows)
+        """The graph's padded top rows of the users ``rows``, their training items excluded
+        (the unit Ray Serve batches across requests)."""
+        positions, seen = history_pairs(self.indptr, self.history, rows)
+        return self.graph(queries=self.queries[rows], exclude_rows=positions,
+                          exclude_items=seen)
 
     def answer(self, user_ids: list[str], top: tuple[np.ndarray, np.ndarray], k: int,
                exclude: set[int]) -> list[dict]:
