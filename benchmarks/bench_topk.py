@@ -30,12 +30,11 @@ import torch
 from _report import report
 
 from cliper_prod import __version__
-from cliper_prod.export.graphs import GraphSpec, export_onnx
+from cliper_prod.export.bundle import TOPK_INPUTS, topk_spec
+from cliper_prod.export.graphs import export_onnx
 from cliper_prod.runtime.sessions import Graph, choose_providers
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.scoring import TopKScorer
-
-INPUTS = ["queries", "exclude_rows", "exclude_items"]
 
 
 def percentiles(times: list[float], batch: int) -> dict[str, float]:
@@ -99,10 +98,7 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                 if name == "chunked" and chunk >= n_items:
                     continue
                 scorer = TopKScorer(items, k, chunk).eval()
-                sample = (users[:2], torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
-                spec = GraphSpec("topk", scorer, sample, sample, INPUTS, ["items", "scores"],
-                                 dims=["batch", "pairs", "pairs"], external_data=True)
-                export_onnx(spec, Path(tmp) / f"{name}{k}.onnx")
+                export_onnx(topk_spec(scorer), Path(tmp) / f"{name}{k}.onnx")
                 paths[f"pytorch_{name}"] = scorer
                 paths[f"onnx_{name}"] = Graph(Path(tmp) / f"{name}{k}.onnx", providers)
             if args.faiss:
@@ -125,7 +121,7 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                         else:
                             feeds = (users_np[query], *history_pairs(indptr, indices, query))
                             if name.startswith("onnx"):
-                                got_items, got_top = path(**dict(zip(INPUTS, feeds)))
+                                got_items, got_top = path(**dict(zip(TOPK_INPUTS, feeds)))
                             else:
                                 with torch.no_grad():
                                     got_items, got_top = (t.numpy() for t in path(

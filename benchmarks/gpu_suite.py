@@ -42,7 +42,8 @@ from cliper_prod import __version__
 from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
-from cliper_prod.export.graphs import GraphSpec, export_onnx
+from cliper_prod.export.bundle import TOPK_INPUTS, topk_spec
+from cliper_prod.export.graphs import export_onnx
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.fusion import ViewFusion
@@ -209,14 +210,10 @@ def part_topk(workdir: Path, sizes: Sizes, providers: list[str]) -> dict:
     users = torch.randn(n_users, sizes.topk_dim, generator=gen)
     items = torch.randn(sizes.topk_items, sizes.topk_dim, generator=gen)
     pairs = np.stack([np.arange(n_users), np.arange(n_users) % sizes.topk_items], 1)
-    scorer = TopKScorer(items, sizes.topk_k, 1 << 16).eval()
-    inputs = ["queries", "exclude_rows", "exclude_items"]
-    sample = (users[:2], torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
-    spec = GraphSpec("topk", scorer, sample, sample, inputs, ["items", "scores"],
-                     dims=["batch", "pairs", "pairs"], external_data=True)
-    export_onnx(spec, workdir / "topk.onnx")
+    export_onnx(topk_spec(TopKScorer(items, sizes.topk_k, 1 << 16).eval()),
+                workdir / "topk.onnx")
     query = np.arange(sizes.topk_users)
-    feeds = dict(zip(inputs, (users.numpy()[query],
+    feeds = dict(zip(TOPK_INPUTS, (users.numpy()[query],
                               *history_pairs(*training_csr(pairs, n_users), query))))
     paths: dict[str, Callable[[], object]] = {
         "ort_fp32": (lambda g: lambda: g(**feeds))(Graph(workdir / "topk.onnx", providers))}

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cliper_prod.histories import history_pairs, training_csr
+
 DEFAULT_TOPK = (10, 20, 50)
 METRICS = ("recall", "ndcg", "precision", "map")
 
@@ -46,13 +48,6 @@ def metrics_from_hits(hits: np.ndarray, n_pos: np.ndarray, topk: Sequence[int]) 
     return out
 
 
-def _csr(pairs: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """Group (user, item) pairs by user: (indptr, items)."""
-    order = np.argsort(pairs[:, 0], kind="stable")
-    counts = np.bincount(pairs[:, 0], minlength=n_users)
-    return np.concatenate([[0], np.cumsum(counts)]), pairs[order, 1]
-
-
 @dataclass
 class RankingTask:
     """Which users are ranked, which items are hidden from them and which are the answers."""
@@ -68,8 +63,8 @@ class RankingTask:
     def build(cls, positives: np.ndarray, masked: Sequence[np.ndarray], n_users: int,
               n_items: int) -> "RankingTask":
         mask = np.concatenate(list(masked)) if masked else np.zeros((0, 2), dtype=np.int64)
-        mask_indptr, mask_items = _csr(mask, n_users)
-        pos_indptr, pos_items = _csr(positives, n_users)
+        mask_indptr, mask_items = training_csr(mask, n_users)
+        pos_indptr, pos_items = training_csr(positives, n_users)
         return cls(np.unique(positives[:, 0]), mask_indptr, mask_items, pos_indptr, pos_items,
                    n_items)
 
@@ -77,21 +72,13 @@ class RankingTask:
         """Mask each user's hidden items, take the top max_k and mark the positives among them,
         on the scores' device; only the [users, max_k] hit matrix comes back to the CPU."""
         device = scores.device
-        rows, cols = _rows_of(self.mask_indptr, self.mask_items, users)
+        rows, cols = history_pairs(self.mask_indptr, self.mask_items, users)
         scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
         top = torch.topk(scores, max_k, dim=1).indices
         is_pos = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-        rows, cols = _rows_of(self.pos_indptr, self.pos_items, users)
+        rows, cols = history_pairs(self.pos_indptr, self.pos_items, users)
         is_pos[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = True
         return torch.gather(is_pos, 1, top).cpu().numpy(), np.diff(self.pos_indptr)[users]
-
-
-def _rows_of(indptr: np.ndarray, items: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(batch row, item) pairs of the given users' grouped items, without a Python loop."""
-    starts, lens = indptr[users], np.diff(indptr)[users]
-    rows = np.repeat(np.arange(len(users)), lens)
-    offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    return rows, items[np.repeat(starts, lens) + offsets]
 
 
 ScoreFn = Callable[[Tensor], Tensor]  # user indices [B] (CPU) -> scores [B, n_items] (any device)

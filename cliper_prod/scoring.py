@@ -29,6 +29,7 @@ class TopKScorer(nn.Module):
         super().__init__()
         n_items, dim = item_emb.shape
         self.k = min(int(k), n_items)
+        self.dim = int(dim)  # of the queries
         self.chunk = int(min(chunk_items, n_items))
         self.per_chunk = min(self.k, self.chunk + 1)  # spare column: ranks last, dropped
         self.floor = FLOOR

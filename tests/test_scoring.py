@@ -12,7 +12,8 @@ import onnx
 import pytest
 import torch
 
-from cliper_prod.export.graphs import GraphSpec, export_onnx
+from cliper_prod.export.bundle import topk_spec
+from cliper_prod.export.graphs import export_onnx
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.runtime.sessions import Graph
 from cliper_prod.scoring import TopKScorer
@@ -88,12 +89,8 @@ def test_a_user_without_training_items_and_an_empty_history() -> None:
 
 
 def _export(items: np.ndarray, k: int, chunk: int, path: Path) -> None:
-    scorer = TopKScorer(torch.from_numpy(items), k, chunk_items=chunk).eval()
-    sample = (torch.zeros(2, items.shape[1]), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
-    spec = GraphSpec("topk", scorer, sample, sample, ["queries", "exclude_rows",
-                                                      "exclude_items"], ["items", "scores"],
-                     dims=["batch", "pairs", "pairs"], external_data=True)
-    export_onnx(spec, path)
+    export_onnx(topk_spec(TopKScorer(torch.from_numpy(items), k, chunk_items=chunk).eval()),
+                path)
 
 
 def test_the_onnx_graph_matches_and_keeps_one_chunk_body_whatever_the_catalog(

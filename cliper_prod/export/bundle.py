@@ -226,20 +226,30 @@ def _preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
             "preferred": {CPU: {p: min(ms, key=ms.get) for p, ms in latency.items()}}}
 
 
-def _topk_graph(model, data, max_k: int, chunk_items: int
+TOPK_INPUTS = ("queries", "exclude_rows", "exclude_items")
+
+
+def topk_spec(scorer: TopKScorer, check: tuple[torch.Tensor, ...] | None = None) -> GraphSpec:
+    """How a :class:`TopKScorer` is exported: traced on two queries and three exclusion pairs
+    (batch and pair counts dynamic, neither 0 nor 1 so neither is specialised), the item
+    table as external data, the TorchScript twin scripted so its chunk loop stays a loop;
+    compared on ``check`` (default: the trace inputs)."""
+    sample = (torch.zeros(2, scorer.dim), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    return GraphSpec(TOPK_GRAPH, scorer, sample, check or sample, TOPK_INPUTS,
+                     ["items", "scores"], dims=["batch", "pairs", "pairs"],
+                     external_data=True, script=True)
+
+
+def _topk_graph(users: torch.Tensor, items: torch.Tensor, data, max_k: int, chunk_items: int
                 ) -> tuple[GraphSpec, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """The top-K graph's spec (checked on 64 users with their training items), its manifest
     record and the training CSR tables the runtime feeds it from."""
-    users, items = (t.detach().float() for t in model.embedding_tables())
     indptr, history = training_csr(data.train, data.n_users)
     scorer = TopKScorer(items, max_k, chunk_items).eval()
     rng = np.random.default_rng(0)
     check = rng.choice(data.n_users, size=min(64, data.n_users), replace=False)
     rows, seen = (torch.from_numpy(a) for a in history_pairs(indptr, history, check))
-    sample = (users[:2], torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
-    spec = GraphSpec(TOPK_GRAPH, scorer, sample, (users[check], rows, seen),
-                     ["queries", "exclude_rows", "exclude_items"], ["items", "scores"],
-                     dims=["batch", "pairs", "pairs"], external_data=True, script=True)
+    spec = topk_spec(scorer, (users[check], rows, seen))
     info = {"k": scorer.k, "n_users": data.n_users, "n_items": data.n_items,
             "dim": int(users.shape[1]), "score": "dot", "excludes": "training items",
             "chunk_items": scorer.chunk}
@@ -355,7 +365,8 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | Non
 def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
            options: GraphOptions) -> dict[str, Any]:
     graphs: dict[str, Any] = {}
-    spec, topk_info, (indptr, history) = _topk_graph(model, data, options.max_k,
+    users, items = (t.detach().float().contiguous() for t in model.embedding_tables())
+    spec, topk_info, (indptr, history) = _topk_graph(users, items, data, options.max_k,
                                                      options.chunk_items)
     ref_items, ref_scores = torch_outputs(spec)
     log.info("exporting %s (%d users x %d items, K=%d)", spec.name, data.n_users, data.n_items,
@@ -363,9 +374,8 @@ def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
     graphs[spec.name] = {**_export_graph(spec, folder, options, fp16=False,
                                          extra_check=_same_topk(ref_items, ref_scores)),
                          **topk_info}
-    users, items = (t.detach().float().contiguous().numpy() for t in model.embedding_tables())
-    write_npy(folder / USER_TABLE, users)
-    write_npy(folder / ITEM_TABLE, items)
+    write_npy(folder / USER_TABLE, users.numpy())
+    write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)
     write_npy(folder / HISTORY_ITEMS, history)
     write_text(folder / USER_IDS, "".join(f"{u}\n" for u in
