@@ -46,13 +46,18 @@ class TopKScorer(nn.Module):
     def forward(self, queries: Tensor, exclude_rows: Tensor, exclude_items: Tensor
                 ) -> tuple[Tensor, Tensor]:
         batch = queries.shape[0]
-        lifted = torch.cat([queries, queries.new_ones(batch, 1)], dim=1)
-        best = queries.new_full((batch, self.k), float("-inf"))
+        # one spare zero row: with two rows or more ONNX Runtime's MatMul over a non-constant
+        # table (a Scan slice) rounds each row alike, with one it takes a GEMV path that rounds
+        # differently, and a user's scores would depend on the batch they were ranked in
+        lifted = torch.cat([torch.cat([queries, queries.new_ones(batch, 1)], dim=1),
+                            queries.new_zeros(1, queries.shape[1] + 1)])
+        best = queries.new_full((batch + 1, self.k), float("-inf"))
         owner = torch.zeros_like(best, dtype=torch.int64) - 1
         if torch.jit.is_scripting():
             best, owner = self._loop(lifted, exclude_rows, exclude_items, best, owner)
         else:
             best, owner = self._eager_or_export(lifted, exclude_rows, exclude_items, best, owner)
+        best, owner = best[:batch], owner[:batch]
         real = best > self.floor / 2
         return torch.where(real, owner, -1), torch.where(real, best, float("-inf"))
 

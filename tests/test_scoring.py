@@ -104,6 +104,10 @@ def test_the_onnx_graph_matches_and_keeps_one_chunk_body_whatever_the_catalog(
     ref_items, ref_top = _naive(users[query], items, _rows(pairs, query), 10)
     np.testing.assert_array_equal(got_items, ref_items)
     np.testing.assert_allclose(got_top, ref_top, rtol=1e-5, atol=1e-5)
+    for row, user in enumerate(query):  # ranked alone, a user gets the very same floats
+        alone = graph(**dict(zip(("queries", "exclude_rows", "exclude_items"),
+                                 (t.numpy() for t in _inputs(users, pairs, np.array([user]))))))
+        np.testing.assert_array_equal(alone[1][0], got_top[row])
     # the item table is external data; 15 chunks or 2, the graph has the same nodes
     assert (tmp_path / "topk.onnx.data").stat().st_size >= items.nbytes
     _export(items, 10, 128, tmp_path / "few.onnx")
