@@ -28,6 +28,7 @@ class TrainSettings:
     lr_decay_epochs: int
     weight_decay: float
     batch_size: int
+    steps_per_epoch: int     # 0: batches of batch_size; N: N batches per epoch, whatever the data
     eval_batch_size: int
     epochs: int
     patience: int
@@ -35,12 +36,20 @@ class TrainSettings:
     topk: tuple[int, ...]
     seed: int
 
+    def epoch_batch_size(self, n_train: int) -> int:
+        """Triples per step: ``batch_size``, or with ``steps_per_epoch`` as many as make that
+        many steps, so an epoch propagates the graph a fixed number of times and its cost grows
+        linearly with the data instead of (interactions / batch) x (nodes + edges)."""
+        if self.steps_per_epoch == 0:
+            return self.batch_size
+        return max(1, -(-n_train // self.steps_per_epoch))
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "topk", tuple(self.topk))
         if min(self.batch_size, self.eval_batch_size, self.epochs, self.lr_decay_epochs) < 1 \
-                or self.patience < 0:
+                or min(self.patience, self.steps_per_epoch) < 0:
             raise ConfigError("batch sizes, epochs and lr_decay_epochs must be >= 1 and "
-                              "patience >= 0")
+                              "patience and steps_per_epoch >= 0")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         name, _, k = self.valid_metric.partition("@")

@@ -1,4 +1,5 @@
-"""Full-ranking evaluation: every item is scored for every evaluated user.
+"""Full-ranking evaluation: every item is scored for every evaluated user, in chunks of items
+so that memory does not grow with the catalog.
 
 Metrics follow MMRec's definitions so numbers compare: Recall@K = hits / |positives|,
 NDCG@K with the ideal DCG over min(|positives|, K) items, Precision@K = hits / K and MAP@K =
@@ -9,7 +10,7 @@ positive in the evaluated split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -68,34 +69,58 @@ class RankingTask:
         return cls(np.unique(positives[:, 0]), mask_indptr, mask_items, pos_indptr, pos_items,
                    n_items)
 
-    def hits(self, users: np.ndarray, scores: Tensor, max_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mask each user's hidden items, take the top max_k and mark the positives among them,
-        on the scores' device; only the [users, max_k] hit matrix comes back to the CPU."""
-        device = scores.device
-        rows, cols = history_pairs(self.mask_indptr, self.mask_items, users)
-        scores[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -torch.inf
-        top = torch.topk(scores, max_k, dim=1).indices
-        is_pos = torch.zeros(scores.shape, dtype=torch.bool, device=device)
-        rows, cols = history_pairs(self.pos_indptr, self.pos_items, users)
-        is_pos[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = True
-        return torch.gather(is_pos, 1, top).cpu().numpy(), np.diff(self.pos_indptr)[users]
+    def top_items(self, users: np.ndarray, queries: Tensor, item_emb: Tensor, max_k: int,
+                  chunk_items: int) -> Tensor:
+        """Each user's ``max_k`` best items by ``queries @ item_emb.T`` with their hidden items
+        out, scored ``chunk_items`` items at a time (memory [users, chunk], whatever the
+        catalog's size) and merged into a running top K, on the tables' device."""
+        device = queries.device
+        rows, cols = (torch.from_numpy(a).to(device)
+                      for a in history_pairs(self.mask_indptr, self.mask_items, users))
+        order = torch.argsort(cols)
+        rows, cols = rows[order], cols[order]
+        bounds = torch.arange(0, self.n_items + chunk_items, chunk_items, device=device)
+        cuts = torch.searchsorted(cols, bounds.clamp(max=self.n_items)).tolist()
+        best = owner = None
+        for c, first in enumerate(range(0, self.n_items, chunk_items)):
+            scores = queries @ item_emb[first:first + chunk_items].T
+            hidden = slice(cuts[c], cuts[c + 1])
+            scores[rows[hidden], cols[hidden] - first] = -torch.inf
+            top, pos = torch.topk(scores, min(max_k, scores.shape[1]), dim=1)
+            if best is None:  # one chunk: exactly one topk over the whole catalog
+                best, owner = top, pos
+                continue
+            best, keep = torch.cat([best, top], dim=1).topk(max_k, dim=1)
+            owner = torch.cat([owner, pos + first], dim=1).gather(1, keep)
+        return owner
 
-
-ScoreFn = Callable[[Tensor], Tensor]  # user indices [B] (CPU) -> scores [B, n_items] (any device)
+    def hits(self, users: np.ndarray, top: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Which of each user's ranked items [users, K] are positives, and how many positives
+        each user has; only the hit matrix comes back to the CPU."""
+        rows, cols = (torch.from_numpy(a).to(top.device)
+                      for a in history_pairs(self.pos_indptr, self.pos_items, users))
+        ranked = torch.arange(len(users), device=top.device)[:, None] * self.n_items + top
+        return (torch.isin(ranked, rows * self.n_items + cols).cpu().numpy(),
+                np.diff(self.pos_indptr)[users])
 
 
 @torch.no_grad()
-def evaluate_ranking(score: ScoreFn, task: RankingTask, topk: Sequence[int] = DEFAULT_TOPK,
-                     batch_size: int = 4096) -> dict[str, float]:
-    """Rank all items for every user of ``task`` with ``score`` and return the averaged metrics."""
+def evaluate_ranking(user_emb: Tensor, item_emb: Tensor, task: RankingTask,
+                     topk: Sequence[int] = DEFAULT_TOPK, batch_size: int = 4096,
+                     chunk_items: int = 1 << 15) -> dict[str, float]:
+    """Rank all items by ``user_emb @ item_emb.T`` for every user of ``task`` (on the tables'
+    device, ``batch_size`` users by ``chunk_items`` items at a time) and return the averaged
+    metrics."""
     max_k = max(topk)
     if max_k > task.n_items:
         raise ValueError(f"K={max_k} exceeds the number of items ({task.n_items})")
     all_hits, all_pos = [], []
+    item_emb = item_emb.float()
     for start in range(0, len(task.users), batch_size):
         users = task.users[start:start + batch_size]
-        scores = score(torch.from_numpy(users)).float().clone()
-        hit, n_pos = task.hits(users, scores, max_k)
+        queries = user_emb[torch.from_numpy(users).to(user_emb.device)].float()
+        top = task.top_items(users, queries, item_emb, max_k, chunk_items)
+        hit, n_pos = task.hits(users, top)
         all_hits.append(hit)
         all_pos.append(n_pos)
     return metrics_from_hits(np.concatenate(all_hits), np.concatenate(all_pos), topk)

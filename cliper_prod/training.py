@@ -135,8 +135,7 @@ def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSetting
                    ) -> dict[str, float]:
     """Rank with the model's tables on the device they are on."""
     users, items = model.embedding_tables()
-    return evaluate_ranking(lambda u: users[u.to(users.device)] @ items.T, task, settings.topk,
-                            settings.eval_batch_size)
+    return evaluate_ranking(users, items, task, settings.topk, settings.eval_batch_size)
 
 
 def _load_state(path: Path, config: dict, device: torch.device) -> dict | None:
@@ -190,8 +189,8 @@ class Trainer:
         self.sampler_rng = np.random.default_rng(settings.seed)
         # on the device: a generator samples only tensors on its own device
         self.graph_rng = torch.Generator(device=self.device).manual_seed(settings.seed)
-        self.sampler = BPRSampler(data.train, data.n_items, settings.batch_size,
-                                  self.sampler_rng)
+        self.sampler = BPRSampler(data.train, data.n_items,
+                                  settings.epoch_batch_size(len(data.train)), self.sampler_rng)
         self.valid_task = ranking_tasks(data)["valid"]
 
     def train_epoch(self, epoch: int) -> float:

@@ -154,3 +154,19 @@ def test_shared_baby_dataset_matches_its_readme() -> None:
     data = load_dataset(root)
     assert (data.n_users, data.n_items) == (19445, 7050)
     assert [len(data.splits[s]) for s in ("train", "valid", "test")] == [119674, 20559, 20559]
+
+
+def test_fast_and_line_by_line_parsers_read_the_same_rows(tmp_path: Path) -> None:
+    # three columns take numpy's reader, an extra rating column the line-by-line parser
+    rng = np.random.default_rng(0)
+    rows = np.stack([rng.integers(0, 50, 300), rng.integers(0, 40, 300), rng.integers(0, 3, 300)], 1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    lines = [f"{u}\t{i}\t{x}" for u, i, x in rows.tolist()]
+    (tmp_path / "a" / "a.inter").write_text("userID\titemID\tx_label\n" + "\n".join(lines) + "\n\n")
+    (tmp_path / "b" / "b.inter").write_text("itemID\trating\tuserID\tx_label\n" + "".join(
+        f"{i}\t4.5\t{u}\t{x}\n" for u, i, x in rows.tolist()))
+    from cliper_prod.data.mmrec import read_inter
+    fast, slow = read_inter(tmp_path / "a" / "a.inter"), read_inter(tmp_path / "b" / "b.inter")
+    np.testing.assert_array_equal(fast, rows)
+    np.testing.assert_array_equal(slow, rows)

@@ -46,7 +46,7 @@ def test_full_ranking_masks_training_items() -> None:
     train = np.array([[0, 4], [1, 0]])
     test = np.array([[0, 2], [1, 3]])
     task = RankingTask.build(test, [train], n_users=2, n_items=5)
-    m = evaluate_ranking(lambda u: scores[u], task, topk=(1, 3), batch_size=1)
+    m = evaluate_ranking(torch.eye(2), scores.T, task, topk=(1, 3), batch_size=1)
     # user 0 ranking without item 4: 2, 3, 1 -> hit at rank 1
     # user 1 ranking without item 0: 1, 2, 3 -> hit at rank 3
     assert m["recall@1"] == pytest.approx(0.5)
@@ -58,10 +58,41 @@ def test_users_without_positives_are_not_evaluated() -> None:
     scores = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     task = RankingTask.build(np.array([[2, 3]]), [np.array([[0, 1], [1, 1]])], 3, 4)
     assert task.users.tolist() == [2]
-    assert evaluate_ranking(lambda u: scores[u], task, topk=(1,))["recall@1"] == 1.0
+    assert evaluate_ranking(torch.eye(3), scores.T, task, topk=(1,))["recall@1"] == 1.0
 
 
 def test_k_larger_than_catalog_is_an_error() -> None:
     task = RankingTask.build(np.array([[0, 1]]), [], 1, 3)
     with pytest.raises(ValueError, match="exceeds the number of items"):
-        evaluate_ranking(lambda u: torch.zeros(len(u), 3), task, topk=(5,))
+        evaluate_ranking(torch.zeros(1, 2), torch.zeros(3, 2), task, topk=(5,))
+
+
+def _naive_metrics(users: torch.Tensor, items: torch.Tensor, train: np.ndarray,
+                   test: np.ndarray, k: int) -> float:
+    """Recall@k from the whole score matrix, hidden items set to -inf: the textbook way."""
+    scores = users @ items.T
+    scores[train[:, 0], train[:, 1]] = -torch.inf
+    top = torch.topk(scores, k, dim=1).indices.numpy()
+    recalls = []
+    for u in np.unique(test[:, 0]):
+        positives = set(test[test[:, 0] == u, 1].tolist())
+        recalls.append(len(positives & set(top[u].tolist())) / len(positives))
+    return float(np.mean(recalls))
+
+
+@pytest.mark.parametrize("chunk_items", [7, 64, 1000])
+def test_evaluation_chunked_over_items_equals_the_whole_matrix(chunk_items: int) -> None:
+    # 40 users x 130 items: chunks of 7 put hidden items and positives in every chunk and in a
+    # short last one; one user has trained on all but 12 items (the hidden set spans chunks)
+    gen = torch.Generator().manual_seed(3)
+    users, items = torch.randn(40, 8, generator=gen), torch.randn(130, 8, generator=gen)
+    rng = np.random.default_rng(3)
+    pairs = np.unique(np.stack([rng.integers(0, 40, 900), rng.integers(0, 130, 900)], 1), axis=0)
+    heavy = np.stack([np.zeros(118, dtype=np.int64), np.arange(118)], 1)
+    pairs = np.unique(np.concatenate([pairs, heavy]), axis=0)
+    is_test = rng.random(len(pairs)) < 0.2
+    is_test[(pairs[:, 0] == 0) & (pairs[:, 1] >= 110)] = True  # the heavy user has positives
+    train, test = pairs[~is_test], pairs[is_test]
+    task = RankingTask.build(test, [train], n_users=40, n_items=130)
+    got = evaluate_ranking(users, items, task, topk=(10,), batch_size=16, chunk_items=chunk_items)
+    assert got["recall@10"] == pytest.approx(_naive_metrics(users, items, train, test, 10))

@@ -167,3 +167,27 @@ def test_progress_lines_go_to_the_log_only_when_asked(toy_dataset: Path, caplog,
     assert second.startswith("epoch    1  loss ")
     assert point.startswith("grid point {'model': {'reg_weight': 0.0}}: valid recall@10 ")
     assert capsys.readouterr().out == ""  # library code logs; only the CLI prints
+
+
+def test_steps_per_epoch_fixes_the_optimiser_steps_whatever_the_data(toy_dataset: Path,
+                                                                     monkeypatch) -> None:
+    data = load_dataset(toy_dataset)
+    steps = []
+    real = training.Trainer.train_epoch
+
+    def count(self, epoch):
+        calls = []
+        step = self.optimizer.step
+        self.optimizer.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
+        try:
+            return real(self, epoch)
+        finally:
+            self.optimizer.step = step
+            steps.append(len(calls))
+
+    monkeypatch.setattr(training.Trainer, "train_epoch", count)
+    training.train_model("lightgcn", data, fast_config("lightgcn", epochs=2, steps_per_epoch=3),
+                         progress=False)
+    training.train_model("lightgcn", data, fast_config("lightgcn", epochs=1), progress=False)
+    assert steps[:2] == [3, 3]
+    assert steps[2] == -(-len(data.train) // 64)  # batch_size 64 of FAST

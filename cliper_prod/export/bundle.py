@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -240,17 +240,19 @@ def topk_spec(scorer: TopKScorer, check: tuple[torch.Tensor, ...] | None = None)
                      external_data=True, script=True)
 
 
-def _topk_graph(users: torch.Tensor, items: torch.Tensor, data, max_k: int, chunk_items: int
+def _topk_graph(users: torch.Tensor, items: torch.Tensor, train: np.ndarray, max_k: int,
+                chunk_items: int
                 ) -> tuple[GraphSpec, dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """The top-K graph's spec (checked on 64 users with their training items), its manifest
     record and the training CSR tables the runtime feeds it from."""
-    indptr, history = training_csr(data.train, data.n_users)
+    n_users, n_items = len(users), len(items)
+    indptr, history = training_csr(train, n_users)
     scorer = TopKScorer(items, max_k, chunk_items).eval()
     rng = np.random.default_rng(0)
-    check = rng.choice(data.n_users, size=min(64, data.n_users), replace=False)
+    check = rng.choice(n_users, size=min(64, n_users), replace=False)
     rows, seen = (torch.from_numpy(a) for a in history_pairs(indptr, history, check))
     spec = topk_spec(scorer, (users[check], rows, seen))
-    info = {"k": scorer.k, "n_users": data.n_users, "n_items": data.n_items,
+    info = {"k": scorer.k, "n_users": n_users, "n_items": n_items,
             "dim": int(users.shape[1]), "score": "dot", "excludes": "training items",
             "chunk_items": scorer.chunk}
     return spec, info, (indptr, history)
@@ -348,13 +350,44 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | Non
                               f"{backbone}; pass --backbone {payload['backbone']}")
     model.eval()
     settings = feature_settings(data.features_dir, clip, random_init)
+    users, items = (t.detach().float().contiguous() for t in model.embedding_tables())
+    tables = EmbeddingTables(users, items, data.train, data.user_ids, data.item_ids)
+    return _write_atomically(out, lambda folder: _build(folder, tables, settings, options,
+                                                        payload["backbone"], data.name))
+
+
+@dataclass(frozen=True)
+class EmbeddingTables:
+    """What a bundle serves: score(u, i) = users[u] . items[i], each user's training items
+    (``train``: (user, item) rows) excluded; ids default to the row numbers."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    train: np.ndarray
+    user_ids: Sequence[str] | None = None
+    item_ids: Sequence[str] | None = None
+
+
+def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = None,
+                  dataset: str | None = None, options: GraphOptions = GraphOptions()
+                  ) -> dict[str, Any]:
+    """A top-K bundle (no feature graphs) straight from embedding tables, no checkpoint: for
+    tables trained elsewhere, and for catalogs too large to train here (benchmarks)."""
+    users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
+    tables = replace(tables, users=users, items=items)
+    return _write_atomically(out, lambda folder: _build(folder, tables, None, options,
+                                                        backbone, dataset))
+
+
+def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``build`` in a temporary sibling of ``out``, then swap it into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
     try:
-        manifest = _build(folder, model, data, payload, settings, options)
+        manifest = build(folder)
         _replace_dir(folder, out)
     finally:
         if folder.exists():
@@ -362,14 +395,14 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | Non
     return manifest
 
 
-def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
-           options: GraphOptions) -> dict[str, Any]:
+def _build(folder: Path, tables: EmbeddingTables, settings: FeatureSettings | None,
+           options: GraphOptions, backbone: str | None, dataset: str | None) -> dict[str, Any]:
     graphs: dict[str, Any] = {}
-    users, items = (t.detach().float().contiguous() for t in model.embedding_tables())
-    spec, topk_info, (indptr, history) = _topk_graph(users, items, data, options.max_k,
+    users, items = tables.users, tables.items
+    spec, topk_info, (indptr, history) = _topk_graph(users, items, tables.train, options.max_k,
                                                      options.chunk_items)
     ref_items, ref_scores = torch_outputs(spec)
-    log.info("exporting %s (%d users x %d items, K=%d)", spec.name, data.n_users, data.n_items,
+    log.info("exporting %s (%d users x %d items, K=%d)", spec.name, len(users), len(items),
              topk_info["k"])
     graphs[spec.name] = {**_export_graph(spec, folder, options, fp16=False,
                                          extra_check=_same_topk(ref_items, ref_scores)),
@@ -378,16 +411,16 @@ def _build(folder: Path, model, data, payload, settings: FeatureSettings | None,
     write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)
     write_npy(folder / HISTORY_ITEMS, history)
-    write_text(folder / USER_IDS, "".join(f"{u}\n" for u in
-                                          (data.user_ids or range(data.n_users))))
-    write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in
-                                          (data.item_ids or range(data.n_items))))
+    write_text(folder / USER_IDS, "".join(f"{u}\n" for u in (tables.user_ids or
+                                                             range(len(users)))))
+    write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in (tables.item_ids or
+                                                             range(len(items)))))
     features = None
     if settings is not None:
         records, features = export_features(settings, folder, options)
         graphs.update(records)
-    return write_manifest(folder, graphs, features, options.opset, backbone=payload["backbone"],
-                          dataset=data.name)
+    return write_manifest(folder, graphs, features, options.opset, backbone=backbone,
+                          dataset=dataset)
 
 
 def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any] | None,

@@ -52,6 +52,8 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None
             torch.export.Dim(name, min=0, max=1 << 40) for name in set(names)}
     dynamic = tuple({0: dims[name]} for name in names)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # the Scan of the top-K graph has empty axis lists, which onnx_ir rightly types as INTS
+    logging.getLogger("onnx_ir._convenience").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
