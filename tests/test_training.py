@@ -177,12 +177,12 @@ def test_steps_per_epoch_fixes_the_optimiser_steps_whatever_the_data(toy_dataset
 
     def count(self, epoch):
         calls = []
-        step = self.optimizer.step
-        self.optimizer.step = lambda *a, **k: (calls.append(1), step(*a, **k))[1]
+        loss = self.model.loss
+        self.model.loss = lambda *a: (calls.append(1), loss(*a))[1]  # one call per step
         try:
             return real(self, epoch)
         finally:
-            self.optimizer.step = step
+            del self.model.loss
             steps.append(len(calls))
 
     monkeypatch.setattr(training.Trainer, "train_epoch", count)
