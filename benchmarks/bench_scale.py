@@ -24,7 +24,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import report
+from _report import MEASURED_CLI, child_peak_rss_gib, peak_rss_gib, report
 
 SIZES = {  # name -> users, items, interactions
     "20k": (20_000, 10_000, 200_000),
@@ -86,10 +85,6 @@ def generate(folder: Path, users: int, items: int, interactions: int, seed: int 
             "heavy_users": heavy_users.tolist()}
 
 
-def _rss_gib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-
-
 def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) -> dict:
     """Run one stage in this process; its figures."""
     import torch
@@ -127,7 +122,7 @@ def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) ->
         start = time.perf_counter()
         trainer = Trainer(backbone, data, config, progress=False)
         out["init_s"] = time.perf_counter() - start
-        print(f"built {backbone} in {out['init_s']:.0f} s, RSS {_rss_gib()} GiB", file=sys.stderr,
+        print(f"built {backbone} in {out['init_s']:.0f} s, RSS {peak_rss_gib()} GiB", file=sys.stderr,
               flush=True)
         if name != "tables":  # "tables": the untrained model's tables, for eval/export/topk
             start = time.perf_counter()
@@ -171,9 +166,7 @@ def topk_stage(work: Path, n_users: int) -> dict:
     chosen = np.random.default_rng(0).choice(len(ids), min(n_users, len(ids)), replace=False)
     users_file = work / "topk_users.txt"
     users_file.write_text("".join(f"{ids[u]}\n" for u in chosen))
-    cmd = [sys.executable, "-c", "import atexit, resource, sys; atexit.register(lambda: "
-           "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-           "file=sys.stderr)); from cliper_prod.commands import cli; cli(prog_name='cliper-prod')",
+    cmd = [sys.executable, *MEASURED_CLI,
            "topk", "--users", str(users_file), "--bundle", str(work / "bundle"), "-k", "20",
            "--out", str(work / "topk.jsonl"), "--device", "cpu"]
     start = time.perf_counter()
@@ -181,9 +174,9 @@ def topk_stage(work: Path, n_users: int) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode:
         return {"error": proc.stderr[-500:]}
-    rss = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2**20
+    rss = child_peak_rss_gib(proc.stderr)
     return {"topk_s": wall, "topk_users": len(chosen), "users_per_s": len(chosen) / wall,
-            "peak_rss_gib": round(rss, 2)}
+            "peak_rss_gib": rss}
 
 
 def run_child(args: list[str]) -> dict:
@@ -332,7 +325,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.stage:  # child: one stage, one JSON line
         res = stage(args.stage, args.data, args.work, args.steps, args.eval_users)
-        print(json.dumps({**res, "peak_rss_gib": _rss_gib()}))
+        print(json.dumps({**res, "peak_rss_gib": peak_rss_gib()}))
         return
     previous = args.out.with_suffix(".json")
     results = json.loads(previous.read_text())["sizes"] if previous.exists() else {}

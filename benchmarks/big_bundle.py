@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import socket
@@ -30,17 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _report import report
+from _report import MEASURED_CLI, child_peak_rss_gib, peak_rss_gib, report
 from cliper_prod.export.bundle import EmbeddingTables, GraphOptions, export_tables
 from cliper_prod.runtime.bundle import Bundle
 
 CLI = [sys.executable, "-m", "cliper_prod"]
-# the CLI with its own peak RSS on stderr at exit (a parent's RUSAGE_CHILDREN would count the
-# forked copy of this process, before exec, as the child's)
-MEASURED_CLI = [sys.executable, "-c", "import atexit, resource, sys; atexit.register(lambda: "
-                "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-                "file=sys.stderr)); from cliper_prod.commands import cli; "
-                "cli(prog_name='cliper-prod')"]
+MEASURED = [sys.executable, *MEASURED_CLI]
 
 
 def naive_topk(users: np.ndarray, items: np.ndarray, train: set[int], k: int) -> list[int]:
@@ -132,13 +126,13 @@ def main() -> None:
     users_file.write_text("".join(f"{ids[u]}\n" for u in sample))
     recs_file = args.work / "recs.jsonl"
     t = time.perf_counter()
-    proc = subprocess.run([*MEASURED_CLI, "topk", "--users", str(users_file), "--bundle", str(bundle),
+    proc = subprocess.run([*MEASURED, "topk", "--users", str(users_file), "--bundle", str(bundle),
                            "-k", str(args.k), "--out", str(recs_file), "--device", "cpu"],
                           capture_output=True, text=True)
     timings["topk_cli_s"] = time.perf_counter() - t
     if proc.returncode:
         raise SystemExit(proc.stderr)
-    topk_rss = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2**20
+    topk_rss = child_peak_rss_gib(proc.stderr)
     cli = [json.loads(line) for line in recs_file.read_text().splitlines()]
     served, timings["serve_ready_s"] = serve_answers(bundle, [ids[u] for u in sample], args.k,
                                                      args.work / "serve.log")
@@ -161,9 +155,7 @@ def main() -> None:
         "dim": args.dim, "training_pairs": int(len(train)), "heavy_user_pairs": 50_000,
         "k": args.k, "sampled_users": len(sample), "file_bytes": sizes, "bundle_bytes": total,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "peak_rss_gib": {"export_process": round(
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "topk_cli": round(topk_rss, 2)},
+        "peak_rss_gib": {"export_process": peak_rss_gib(), "topk_cli": topk_rss},
         "topk_cli_equal_numpy": f"{cli_equal}/{len(sample)}",
         "serve_equal_numpy": f"{serve_equal}/{len(sample)}",
     }
