@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 
 def test_serve_starts_with_one_command_and_drains_on_sigterm(exported, tmp_path) -> None:
     with socket.socket() as s:
@@ -39,3 +41,76 @@ def test_serve_starts_with_one_command_and_drains_on_sigterm(exported, tmp_path)
             proc.kill()
     assert proc.returncode == 0, err
     assert f"at http://127.0.0.1:{port}" in err and "draining in-flight requests" in err
+
+
+def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from cliper_prod.commands import cli
+    from cliper_prod.serving.app import ServeSettings, build
+
+    res = CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), "--port", "8123",
+                                   "--replicas", "3", "--max-batch-size", "16", "--print-config"])
+    assert res.exit_code == 0, res.output
+    config = yaml.safe_load(res.stdout)
+    app = config["applications"][0]
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert app["import_path"] == "cliper_prod.serving.app:build"
+    assert app["deployments"][0]["num_replicas"] == 3
+    assert ServeSettings(**app["args"]).max_batch_size == 16
+    assert build(app["args"]) is not None
+    with pytest.raises(ValueError, match="max_batch"):
+        build({**app["args"], "max_batch": 1})
+
+
+def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> None:
+    """Ray Serve's own `serve run` of the packaged example config (autoscaling 1-2 replicas),
+    answering as the Python API does."""
+    import yaml
+
+    import cliper_prod.serving.app as serving
+    from cliper_prod.runtime.recommender import Recommender
+
+    config = yaml.safe_load((Path(serving.__file__).parent / "serve_config.example.yaml")
+                            .read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(bundle=str(exported["bundle"]), device="cpu")
+    app["deployments"][0]["autoscaling_config"]["max_replicas"] = 2
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "120"  # a busy 2-core machine
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", "--address",
+                             "local", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    users = (exported["bundle"] / "user_ids.txt").read_text().split()[:5]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        req = urllib.request.Request(url + "/topk", json.dumps({"users": users, "k": 5}).encode(),
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())["results"]
+        with urllib.request.urlopen(url + "/metadata", timeout=60) as r:
+            settings = json.loads(r.read())["settings"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert answer == Recommender(exported["bundle"], device="cpu").topk(users, k=5)
+    assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64

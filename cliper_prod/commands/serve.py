@@ -36,6 +36,9 @@ from cliper_prod.errors import ConfigError
 @click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True,
               help="Time to receive a request's body; a slower client gets a 408.")
+@click.option("--print-config", is_flag=True,
+              help="Print the Ray Serve config file (YAML) equivalent to these options, for "
+                   "`serve run` / `serve deploy`, and exit without serving.")
 @click.option("--startup-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0,
               show_default=True,
               help="Time for Ray Serve's proxy and the replicas to start (exit code 9 past it); "
@@ -43,7 +46,7 @@ from cliper_prod.errors import ConfigError
 def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str | None,
             device: str, image_root: Path | None, no_batching: bool, max_batch_size: int,
             batch_wait_ms: float, max_request_bytes: int, gpus_per_replica: float | None,
-            read_timeout_s: float, startup_timeout_s: float) -> None:
+            read_timeout_s: float, print_config: bool, startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP on Ray Serve: POST /topk, POST /embed, GET /healthz,
     GET /metadata (OpenAPI schema at /openapi.json). Stops cleanly on Ctrl-C or SIGTERM."""
     import signal
@@ -68,6 +71,14 @@ def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str 
                              read_timeout_s=read_timeout_s,
                              gpus_per_replica=(1.0 if device == "cuda" else 0.0)
                              if gpus_per_replica is None else gpus_per_replica)
+    if print_config:
+        import yaml
+
+        from cliper_prod.serving.app import serve_config
+
+        click.echo(yaml.safe_dump(serve_config(settings, replicas=replicas, host=host,
+                                               port=port), sort_keys=False), nl=False)
+        return
     connect(address)
     stop = threading.Event()  # a signal from here on drains and stops, even during start-up
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own

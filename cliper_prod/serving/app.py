@@ -15,7 +15,7 @@ as a 500 with that id. The same deployment runs on a laptop or a Ray cluster.
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.api import RunTarget
+from ray.serve.deployment import Application
 from ray.serve.schema import ApplicationStatus
 
 from cliper_prod import __version__
@@ -280,11 +281,47 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
 
 
-def service_deployment(settings: ServeSettings, replicas: int) -> serve.Deployment:
-    """The deployment as Ray receives it: replicas, their request cap and their GPUs."""
-    return CliperService.options(num_replicas=replicas,
-                                 max_ongoing_requests=settings.max_ongoing_requests,
-                                 ray_actor_options={"num_gpus": settings.gpus_per_replica})
+def service_deployment(settings: ServeSettings, replicas: int | None = None
+                       ) -> serve.Deployment:
+    """The deployment as Ray receives it: its request cap, GPUs and (unless a config file's
+    ``deployments`` section or autoscaling decides) replicas."""
+    options = {"max_ongoing_requests": settings.max_ongoing_requests,
+               "ray_actor_options": {"num_gpus": settings.gpus_per_replica}}
+    if replicas is not None:
+        options["num_replicas"] = replicas
+    return CliperService.options(**options)
+
+
+BUILDER = "cliper_prod.serving.app:build"  # the import_path of a Serve config file
+
+
+def build(args: dict) -> Application:
+    """Ray Serve's application builder: ``serve run config.yaml`` and ``serve deploy`` call it
+    with the config's ``args`` (the fields of :class:`ServeSettings`; ``bundle`` required).
+    Replicas, autoscaling and GPUs come from the config's ``deployments`` section (see
+    ``cliper_prod/serving/serve_config.example.yaml``); a bad bundle fails the build."""
+    known = {f.name for f in fields(ServeSettings)}
+    unknown = sorted(set(args) - known)
+    if unknown or "bundle" not in args:
+        raise ValueError(f"{BUILDER}: args {unknown or 'lack bundle'}; expected bundle and any "
+                         f"of {sorted(known - {'bundle'})}")
+    settings = ServeSettings(**args)
+    Bundle(Path(settings.bundle), settings.device)
+    return service_deployment(settings).bind(settings)
+
+
+def serve_config(settings: ServeSettings, *, replicas: int, host: str, port: int) -> dict:
+    """The Serve config file equivalent to ``cliper-prod serve`` with these settings."""
+    return {
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
+            "args": asdict(settings),
+            "deployments": [{"name": CliperService.name, "num_replicas": replicas,
+                             "max_ongoing_requests": settings.max_ongoing_requests,
+                             "ray_actor_options": {"num_gpus": settings.gpus_per_replica}}],
+        }],
+    }
 
 
 def live_providers() -> dict[str, list[str]]:
