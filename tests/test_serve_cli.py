@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -114,3 +115,86 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
             proc.kill()
     assert answer == Recommender(exported["bundle"], device="cpu").topk(users, k=5)
     assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64
+
+
+def _scrape(url: str) -> dict[tuple, float]:
+    """Prometheus text -> {(metric, endpoint or action, status, le): value}, cliper_ series."""
+    import re
+
+    out: dict[tuple, float] = {}
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if not line.startswith("ray_cliper_"):
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = (name, labels.get("endpoint") or labels.get("action"), labels.get("status"),
+                   labels.get("le"))
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, tmp_path
+                                                                      ) -> None:
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    port, metrics_port = ports
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
+           str(exported["bundle"]), "--port", str(port), "--metrics-port", str(metrics_port),
+           "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    users = (exported["bundle"] / "user_ids.txt").read_text().split()
+
+    def post(path: str, body: dict) -> int:
+        req = urllib.request.Request(url + path, json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        statuses = [post("/topk", {"users": [u], "k": 5}) for u in users[:3]]
+        statuses.append(post("/topk", {"users": ["nobody"], "k": 5}))
+        statuses.append(post("/embed", {"items": [{"item_id": "new-1", "title": "A blanket"},
+                                                  {"item_id": "new-2", "image": "x.jpg"}]}))
+        assert statuses == [200, 200, 200, 400, 200]
+        expected = {("ray_cliper_requests_total", "/topk", "200", None): 3.0,
+                    ("ray_cliper_requests_total", "/topk", "400", None): 1.0,
+                    ("ray_cliper_requests_total", "/embed", "200", None): 1.0,
+                    ("ray_cliper_items_embedded_total", None, None, None): 1.0,
+                    ("ray_cliper_item_errors_total", "skipped", None, None): 1.0,  # no image, text
+                    ("ray_cliper_item_errors_total", "kept", None, None): 1.0,  # no image
+                    ("ray_cliper_request_latency_ms_count", "/topk", None, None): 4.0,
+                    ("ray_cliper_topk_batch_requests_count", None, None, None): 3.0}
+        deadline, seen = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:  # Ray's agent exports every few seconds
+            seen = _scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+            if all(seen.get(k) == v for k, v in expected.items()):
+                break
+            time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert {k: seen.get(k) for k in expected} == expected
+    # three lone requests: each merged batch held one
+    assert seen[("ray_cliper_topk_batch_requests_bucket", None, None, "1.0")] == 3.0

@@ -36,6 +36,10 @@ from cliper_prod.errors import ConfigError
 @click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True,
               help="Time to receive a request's body; a slower client gets a 408.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535),
+              help="Port of the local Ray's Prometheus endpoint (/metrics), where the "
+                   "application metrics are read [default: a free port]; a cluster's nodes "
+                   "export on their own.")
 @click.option("--print-config", is_flag=True,
               help="Print the Ray Serve config file (YAML) equivalent to these options, for "
                    "`serve run` / `serve deploy`, and exit without serving.")
@@ -46,7 +50,8 @@ from cliper_prod.errors import ConfigError
 def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str | None,
             device: str, image_root: Path | None, no_batching: bool, max_batch_size: int,
             batch_wait_ms: float, max_request_bytes: int, gpus_per_replica: float | None,
-            read_timeout_s: float, print_config: bool, startup_timeout_s: float) -> None:
+            read_timeout_s: float, metrics_port: int | None, print_config: bool,
+            startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP on Ray Serve: POST /topk, POST /embed, GET /healthz,
     GET /metadata (OpenAPI schema at /openapi.json). Stops cleanly on Ctrl-C or SIGTERM."""
     import signal
@@ -79,7 +84,7 @@ def command(bundle_dir: Path, replicas: int, host: str, port: int, address: str 
         click.echo(yaml.safe_dump(serve_config(settings, replicas=replicas, host=host,
                                                port=port), sort_keys=False), nl=False)
         return
-    connect(address)
+    connect(address, metrics_port)
     stop = threading.Event()  # a signal from here on drains and stops, even during start-up
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())

@@ -36,6 +36,7 @@ from cliper_prod.features.items import StrictJSONError, clip, loads_strict
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.recommender import (ReadinessProbe, Recommender, RequestError,
                                              new_request_id)
+from cliper_prod.serving.metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 APP_NAME = "cliper"
@@ -140,6 +141,7 @@ app = FastAPI(title="cliper-prod", version=__version__,
 app.router.route_class = StrictJSONRoute
 app.state.max_request_bytes = ServeSettings.max_request_bytes
 app.state.read_timeout_s = ServeSettings.read_timeout_s
+app.state.metrics = None  # a replica's ServiceMetrics
 
 
 def _problem(error: dict) -> dict:
@@ -185,6 +187,18 @@ async def limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+@app.middleware("http")
+async def record_metrics(request: Request, call_next: Callable) -> Response:
+    """Every answer by endpoint and status, with its time in the replica (outermost, so the
+    413s, 411s and 500s of the other middleware count too)."""
+    start = time.perf_counter()
+    response = await call_next(request)
+    if request.app.state.metrics is not None:
+        request.app.state.metrics.request(request.url.path, response.status_code,
+                                          time.perf_counter() - start)
+    return response
+
+
 @serve.deployment(graceful_shutdown_timeout_s=20, graceful_shutdown_wait_loop_s=1)
 @serve.ingress(app)
 class CliperService:
@@ -200,6 +214,7 @@ class CliperService:
         self.readiness = ReadinessProbe(self.ranker.rank)
         app.state.max_request_bytes = settings.max_request_bytes
         app.state.read_timeout_s = settings.read_timeout_s
+        self.metrics = app.state.metrics = ServiceMetrics()
         self._rank_batched.set_max_batch_size(settings.max_batch_size)
         self._rank_batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
@@ -216,6 +231,7 @@ class CliperService:
     async def _rank_batched(self, requests: list[np.ndarray]
                             ) -> list[tuple[np.ndarray, np.ndarray]]:
         """One ONNX run for the rows of every request waiting in this batch."""
+        self.metrics.merged(len(requests))
         items, scores = await asyncio.to_thread(self.ranker.rank, np.concatenate(requests))
         bounds = np.cumsum([0] + [len(r) for r in requests])
         return [(items[a:b], scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -245,7 +261,9 @@ class CliperService:
         if len(request.items) > self.settings.max_items:
             raise HTTPException(413, f"{len(request.items)} items; at most "
                                      f"{self.settings.max_items} per request")
-        return await asyncio.to_thread(self.recommender.embed, request.items)
+        answer = await asyncio.to_thread(self.recommender.embed, request.items)
+        self.metrics.embed(answer)
+        return answer
 
     @app.get("/healthz")
     async def healthz(self) -> Response:
@@ -273,12 +291,14 @@ class CliperService:
                 "cliper_prod": __version__, "settings": asdict(self.settings)}
 
 
-def connect(address: str | None = None) -> None:
-    """Join ``address``, or start a local Ray, unless this process is already connected."""
+def connect(address: str | None = None, metrics_port: int | None = None) -> None:
+    """Join ``address``, or start a local Ray (its Prometheus endpoint on ``metrics_port``,
+    default a free port), unless this process is already connected."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        local = {"_metrics_export_port": metrics_port} if address is None and metrics_port else {}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
 
 
 def service_deployment(settings: ServeSettings, replicas: int | None = None
