@@ -30,7 +30,7 @@ def deployed_settings(monkeypatch, exported: dict, *options: str) -> serving.Ser
     def stop_short(settings, **_):
         seen["settings"] = settings
         raise ConfigError("stopped before deploying")
-    monkeypatch.setattr(serving, "connect", lambda address=None: None)
+    monkeypatch.setattr(serving, "connect", lambda address=None, metrics_port=None: None)
     monkeypatch.setattr(serving, "start_service", stop_short)
     res = CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), *options])
     assert "stopped before deploying" in res.stderr, res.output

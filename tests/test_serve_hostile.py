@@ -284,7 +284,7 @@ def _serve(exported, monkeypatch, *extra: str):
 
     from cliper_prod.serving import app
 
-    monkeypatch.setattr(app, "connect", lambda address=None: None)
+    monkeypatch.setattr(app, "connect", lambda address=None, metrics_port=None: None)
     monkeypatch.setattr(signal, "signal", lambda *_: None)
     return CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), "--port",
                                     "1", *extra])
