@@ -257,3 +257,38 @@ def test_embed_ray_needs_a_bundle(exported, tmp_path) -> None:
     res = CliRunner().invoke(cli, ["embed", str(exported["policy_items"]), "--clip",
                                    str(exported["clip"]), "--out", str(tmp_path / "x"), "--ray"])
     assert res.exit_code == 2 and "--bundle" in res.output
+
+
+def test_a_replica_whose_session_broke_is_replaced_by_serve(service, exported) -> None:
+    """The replica's check_health is the readiness probe: once its ONNX session is gone, the
+    probe fails, Ray Serve replaces the replica, and the new one answers."""
+    import time
+
+    from ray import serve
+
+    from cliper_prod.serving.app import CliperService, ServeSettings
+
+    class BreakableService(CliperService.func_or_class):
+        def break_session(self) -> None:
+            self.ranker.graph.session = None  # as if ONNX Runtime's session had died
+
+    deployment = serve.deployment(BreakableService, name="BreakableService",
+                                  health_check_period_s=1, health_check_timeout_s=30)
+    handle = serve.run(deployment.bind(ServeSettings(bundle=str(exported["bundle"]))),
+                       name="breakable", route_prefix="/breakable")
+    try:
+        status, before = call(service, "/breakable/metadata")
+        assert status == 200 and call(service, "/breakable/healthz")[0] == 200
+        handle.break_session.remote().result()
+        time.sleep(6)  # past the probe's 5 s trust in its last success
+        assert call(service, "/breakable/healthz")[0] == 503
+        deadline, after = time.monotonic() + 120, before
+        while time.monotonic() < deadline and after.get("replica") in (None, before["replica"]):
+            time.sleep(1)
+            status, after = call(service, "/breakable/metadata")
+        assert after.get("replica") not in (None, before["replica"])  # a new replica
+        status, body = call(service, "/breakable/topk", {"users": bundle_users(exported)[:2],
+                                                         "k": 3})
+        assert status == 200 and len(body["results"]) == 2
+    finally:
+        serve.delete("breakable")

@@ -286,9 +286,11 @@ class CliperService:
     @app.get("/metadata")
     async def metadata(self) -> dict:
         """The bundle's manifest (backbone, dimensions, model versions, file hashes) and how
-        this replica runs it (``providers``: each live session's)."""
+        this replica runs it (``providers``: each live session's; ``replica``: Serve's id of
+        the replica that answered)."""
         return {"manifest": self.manifest, "providers": self.providers,
-                "cliper_prod": __version__, "settings": asdict(self.settings)}
+                "cliper_prod": __version__, "settings": asdict(self.settings),
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
 
 def connect(address: str | None = None, metrics_port: int | None = None) -> None:
