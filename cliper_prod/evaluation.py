@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from cliper_prod.histories import history_pairs, training_csr
+from cliper_prod.scoring import merge_top_k
 
 DEFAULT_TOPK = (10, 20, 50)
 METRICS = ("recall", "ndcg", "precision", "map")
@@ -90,8 +91,7 @@ class RankingTask:
             if best is None:  # one chunk: exactly one topk over the whole catalog
                 best, owner = top, pos
                 continue
-            best, keep = torch.cat([best, top], dim=1).topk(max_k, dim=1)
-            owner = torch.cat([owner, pos + first], dim=1).gather(1, keep)
+            best, owner = merge_top_k(best, owner, top, pos + first, max_k)
         return owner
 
     def hits(self, users: np.ndarray, top: Tensor) -> tuple[np.ndarray, np.ndarray]:

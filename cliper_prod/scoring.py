@@ -95,7 +95,12 @@ class TopKScorer(nn.Module):
         columns = torch.where(inside, local, self.chunk)
         scores = scores.index_put((exclude_rows, columns), scores.new_full((), float("-inf")))
         top, pos = scores.topk(self.per_chunk, dim=1)
-        candidates = torch.cat([best, top], dim=1)
-        owners = torch.cat([owner, pos + first], dim=1)
-        best, keep = candidates.topk(self.k, dim=1)
-        return best, owners.gather(1, keep)
+        return merge_top_k(best, owner, top, pos + first, self.k)
+
+
+def merge_top_k(best: Tensor, owner: Tensor, top: Tensor, top_owner: Tensor, k: int
+                ) -> tuple[Tensor, Tensor]:
+    """The k best of a running top K (scores ``best``, items ``owner``) and one chunk's top
+    (``top``, ``top_owner``): exact, as every global winner wins its own chunk."""
+    merged, keep = torch.cat([best, top], dim=1).topk(k, dim=1)
+    return merged, torch.cat([owner, top_owner], dim=1).gather(1, keep)
