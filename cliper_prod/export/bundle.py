@@ -350,8 +350,7 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | Non
                               f"{backbone}; pass --backbone {payload['backbone']}")
     model.eval()
     settings = feature_settings(data.features_dir, clip, random_init)
-    users, items = (t.detach().float().contiguous() for t in model.embedding_tables())
-    tables = EmbeddingTables(users, items, data.train, data.user_ids, data.item_ids)
+    tables = EmbeddingTables(*model.embedding_tables(), data.train, data.user_ids, data.item_ids)
     return _write_atomically(out, lambda folder: _build(folder, tables, settings, options,
                                                         payload["backbone"], data.name))
 
@@ -373,8 +372,6 @@ def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = 
                   ) -> dict[str, Any]:
     """A top-K bundle (no feature graphs) straight from embedding tables, no checkpoint: for
     tables trained elsewhere, and for catalogs too large to train here (benchmarks)."""
-    users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
-    tables = replace(tables, users=users, items=items)
     return _write_atomically(out, lambda folder: _build(folder, tables, None, options,
                                                         backbone, dataset))
 
@@ -398,7 +395,7 @@ def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dic
 def _build(folder: Path, tables: EmbeddingTables, settings: FeatureSettings | None,
            options: GraphOptions, backbone: str | None, dataset: str | None) -> dict[str, Any]:
     graphs: dict[str, Any] = {}
-    users, items = tables.users, tables.items
+    users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
     spec, topk_info, (indptr, history) = _topk_graph(users, items, tables.train, options.max_k,
                                                      options.chunk_items)
     ref_items, ref_scores = torch_outputs(spec)
