@@ -307,11 +307,16 @@ def service_deployment(settings: ServeSettings, replicas: int | None = None
                        ) -> serve.Deployment:
     """The deployment as Ray receives it: its request cap, GPUs and (unless a config file's
     ``deployments`` section or autoscaling decides) replicas."""
-    options = {"max_ongoing_requests": settings.max_ongoing_requests,
-               "ray_actor_options": {"num_gpus": settings.gpus_per_replica}}
+    options = _deployment_options(settings)
     if replicas is not None:
         options["num_replicas"] = replicas
     return CliperService.options(**options)
+
+
+def _deployment_options(settings: ServeSettings) -> dict:
+    """What the settings fix of the deployment, in code or in a config file's ``deployments``."""
+    return {"max_ongoing_requests": settings.max_ongoing_requests,
+            "ray_actor_options": {"num_gpus": settings.gpus_per_replica}}
 
 
 BUILDER = "cliper_prod.serving.app:build"  # the import_path of a Serve config file
@@ -340,8 +345,7 @@ def serve_config(settings: ServeSettings, *, replicas: int, host: str, port: int
             "name": APP_NAME, "route_prefix": "/", "import_path": BUILDER,
             "args": asdict(settings),
             "deployments": [{"name": CliperService.name, "num_replicas": replicas,
-                             "max_ongoing_requests": settings.max_ongoing_requests,
-                             "ray_actor_options": {"num_gpus": settings.gpus_per_replica}}],
+                             **_deployment_options(settings)}],
         }],
     }
 
