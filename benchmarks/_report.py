@@ -1,7 +1,9 @@
-"""Shared ending of the benchmark scripts: print the table, keep JSON and Markdown."""
+"""Shared pieces of the benchmark scripts: the ending (print the table, keep JSON and
+Markdown), a free port, peak memory."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from cliper_prod.io import write_json, write_text
@@ -33,3 +35,9 @@ MEASURED_CLI = ["-c", "import atexit, sys; atexit.register(lambda: print('PEAK_R
 def child_peak_rss_gib(stderr: str) -> float:
     """The figure a :data:`MEASURED_CLI` child printed."""
     return round(int(stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) / 2**20, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

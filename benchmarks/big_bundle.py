@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _report import MEASURED_CLI, child_peak_rss_gib, peak_rss_gib, report
+from _report import MEASURED_CLI, child_peak_rss_gib, free_port, peak_rss_gib, report
 from cliper_prod.export.bundle import EmbeddingTables, GraphOptions, export_tables
 from cliper_prod.runtime.bundle import Bundle
 
@@ -43,12 +42,6 @@ def naive_topk(users: np.ndarray, items: np.ndarray, train: set[int], k: int) ->
     scores[list(train)] = -np.inf
     top = np.argpartition(-scores, k)[:k]
     return top[np.argsort(-scores[top], kind="stable")].tolist()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict) -> dict:

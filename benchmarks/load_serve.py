@@ -14,21 +14,14 @@ import asyncio
 import json
 import platform
 import random
-import socket
 import time
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 
-from _report import report
+from _report import free_port, report
 from cliper_prod.serving.app import ServeSettings, start_service, stop_service
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def level(url: str, users: list[str], concurrency: int, requests: int, max_s: float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -93,6 +94,34 @@ def exported(tmp_path_factory) -> dict[str, Path]:
 READ_TIMEOUT_S = 2.0  # the shared service's --read-timeout-s
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 180.0
+                 ) -> dict | None:
+    """``url``'s /healthz answer once it is a 200; None if ``proc`` exited or time ran out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+                return json.loads(resp.read())
+        except OSError:  # not listening yet, or a 503
+            time.sleep(1)
+    return None
+
+
+def stop_process(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` and wait for the exit (killed after 120 s)."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One Ray per session (Serve takes tens of seconds to start): the service's replica (1 CPU)
@@ -120,20 +149,11 @@ def service(local_ray, exported, image_root) -> str:
 
     from cliper_prod.serving.app import ServeSettings, start_service
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = ServeSettings(bundle=str(exported["bundle"]), image_root=str(image_root),
                              max_request_bytes=1 << 20, max_users=100, max_items=64,
                              read_timeout_s=READ_TIMEOUT_S)
     url = start_service(settings, port=port)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
+    wait_healthy(url, timeout_s=120)
     yield url
     serve.shutdown()

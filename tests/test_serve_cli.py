@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,25 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port, stop_process, wait_healthy
+
 
 def test_serve_starts_with_one_command_and_drains_on_sigterm(exported, tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
            str(exported["bundle"]), "--port", str(port)]
     env = {**os.environ, "RAY_ADDRESS": ""}  # a Ray of its own, as on a fresh machine
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=tmp_path)
     try:
-        deadline, health = time.monotonic() + 180, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                    health = json.loads(r.read())
-                    break
-            except OSError:
-                time.sleep(1)
+        health = wait_healthy(f"http://127.0.0.1:{port}", proc)
         assert health == {"status": "ok"}, proc.stderr.read() if proc.poll() is not None else ""
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -75,9 +67,7 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
 
     config = yaml.safe_load((Path(serving.__file__).parent / "serve_config.example.yaml")
                             .read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["args"].update(bundle=str(exported["bundle"]), device="cpu")
@@ -92,15 +82,7 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
     url = f"http://127.0.0.1:{port}"
     users = (exported["bundle"] / "user_ids.txt").read_text().split()[:5]
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert wait_healthy(url, proc), proc.stderr.read()[-2000:]
         req = urllib.request.Request(url + "/topk", json.dumps({"users": users, "k": 5}).encode(),
                                      {"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -108,11 +90,7 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
         with urllib.request.urlopen(url + "/metadata", timeout=60) as r:
             settings = json.loads(r.read())["settings"]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGINT)
     assert answer == Recommender(exported["bundle"], device="cpu").topk(users, k=5)
     assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64
 
@@ -136,12 +114,7 @@ def _scrape(url: str) -> dict[tuple, float]:
 
 def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, tmp_path
                                                                       ) -> None:
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    port, metrics_port = ports
+    port, metrics_port = free_port(), free_port()
     cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
            str(exported["bundle"]), "--port", str(port), "--metrics-port", str(metrics_port),
            "--device", "cpu"]
@@ -161,15 +134,7 @@ def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, 
             return exc.code
 
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert wait_healthy(url, proc), proc.stderr.read()[-2000:]
         statuses = [post("/topk", {"users": [u], "k": 5}) for u in users[:3]]
         statuses.append(post("/topk", {"users": ["nobody"], "k": 5}))
         statuses.append(post("/embed", {"items": [{"item_id": "new-1", "title": "A blanket"},
@@ -190,11 +155,7 @@ def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, 
                 break
             time.sleep(2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, signal.SIGTERM)
     assert {k: seen.get(k) for k in expected} == expected
     # three lone requests: each merged batch held one
     assert seen[("ray_cliper_topk_batch_requests_bucket", None, None, "1.0")] == 3.0
