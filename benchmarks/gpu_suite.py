@@ -1,20 +1,21 @@
 """Every GPU figure of the package, side by side in one process, one JSON and one table.
 
-    python benchmarks/gpu_suite.py --out DIR            # on the GPU machine (about 6 minutes)
+    python benchmarks/gpu_suite.py --out DIR            # on the GPU machine
     python benchmarks/gpu_suite.py --out DIR --smoke    # every part on the CPU at tiny sizes
 
 (a) FREEDOM on Baby with generated features: a training epoch and a full evaluation on each
     device (cuda and cpu), two epochs each;
 (b) the CLIP image tower and the text + SA fusion graph (ViT-B/16 configuration, random
     weights): every ONNX variant the export wrote (plain, fused; fp32, fp16) on ONNX Runtime
-    with IO binding, PyTorch eager fp16 and torch.compile fp16, items/s;
+    with IO binding, PyTorch eager fp16 and (at the largest batch) torch.compile fp16, items/s;
 (c) end-to-end ``embed --bundle`` of generated items with JPEG files: items/s and its ratio to
     the towers alone;
 (d) top-K of 1M x 64 items for 1,024 users, K=50: the exported top-K graph (fp32) vs
     torch.topk over the full score matrix, p50/p99 ms.
 Speed does not depend on the weights; no figure here says anything about accuracy. ``--smoke``
 runs the same code at tiny sizes on the CPU (the test suite runs it, so the suite cannot rot);
-its figures mean nothing.
+its figures mean nothing. The parts run cheapest first and ``suite_partial.json`` is rewritten
+after each, so a run cut short by its time limit still reports what it finished.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 from cliper_prod.runtime.sessions import Graph, choose_providers
 from cliper_prod.histories import history_pairs, training_csr
+from cliper_prod.io import write_json
 from cliper_prod.scoring import TopKScorer
 from cliper_prod.training import Trainer
 
@@ -63,6 +65,7 @@ class Sizes:
     """How big each part runs: the GPU run's sizes, or tiny ones for ``--smoke``."""
 
     tower_batches: tuple[int, ...] = (64, 256)
+    compile_batches: tuple[int, ...] = (256,)  # torch.compile costs a compilation per shape
     embed_items: int = 4096
     embed_batch: int = 256
     topk_items: int = 1_000_000
@@ -74,8 +77,9 @@ class Sizes:
     compile_backend: str = "inductor"
 
 
-SMOKE = Sizes(tower_batches=(2,), embed_items=8, embed_batch=4, topk_items=2000, topk_dim=16,
-              topk_users=32, topk_k=10, train_epochs=1, repeats=2, compile_backend="eager")
+SMOKE = Sizes(tower_batches=(2,), compile_batches=(2,), embed_items=8, embed_batch=4,
+              topk_items=2000, topk_dim=16, topk_users=32, topk_k=10, train_epochs=1, repeats=2,
+              compile_backend="eager")
 
 
 def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None
@@ -149,21 +153,24 @@ def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict
     return paths
 
 
-def _torch_paths(module: torch.nn.Module, args: tuple, device: str, backend: str
+def _torch_paths(module: torch.nn.Module, args: tuple, device: str, backend: str | None
                  ) -> dict[str, Callable[[], object]]:
-    """PyTorch eager and torch.compile at half precision on ``device``."""
+    """PyTorch eager and (given a ``backend``) torch.compile at half precision on
+    ``device``."""
     half = torch.float16
     module = copy.deepcopy(module).to(device=device, dtype=half).eval()
     args = tuple(a.to(device=device, dtype=half) if a.is_floating_point() else a.to(device)
                  for a in args)
-    compiled = torch.compile(module, backend=backend)
 
     def run(m: torch.nn.Module) -> Callable[[], object]:
         def call() -> object:
             with torch.inference_mode():
                 return m(*args)
         return call
-    return {"torch_eager_fp16": run(module), "torch_compile_fp16": run(compiled)}
+    paths = {"torch_eager_fp16": run(module)}
+    if backend is not None:
+        paths["torch_compile_fp16"] = run(torch.compile(module, backend=backend))
+    return paths
 
 
 def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[str]) -> list:
@@ -179,8 +186,9 @@ def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[
                 (TEXT_GRAPH, towers.view_encoder(ViewFusion("sa", 0.1)),
                  (t["input_ids"], t["attention_mask"], t["image_embedding"], t["has_image"],
                   t["has_text"]))):
+            backend = sizes.compile_backend if batch in sizes.compile_batches else None
             paths = {**_onnx_paths(bundle_dir, graph, providers, inputs),
-                     **_torch_paths(module, args, device, sizes.compile_backend)}
+                     **_torch_paths(module, args, device, backend)}
             row = {"graph": graph, "batch": batch}
             for name, fn in paths.items():
                 row[name] = batch / statistics.median(timed(fn, sizes.repeats, cuda_sync))
@@ -272,6 +280,7 @@ def table(result: dict) -> str:
                  f"{e['ratio_to_towers_alone']:.0%} of the towers alone |")
     for name, p in result["topk"]["paths"].items():
         lines.append(f"| (d) top-K | {name} | p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms |")
+    lines.append(f"| export | ViT-B/16 CLIP graphs, every variant | {result['export_s']:.0f} s |")
     info = result["machine"]
     lines.append(f"\n{info.get('gpu', 'no GPU')} (driver {info.get('driver', '-')}), torch "
                  f"{info['torch']}, onnxruntime {info['onnxruntime']}"
@@ -287,21 +296,31 @@ def main() -> None:
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else Sizes()
     providers = choose_providers("auto")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"smoke": args.smoke, "machine": machine(), "sizes": sizes.__dict__,
+                    "part_wall_s": {}}
+
+    def part(name: str, run: Callable[[], object]) -> None:
+        """Run one part; keep what is done so far, so a run cut short still reports it."""
+        start = time.perf_counter()
+        result[name] = run()
+        result["part_wall_s"][name] = round(time.perf_counter() - start, 1)
+        write_json(args.out / "suite_partial.json", result)
+        print(f"part {name} done in {result['part_wall_s'][name]} s", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        part("training", lambda: part_training(training_data(work, args.smoke), sizes))
+        part("topk", lambda: part_topk(work, sizes, providers))
         clip = SKELETON if args.smoke else vit_b16_folder(work / "clip")
-        feature_bundle(clip, work / "bundle")
-        result: dict = {"smoke": args.smoke, "machine": machine(), "sizes": sizes.__dict__}
-        result["training"] = part_training(training_data(work, args.smoke), sizes)
-        result["towers"] = part_towers(clip, work / "bundle", sizes, providers)
+        part("export_s", lambda: feature_bundle(clip, work / "bundle"))
+        part("towers", lambda: part_towers(clip, work / "bundle", sizes, providers))
         image_rate = max(v for r in result["towers"] if r["graph"] == IMAGE_GRAPH
                          for k, v in r.items() if k.startswith("ort_"))
         text_rate = max(v for r in result["towers"] if r["graph"] == TEXT_GRAPH
                         for k, v in r.items() if k.startswith("ort_"))
         towers_alone = 1 / (1 / image_rate + 1 / text_rate)
-        result["embed"] = part_embed(work / "bundle", work, sizes, towers_alone)
-        result["topk"] = part_topk(work, sizes, providers)
-    args.out.mkdir(parents=True, exist_ok=True)
+        part("embed", lambda: part_embed(work / "bundle", work, sizes, towers_alone))
     report(args.out / "suite", result, table(result))
 
 
