@@ -29,6 +29,7 @@ USER_TABLE = "user_embeddings.npy"
 ITEM_TABLE = "item_embeddings.npy"
 HISTORY_INDPTR = "history_indptr.npy"  # each user's training items, CSR (see histories.py)
 HISTORY_ITEMS = "history_items.npy"
+FOLD_IN = "fold_in"  # manifest record of the fold-in rules; their arrays are fold_in.<name>.npy
 #: Graph variants: as exported, or rewritten by ONNX Runtime's transformer optimizer (fused
 #: attention, SkipLayerNormalization, Gelu kinds; contrib ops of the ``com.microsoft`` domain).
 PLAIN, FUSED = "plain", "fused"
@@ -54,6 +55,11 @@ def graph_file(name: str, precision: str = "fp32", kind: str = "onnx",
     parts = [name] + ([variant] if variant != PLAIN else []) + (
         [precision] if precision != "fp32" else [])
     return ".".join(parts + [kind])
+
+
+def fold_in_file(name: str) -> str:
+    """File of one fold-in array: ``fold_in.item_layers.npy``, ..."""
+    return f"{FOLD_IN}.{name}.npy"
 
 
 def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:

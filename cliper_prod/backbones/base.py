@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,6 +69,33 @@ def trained_features(data: InteractionData, names: Iterable[str] | None = None
     # pairs, not a dict: ParameterDict sorts a plain dict's keys
     return nn.ParameterDict([(m, nn.Parameter(t.clone()))
                              for m, t in feature_tensors(data, names).items()])
+
+
+@dataclass(frozen=True)
+class FoldInState:
+    """What a bundle needs to place new users and items without retraining: the rules'
+    names (:mod:`cliper_prod.runtime.fold_in`, where they are defined), their parameters and
+    the arrays they read. A rule of ``None`` is refused with ``params['no_user_rule']`` /
+    ``params['no_item_rule']`` as the reason."""
+
+    user_rule: str | None
+    item_rule: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+NO_ITEM_GRAPH = ("it has no item graph, so an item without interactions has no "
+                 "representation; add items to a FREEDOM model")
+
+
+def user_fold_in_arrays(layers: list[Tensor], n_users: int, items: Tensor, n_items: int
+                        ) -> dict[str, np.ndarray]:
+    """The arrays a LightGCN-style user fold-in reads: the items' layers 0..L-1 [L, n, D] of the
+    user-item propagation (``layers``: its outputs 0..L over users then items) and the items'
+    training degrees (``items``: the item of each training interaction)."""
+    return {"item_layers": torch.stack([x[n_users:] for x in layers[:-1]]).cpu().numpy(),
+            "item_degree": torch.bincount(items, minlength=n_items).cpu().numpy()
+            .astype(np.float32)}
 
 
 class Recommender(nn.Module, ABC):
@@ -137,6 +166,14 @@ class Recommender(nn.Module, ABC):
     @abstractmethod
     def propagate(self) -> tuple[Tensor, Tensor]:
         """Final user and item embeddings from the full (unpruned) graph."""
+
+    def fold_in_state(self, data: InteractionData) -> FoldInState:
+        """How new users and items enter this trained model (``data``: its training data, for
+        the features the item graph was built from). Default: neither can."""
+        return FoldInState(None, None, {
+            "no_user_rule": "its users are not a propagation of item representations (user "
+                            "fold-in: LightGCN, FREEDOM, LATTICE)",
+            "no_item_rule": NO_ITEM_GRAPH})
 
     @torch.no_grad()
     def embedding_tables(self) -> tuple[Tensor, Tensor]:

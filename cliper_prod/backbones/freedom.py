@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k, feature_tensors,
-                                        require_features, train_edges, trained_features)
-from cliper_prod.backbones.lightgcn import light_propagate
+from cliper_prod.backbones.base import (FoldInState, Recommender, bpr_loss, check_knn_k,
+                                        feature_tensors, require_features, train_edges,
+                                        trained_features, user_fold_in_arrays)
+from cliper_prod.backbones.lightgcn import light_propagate, propagation_layers
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.item_knn import check_method
 from cliper_prod.errors import ConfigError
@@ -141,6 +143,28 @@ class Freedom(Recommender):
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         return self._embed(self.full_adj)
+
+    @torch.no_grad()
+    def fold_in_state(self, data: InteractionData) -> FoldInState:
+        """Users: the ``symmetric`` rule over the full user-item graph; items: the ``freedom``
+        rule over the item graph's kNN features (unit rows of the raw features it was built
+        from) and the propagations S^l E_i, l < n_mm_layers."""
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
+        layers = propagation_layers(self.full_adj, ego, self.config.n_ui_layers)
+        graph = [self.item_embedding.weight]
+        for _ in range(self.config.n_mm_layers - 1):
+            graph.append(self.item_graph(graph[-1]))
+        features = feature_tensors(data)
+        w = self.config.mm_image_weight
+        weights = {"image": w, "text": 1.0 - w} if len(features) == 2 else \
+            {m: 1.0 for m in features}
+        arrays = {**user_fold_in_arrays(layers, self.n_users, self.train_items, self.n_items),
+                  "graph_layers": torch.stack(graph)[:self.config.n_mm_layers].cpu().numpy(),
+                  **{f"knn_{m}": F.normalize(f, dim=1).numpy() for m, f in features.items()}}
+        params = {"n_ui_layers": self.config.n_ui_layers, "n_mm_layers": self.config.n_mm_layers,
+                  "knn_k": self.config.knn_k, "modalities": list(features),
+                  "modality_weights": weights}
+        return FoldInState("symmetric", "freedom", params, arrays)
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         u_all, i_all = self._embed(self.train_adj)

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops
 
-from cliper_prod.backbones.base import (Recommender, bpr_loss, check_knn_k, feature_tensors,
-                                        require_features, train_edges, trained_features)
-from cliper_prod.backbones.lightgcn import light_propagate
+from cliper_prod.backbones.base import (FoldInState, Recommender, bpr_loss, check_knn_k,
+                                        feature_tensors, require_features, train_edges,
+                                        trained_features, user_fold_in_arrays)
+from cliper_prod.backbones.lightgcn import light_propagate, propagation_layers
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.item_knn import check_method
 from cliper_prod.errors import ConfigError
@@ -132,8 +133,9 @@ class Lattice(Recommender):
         self.modal_weight = nn.Parameter(torch.tensor([0.5, 0.5])) \
             if len(self.features) == 2 else None
 
-        users, items = train_edges(data, self.device)
-        edge_index, _ = add_self_loops(bipartite_edge_index(users, items, self.n_users),
+        users, self.train_items = train_edges(data, self.device)
+        edge_index, _ = add_self_loops(bipartite_edge_index(users, self.train_items,
+                                                            self.n_users),
                                        num_nodes=self.n_users + self.n_items)
         self.ui_adj = mean_adjacency(edge_index, self.n_users + self.n_items)
         self.fixed_item_graph: Propagation | None = None  # None: rebuild at the next batch
@@ -170,6 +172,18 @@ class Lattice(Recommender):
     def propagate(self) -> tuple[Tensor, Tensor]:
         edge_index, weight = self.item_graph()
         return self._embed(lambda x: edge_matmul(edge_index, weight, x))
+
+    @torch.no_grad()
+    def fold_in_state(self, data: InteractionData) -> FoldInState:
+        """Users: the ``mean_self_loop`` rule over D^-1 (A + I); items: not folded in."""
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
+        layers = propagation_layers(self.ui_adj, ego, self.config.n_ui_layers)
+        reason = ("its item graph is partly learned from projected features, which the fold-in "
+                  "does not reproduce yet; add items to a FREEDOM model")
+        return FoldInState("mean_self_loop", None, {"n_ui_layers": self.config.n_ui_layers,
+                                                    "no_item_rule": reason},
+                           user_fold_in_arrays(layers, self.n_users, self.train_items,
+                                               self.n_items))
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         if self.fixed_item_graph is None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, train_edges
+from cliper_prod.backbones.base import (NO_ITEM_GRAPH, FoldInState, Recommender, bpr_loss,
+                                        train_edges, user_fold_in_arrays)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.graph import Propagation, bipartite_edge_index, normalized_adjacency
 
@@ -29,12 +30,18 @@ class LightGCNConfig:
     reg_weight: float
 
 
-def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
-    """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation."""
+def propagation_layers(adj: Propagation, ego: Tensor, n_layers: int) -> list[Tensor]:
+    """The layer outputs 0..n_layers of repeated normalised-adjacency propagation (a new user's
+    fold-in reads the items' layers 0..n_layers-1)."""
     layers = [ego]
     for _ in range(n_layers):
         layers.append(adj(layers[-1]))
-    return torch.stack(layers).mean(0)
+    return layers
+
+
+def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
+    """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation."""
+    return torch.stack(propagation_layers(adj, ego, n_layers)).mean(0)
 
 
 class LightGCN(Recommender):
@@ -60,14 +67,25 @@ class LightGCN(Recommender):
         super().__init__(device)
         self.config = config
         self.init_id_embeddings(data, config.embedding_size)
-        users, items = train_edges(data, self.device)
-        self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
+        users, self.train_items = train_edges(data, self.device)
+        self.adj = normalized_adjacency(bipartite_edge_index(users, self.train_items,
+                                                             self.n_users),
                                         self.n_users + self.n_items)
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
         out = light_propagate(self.adj, ego, self.config.n_layers)
         return out[:self.n_users], out[self.n_users:]
+
+    @torch.no_grad()
+    def fold_in_state(self, data: InteractionData) -> FoldInState:
+        """Users: the ``symmetric`` rule over this graph; items: none (no item graph)."""
+        ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
+        layers = propagation_layers(self.adj, ego, self.config.n_layers)
+        return FoldInState("symmetric", None, {"n_ui_layers": self.config.n_layers,
+                                               "no_item_rule": NO_ITEM_GRAPH},
+                           user_fold_in_arrays(layers, self.n_users, self.train_items,
+                                               self.n_items))
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         u, i = self.propagate()

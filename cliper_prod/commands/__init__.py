@@ -20,7 +20,7 @@ from cliper_prod import __version__
 from cliper_prod.errors import INTERRUPTED, CliperError
 
 COMMANDS = ("train", "evaluate", "compare", "ablate_fusion", "embed", "convert_clip", "export",
-            "topk", "serve", "synthetic", "random_features", "demo")
+            "add_items", "topk", "serve", "synthetic", "random_features", "demo")
 
 
 class CliperGroup(click.Group):

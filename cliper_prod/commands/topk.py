@@ -12,8 +12,11 @@ from cliper_prod.errors import ConfigError
 
 
 @click.command("topk")
-@click.option("--users", "users_file", type=click.Path(path_type=Path), required=True,
+@click.option("--users", "users_file", type=click.Path(path_type=Path),
               help="One user id per line (the dataset's ids); # comments, blank lines allowed.")
+@click.option("--histories", "histories_file", type=click.Path(path_type=Path),
+              help="Or users absent from training, one JSON line each: {\"user\": label, "
+                   "\"history\": [item ids]}, folded in by the backbone's user rule.")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
               default=DEFAULT_BUNDLE, show_default=True)
 @click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True)
@@ -25,23 +28,34 @@ from cliper_prod.errors import ConfigError
 @click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
 @device_option()
 @backbone_option(help="Refuse a bundle of another backbone (a guard for deployment scripts).")
-def command(users_file: Path, bundle_dir: Path, k: int, out_file: Path | None,
-            skip_unknown: bool, batch_size: int, device: str, backbone: str | None) -> None:
+def command(users_file: Path | None, histories_file: Path | None, bundle_dir: Path, k: int,
+            out_file: Path | None, skip_unknown: bool, batch_size: int, device: str,
+            backbone: str | None) -> None:
     """Top-K items for each user of a file, training items excluded, as JSON Lines
-    ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime."""
+    ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime. With
+    --histories, for users the model never saw: each is folded in from the items of their
+    history, which is excluded, and unknown item ids are listed in "unknown_items"."""
+    from cliper_prod.runtime import topk
     from cliper_prod.runtime.bundle import Bundle
-    from cliper_prod.runtime.topk import recommend, recommend_to_file
 
-    if not users_file.is_file():
-        raise ConfigError(f"{users_file}: users file not found")
+    if (users_file is None) == (histories_file is None):
+        raise ConfigError("pass exactly one of --users or --histories")
+    path = users_file or histories_file
+    if not path.is_file():
+        raise ConfigError(f"{path}: {'users' if users_file else 'histories'} file not found")
     bundle = Bundle(bundle_dir, device, backbone)
-    if out_file is None:
-        summary = recommend(bundle, users_file, sys.stdout, k=k, skip_unknown=skip_unknown,
-                            batch_size=batch_size)
+    if users_file is not None:
+        write, write_file = topk.recommend, topk.recommend_to_file
     else:
-        summary = recommend_to_file(bundle, users_file, out_file, k=k,
-                                    skip_unknown=skip_unknown, batch_size=batch_size)
+        write, write_file = topk.recommend_histories, topk.recommend_histories_to_file
+    options = {"k": k, "skip_unknown": skip_unknown, "batch_size": batch_size}
+    if out_file is None:
+        summary = write(bundle, path, sys.stdout, **options)
+    else:
+        summary = write_file(bundle, path, out_file, **options)
     for skipped in summary.skipped:
-        click.echo(f"{users_file}:{skipped['line']}: skipped: {skipped['reason']}", err=True)
+        click.echo(f"{path}:{skipped['line']}: skipped: {skipped['reason']}", err=True)
+    unknown = (f", {summary.unknown_items} unknown item id(s) listed in the output"
+               if summary.unknown_items else "")
     click.echo(f"top-{k} for {summary.users} user(s), {len(summary.skipped)} line(s) skipped"
-               + (f" -> {out_file}" if out_file else ""), err=True)
+               f"{unknown}" + (f" -> {out_file}" if out_file else ""), err=True)

@@ -32,10 +32,12 @@ import torch
 from torch import nn
 
 from cliper_prod import __version__
-from cliper_prod.bundle_format import (FORMAT_VERSION, FUSED, HISTORY_INDPTR, HISTORY_ITEMS,
-                                       IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST, PLAIN,
-                                       TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS, USER_TABLE,
-                                       file_key, graph_file, sha256_file)
+from cliper_prod.backbones.base import FoldInState
+from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, FUSED, HISTORY_INDPTR,
+                                       HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
+                                       PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
+                                       USER_TABLE, file_key, fold_in_file, graph_file,
+                                       read_manifest, sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError, ConfigError
 from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
@@ -351,8 +353,11 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip: str | Non
     model.eval()
     settings = feature_settings(data.features_dir, clip, random_init)
     tables = EmbeddingTables(*model.embedding_tables(), data.train, data.user_ids, data.item_ids)
-    return _write_atomically(out, lambda folder: _build(folder, tables, settings, options,
-                                                        payload["backbone"], data.name))
+    fold_in = model.fold_in_state(data)
+    return _write_atomically(out, lambda folder: _build(
+        folder, tables, options, payload["backbone"], data.name,
+        features=lambda: export_features(settings, folder, options) if settings else None,
+        fold_in=fold_in))
 
 
 @dataclass(frozen=True)
@@ -372,8 +377,45 @@ def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = 
                   ) -> dict[str, Any]:
     """A top-K bundle (no feature graphs) straight from embedding tables, no checkpoint: for
     tables trained elsewhere, and for catalogs too large to train here (benchmarks)."""
-    return _write_atomically(out, lambda folder: _build(folder, tables, None, options,
-                                                        backbone, dataset))
+    return _write_atomically(out, lambda folder: _build(folder, tables, options, backbone,
+                                                        dataset))
+
+
+def extend_bundle(source: Path, *, item_ids: Sequence[str], items: np.ndarray,
+                  fold_in: FoldInState, out: Path) -> dict[str, Any]:
+    """A new bundle at ``out``: ``source`` with the items ``item_ids`` (embeddings ``items``,
+    placed by ``fold_in``, which holds the arrays with them appended) added to its catalog,
+    exported and verified as :func:`export_bundle` does; ``source`` is not touched. The CLIP
+    graphs and the tokenizer are copied with their verified records."""
+    manifest = read_manifest(source)
+    topk = manifest["graphs"][TOPK_GRAPH]
+    old_ids = (source / manifest["ids"]["items"]).read_text(encoding="utf-8").splitlines()
+    tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
+    counts = np.diff(tables["history_indptr"])
+    train = np.stack([np.repeat(np.arange(len(counts)), counts),
+                      tables["history_items"].astype(np.int64)], 1)
+    user_ids = (source / manifest["ids"]["users"]).read_text(encoding="utf-8").splitlines()
+    embedding = EmbeddingTables(torch.from_numpy(tables["users"]),
+                                torch.from_numpy(np.concatenate([tables["items"], items])),
+                                train, user_ids, old_ids + list(item_ids))
+    options = GraphOptions(max_k=topk["k"], chunk_items=topk["chunk_items"],
+                           opset=manifest["opset"])
+    lineage = {"extended_from": {"created": manifest["created"],
+                                 "manifest_sha256": sha256_file(source / MANIFEST)},
+               "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}
+
+    def copy_features(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        if manifest.get("features") is None:
+            return None
+        records = {name: manifest["graphs"][name] for name in (IMAGE_GRAPH, TEXT_GRAPH)}
+        names = [f for r in records.values() for f in r["files"].values()] + [TOKENIZER]
+        for name in names:
+            shutil.copy2(source / name, folder / name)
+        return records, manifest["features"]
+
+    return _write_atomically(out, lambda folder: _build(
+        folder, embedding, options, manifest["backbone"], manifest["dataset"],
+        features=lambda: copy_features(folder), fold_in=fold_in, lineage=lineage))
 
 
 def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -392,8 +434,16 @@ def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dic
     return manifest
 
 
-def _build(folder: Path, tables: EmbeddingTables, settings: FeatureSettings | None,
-           options: GraphOptions, backbone: str | None, dataset: str | None) -> dict[str, Any]:
+FeatureGraphs = Callable[[], "tuple[dict[str, Any], dict[str, Any]] | None"]
+
+
+def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbone: str | None,
+           dataset: str | None, *, features: FeatureGraphs = lambda: None,
+           fold_in: FoldInState | None = None, lineage: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Write every file of a bundle into ``folder``: the top-K graph and tables, the CLIP graphs
+    ``features`` writes (their records and the feature settings, or None), the fold-in arrays,
+    then the manifest."""
     graphs: dict[str, Any] = {}
     users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
     spec, topk_info, (indptr, history) = _topk_graph(users, items, tables.train, options.max_k,
@@ -412,16 +462,25 @@ def _build(folder: Path, tables: EmbeddingTables, settings: FeatureSettings | No
                                                              range(len(users)))))
     write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in (tables.item_ids or
                                                              range(len(items)))))
-    features = None
-    if settings is not None:
-        records, features = export_features(settings, folder, options)
+    feature_graphs = features()
+    feature_info = None
+    if feature_graphs is not None:
+        records, feature_info = feature_graphs
         graphs.update(records)
-    return write_manifest(folder, graphs, features, options.opset, backbone=backbone,
-                          dataset=dataset)
+    extra: dict[str, Any] = {"lineage": lineage} if lineage else {}
+    if fold_in is not None:
+        for name, array in fold_in.arrays.items():
+            write_npy(folder / fold_in_file(name), np.ascontiguousarray(array))
+        extra[FOLD_IN] = {"user_rule": fold_in.user_rule, "item_rule": fold_in.item_rule,
+                          "params": fold_in.params,
+                          "arrays": {name: fold_in_file(name) for name in fold_in.arrays}}
+    return write_manifest(folder, graphs, feature_info, options.opset, backbone=backbone,
+                          dataset=dataset, extra=extra)
 
 
 def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any] | None,
-                   opset: int, backbone: str | None, dataset: str | None) -> dict[str, Any]:
+                   opset: int, backbone: str | None, dataset: str | None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hash every file of ``folder`` and write ``manifest.json`` (last, once all is verified)."""
     import onnx
     import onnxruntime
@@ -437,6 +496,7 @@ def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any
         "ids": {"users": USER_IDS, "items": ITEM_IDS},
         "tables": {"users": USER_TABLE, "items": ITEM_TABLE,
                    "history_indptr": HISTORY_INDPTR, "history_items": HISTORY_ITEMS},
+        **(extra or {}),
         "files": {name: sha256_file(folder / name) for name in files},
     }
     write_json(folder / MANIFEST, manifest)

@@ -20,13 +20,13 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from functools import cached_property
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from cliper_prod.bundle_format import TOPK_GRAPH
+from cliper_prod.bundle_format import FOLD_IN, TOPK_GRAPH
 from cliper_prod.errors import BundleError
 from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch, load_image
 from cliper_prod.features.image_preprocess import ImageDecodeError, unusable
@@ -35,6 +35,7 @@ from cliper_prod.features.shards import Shard
 from cliper_prod.histories import history_pairs
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
+from cliper_prod.runtime.fold_in import FoldIn
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class ReadinessProbe:
         self.last_ok = self.clock()
 
 
-def rankings(user_ids: list[str], top_items: np.ndarray, top_scores: np.ndarray, k: int,
-             item_ids: np.ndarray, exclude: set[int] = frozenset()) -> list[dict]:
+def rankings(user_ids: Sequence[str | None], top_items: np.ndarray, top_scores: np.ndarray,
+             k: int, item_ids: np.ndarray, exclude: set[int] = frozenset()) -> list[dict]:
     """{"user_id", "items", "scores"} per user from the graph's padded top rows: padding
     (score -inf) and ``exclude`` rows dropped, then the first ``k`` kept."""
     out = []
@@ -92,10 +93,23 @@ def rankings(user_ids: list[str], top_items: np.ndarray, top_scores: np.ndarray,
     return out
 
 
+@dataclass(frozen=True)
+class HistoryQueries:
+    """Users given by their histories, folded in and ready to rank: query vectors, the
+    (position, item) pairs to leave out (each history), and each history's unknown ids."""
+
+    queries: np.ndarray
+    positions: np.ndarray
+    items: np.ndarray
+    unknown: list[list[str]]
+
+
 class TopKRanker:
-    """User ids -> rows of the top-K graph -> rankings with training items excluded."""
+    """User ids (or histories) -> queries of the top-K graph -> rankings with training (or
+    history) items excluded."""
 
     def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
         self.graph = bundle.graph(TOPK_GRAPH)
         self.max_k = int(bundle.manifest["graphs"][TOPK_GRAPH]["k"])
         self.item_ids = np.asarray(bundle.item_ids, dtype=object)
@@ -139,6 +153,46 @@ class TopKRanker:
         positions, seen = history_pairs(self.indptr, self.history, rows)
         return self.graph(queries=self.queries[rows], exclude_rows=positions,
                           exclude_items=seen)
+
+    @cached_property
+    def fold_in(self) -> FoldIn:
+        manifest = self.bundle.manifest
+        return FoldIn(self.bundle.folder, manifest.get(FOLD_IN), manifest.get("backbone"))
+
+    def prepare_histories(self, histories: Sequence[Sequence[str]], k: int,
+                          exclude: Sequence[str] = ()) -> tuple[HistoryQueries, set[int]]:
+        """Fold in one user per history of item ids (unknown ids are reported, never guessed;
+        a history needs one known item) and check the request as :meth:`prepare` does."""
+        if not 1 <= k <= self.max_k:
+            raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
+        excluded = self.exclusions(list(exclude), k)
+        rows, unknown = [], []
+        for n, history in enumerate(histories):
+            known = list(dict.fromkeys(self.item_index[i] for i in history
+                                       if i in self.item_index))
+            missing = [i for i in history if i not in self.item_index]
+            if not known:
+                raise RequestError(f"history {n + 1}: no known item id"
+                                   + (f" (unknown: {_ids(missing)})" if missing else " (empty)"))
+            rows.append(np.asarray(known, dtype=np.int64))
+            unknown.append(missing)
+        queries = self.fold_in.users(rows)
+        positions = np.repeat(np.arange(len(rows), dtype=np.int64), [len(r) for r in rows])
+        return HistoryQueries(queries, positions, np.concatenate(rows), unknown), excluded
+
+    def rank_histories(self, prepared: HistoryQueries) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's padded top rows of folded-in users, their histories excluded."""
+        return self.graph(queries=prepared.queries, exclude_rows=prepared.positions,
+                          exclude_items=prepared.items)
+
+    def answer_histories(self, labels: Sequence[str | None], prepared: HistoryQueries, k: int,
+                         exclude: set[int]) -> list[dict]:
+        """Rankings of folded-in users, each with its ``unknown_items`` when it had some."""
+        out = rankings(labels, *self.rank_histories(prepared), k, self.item_ids, exclude)
+        for record, missing in zip(out, prepared.unknown):
+            if missing:
+                record["unknown_items"] = [clip(i) for i in missing]
+        return out
 
     def answer(self, user_ids: list[str], top: tuple[np.ndarray, np.ndarray], k: int,
                exclude: set[int]) -> list[dict]:
@@ -272,6 +326,15 @@ class Recommender:
         users = list(user_ids)
         rows, excluded = self.ranker.prepare(users, k, exclude)
         return self.ranker.answer(users, self.ranker.rank(rows), k, excluded)
+
+    def topk_histories(self, histories: Sequence[Sequence[str]], k: int = 20,
+                       exclude: Sequence[str] = ()) -> list[dict]:
+        """The top ``k`` items of users absent from training, each given by a history of item
+        ids: folded in by the backbone's user rule (:mod:`cliper_prod.runtime.fold_in`), the
+        history and ``exclude`` left out; unknown ids are listed in ``unknown_items``."""
+        prepared, excluded = self.ranker.prepare_histories(histories, k, exclude)
+        return self.ranker.answer_histories([None] * len(prepared.unknown), prepared, k,
+                                            excluded)
 
     def embed(self, items: list[dict]) -> dict:
         """CLIPER features of items in the JSONL schema (``item_id``, text fields, ``image``

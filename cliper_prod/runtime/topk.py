@@ -1,4 +1,5 @@
-"""``cliper-prod topk``: recommendations for a file of user ids, from a bundle's top-K graph.
+"""``cliper-prod topk``: recommendations for a file of user ids (or of users' histories), from
+a bundle's top-K graph.
 
 User file policy (documented in README): one external user id per line; blank lines and
 lines starting with ``#`` are ignored; surrounding whitespace is stripped. A line holding
@@ -6,6 +7,12 @@ whitespace inside the id is malformed. Unknown ids, repeated ids and malformed l
 run with the file and line (nothing is written), or, with ``skip_unknown``, are skipped and
 reported on stderr and in the returned summary. The file is streamed in batches, so its size
 is bounded by disk, not memory; output lines follow the input order.
+
+Histories file policy: one JSON object per line, ``{"user": "label", "history": [item ids]}``;
+blank lines are ignored. A malformed line, a missing label, a history that is not a list of
+strings or holds no known item stops the run with the file and line (or, with
+``skip_unknown``, is skipped and reported); unknown ids beside known ones are listed in the
+line's ``unknown_items`` and counted in the summary.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.io import atomic_path
 from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.features.items import StrictJSONError, loads_strict
 from cliper_prod.runtime.recommender import TopKRanker
 
 
@@ -29,6 +37,7 @@ from cliper_prod.runtime.recommender import TopKRanker
 class TopKSummary:
     users: int = 0
     skipped: list[dict] = field(default_factory=list)
+    unknown_items: int = 0  # unknown ids in histories (listed in their output lines)
 
 
 def read_users(path: Path, index: dict[str, int], skip_bad: bool, summary: TopKSummary
@@ -88,6 +97,68 @@ def recommend(bundle: Bundle, users_path: Path, out: IO[str], *, k: int = 20,
     while batch := list(islice(stream, batch_size)):
         rows = np.fromiter((row for _, row in batch), dtype=np.int64, count=len(batch))
         for record in ranker.answer([user for user, _ in batch], ranker.rank(rows), k, set()):
+            out.write(json.dumps(record) + "\n")
+        summary.users += len(batch)
+    return summary
+
+
+def read_histories(path: Path, known: dict[str, int], skip_bad: bool, summary: TopKSummary
+                   ) -> Iterator[tuple[str, list[str]]]:
+    """(label, history) for each valid line of a histories file, in file order."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = loads_strict(raw)
+            except StrictJSONError as exc:
+                problem = f"malformed JSON ({exc})"
+            else:
+                problem = _history_problem(record, known)
+                if problem is None:
+                    yield record["user"], record["history"]
+                    continue
+            if not skip_bad:
+                raise DataError(path, problem + "; fix the line or pass --skip-unknown",
+                                line=line_no)
+            summary.skipped.append({"line": line_no, "reason": problem})
+
+
+def _history_problem(record: object, known: dict[str, int]) -> str | None:
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if not isinstance(record.get("user"), str) or not record["user"].strip():
+        return "missing or empty 'user' (the label of the output line)"
+    history = record.get("history")
+    if not isinstance(history, list) or not all(isinstance(i, str) for i in history):
+        return "'history' must be a list of item id strings"
+    if not any(i in known for i in history):
+        return (f"history of {record['user'][:60]!r} holds no known item id"
+                + (f" ({len(history)} unknown)" if history else " (empty)"))
+    return None
+
+
+def recommend_histories_to_file(bundle: Bundle, histories_path: Path, out_path: Path, *,
+                                k: int = 20, skip_unknown: bool = False, batch_size: int = 1024
+                                ) -> TopKSummary:
+    """:func:`recommend_histories` into ``out_path``, renamed into place when all is done."""
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        return recommend_histories(bundle, histories_path, fh, k=k, skip_unknown=skip_unknown,
+                                   batch_size=batch_size)
+
+
+def recommend_histories(bundle: Bundle, histories_path: Path, out: IO[str], *, k: int = 20,
+                        skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
+    """One JSON line per history: the user folded in by the backbone's rule
+    ({"user_id": label, "items", "scores"[, "unknown_items"]}), the history excluded."""
+    check_k(bundle, k)
+    ranker = TopKRanker(bundle)
+    summary = TopKSummary()
+    stream = read_histories(histories_path, ranker.item_index, skip_unknown, summary)
+    while batch := list(islice(stream, batch_size)):
+        prepared, _ = ranker.prepare_histories([h for _, h in batch], k)
+        for record in ranker.answer_histories([user for user, _ in batch], prepared, k, set()):
+            summary.unknown_items += len(record.get("unknown_items", ()))
             out.write(json.dumps(record) + "\n")
         summary.users += len(batch)
     return summary

@@ -1,0 +1,130 @@
+"""``cliper-prod add-items``: new items into a bundle without retraining (fold-in)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from cliper_prod.commands.common import device_option, quiet_option
+from cliper_prod.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cliper_prod.runtime.bundle import Bundle
+
+
+def embedded_features(bundle: Bundle, items: Path, *, precision: str, batch_size: int,
+                      strict: bool, progress: bool) -> tuple[Path, list[dict]]:
+    """Embed ``items`` with the bundle's own CLIP graphs, as `embed --bundle` would, into a
+    temporary folder; that folder and the item errors (the per-item policy of `embed`)."""
+    from cliper_prod.features.embed import EmbedOptions, embed_catalog
+    from cliper_prod.runtime.encoder import OnnxEncoder
+
+    bundle.features  # a bundle without CLIP graphs refuses here, saying so
+    encoder = OnnxEncoder(bundle, precision)
+    options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
+                           batch_size=batch_size, strict=strict)
+    folder = Path(tempfile.mkdtemp(prefix="cliper-add-items-"))
+    embed_catalog(items, encoder, folder, options, progress=progress)
+    errors = [json.loads(line) for line in (folder / "errors.jsonl").read_text().splitlines()]
+    return folder, errors
+
+
+def read_features(folder: Path, modalities: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Item ids and the ``modalities``' feature rows of a folder laid out as `embed` writes it."""
+    import numpy as np
+
+    ids_file = folder / "item_ids.txt"
+    if not ids_file.is_file():
+        raise DataError(ids_file, "missing: --features takes a folder written by "
+                                  "`cliper-prod embed` (item_ids.txt, image_feat.npy, "
+                                  "text_feat.npy)")
+    ids = ids_file.read_text(encoding="utf-8").splitlines()
+    if len(set(ids)) != len(ids):
+        raise DataError(ids_file, "repeated item ids")
+    features = {}
+    for m in modalities:
+        path = folder / f"{m}_feat.npy"
+        if not path.is_file():
+            raise DataError(path, f"missing: the model's item graph was built from "
+                                  f"{modalities} features")
+        rows = np.load(path)
+        if rows.ndim != 2 or len(rows) != len(ids) or not np.isfinite(rows).all():
+            raise DataError(path, f"expected {len(ids)} finite rows (one per item_ids.txt line), "
+                                  f"got shape {rows.shape}")
+        features[m] = rows
+    return ids, features
+
+
+@click.command("add-items")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True,
+              help="Bundle written by `cliper-prod export` (FREEDOM); it is not changed.")
+@click.option("--items", "items_path", type=click.Path(path_type=Path),
+              help="The new items, a JSON Lines file or folder as `embed` reads, embedded with "
+                   "the bundle's CLIP graphs.")
+@click.option("--features", "features_dir", type=click.Path(path_type=Path),
+              help="Or their features: a folder as `embed` writes (item_ids.txt, "
+                   "image_feat.npy, text_feat.npy), in the space the model was trained on.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of the new bundle (written atomically).")
+@device_option()
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+              show_default=True, help="Which CLIP graphs embed --items.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--strict", is_flag=True, help="Fail (exit 3) at the first item error of --items.")
+@quiet_option("No progress bar.")
+def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None,
+            out_dir: Path, device: str, precision: str, batch_size: int, strict: bool,
+            quiet: bool) -> None:
+    """Add items to a bundle without retraining: each new item is placed in the model's item
+    graph by kNN over the same features the model used, its embedding is the backbone's own
+    item-graph propagation, and a new verified bundle is written (see README, "Fresh
+    catalogs"). Items the bundle already has are refused."""
+    import shutil
+
+    from cliper_prod.backbones.base import FoldInState
+    from cliper_prod.export.bundle import extend_bundle
+    from cliper_prod.runtime.bundle import Bundle
+    from cliper_prod.runtime.fold_in import FoldIn
+
+    if (items_path is None) == (features_dir is None):
+        raise ConfigError("pass exactly one of --items (embedded here) or --features")
+    if out_dir.resolve() == bundle_dir.resolve():
+        raise ConfigError("--out must differ from --bundle: the source bundle is never changed")
+    bundle = Bundle(bundle_dir, device)
+    manifest = bundle.manifest
+    fold = FoldIn(bundle_dir, manifest.get("fold_in"), manifest.get("backbone"))
+    fold.require_item_rule()
+    workdir = None
+    try:
+        if items_path is not None:
+            workdir, errors = embedded_features(bundle, items_path, precision=precision,
+                                                batch_size=batch_size, strict=strict,
+                                                progress=not quiet)
+            for error in errors:
+                where = f"{items_path}/{error['file']}" if "file" in error else str(items_path)
+                click.echo(f"{where}:{error['line']}: {error['action']}: {error['reason']}",
+                           err=True)
+            features_dir = workdir
+        ids, features = read_features(features_dir, fold.modalities)
+        known = set(bundle.item_ids).intersection(ids)
+        if known:
+            raise DataError(features_dir / "item_ids.txt",
+                            f"{len(known)} item id(s) already in the bundle, e.g. "
+                            f"{sorted(known)[:5]}")
+        if not ids:
+            raise DataError(items_path or features_dir, "no item to add")
+        placed = fold.items(features)
+        arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
+        extend_bundle(bundle_dir, item_ids=ids, items=placed.vectors,
+                      fold_in=FoldInState(fold.user_rule, fold.item_rule, fold.params, arrays),
+                      out=out_dir)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    click.echo(f"added {len(ids)} item(s) to {len(bundle.item_ids)} -> {out_dir}", err=True)

@@ -1,0 +1,176 @@
+"""New users and new items in a trained model without retraining: each backbone's own
+propagation rule applied to one more node, every trained node kept as it is.
+
+A bundle exported from a backbone that supports it holds the rule names, their parameters and
+the arrays they read (manifest ``fold_in``, files ``fold_in.<name>.npy``). A new node has no
+trained ID embedding: it enters its rule as zero, and its representation is what the graph
+propagates into it from its neighbours.
+
+Users, from a history H of known items (duplicates count once); e_i^(l) is item i's
+layer-l representation in the trained user-item propagation, L its number of layers:
+
+- ``symmetric`` (LightGCN, FREEDOM; D^-1/2 A D^-1/2): u^(l) = sum_i e_i^(l-1) / sqrt(|H|
+  (d_i + 1)) with d_i the item's training degree (+1: the new edge), u = (u^(1) + ... + u^(L))
+  / (L + 1) (u^(0), the ID embedding, is zero);
+- ``mean_self_loop`` (LATTICE; D^-1 (A + I)): u^(l) = (u^(l-1) + sum_i e_i^(l-1)) / (|H| + 1),
+  u = mean of u^(0..L).
+
+Items, from their features (the modalities the item graph was built from):
+
+- ``freedom``: per modality m, the new item's row of the kNN graph is itself plus its k-1 most
+  cosine-similar items, each weighted 1/k (every row of FREEDOM's graph has k entries); the
+  modalities are mixed by their weights. x^(0) = 0 for the new item, x^(l) = S x^(l-1) over
+  the stored x^(l-1) of the other items, and the item's embedding is x^(L_m) (its LightGCN part
+  is zero: no ID embedding, no interactions). Other items' rows are unchanged.
+
+Backbones without an item graph (LightGCN, VBPR, MMGCN, DualGNN, SLMRec) cannot place an item
+that has no interactions; backbones without a stored user rule cannot fold in users. Both are
+refused with a :class:`~cliper_prod.errors.BundleError` that says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cliper_prod.errors import BundleError, ConfigError
+
+USER_RULES = ("symmetric", "mean_self_loop")
+ITEM_RULES = ("freedom",)
+QUERY_CHUNK = 256  # new items compared with the catalog at a time: memory chunk x catalog
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32: cosine as a dot product."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+@dataclass(frozen=True)
+class PlacedItems:
+    """New items' embeddings, and the fold-in arrays with the new items appended (so that a
+    bundle made from them can take further items and users)."""
+
+    vectors: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+
+class FoldIn:
+    """The fold-in rules of one bundle (its manifest's ``fold_in`` record and arrays)."""
+
+    def __init__(self, folder: Path, record: dict[str, Any] | None, backbone: str | None) -> None:
+        if record is None:
+            raise BundleError(f"{folder}: no fold-in state: the {backbone or 'model'} bundle was "
+                              f"exported without one (re-export it with this version; tables "
+                              f"exported without a checkpoint have none)")
+        self.folder, self.backbone = folder, backbone
+        self.user_rule, self.item_rule = record["user_rule"], record["item_rule"]
+        self.params: dict[str, Any] = record["params"]
+        self.files: dict[str, str] = record["arrays"]
+        self.modalities: list[str] = list(self.params.get("modalities", []))
+
+    def array(self, name: str) -> np.ndarray:
+        return np.load(self.folder / self.files[name], mmap_mode="r")
+
+    # -- users --------------------------------------------------------------------------------
+
+    def users(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """[B, D] float32 user vectors from item-row histories (each non-empty)."""
+        if self.user_rule not in USER_RULES:
+            raise BundleError(f"{self.folder}: cannot fold in users of a {self.backbone} model: "
+                              f"{self.params.get('no_user_rule', 'no user fold-in rule')}")
+        layers, degree = self.array("item_layers"), self.array("item_degree")
+        n_layers = layers.shape[0]
+        out = np.zeros((len(histories), layers.shape[2]), dtype=np.float64)
+        for b, history in enumerate(histories):
+            items = np.unique(np.asarray(history, dtype=np.int64))
+            h = layers[:, items, :].astype(np.float64)  # [L, |H|, D]
+            if self.user_rule == "symmetric":
+                coeff = 1.0 / np.sqrt(len(items) * (degree[items].astype(np.float64) + 1.0))
+                out[b] = np.einsum("lhd,h->d", h, coeff) / (n_layers + 1)
+            else:
+                u, total = np.zeros(h.shape[2]), np.zeros(h.shape[2])
+                for layer in h:
+                    u = (u + layer.sum(0)) / (len(items) + 1)
+                    total += u
+                out[b] = total / (n_layers + 1)
+        return out.astype(np.float32)
+
+    # -- items --------------------------------------------------------------------------------
+
+    def require_item_rule(self) -> None:
+        """Refuse, with the backbone's reason, a model whose items cannot be folded in."""
+        if self.item_rule not in ITEM_RULES:
+            raise BundleError(f"{self.folder}: cannot add items to a {self.backbone} model: "
+                              f"{self.params.get('no_item_rule', 'no item fold-in rule')}")
+
+    def items(self, features: dict[str, np.ndarray]) -> PlacedItems:
+        """Embeddings of new items from their features ({modality: [Q, d]}, the modalities of
+        ``self.modalities``, in the space the model's item graph was built from)."""
+        self.require_item_rule()
+        missing = [m for m in self.modalities if m not in features]
+        if missing:
+            raise ConfigError(f"add-items needs the new items' {', '.join(missing)} features "
+                              f"(the model's item graph was built from {self.modalities})")
+        n_new = len(features[self.modalities[0]])
+        k, weights = int(self.params["knn_k"]), self.params["modality_weights"]
+        graph_layers = self.array("graph_layers")  # [L_m, n, D]: x^(0..L_m-1) of known items
+        # S restricted to the new rows: neighbours of known items with weights, and self weight
+        rows, cols, vals = [], [], []
+        units = {}
+        for m in self.modalities:
+            table = self.array(f"knn_{m}")
+            units[m] = unit_rows(features[m])
+            if units[m].shape[1] != table.shape[1]:
+                raise ConfigError(f"the new items' {m} features are {units[m].shape[1]}-d; the "
+                                  f"model's are {table.shape[1]}-d")
+            neighbours = nearest(table, units[m], k - 1)
+            rows.append(np.repeat(np.arange(n_new), k - 1))
+            cols.append(neighbours.reshape(-1))
+            vals.append(np.full(neighbours.size, weights[m] / k))
+        self_weight = sum(weights[m] for m in self.modalities) / k
+        row, col, val = (np.concatenate(a) for a in (rows, cols, vals))
+        x = np.zeros((n_new, graph_layers.shape[2]), dtype=np.float64)  # x^(0): no ID embedding
+        new_layers = [x]
+        for layer in graph_layers:
+            x = self_weight * x + _scatter_rows(row, val, np.asarray(layer[col], np.float64), n_new)
+            new_layers.append(x)
+        vectors = new_layers[-1].astype(np.float32)
+        d = graph_layers.shape[2]
+        arrays = {
+            "graph_layers": np.concatenate(
+                [graph_layers, np.stack(new_layers[:-1]).astype(np.float32)], axis=1),
+            "item_layers": np.concatenate(
+                [self.array("item_layers"),
+                 np.zeros((self.array("item_layers").shape[0], n_new, d), np.float32)], axis=1),
+            "item_degree": np.concatenate([self.array("item_degree"),
+                                           np.zeros(n_new, self.array("item_degree").dtype)]),
+        }
+        arrays |= {f"knn_{m}": np.concatenate([self.array(f"knn_{m}"), units[m]])
+                   for m in self.modalities}
+        return PlacedItems(vectors, arrays)
+
+
+def nearest(table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """[Q, k] rows of ``table`` with the largest dot product with each query (unit rows:
+    cosine), exact, scanning the table once per chunk of queries."""
+    k = min(k, len(table))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), QUERY_CHUNK):
+        sims = queries[start:start + QUERY_CHUNK] @ np.asarray(table).T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
+        out[start:start + len(sims)] = np.take_along_axis(top, order, 1)
+    return out
+
+
+def _scatter_rows(row: np.ndarray, val: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
+    """sum over entries e of val[e] * x[e] into out[row[e]]."""
+    out = np.zeros((n, x.shape[1]), dtype=np.float64)
+    np.add.at(out, row, val[:, None] * x)
+    return out

@@ -1,0 +1,236 @@
+"""Fresh catalogs without retraining: `add-items` and `topk --histories` against naive dense
+re-implementations of each backbone's propagation rule, written here from the papers' formulas
+(dense matrices in float64), never through the package's fold-in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cliper_prod.bundle_format import read_manifest
+from cliper_prod.checkpoint import load_model
+from cliper_prod.commands import cli
+from cliper_prod.runtime.recommender import Recommender
+
+N_NEW = 4
+
+
+def run(*args: str) -> object:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(exported: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """FREEDOM (two item-graph layers, so the rule's recursion is exercised), LightGCN and
+    LATTICE on the synthetic catalog's CLIPER features, each exported."""
+    root = tmp_path_factory.mktemp("fold")
+    out = {}
+    for backbone, extra in (("freedom", ["--set", "model.n_mm_layers=2"]), ("lightgcn", []),
+                            ("lattice", [])):
+        ckpt, bundle = root / f"{backbone}-ckpt", root / f"{backbone}-bundle"
+        res = run("train", "--backbone", backbone, "--data", exported["catalog"], "--features",
+                  "cliper", "--set", "train.epochs=2", *extra, "--out", ckpt, "--quiet")
+        assert res.exit_code == 0, res.output
+        res = run("export", "--backbone", backbone, "--checkpoint", ckpt, "--out", bundle,
+                  "--max-k", "30", "--chunk-items", "16", "--no-torchscript", "--no-fp16",
+                  "--no-fused")
+        assert res.exit_code == 0, res.output
+        out[f"{backbone}-ckpt"], out[backbone] = ckpt, bundle
+    return out
+
+
+def new_features(folder: Path, catalog: Path, seed: int = 5) -> dict[str, np.ndarray]:
+    """N_NEW items near existing ones (their features plus noise), as `embed` lays them out."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    feats = {}
+    for m in ("image", "text"):
+        base = np.load(catalog / "cliper" / f"{m}_feat.npy")[[3, 7, 11, 19]]
+        feats[m] = (base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+        np.save(folder / f"{m}_feat.npy", feats[m])
+    (folder / "item_ids.txt").write_text("".join(f"NEW{i}\n" for i in range(N_NEW)))
+    return feats
+
+
+def naive_freedom_items(ckpt: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
+    """FREEDOM's item rule with dense matrices: per new item, a graph of the n trained items
+    (their rows as trained) plus the new one, whose row is its cosine top-k among all n + 1
+    items, each 1/k, mixed by mm_image_weight; h = S^L_m [E; 0], row n."""
+    model, data, _ = load_model(ckpt)
+    cfg = model.config
+    known = model.item_graph.to_dense().double()
+    emb = torch.cat([model.item_embedding.weight.double(), torch.zeros(1, cfg.embedding_size,
+                                                                        dtype=torch.float64)])
+    weights = {"image": cfg.mm_image_weight, "text": 1 - cfg.mm_image_weight}
+    out = []
+    for q in range(N_NEW):
+        s = torch.zeros(model.n_items + 1, model.n_items + 1, dtype=torch.float64)
+        s[:-1, :-1] = known
+        for m, w in weights.items():
+            x = torch.cat([torch.from_numpy(data.features[m]).double(),
+                           torch.from_numpy(feats[m][q:q + 1]).double()])
+            x = x / x.norm(dim=1, keepdim=True)
+            top = torch.topk(x[-1] @ x.T, cfg.knn_k).indices
+            s[-1, top] += w / cfg.knn_k
+        h = emb
+        for _ in range(cfg.n_mm_layers):
+            h = s @ h
+        out.append(h[-1])
+    return torch.stack(out).detach().numpy()
+
+
+def test_new_items_equal_the_naive_item_graph_rule(trained, exported, tmp_path: Path) -> None:
+    feats = new_features(tmp_path / "new", exported["catalog"])
+    res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+              "--out", tmp_path / "b2")
+    assert res.exit_code == 0, res.output
+    table = np.load(tmp_path / "b2" / "item_embeddings.npy")
+    old = np.load(trained["freedom"] / "item_embeddings.npy")
+    np.testing.assert_array_equal(table[:len(old)], old)  # trained items untouched
+    np.testing.assert_allclose(table[len(old):], naive_freedom_items(trained["freedom-ckpt"],
+                                                                     feats),
+                               rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "b2" / "item_ids.txt").read_text().splitlines()[-N_NEW:] == \
+        [f"NEW{i}" for i in range(N_NEW)]
+
+
+def test_the_new_bundle_verifies_and_serves_unchanged(trained, exported, tmp_path: Path) -> None:
+    source = trained["freedom"]
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    new_features(tmp_path / "new", exported["catalog"])
+    assert run("add-items", "--bundle", source, "--features", tmp_path / "new", "--out",
+               tmp_path / "b2").exit_code == 0
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # B never touched
+    manifest = read_manifest(tmp_path / "b2")  # every hash checked
+    assert manifest["lineage"]["added_items"] == N_NEW
+    assert manifest["graphs"]["topk"]["parity"]["onnx_fp32"]  # verified like an export
+    # topk ranks over the extended catalog: naive numpy over its tables, training items out
+    users = np.load(tmp_path / "b2" / "user_embeddings.npy").astype(np.float64)
+    items = np.load(tmp_path / "b2" / "item_embeddings.npy").astype(np.float64)
+    user_ids = (tmp_path / "b2" / "user_ids.txt").read_text().splitlines()
+    item_ids = np.array((tmp_path / "b2" / "item_ids.txt").read_text().splitlines())
+    (tmp_path / "u.txt").write_text("\n".join(user_ids) + "\n")
+    res = run("topk", "--bundle", tmp_path / "b2", "--users", tmp_path / "u.txt", "-k", "10",
+              "--out", tmp_path / "recs.jsonl")
+    assert res.exit_code == 0, res.output
+    indptr = np.load(tmp_path / "b2" / "history_indptr.npy")
+    history = np.load(tmp_path / "b2" / "history_items.npy")
+    got = [json.loads(line) for line in (tmp_path / "recs.jsonl").read_text().splitlines()]
+    new_ranked = 0
+    for u, record in enumerate(got):
+        scores = users[u] @ items.T
+        scores[history[indptr[u]:indptr[u + 1]]] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:10]
+        np.testing.assert_allclose(record["scores"], scores[order], rtol=1e-5, atol=1e-6)
+        assert record["items"] == item_ids[order].tolist()
+        new_ranked += sum(i.startswith("NEW") for i in record["items"])
+    assert new_ranked > 0  # the added items do reach rankings
+    assert Recommender(tmp_path / "b2").topk([user_ids[0]], k=10)[0] == got[0]
+
+
+def test_add_items_from_jsonl_equals_embed_then_add_features(trained, exported,
+                                                              tmp_path: Path) -> None:
+    items = tmp_path / "new.jsonl"
+    catalog = exported["catalog"]
+    records = [json.loads(line) for line in (catalog / "items.jsonl").read_text().splitlines()[:3]]
+    items.write_text("".join(json.dumps({**r, "item_id": f"J{n}",
+                                         "image": str(catalog / r["image"])}) + "\n"
+                             for n, r in enumerate(records)) + "{broken\n")
+    res = run("add-items", "--bundle", trained["freedom"], "--items", items, "--out",
+              tmp_path / "via-items", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "skipped" in res.output  # the bad line is reported as embed reports it
+    res = run("embed", items, "--bundle", trained["freedom"], "--out", tmp_path / "feats",
+              "--quiet")
+    assert res.exit_code == 0, res.output
+    res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "feats",
+              "--out", tmp_path / "via-features")
+    assert res.exit_code == 0, res.output
+    for name in ("item_embeddings.npy", "item_ids.txt"):
+        assert (tmp_path / "via-items" / name).read_bytes() == \
+            (tmp_path / "via-features" / name).read_bytes()
+
+
+def naive_user(ckpt: Path, history: list[int], rule: str) -> np.ndarray:
+    """The fold-in user vector from dense powers of the trained user-item propagation: the
+    items' layer representations, combined by the backbone's rule for a node whose own
+    embedding is zero."""
+    model, data, _ = load_model(ckpt)
+    adj = (model.ui_adj if rule == "mean_self_loop" else
+           getattr(model, "full_adj", None) or model.adj).to_dense().double()
+    n_layers = model.config.n_ui_layers if hasattr(model.config, "n_ui_layers") \
+        else model.config.n_layers
+    x = torch.cat([model.user_embedding.weight, model.item_embedding.weight]).double()
+    layers = [x]
+    for _ in range(n_layers):
+        layers.append(adj @ layers[-1])
+    items = [layer[model.n_users:][history] for layer in layers]
+    degree = np.bincount(data.train[:, 1], minlength=model.n_items)[history]
+    u, total = torch.zeros(x.shape[1], dtype=torch.float64), 0
+    for layer in range(1, n_layers + 1):
+        if rule == "symmetric":
+            coeff = torch.from_numpy(1 / np.sqrt(len(history) * (degree + 1.0)))
+            u = (coeff[:, None] * items[layer - 1]).sum(0)
+        else:
+            u = (u + items[layer - 1].sum(0)) / (len(history) + 1)
+        total = total + u
+    return (total / (n_layers + 1)).detach().numpy()
+
+
+@pytest.mark.parametrize("backbone,rule", [("freedom", "symmetric"), ("lightgcn", "symmetric"),
+                                           ("lattice", "mean_self_loop")])
+def test_a_history_user_ranks_as_naive_numpy_over_the_folded_vector(trained, tmp_path: Path,
+                                                                    backbone: str,
+                                                                    rule: str) -> None:
+    bundle = trained[backbone]
+    item_ids = (bundle / "item_ids.txt").read_text().splitlines()
+    rng = np.random.default_rng(0)
+    histories = [sorted(rng.choice(len(item_ids), size=n, replace=False).tolist())
+                 for n in (1, 5, 12)]
+    lines = [{"user": f"h{n}", "history": [item_ids[i] for i in h] + ["ghost"] * (n == 1)}
+             for n, h in enumerate(histories)]
+    (tmp_path / "h.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    res = run("topk", "--bundle", bundle, "--histories", tmp_path / "h.jsonl", "-k", "10",
+              "--out", tmp_path / "out.jsonl")
+    assert res.exit_code == 0, res.output
+    items = np.load(bundle / "item_embeddings.npy").astype(np.float64)
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for n, (history, record) in enumerate(zip(histories, got)):
+        scores = items @ naive_user(trained[f"{backbone}-ckpt"], history, rule)
+        scores[history] = -np.inf  # the history is excluded
+        order = np.argsort(-scores, kind="stable")[:10]
+        assert record["user_id"] == f"h{n}"
+        assert record["items"] == [item_ids[i] for i in order]
+        np.testing.assert_allclose(record["scores"], scores[order], rtol=1e-4, atol=1e-6)
+        assert record.get("unknown_items", []) == (["ghost"] if n == 1 else [])
+    api = Recommender(bundle).topk_histories([lines[0]["history"]], k=10)
+    assert api[0]["items"] == got[0]["items"]
+
+
+def test_refusals_name_the_problem(trained, exported, tmp_path: Path) -> None:
+    new_features(tmp_path / "new", exported["catalog"])
+    res = run("add-items", "--bundle", trained["lightgcn"], "--features", tmp_path / "new",
+              "--out", tmp_path / "x")
+    assert res.exit_code == 7 and "no item graph" in res.output
+    res = run("add-items", "--bundle", trained["lattice"], "--features", tmp_path / "new",
+              "--out", tmp_path / "x")
+    assert res.exit_code == 7 and "learned" in res.output
+    (tmp_path / "new" / "item_ids.txt").write_text("SYN00001\nNEW1\nNEW2\nNEW3\n")
+    res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+              "--out", tmp_path / "x")
+    assert res.exit_code == 3 and "already in the bundle" in res.output
+    assert not (tmp_path / "x").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": "a", "history": ["SYN00001"]}\n{"user": "b", "history": ["zz"]}\n'
+                   '[1]\n')
+    res = run("topk", "--bundle", trained["freedom"], "--histories", bad)
+    assert res.exit_code == 3 and "bad.jsonl:2" in res.output and "no known item" in res.output
+    res = run("topk", "--bundle", trained["freedom"], "--histories", bad, "--skip-unknown",
+              "--out", tmp_path / "ok.jsonl")
+    assert res.exit_code == 0 and "bad.jsonl:3: skipped: expected a JSON object" in res.output
+    assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 1
