@@ -26,12 +26,12 @@ def run(*args: str) -> object:
 
 @pytest.fixture(scope="module")
 def trained(exported: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
-    """FREEDOM (two item-graph layers, so the rule's recursion is exercised), LightGCN and
-    LATTICE on the synthetic catalog's CLIPER features, each exported."""
+    """FREEDOM and LATTICE (two item-graph layers each, so the rules' recursion is exercised)
+    and LightGCN on the synthetic catalog's CLIPER features, each exported."""
     root = tmp_path_factory.mktemp("fold")
     out = {}
     for backbone, extra in (("freedom", ["--set", "model.n_mm_layers=2"]), ("lightgcn", []),
-                            ("lattice", [])):
+                            ("lattice", ["--set", "model.n_layers=2"])):
         ckpt, bundle = root / f"{backbone}-ckpt", root / f"{backbone}-bundle"
         res = run("train", "--backbone", backbone, "--data", exported["catalog"], "--features",
                   "cliper", "--set", "train.epochs=2", *extra, "--out", ckpt, "--quiet")
@@ -57,43 +57,116 @@ def new_features(folder: Path, catalog: Path, seed: int = 5) -> dict[str, np.nda
     return feats
 
 
+def naive_freedom_row(model, data, feats: dict[str, np.ndarray], q: int) -> torch.Tensor:
+    """The new item's row of FREEDOM's item graph over the n trained items plus itself: its
+    cosine top-k among all n + 1 items, each 1/k, mixed by mm_image_weight."""
+    cfg = model.config
+    row = torch.zeros(model.n_items + 1, dtype=torch.float64)
+    for m, w in {"image": cfg.mm_image_weight, "text": 1 - cfg.mm_image_weight}.items():
+        x = torch.cat([torch.from_numpy(data.features[m]).double(),
+                       torch.from_numpy(feats[m][q:q + 1]).double()])
+        x = x / x.norm(dim=1, keepdim=True)
+        row[torch.topk(x[-1] @ x.T, cfg.knn_k).indices] += w / cfg.knn_k
+    return row
+
+
 def naive_freedom_items(ckpt: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
     """FREEDOM's item rule with dense matrices: per new item, a graph of the n trained items
-    (their rows as trained) plus the new one, whose row is its cosine top-k among all n + 1
-    items, each 1/k, mixed by mm_image_weight; h = S^L_m [E; 0], row n."""
+    (their rows as trained) plus the new one; h = S^L_m [E; 0], row n."""
     model, data, _ = load_model(ckpt)
-    cfg = model.config
     known = model.item_graph.to_dense().double()
-    emb = torch.cat([model.item_embedding.weight.double(), torch.zeros(1, cfg.embedding_size,
-                                                                        dtype=torch.float64)])
-    weights = {"image": cfg.mm_image_weight, "text": 1 - cfg.mm_image_weight}
+    emb = torch.cat([model.item_embedding.weight.double(),
+                     torch.zeros(1, model.config.embedding_size, dtype=torch.float64)])
     out = []
     for q in range(N_NEW):
         s = torch.zeros(model.n_items + 1, model.n_items + 1, dtype=torch.float64)
-        s[:-1, :-1] = known
-        for m, w in weights.items():
-            x = torch.cat([torch.from_numpy(data.features[m]).double(),
-                           torch.from_numpy(feats[m][q:q + 1]).double()])
-            x = x / x.norm(dim=1, keepdim=True)
-            top = torch.topk(x[-1] @ x.T, cfg.knn_k).indices
-            s[-1, top] += w / cfg.knn_k
+        s[:-1, :-1], s[-1] = known, naive_freedom_row(model, data, feats, q)
         h = emb
-        for _ in range(cfg.n_mm_layers):
+        for _ in range(model.config.n_mm_layers):
             h = s @ h
         out.append(h[-1])
     return torch.stack(out).detach().numpy()
 
 
-def test_new_items_equal_the_naive_item_graph_rule(trained, exported, tmp_path: Path) -> None:
+def test_neighbours_embedding_is_the_graph_weighted_mean_of_served_neighbours(
+        trained, exported, tmp_path: Path) -> None:
     feats = new_features(tmp_path / "new", exported["catalog"])
     res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+              "--embedding", "neighbours", "--out", tmp_path / "b2")
+    assert res.exit_code == 0, res.output
+    served = np.load(trained["freedom"] / "item_embeddings.npy").astype(np.float64)
+    model, data, _ = load_model(trained["freedom-ckpt"])
+    for q, got in enumerate(np.load(tmp_path / "b2" / "item_embeddings.npy")[len(served):]):
+        weights = naive_freedom_row(model, data, feats, q)[:-1].numpy()  # trained items only
+        np.testing.assert_allclose(got, weights @ served / weights.sum(), rtol=1e-5, atol=1e-6)
+
+
+def _dense_topk_row(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k (self included) of the last row of ``x`` among all rows: ids, cosines."""
+    x = x / x.norm(dim=1, keepdim=True)
+    top = torch.topk(x[-1] @ x.T, k)
+    return top.indices, top.values
+
+
+def _dense_row_sums(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Weighted row sums of the cosine top-k graph of the rows of ``x`` (self included)."""
+    x = x / x.norm(dim=1, keepdim=True)
+    return torch.topk(x @ x.T, k, dim=1).values.sum(1)
+
+
+def naive_lattice_items(ckpt: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
+    """LATTICE's item rule with dense matrices: the trained graph's n rows as the model builds
+    them, plus the new item's row: (1 - lambda) x learned (cosine top-k of projected features,
+    mixed by softmax(modal_weight), / sqrt of both ends' weighted row sums) + lambda x frozen
+    (the same on raw features per modality, then mixed); h = S^L [E; 0], normalised."""
+    model, data, _ = load_model(ckpt)
+    cfg, n, k = model.config, model.n_items, model.config.knn_k
+    edge_index, weight = model.item_graph()
+    known = torch.zeros(n, n, dtype=torch.float64).index_put_(
+        tuple(edge_index), weight.double(), accumulate=True)
+    mix = dict(zip(("image", "text"), torch.softmax(model.modal_weight, 0).double()))
+    emb = torch.cat([model.item_embedding.weight.double(),
+                     torch.zeros(1, cfg.embedding_size, dtype=torch.float64)])
+    out = []
+    for q in range(N_NEW):
+        row = torch.zeros(n + 1, dtype=torch.float64)
+        learned_row, learned_deg_known, learned_deg_q = torch.zeros(n + 1, dtype=torch.float64), 0, 0
+        for m, w in mix.items():
+            raw = torch.cat([torch.from_numpy(data.features[m]).double(),
+                             torch.from_numpy(feats[m][q:q + 1]).double()])
+            ids, cos = _dense_topk_row(raw, k)
+            deg = torch.cat([_dense_row_sums(raw[:-1], k), cos.sum().reshape(1)])
+            row[ids] += cfg.lambda_coeff * w * cos / torch.sqrt(deg[-1] * deg[ids])
+            proj = model.projections[m]
+            projected = torch.cat([proj(model.modality(m)).double(),
+                                   proj(torch.from_numpy(feats[m][q:q + 1])).double()])
+            ids, cos = _dense_topk_row(projected, k)
+            learned_row[ids] += w * cos
+            learned_deg_known = learned_deg_known + w * _dense_row_sums(projected[:-1], k)
+            learned_deg_q = learned_deg_q + w * cos.sum()
+        deg = torch.cat([learned_deg_known, learned_deg_q.reshape(1)])
+        row += (1 - cfg.lambda_coeff) * learned_row / torch.sqrt(deg[-1] * deg)
+        s = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        s[:-1, :-1], s[-1] = known, row
+        h = emb
+        for _ in range(cfg.n_layers):
+            h = s @ h
+        out.append(h[-1] / h[-1].norm())
+    return torch.stack(out).detach().numpy()
+
+
+@pytest.mark.parametrize("backbone,naive", [("freedom", naive_freedom_items),
+                                            ("lattice", naive_lattice_items)])
+def test_new_items_equal_the_naive_item_graph_rule(trained, exported, tmp_path: Path,
+                                                   backbone: str, naive) -> None:
+    feats = new_features(tmp_path / "new", exported["catalog"])
+    res = run("add-items", "--bundle", trained[backbone], "--features", tmp_path / "new",
               "--out", tmp_path / "b2")
     assert res.exit_code == 0, res.output
     table = np.load(tmp_path / "b2" / "item_embeddings.npy")
-    old = np.load(trained["freedom"] / "item_embeddings.npy")
+    old = np.load(trained[backbone] / "item_embeddings.npy")
     np.testing.assert_array_equal(table[:len(old)], old)  # trained items untouched
-    np.testing.assert_allclose(table[len(old):], naive_freedom_items(trained["freedom-ckpt"],
-                                                                     feats),
+    np.testing.assert_allclose(table[len(old):], naive(trained[f"{backbone}-ckpt"], feats),
                                rtol=1e-5, atol=1e-6)
     assert (tmp_path / "b2" / "item_ids.txt").read_text().splitlines()[-N_NEW:] == \
         [f"NEW{i}" for i in range(N_NEW)]
@@ -217,9 +290,6 @@ def test_refusals_name_the_problem(trained, exported, tmp_path: Path) -> None:
     res = run("add-items", "--bundle", trained["lightgcn"], "--features", tmp_path / "new",
               "--out", tmp_path / "x")
     assert res.exit_code == 7 and "no item graph" in res.output
-    res = run("add-items", "--bundle", trained["lattice"], "--features", tmp_path / "new",
-              "--out", tmp_path / "x")
-    assert res.exit_code == 7 and "learned" in res.output
     (tmp_path / "new" / "item_ids.txt").write_text("SYN00001\nNEW1\nNEW2\nNEW3\n")
     res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
               "--out", tmp_path / "x")

@@ -47,6 +47,12 @@ from cliper_prod.graph import (Propagation, bipartite_edge_index, cosine_knn_gra
 MODALITIES = ("image", "text")  # the order of modal_weight
 
 
+def _row_sums(edge_index: Tensor, weight: Tensor, n: int) -> Tensor:
+    """Weighted row sums of a graph given as edges, float64 (the degrees its normalisation
+    divides by)."""
+    return torch.zeros(n, dtype=torch.float64).index_add(0, edge_index[0], weight.double())
+
+
 @dataclass(frozen=True)
 class LatticeConfig:
     """LATTICE's ``[model]`` hyper-parameters (``models/lattice.toml``: MMRec's defaults with
@@ -175,15 +181,41 @@ class Lattice(Recommender):
 
     @torch.no_grad()
     def fold_in_state(self, data: InteractionData) -> FoldInState:
-        """Users: the ``mean_self_loop`` rule over D^-1 (A + I); items: not folded in."""
+        """Users: the ``mean_self_loop`` rule over D^-1 (A + I); items: the ``lattice`` rule
+        (the item graph's kNN features, projections, row sums and S^l E_i, l < n_layers), except
+        with CLIPER's MLP fusion, whose trained layer the fold-in does not run."""
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
         layers = propagation_layers(self.ui_adj, ego, self.config.n_ui_layers)
-        reason = ("its item graph is partly learned from projected features, which the fold-in "
-                  "does not reproduce yet; add items to a FREEDOM model")
-        return FoldInState("mean_self_loop", None, {"n_ui_layers": self.config.n_ui_layers,
-                                                    "no_item_rule": reason},
-                           user_fold_in_arrays(layers, self.n_users, self.train_items,
-                                               self.n_items))
+        arrays = user_fold_in_arrays(layers, self.n_users, self.train_items, self.n_items)
+        params: dict = {"n_ui_layers": self.config.n_ui_layers}
+        if self.text_fusion is not None:
+            params["no_item_rule"] = ("its learned text graph comes from the MLP fusion of the "
+                                      "text views, a trained layer the fold-in does not run")
+            return FoldInState("mean_self_loop", None, params, arrays)
+        mix = dict(zip(MODALITIES, torch.softmax(self.modal_weight, 0).tolist())) \
+            if self.modal_weight is not None else {m: 1.0 for m in self.features}
+        edge_index, weight = self.item_graph()
+        graph = [self.item_embedding.weight]
+        for _ in range(self.config.n_layers - 1):
+            graph.append(edge_matmul(edge_index, weight, graph[-1]))
+        arrays["graph_layers"] = torch.stack(graph)[:self.config.n_layers].numpy()
+        learned_degree = torch.zeros(self.n_items, dtype=torch.float64)
+        for m, feat in feature_tensors(data, list(self.features)).items():
+            index, cos = cosine_knn_graph(feat, self.config.knn_k, self.config.knn_method)
+            arrays[f"knn_{m}"] = F.normalize(feat, dim=1).numpy()
+            arrays[f"frozen_degree_{m}"] = _row_sums(index, cos, self.n_items).numpy()
+            project = self.projections[m]
+            projected = project(self.modality(m))
+            index, cos = cosine_knn_graph(projected, self.config.knn_k, self.config.knn_method)
+            learned_degree += mix[m] * _row_sums(index, cos, self.n_items)
+            arrays[f"learned_{m}"] = F.normalize(projected, dim=1).numpy()
+            arrays[f"proj_weight_{m}"] = project.weight.T.numpy()
+            arrays[f"proj_bias_{m}"] = project.bias.numpy()
+        arrays["learned_degree"] = learned_degree.numpy()
+        params |= {"n_layers": self.config.n_layers, "knn_k": self.config.knn_k,
+                   "modalities": list(self.features), "mix": mix,
+                   "lambda": self.config.lambda_coeff, "normalize": True}
+        return FoldInState("mean_self_loop", "lattice", params, arrays)
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         if self.fixed_item_graph is None:

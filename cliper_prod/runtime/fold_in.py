@@ -22,6 +22,11 @@ Items, from their features (the modalities the item graph was built from):
   modalities are mixed by their weights. x^(0) = 0 for the new item, x^(l) = S x^(l-1) over
   the stored x^(l-1) of the other items, and the item's embedding is x^(L_m) (its LightGCN part
   is zero: no ID embedding, no interactions). Other items' rows are unchanged.
+- ``lattice``: the new row of LATTICE's item graph, (1 - lambda) x its learned part (cosine
+  kNN of the projected features, the new item's raw features through the trained projection,
+  modalities mixed by softmax(modal_weight), normalised by the weighted row sums of both ends)
+  + lambda x its frozen part (cosine kNN of the raw features, normalised so per modality, then
+  mixed); x^(l) as for FREEDOM, and the embedding is x^(L) / ||x^(L)||.
 
 Backbones without an item graph (LightGCN, VBPR, MMGCN, DualGNN, SLMRec) cannot place an item
 that has no interactions; backbones without a stored user rule cannot fold in users. Both are
@@ -40,7 +45,8 @@ import numpy as np
 from cliper_prod.errors import BundleError, ConfigError
 
 USER_RULES = ("symmetric", "mean_self_loop")
-ITEM_RULES = ("freedom",)
+ITEM_RULES = ("freedom", "lattice")
+EMBEDDINGS = ("rule", "neighbours")  # how a placed item's served embedding is made
 QUERY_CHUNK = 256  # new items compared with the catalog at a time: memory chunk x catalog
 
 
@@ -109,51 +115,124 @@ class FoldIn:
             raise BundleError(f"{self.folder}: cannot add items to a {self.backbone} model: "
                               f"{self.params.get('no_item_rule', 'no item fold-in rule')}")
 
-    def items(self, features: dict[str, np.ndarray]) -> PlacedItems:
+    def items(self, features: dict[str, np.ndarray], embedding: str = "rule",
+              served: np.ndarray | None = None) -> PlacedItems:
         """Embeddings of new items from their features ({modality: [Q, d]}, the modalities of
-        ``self.modalities``, in the space the model's item graph was built from)."""
+        ``self.modalities``, in the space the model's item graph was built from).
+
+        ``embedding``: ``rule``, the backbone's item-graph propagation into the new node; or
+        ``neighbours``, the mean of its graph neighbours' ``served`` embeddings (the bundle's
+        item table) weighted by its row of the graph, which scores a new item as its
+        neighbours are scored (see README, "Fresh catalogs")."""
+        if embedding not in EMBEDDINGS:
+            raise ConfigError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
         self.require_item_rule()
         missing = [m for m in self.modalities if m not in features]
         if missing:
             raise ConfigError(f"add-items needs the new items' {', '.join(missing)} features "
                               f"(the model's item graph was built from {self.modalities})")
-        n_new = len(features[self.modalities[0]])
-        k, weights = int(self.params["knn_k"]), self.params["modality_weights"]
-        graph_layers = self.array("graph_layers")  # [L_m, n, D]: x^(0..L_m-1) of known items
-        # S restricted to the new rows: neighbours of known items with weights, and self weight
-        rows, cols, vals = [], [], []
-        units = {}
         for m in self.modalities:
-            table = self.array(f"knn_{m}")
-            units[m] = unit_rows(features[m])
-            if units[m].shape[1] != table.shape[1]:
-                raise ConfigError(f"the new items' {m} features are {units[m].shape[1]}-d; the "
-                                  f"model's are {table.shape[1]}-d")
-            neighbours = nearest(table, units[m], k - 1)
-            rows.append(np.repeat(np.arange(n_new), k - 1))
-            cols.append(neighbours.reshape(-1))
-            vals.append(np.full(neighbours.size, weights[m] / k))
-        self_weight = sum(weights[m] for m in self.modalities) / k
-        row, col, val = (np.concatenate(a) for a in (rows, cols, vals))
-        x = np.zeros((n_new, graph_layers.shape[2]), dtype=np.float64)  # x^(0): no ID embedding
+            expected = self.array(f"knn_{m}").shape[1]
+            if features[m].ndim != 2 or features[m].shape[1] != expected:
+                raise ConfigError(f"the new items' {m} features have shape "
+                                  f"{features[m].shape}; the model's are {expected}-d")
+        row_rule = _freedom_rows if self.item_rule == "freedom" else _lattice_rows
+        rows = row_rule(self, features)
+        graph_layers = self.array("graph_layers")  # [L_m, n, D]: x^(0..L_m-1) of known items
+        n_new, d = len(rows.self_weight), graph_layers.shape[2]
+        x = np.zeros((n_new, d), dtype=np.float64)  # x^(0): no ID embedding
         new_layers = [x]
         for layer in graph_layers:
-            x = self_weight * x + _scatter_rows(row, val, np.asarray(layer[col], np.float64), n_new)
+            x = rows.self_weight[:, None] * x + _scatter_rows(
+                rows.row, rows.val, np.asarray(layer[rows.col], np.float64), n_new)
             new_layers.append(x)
-        vectors = new_layers[-1].astype(np.float32)
-        d = graph_layers.shape[2]
+        vectors = new_layers[-1]
+        if self.params.get("normalize"):  # LATTICE adds h / ||h||
+            vectors = unit_rows(vectors)
+        if embedding == "neighbours":
+            weight = np.bincount(rows.row, rows.val, minlength=n_new)
+            vectors = _scatter_rows(rows.row, rows.val, np.asarray(served[rows.col], np.float64),
+                                    n_new) / weight[:, None]
+        layers = self.array("item_layers")
         arrays = {
             "graph_layers": np.concatenate(
                 [graph_layers, np.stack(new_layers[:-1]).astype(np.float32)], axis=1),
             "item_layers": np.concatenate(
-                [self.array("item_layers"),
-                 np.zeros((self.array("item_layers").shape[0], n_new, d), np.float32)], axis=1),
+                [layers, np.zeros((layers.shape[0], n_new, d), np.float32)], axis=1),
             "item_degree": np.concatenate([self.array("item_degree"),
-                                           np.zeros(n_new, self.array("item_degree").dtype)]),
+                                           np.zeros(n_new, np.float32)]),
         }
-        arrays |= {f"knn_{m}": np.concatenate([self.array(f"knn_{m}"), units[m]])
-                   for m in self.modalities}
-        return PlacedItems(vectors, arrays)
+        arrays |= {name: np.concatenate([self.array(name), appended.astype(np.float32)])
+                   for name, appended in rows.appended.items()}
+        return PlacedItems(vectors.astype(np.float32), arrays)
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """The new items' rows of the item graph: entries (row, known item, weight), each row's
+    weight on itself, and what the new items append to the per-item arrays of the rule."""
+
+    row: np.ndarray
+    col: np.ndarray
+    val: np.ndarray
+    self_weight: np.ndarray
+    appended: dict[str, np.ndarray]
+
+
+def _knn_entries(table: np.ndarray, queries: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's k-1 nearest known items (the query itself is the k-th): rows, items and
+    cosines, flat."""
+    neighbours = nearest(table, queries, k - 1)
+    cos = np.einsum("qd,qkd->qk", queries, np.asarray(table)[neighbours])
+    return np.repeat(np.arange(len(queries)), neighbours.shape[1]), neighbours.reshape(-1), \
+        cos.reshape(-1).astype(np.float64)
+
+
+def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
+    """FREEDOM: per modality, itself and k-1 neighbours, each 1/k, mixed by the weights."""
+    k, weights = int(fold.params["knn_k"]), fold.params["modality_weights"]
+    parts, appended = [], {}
+    for m in fold.modalities:
+        units = unit_rows(features[m])
+        row, col, _ = _knn_entries(fold.array(f"knn_{m}"), units, k)
+        parts.append((row, col, np.full(len(row), weights[m] / k)))
+        appended[f"knn_{m}"] = units
+    n_new = len(units)
+    self_weight = np.full(n_new, sum(weights[m] for m in fold.modalities) / k)
+    return NewRows(*(np.concatenate(a) for a in zip(*parts)), self_weight, appended)
+
+
+def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
+    """LATTICE: (1 - lambda) x the learned graph (cosine kNN of the projected features, mixed
+    by softmax(modal_weight), normalised by the weighted row sums of both ends) + lambda x the
+    frozen graphs (cosine kNN of the raw features, each normalised so, then mixed); the new
+    item's raw features go through the trained projections."""
+    k, lam, mix = int(fold.params["knn_k"]), float(fold.params["lambda"]), fold.params["mix"]
+    learned, frozen, appended = [], [], {}
+    learned_degree = 0.0
+    self_weight = 0.0
+    for m in fold.modalities:
+        raw = unit_rows(features[m])
+        row, col, cos = _knn_entries(fold.array(f"knn_{m}"), raw, k)
+        degree = 1.0 + np.bincount(row, cos, minlength=len(raw))  # the item itself: cosine 1
+        known = fold.array(f"frozen_degree_{m}")[col]
+        frozen.append((row, col, lam * mix[m] * cos / np.sqrt(degree[row] * known)))
+        self_weight = self_weight + lam * mix[m] / degree
+        projected = unit_rows(np.asarray(features[m], np.float64)
+                              @ fold.array(f"proj_weight_{m}") + fold.array(f"proj_bias_{m}"))
+        row, col, cos = _knn_entries(fold.array(f"learned_{m}"), projected, k)
+        learned.append((row, col, mix[m] * cos))
+        learned_degree = learned_degree + mix[m] * (1.0 + np.bincount(row, cos,
+                                                                      minlength=len(raw)))
+        appended |= {f"knn_{m}": raw, f"frozen_degree_{m}": degree, f"learned_{m}": projected}
+    known_degree = fold.array("learned_degree")
+    learned = [(row, col, (1 - lam) * val / np.sqrt(learned_degree[row] * known_degree[col]))
+               for row, col, val in learned]
+    self_weight = self_weight + (1 - lam) * sum(mix[m] for m in fold.modalities) / learned_degree
+    appended["learned_degree"] = learned_degree
+    return NewRows(*(np.concatenate(a) for a in zip(*(learned + frozen))), self_weight,
+                   appended)
 
 
 def nearest(table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

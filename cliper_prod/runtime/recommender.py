@@ -293,9 +293,11 @@ class Recommender:
 
         rec = Recommender("export/freedom")
         rec.topk(["u1", "u2"], k=10, exclude=["i7"])  # [{"user_id", "items", "scores"}, ...]
+        rec.topk_histories([["i1", "i9"]], k=10)  # a user the model never saw, folded in
         rec.embed([{"item_id": "x", "title": "..."}])  # {"items": [...], "errors": [...]}
 
-    ``topk`` leaves out each user's training items and ``exclude``; ``embed`` follows the CLI's
+    ``topk`` leaves out each user's training items and ``exclude`` (``topk_histories`` the
+    history and ``exclude``); ``embed`` follows the CLI's
     per-item policy (bad items are listed in ``errors``, the others embedded), with image paths
     only under ``image_root``. Both raise :class:`RequestError` for what cannot be answered.
     """

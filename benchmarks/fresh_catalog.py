@@ -1,0 +1,315 @@
+"""Fresh catalogs without retraining, measured: new items through ``add-items`` and new users
+through their histories, against random placement, popularity and a model retrained with them.
+
+    python benchmarks/fresh_catalog.py --dataset synthetic --seeds 0 1 2 --out DIR
+    python benchmarks/fresh_catalog.py --dataset baby --seeds 0 --out DIR
+
+Items: 10% of the items are held out with all their interactions; FREEDOM is trained on the
+rest and exported; ``cliper-prod add-items`` places the held-out items (synthetic: embedded from
+their JSONL and PNG files by the bundle's own CLIP graphs; Baby: their generated feature rows).
+Users: 10% of the users are held out with all their interactions; each is folded in from their
+training interactions (the history) by the bundle's user rule (``topk --histories``' code).
+Each method is scored on the held-out items' (users') test interactions, Recall@20 and NDCG@20,
+every user's training items (the history) excluded:
+
+- fold-in: the package's rules (items: ``--embedding rule``, the backbone's propagation into
+  the new node, and ``--embedding neighbours``, the graph-weighted mean of its neighbours'
+  served embeddings);
+- random placement: the same rules from random neighbours (items: standard normal features;
+  users: a history of as many uniformly drawn items);
+- popularity: training counts of the data the model would have after retraining (for the new
+  items an oracle: the fold-in has no interaction of them);
+- retrained: FREEDOM trained on all the data with the same settings (the ceiling).
+
+Items are scored twice: among all items (new items compete with trained ones) and among the
+new items only (the usual cold-start protocol). Data: the built-in synthetic catalog (3,000
+users, 1,500 items, topics in text and images) embedded by a random-weight CLIP; Amazon Baby
+with generated standard-normal features, which carry no item semantics: there the fold-in
+should sit near random placement (a plumbing check, not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+from _report import report
+from cliper_prod import __version__
+from cliper_prod.commands import cli
+from cliper_prod.config import load_config
+from cliper_prod.data.mmrec import SPLITS, load_dataset
+from cliper_prod.data.random_features import with_random_features
+from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
+from cliper_prod.evaluation import metrics_from_hits
+from cliper_prod.features.clip_towers import ClipTowers
+from cliper_prod.features.embed import embed_catalog
+from cliper_prod.features.tiny_clip import build_tiny_clip
+from cliper_prod.pipeline import catalog_texts
+from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.recommender import TopKRanker
+from cliper_prod.training import train_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+K = 20
+HELD_OUT = 0.10
+
+
+@dataclass
+class Full:
+    """The whole dataset: interactions by split, external ids, features, JSONL lines."""
+
+    root: Path
+    splits: dict[str, np.ndarray]
+    user_ids: list[str]
+    item_ids: list[str]
+    features: dict[str, np.ndarray]
+    items_jsonl: list[str] | None  # synthetic only: each item's JSONL line, image path absolute
+
+
+def prepare(dataset: str, work: Path) -> tuple[Full, Path | None]:
+    """The dataset with its features, and the CLIP folder whose graphs embed new items."""
+    if dataset == "synthetic":
+        catalog = generate_catalog(work / "catalog", SyntheticSpec(n_users=3000, n_items=1500))
+        clip = build_tiny_clip(work / "clip", catalog_texts(catalog))
+        embed_catalog(catalog / "items.jsonl", ClipTowers(clip), catalog / "cliper",
+                      progress=False)
+        data = load_dataset(catalog, features_dir=catalog / "cliper")
+        lines = []
+        for line in (catalog / "items.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            lines.append(json.dumps({**record, "image": str(catalog / record["image"])}))
+    else:
+        data = load_dataset(with_random_features(SHARED / "data" / "amazon" / "baby",
+                                                 work / "baby"))
+        clip, lines = None, None
+    full = Full(data.root, data.splits, data.user_ids or [str(u) for u in range(data.n_users)],
+                data.item_ids or [str(i) for i in range(data.n_items)], data.features, lines)
+    return full, clip
+
+
+def write_subset(full: Full, users: np.ndarray, items: np.ndarray, folder: Path
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """An MMRec folder of the interactions between the kept ``users`` and ``items`` (boolean
+    masks), ids remapped to be contiguous, external ids and feature rows kept; returns the full
+    indices of the users and items it holds (a user left without a training interaction, an
+    item left without any interaction, is dropped: MMRec ids are contiguous)."""
+    train = full.splits["train"]
+    train = train[users[train[:, 0]] & items[train[:, 1]]]
+    kept_users = np.unique(train[:, 0])
+    pairs = {name: full.splits[name] for name in SPLITS}
+    pairs = {name: p[np.isin(p[:, 0], kept_users) & items[p[:, 1]]] for name, p in pairs.items()}
+    kept_items = np.unique(np.concatenate([p[:, 1] for p in pairs.values()]))
+    u_map, i_map = np.full(len(users), -1), np.full(len(items), -1)
+    u_map[kept_users] = np.arange(len(kept_users))
+    i_map[kept_items] = np.arange(len(kept_items))
+    rows = np.concatenate([np.column_stack([u_map[p[:, 0]], i_map[p[:, 1]],
+                                            np.full(len(p), label)])
+                           for label, p in enumerate(pairs.values())])
+    folder.mkdir(parents=True)
+    np.savetxt(folder / "subset.inter", rows, fmt="%d", delimiter="\t",
+               header="userID\titemID\tx_label", comments="")
+    (folder / "u_id_mapping.csv").write_text(
+        "user_id\tuserID\n" + "".join(f"{full.user_ids[u]}\t{n}\n"
+                                      for n, u in enumerate(kept_users)))
+    (folder / "i_id_mapping.csv").write_text(
+        "asin\titemID\n" + "".join(f"{full.item_ids[i]}\t{n}\n" for n, i in enumerate(kept_items)))
+    for m, feat in full.features.items():
+        np.save(folder / f"{m}_feat.npy", feat[kept_items])
+    return kept_users, kept_items
+
+
+def train_and_export(folder: Path, out: Path, clip: Path | None, seed: int) -> dict:
+    """FREEDOM with the packaged settings on ``folder``; the bundle at ``out``."""
+    config = load_config("freedom", overrides={"train": {"seed": seed}})
+    start = time.perf_counter()
+    result = train_model("freedom", load_dataset(folder), config, out / "ckpt", progress=False)
+    args = ["export", "--checkpoint", out / "ckpt", "--out", out / "bundle", "--no-fp16",
+            "--no-fused", "--no-torchscript"] + (["--clip", clip] if clip else [])
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return {"best_epoch": result.best_epoch, "test_recall@20": result.test["recall@20"],
+            "train_s": round(time.perf_counter() - start, 1)}
+
+
+def metrics(scores: np.ndarray, positives: list[np.ndarray]) -> dict[str, float]:
+    """Recall@K and NDCG@K of score rows (excluded items already -inf)."""
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    hits = np.stack([np.isin(t, p) for t, p in zip(top, positives)])
+    m = metrics_from_hits(hits, np.array([len(p) for p in positives]), [K])
+    return {f"recall@{K}": m[f"recall@{K}"], f"ndcg@{K}": m[f"ndcg@{K}"]}
+
+
+def by_user(pairs: np.ndarray, n_users: int) -> list[np.ndarray]:
+    order = np.argsort(pairs[:, 0], kind="stable")
+    return np.split(pairs[order, 1], np.cumsum(np.bincount(pairs[:, 0], minlength=n_users))[:-1])
+
+
+def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | None,
+                    work: Path, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    n_users, n_items = len(full.user_ids), len(full.item_ids)
+    new = np.sort(rng.choice(n_items, int(HELD_OUT * n_items), replace=False))
+    keep = np.ones(n_items, bool)
+    keep[new] = False
+    kept_users, kept_items = write_subset(full, np.ones(n_users, bool), keep, work / "data")
+    info = train_and_export(work / "data", work, clip, seed=999)
+    bundle = work / "bundle"
+    if full.items_jsonl is not None:  # the real path: JSONL + PNG through the CLIP graphs
+        (work / "new.jsonl").write_text("".join(full.items_jsonl[i] + "\n" for i in new))
+        source = ["--items", work / "new.jsonl", "--quiet"]
+    else:
+        (work / "newf").mkdir()
+        for m, feat in full.features.items():
+            np.save(work / "newf" / f"{m}_feat.npy", feat[new])
+        (work / "newf" / "item_ids.txt").write_text("".join(f"{full.item_ids[i]}\n" for i in new))
+        source = ["--features", work / "newf"]
+    users = np.load(bundle / "user_embeddings.npy")
+    served = np.load(bundle / "item_embeddings.npy")
+    fold = TopKRanker(Bundle(bundle, "cpu")).fold_in
+    noise = {m: rng.standard_normal((len(new), f.shape[1])).astype(np.float32)
+             for m, f in full.features.items()}
+    tables = {}
+    for embedding in ("rule", "neighbours"):
+        start = time.perf_counter()
+        res = CliRunner().invoke(cli, [str(a) for a in [
+            "add-items", "--bundle", bundle, *source, "--embedding", embedding,
+            "--out", work / f"bundle-{embedding}"]])
+        assert res.exit_code == 0, res.output
+        info[f"add_items_{embedding}_s"] = round(time.perf_counter() - start, 2)
+        ids2 = (work / f"bundle-{embedding}" / "item_ids.txt").read_text().splitlines()
+        assert ids2[len(kept_items):] == [full.item_ids[i] for i in new]
+        table = np.load(work / f"bundle-{embedding}" / "item_embeddings.npy")
+        for name, vectors in ((f"fold-in, {embedding}", table[len(kept_items):]),
+                              (f"random placement, {embedding}",
+                               fold.items(noise, embedding, served).vectors)):
+            tables[name] = np.zeros((n_items, table.shape[1]), np.float32)  # on full ids
+            tables[name][kept_items], tables[name][new] = served, vectors
+    # evaluated: users with a test interaction on a new item (all users stay in this world)
+    test = full.splits["test"]
+    test = test[np.isin(test[:, 1], new)]
+    eval_users = np.unique(test[:, 0])
+    eval_users = eval_users[np.isin(eval_users, kept_users)]
+    by_test_user = by_user(test, n_users)
+    positives = [by_test_user[u] for u in eval_users]
+    u_rows = np.searchsorted(kept_users, eval_users)
+    train_items = by_user(full.splits["train"], n_users)
+    popularity = np.bincount(full.splits["train"][:, 1], minlength=n_items).astype(np.float64)
+    scores = {name: users[u_rows] @ table.T for name, table in sorted(tables.items())}
+    scores |= {"popularity": np.tile(popularity, (len(eval_users), 1)),
+               "retrained": retrained["users"][eval_users] @ retrained["items"].T}
+    out = {"held_out_items": len(new), "eval_users": len(eval_users),
+           "test_interactions": int(sum(len(p) for p in positives)), **info, "all_items": {},
+           "new_items_only": {}}
+    trained_items = np.ones(n_items, bool)
+    trained_items[new] = False
+    for name, s in scores.items():
+        s = s.astype(np.float64)
+        for row, u in enumerate(eval_users):
+            s[row, train_items[u]] = -np.inf
+        out["all_items"][name] = metrics(s, positives)
+        s[:, trained_items] = -np.inf
+        out["new_items_only"][name] = metrics(s, positives)
+    # a uniformly random order of the new items finds each positive with probability K/n
+    out["new_items_only"]["random ranking (expected)"] = {f"recall@{K}": min(K, len(new)) /
+                                                          len(new)}
+    return out
+
+
+def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | None,
+                    work: Path, seed: int) -> dict:
+    rng = np.random.default_rng(seed + 100)
+    n_users, n_items = len(full.user_ids), len(full.item_ids)
+    held = np.sort(rng.choice(n_users, int(HELD_OUT * n_users), replace=False))
+    keep = np.ones(n_users, bool)
+    keep[held] = False
+    _, kept_items = write_subset(full, keep, np.ones(n_items, bool), work / "data")
+    info = train_and_export(work / "data", work, clip, seed=999)
+    ranker = TopKRanker(Bundle(work / "bundle", "cpu"))
+    items = np.load(work / "bundle" / "item_embeddings.npy")
+    column = np.full(n_items, -1)  # full item index -> column of this world's item table
+    column[kept_items] = np.arange(len(kept_items))
+    histories = [column[h][column[h] >= 0] for h in by_user(full.splits["train"], n_users)]
+    tests = [column[t][column[t] >= 0] for t in by_user(full.splits["test"], n_users)]
+    eval_users = [u for u in held if len(histories[u]) and len(tests[u])]
+    labels = [[full.item_ids[kept_items[c]] for c in histories[u]] for u in eval_users]
+    start = time.perf_counter()
+    folded, _ = ranker.prepare_histories(labels, K)
+    info["fold_in_ms_per_user"] = round(1e3 * (time.perf_counter() - start) / len(labels), 3)
+    drawn = [[full.item_ids[kept_items[c]]
+              for c in rng.choice(len(kept_items), len(h), replace=False)] for h in labels]
+    random, _ = ranker.prepare_histories(drawn, K)
+    train = full.splits["train"]
+    popularity = np.bincount(train[keep[train[:, 0]], 1], minlength=n_items).astype(np.float64)
+    scores = {"fold-in": folded.queries @ items.T, "random placement": random.queries @ items.T,
+              "popularity": np.tile(popularity[kept_items], (len(eval_users), 1)),
+              "retrained": retrained["users"][eval_users] @ retrained["items"][kept_items].T}
+    out = {"held_out_users": len(held), "eval_users": len(eval_users),
+           "test_interactions": int(sum(len(tests[u]) for u in eval_users)), **info,
+           "all_items": {}}
+    for name, s in scores.items():
+        s = s.astype(np.float64)
+        for row, u in enumerate(eval_users):
+            s[row, histories[u]] = -np.inf
+        out["all_items"][name] = metrics(s, [tests[u] for u in eval_users])
+    return out
+
+
+def table(result: dict) -> str:
+    lines = [f"| experiment | ranked among | method | Recall@{K} | NDCG@{K} |",
+             "| --- | --- | --- | --- | --- |"]
+    for exp in ("items", "users"):
+        runs = result[exp]
+        for among in ("all_items", "new_items_only"):
+            if among not in runs[0]:
+                continue
+            for method in runs[0][among]:
+                rec = [r[among][method][f"recall@{K}"] for r in runs]
+                ndcg = [r[among][method].get(f"ndcg@{K}") for r in runs]
+                cell = lambda v: (f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1
+                                                          else "")) if None not in v else "-"
+                lines.append(f"| new {exp} | {among.replace('_', ' ')} | {method} | {cell(rec)} "
+                             f"| {cell(ndcg)} |")
+    return "\n".join(lines) + (f"\n\n{result['dataset']}, seeds {result['seeds']} (mean ± std "
+                               f"over seeds), {result['machine']['platform']}.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["synthetic", "baby"], required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, required=True, help="DIR/fresh_<dataset>.json/.md")
+    args = parser.parse_args()
+    result = {"dataset": args.dataset, "seeds": args.seeds, "k": K, "held_out": HELD_OUT,
+              "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cliper_prod": __version__}, "items": [], "users": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        full, clip = prepare(args.dataset, work)
+        n_users, n_items = len(full.user_ids), len(full.item_ids)
+        write_subset(full, np.ones(n_users, bool), np.ones(n_items, bool), work / "full" / "data")
+        info = train_and_export(work / "full" / "data", work / "full", None, seed=999)
+        retrained = {"users": np.load(work / "full" / "ckpt" / "user_embeddings.npy"),
+                     "items": np.load(work / "full" / "ckpt" / "item_embeddings.npy"),
+                     **info}
+        result["retrained"] = info
+        for seed in args.seeds:
+            for exp, run in (("items", item_experiment), ("users", user_experiment)):
+                folder = work / f"{exp}-{seed}"
+                folder.mkdir()
+                result[exp].append(run(full, retrained, clip, folder, seed))
+                print(exp, seed, json.dumps(result[exp][-1]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report(args.out / f"fresh_{args.dataset}", result, table(result))
+
+
+if __name__ == "__main__":
+    main()
