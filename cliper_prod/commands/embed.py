@@ -162,7 +162,9 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 @click.option("--max-text-chars", type=click.IntRange(min=1), default=20_000,
               show_default=True, help="Longer text fields are cut (and reported).")
 @click.option("--max-line-bytes", type=click.IntRange(min=1), default=8 << 20,
-              show_default=True, help="Longer JSONL lines are skipped (and reported).")
+              show_default=True,
+              help="Longer JSONL lines are skipped (and reported); Parquet rows are not bounded "
+                   "by it.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Distribute reading, image preprocessing and ONNX inference over Ray Data "
                    "(needs --bundle); same outputs byte for byte.")
@@ -175,8 +177,8 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 @quiet_option("No progress bar.")
 @click.pass_context
 def command(ctx: click.Context, **params: Any) -> None:
-    """Embed the items of a JSON Lines file, or of a folder of *.jsonl shards read in path
-    order as one catalog, into CLIPER features.
+    """Embed the items of a JSON Lines or Parquet file, or of a folder of *.jsonl or *.parquet
+    shards read in path order as one catalog, into CLIPER features.
 
     Each item's text fields become view prompts, CLIP encodes the views and the image, and the
     view-image similarities weight the fusion. Runs CLIP in PyTorch (--clip) or an exported
