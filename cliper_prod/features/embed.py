@@ -21,7 +21,8 @@ With ``strict`` the first such case stops the run instead (nothing is written).
 Outputs (each written to a temporary file and renamed, ``embed_summary.json`` last):
 ``image_feat.npy`` [N, D], ``text_feat.npy`` [N, D'] (fused), ``item_ids.txt`` (row order),
 ``errors.jsonl`` (in catalog order; ``line`` in JSONL, ``row`` in Parquet; a folder's records
-name their shard under ``file``), ``embed_summary.json`` (``fusion: mlp`` writes the
+name their shard under ``file``), with ``out_format="parquet"`` ``features.parquet``,
+``embed_summary.json`` (``fusion: mlp`` writes the
 concatenation and leaves the trained fusion to the recommender); with ``save_views`` also
 ``view_feat.npy`` [N, V, D] and ``similarity.npy`` [N, V]. Progress is kept in shards
 (:mod:`cliper_prod.features.shards`), so a killed run resumes where it stopped.
@@ -85,6 +86,7 @@ class EmbedOptions:
     limits: ItemLimits = field(default_factory=ItemLimits)
     max_image_pixels: int = 64_000_000
     workers: int = max(os.cpu_count() or 1, 1)
+    out_format: str = "npy"  # "parquet": features.parquet as well, written from the .npy files
 
     def fingerprint(self) -> dict:
         """What decides the output bytes (not workers, strictness or progress)."""
@@ -330,8 +332,12 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
         "clip": encoder.source, "random_weights": encoder.random_init,
         "max_tokens": encoder.max_tokens, "dim": dim, "fusion": options.fusion,
         "tau": options.tau, "views": list(options.views.names),
-        "view_spec": asdict(options.views),
+        "view_spec": asdict(options.views), "out_format": options.out_format,
     }
+    if options.out_format == "parquet":
+        from cliper_prod.features.feature_table import write_feature_table
+
+        write_feature_table(out_dir, totals["ids"], summary)
     write_json(out_dir / "embed_summary.json", summary)  # last: the outputs are complete
     store.remove()
     return summary

@@ -48,8 +48,8 @@ def arrow() -> tuple[ModuleType, ModuleType]:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise ConfigError("Parquet input needs pyarrow: pip install 'cliper-prod[parquet]'"
-                          ) from None
+        raise ConfigError("Parquet input and --out-format parquet need pyarrow: "
+                          "pip install 'cliper-prod[parquet]'") from None
     return pyarrow, pyarrow.parquet
 
 
