@@ -32,6 +32,11 @@ class DataError(CliperError):
         self.line = line
         self.problem = problem
 
+    def __reduce__(self) -> tuple:
+        """Rebuilt from its parts when it crosses a process boundary (a Ray worker's error
+        reaches the driver), not from a message another layer may have extended."""
+        return type(self), (self.path, self.problem, self.line)
+
 
 class CheckpointError(CliperError):
     """A checkpoint folder is missing, incomplete or does not fit the data."""

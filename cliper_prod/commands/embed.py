@@ -46,6 +46,7 @@ class EmbedArgs:
     max_image_pixels: int
     max_text_chars: int
     max_line_bytes: int
+    out_format: str
     use_ray: bool
     address: str | None
     ray_actors: int | None
@@ -58,6 +59,10 @@ class EmbedArgs:
         from cliper_prod.features.embed import check_catalog
 
         check_catalog(self.items, self.out_dir)
+        if self.out_format == "parquet":
+            from cliper_prod.features.parquet_catalog import arrow
+
+            arrow()
         if (self.clip_source is None) == (self.bundle_dir is None):
             raise ConfigError("pass exactly one of --clip (PyTorch) or --bundle (ONNX Runtime)")
         if (self.address or self.ray_actors or self.gpus_per_actor is not None) \
@@ -93,7 +98,7 @@ class EmbedArgs:
             views=views, fusion=fusion, tau=tau, batch_size=self.batch_size,
             chunk_long_text=self.chunk_long_text, save_views=self.save_views,
             strict=self.strict, shard_items=self.shard_items,
-            max_image_pixels=self.max_image_pixels,
+            max_image_pixels=self.max_image_pixels, out_format=self.out_format,
             limits=ItemLimits(max_line_bytes=self.max_line_bytes,
                               max_text_chars=self.max_text_chars))
 
@@ -132,6 +137,10 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
                    "fusion and tau are fixed at export).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output folder (image_feat.npy, text_feat.npy, item_ids.txt, errors.jsonl).")
+@click.option("--out-format", type=click.Choice(["npy", "parquet"]), default="npy",
+              show_default=True,
+              help="parquet: also features.parquet (item_id, image_feat, text_feat) beside the "
+                   ".npy files.")
 @click.option("--random-init", is_flag=True,
               help="Build the model from the folder's config with RANDOM weights (plumbing only).")
 @click.option("--fusion", type=click.Choice(FUSION_NAMES), default="sa", show_default=True,
@@ -162,7 +171,9 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 @click.option("--max-text-chars", type=click.IntRange(min=1), default=20_000,
               show_default=True, help="Longer text fields are cut (and reported).")
 @click.option("--max-line-bytes", type=click.IntRange(min=1), default=8 << 20,
-              show_default=True, help="Longer JSONL lines are skipped (and reported).")
+              show_default=True,
+              help="Longer JSONL lines are skipped (and reported); Parquet rows are not bounded "
+                   "by it.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Distribute reading, image preprocessing and ONNX inference over Ray Data "
                    "(needs --bundle); same outputs byte for byte.")
@@ -175,8 +186,8 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 @quiet_option("No progress bar.")
 @click.pass_context
 def command(ctx: click.Context, **params: Any) -> None:
-    """Embed the items of a JSON Lines file, or of a folder of *.jsonl shards read in path
-    order as one catalog, into CLIPER features.
+    """Embed the items of a JSON Lines or Parquet file, or of a folder of *.jsonl or *.parquet
+    shards read in path order as one catalog, into CLIPER features.
 
     Each item's text fields become view prompts, CLIP encodes the views and the image, and the
     view-image similarities weight the fusion. Runs CLIP in PyTorch (--clip) or an exported

@@ -1,5 +1,5 @@
-"""Batch feature extraction: items.jsonl (or a folder of JSONL shards) -> CLIPER features in
-MMRec layout.
+"""Batch feature extraction: a catalog (JSONL or Parquet, one file or a folder of shards) ->
+CLIPER features in MMRec layout.
 
 One pipeline for both encoders: :class:`~cliper_prod.features.clip_towers.ClipTowers` (PyTorch)
 and the ONNX Runtime encoder of an exported bundle. Image decoding and preprocessing run in a
@@ -8,9 +8,11 @@ runs batch i.
 
 Per-item policy (every case is written to ``errors.jsonl`` with its reason; nothing is dropped
 silently):
-  - bad line (malformed JSON, not UTF-8, no item_id, wrong field type, duplicate id): skipped;
-  - image missing or unreadable, text present: the image embedding is replaced by the mean of
-    the item's view embeddings (CLIP puts both in one space), and the item is kept;
+  - bad line or row (malformed JSON, not UTF-8, no item_id, wrong field type, duplicate id,
+    a Parquet file unreadable from some row on): skipped;
+  - image missing or unreadable (a file, or bytes from Parquet), text present: the image
+    embedding is replaced by the mean of the item's view embeddings (CLIP puts both in one
+    space), and the item is kept;
   - no text field, image readable: every field-view reads "... is Missing." and the fused text
     feature is replaced by the image embedding; the item is kept;
   - neither usable image nor text: skipped.
@@ -18,7 +20,8 @@ With ``strict`` the first such case stops the run instead (nothing is written).
 
 Outputs (each written to a temporary file and renamed, ``embed_summary.json`` last):
 ``image_feat.npy`` [N, D], ``text_feat.npy`` [N, D'] (fused), ``item_ids.txt`` (row order),
-``errors.jsonl`` (in catalog order; a folder's records name their shard under ``file``),
+``errors.jsonl`` (in catalog order; ``line`` in JSONL, ``row`` in Parquet; a folder's records
+name their shard under ``file``), with ``out_format="parquet"`` ``features.parquet``,
 ``embed_summary.json`` (``fusion: mlp`` writes the
 concatenation and leaves the trained fusion to the recommender); with ``save_views`` also
 ``view_feat.npy`` [N, V, D] and ``similarity.npy`` [N, V]. Progress is kept in shards
@@ -27,6 +30,7 @@ concatenation and leaves the trained fusion to the recommender); with ``save_vie
 
 from __future__ import annotations
 
+import io
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,6 +86,7 @@ class EmbedOptions:
     limits: ItemLimits = field(default_factory=ItemLimits)
     max_image_pixels: int = 64_000_000
     workers: int = max(os.cpu_count() or 1, 1)
+    out_format: str = "npy"  # "parquet": features.parquet as well, written from the .npy files
 
     def fingerprint(self) -> dict:
         """What decides the output bytes (not workers, strictness or progress)."""
@@ -93,7 +98,7 @@ class EmbedOptions:
 
 class ItemErrors:
     """Item errors as found, each with its catalog position; with ``strict`` the first one
-    stops the run, naming the file and line."""
+    stops the run, naming the file and line (or row)."""
 
     def __init__(self, catalog: Path, strict: bool) -> None:
         self.catalog, self.strict = catalog, strict
@@ -101,7 +106,7 @@ class ItemErrors:
 
     def add(self, at: Item | ItemError, action: str, reason: str) -> None:
         record = {"file": at.file} if at.file is not None else {}
-        record |= {"line": at.line, "item_id": at.item_id, "action": action, "reason": reason}
+        record |= {at.unit: at.line, "item_id": at.item_id, "action": action, "reason": reason}
         self.extend([(at.position, record)])
 
     def extend(self, found: list[tuple[int, dict]]) -> None:
@@ -110,8 +115,11 @@ class ItemErrors:
             if self.strict:
                 item_id, reason = record["item_id"], record["reason"]
                 path = self.catalog / record["file"] if "file" in record else self.catalog
-                raise DataError(path, f"item {item_id!r}: {reason} (--strict)" if item_id
-                                else f"{reason} (--strict)", line=record["line"])
+                problem = f"item {item_id!r}: {reason} (--strict)" if item_id \
+                    else f"{reason} (--strict)"
+                if "row" in record:
+                    raise DataError(path, f"row {record['row']}: {problem}")
+                raise DataError(path, problem, line=record["line"])
             self.pending.append((position, record))
 
     def last_position(self) -> int:
@@ -141,10 +149,12 @@ def batches(records: Iterable[Item | ItemError], size: int, errors: ItemErrors
 
 def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
     """Pixel values, or the reason there are none, naming the image as the item gives it (a
-    served request's path, never the server's)."""
-    if item.image is None:
-        return "no 'image' field"
+    served request's path, never the server's; bytes from Parquet by their file and row)."""
     try:
+        if item.image_bytes is not None:
+            return preprocess.decode(io.BytesIO(item.image_bytes), clip(item.image_name))
+        if item.image is None:
+            return "no 'image' field"
         return preprocess.load(item.image, clip(item.image_name or str(item.image)))
     except ImageDecodeError as exc:
         return str(exc)
@@ -167,16 +177,16 @@ def check_catalog(items_path: Path, out_dir: Path) -> Catalog:
     catalog = Catalog.at(items_path)
     if items_path.is_dir() and out_dir.resolve().is_relative_to(items_path.resolve()):
         raise ConfigError(f"{out_dir}: the output folder is inside the catalog folder "
-                          f"{items_path}, whose *.jsonl files are all read as shards; write "
-                          f"the outputs elsewhere")
+                          f"{items_path}, whose *.jsonl or *.parquet files are all read as "
+                          f"shards; write the outputs elsewhere")
     return catalog
 
 
 def embed_catalog(items_path: Path, encoder: Encoder, out_dir: Path,
                   options: EmbedOptions = EmbedOptions(), *, progress: bool = True,
                   resume: bool = False, runner: Runner | None = None) -> dict:
-    """Embed every item of ``items_path`` (a JSONL file or a folder of JSONL shards); write
-    the outputs; return the summary.
+    """Embed every item of ``items_path`` (a JSONL or Parquet file, or a folder of shards);
+    write the outputs; return the summary.
 
     Work is saved in shards as it goes; ``resume`` continues a run that was killed.
     ``runner`` fills the shard store (default: this process; ``embed_ray`` passes a Ray one).
@@ -322,8 +332,12 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
         "clip": encoder.source, "random_weights": encoder.random_init,
         "max_tokens": encoder.max_tokens, "dim": dim, "fusion": options.fusion,
         "tau": options.tau, "views": list(options.views.names),
-        "view_spec": asdict(options.views),
+        "view_spec": asdict(options.views), "out_format": options.out_format,
     }
+    if options.out_format == "parquet":
+        from cliper_prod.features.feature_table import write_feature_table
+
+        write_feature_table(out_dir, totals["ids"], summary)
     write_json(out_dir / "embed_summary.json", summary)  # last: the outputs are complete
     store.remove()
     return summary

@@ -1,15 +1,19 @@
-"""Item records from JSON Lines: one item per line, parsed and checked one line at a time.
+"""Item records from JSON Lines or Parquet: one item per line or row, parsed and checked one at
+a time.
 
 Fields: ``item_id`` (string, required), ``title``, ``brand``, ``description`` (strings),
 ``categories`` (a string, a list of strings, or a list of lists as in Amazon metadata) and
-``image`` (a path; relative paths resolve against the folder of the JSONL file that holds the
-line). Unknown keys are ignored. A bad line yields an :class:`ItemError` instead of an item, so
-one bad item never stops a batch. Lines are read by :func:`loads_strict`, the JSON reader the
-HTTP service uses for request bodies too.
+``image`` (a path; relative paths resolve against the folder of the file that holds the
+record). Unknown keys are ignored. A bad record yields an :class:`ItemError` instead of an item,
+so one bad item never stops a batch. Lines are read by :func:`loads_strict`, the JSON reader the
+HTTP service uses for request bodies too; a Parquet row becomes the same dict and goes through
+the same checks (:func:`parse_record`; the Parquet side is
+:mod:`cliper_prod.features.parquet_catalog`).
 
-A catalog is one JSONL file or a folder of ``*.jsonl`` shards (at any depth, in path order),
-read as if the shards were one file: duplicates count across shards, and each record keeps its
-shard and line there for error reports, plus its catalog-wide position, which orders outputs.
+A catalog is one JSONL or Parquet file, or a folder of ``*.jsonl`` or ``*.parquet`` shards (at
+any depth, in path order; one format per folder), read as if the shards were one file:
+duplicates count across shards, and each record keeps its shard and line (row) there for error
+reports, plus its catalog-wide position, which orders outputs.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generator, Iterator, NoReturn
 
-from cliper_prod.errors import ConfigError
+from cliper_prod.errors import ConfigError, DataError
 
 TEXT_FIELDS = ("title", "brand", "categories", "description")
+FIELDS = ("item_id", *TEXT_FIELDS, "image")  # what a record is read from (Parquet columns too)
+FORMATS = (".jsonl", ".parquet")  # the shard suffixes a catalog folder is searched for
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,10 @@ class Item:
     notes: tuple[str, ...] = ()  # what was changed on the way in (a field cut to the limit)
     offset: int = 0  # byte offset of the line: a distributed reader re-reads batches from here
     file: str | None = None  # shard of a catalog folder, relative to it; None: a single file
-    base: int = 0  # lines in the catalog's earlier shards
+    base: int = 0  # lines (rows) in the catalog's earlier shards
     image_name: str | None = None  # ``image`` as the line gives it, how error messages name it
+    image_bytes: bytes | None = None  # the encoded image itself (from a Parquet catalog)
+    unit: str = "line"  # what ``line`` counts: "line" (JSONL) or "row" (Parquet), errors.jsonl key
 
     @property
     def position(self) -> int:
@@ -59,6 +67,7 @@ class ItemError:
     reason: str
     file: str | None = None
     base: int = 0
+    unit: str = "line"
 
     @property
     def position(self) -> int:
@@ -161,6 +170,13 @@ def parse_item(text: str, line: int, base_dir: Path, limits: ItemLimits = ItemLi
         record = loads_strict(text)
     except StrictJSONError as exc:
         return ItemError(line, None, f"malformed JSON ({exc})")
+    return parse_record(record, line, base_dir, limits)
+
+
+def parse_record(record: object, line: int, base_dir: Path, limits: ItemLimits = ItemLimits()
+                 ) -> Item | ItemError:
+    """A decoded record (a JSON value, or a Parquet row as a dict) -> an item, or the reason
+    it cannot be one: the one place the field rules live."""
     if not isinstance(record, dict):
         return ItemError(line, None, f"expected a JSON object, got {type(record).__name__}")
     item_id = record.get("item_id")
@@ -211,28 +227,45 @@ def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:
         offset = fh.tell()
 
 
+def is_parquet(path: Path) -> bool:
+    """Whether a catalog file is read as Parquet (any other file is JSON Lines)."""
+    return path.suffix == ".parquet"
+
+
 @dataclass(frozen=True)
 class Catalog:
-    """The input of one run: ``root`` (a JSONL file or a folder of shards) and its files, listed
-    once so that the resume fingerprint covers exactly the files the reader reads."""
+    """The input of one run: ``root`` (a JSONL or Parquet file, or a folder of shards) and its
+    files, listed once so that the resume fingerprint covers exactly the files the reader
+    reads."""
 
     root: Path
     files: tuple[Path, ...]
 
     @classmethod
     def at(cls, path: Path) -> Catalog:
-        """``path`` itself, or the ``*.jsonl`` files under the folder ``path`` (hidden ones left
-        out) sorted by their relative path."""
+        """``path`` itself, or the ``*.jsonl`` or ``*.parquet`` files under the folder ``path``
+        (hidden ones left out) sorted by their relative path. A folder holding both formats is
+        refused: a stray file of the other format is more likely a mistake than a shard."""
         if path.is_file():
-            return cls(path, (path,))
-        if not path.is_dir():
+            catalog = cls(path, (path,))
+        elif not path.is_dir():
             raise ConfigError(f"{path}: no such items file or folder")
-        files = sorted((p for p in path.rglob("*.jsonl") if p.is_file()
-                        and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-                       key=lambda p: p.relative_to(path).parts)
-        if not files:
-            raise ConfigError(f"{path}: the folder holds no *.jsonl files")
-        return cls(path, tuple(files))
+        else:
+            found = {suffix: _shards(path, suffix) for suffix in FORMATS}
+            formats = [suffix for suffix, files in found.items() if files]
+            if not formats:
+                raise ConfigError(f"{path}: the folder holds no *.jsonl files and no *.parquet "
+                                  f"files")
+            if len(formats) > 1:
+                raise ConfigError(f"{path}: the folder holds both *.jsonl ({len(found['.jsonl'])})"
+                                  f" and *.parquet ({len(found['.parquet'])}) files; a catalog "
+                                  f"folder holds one format")
+            catalog = cls(path, tuple(found[formats[0]]))
+        if any(is_parquet(f) for f in catalog.files):
+            from cliper_prod.features.parquet_catalog import arrow
+
+            arrow()  # a missing pyarrow is an option error now, not a crash mid-run
+        return catalog
 
     def shard_name(self, file: Path) -> str | None:
         """How records name their shard: the path under the catalog folder (None for one
@@ -240,18 +273,47 @@ class Catalog:
         return None if file == self.root else file.relative_to(self.root).as_posix()
 
 
+def _shards(folder: Path, suffix: str) -> list[Path]:
+    """The files named ``*suffix`` under ``folder`` (hidden ones left out), sorted by their
+    relative path."""
+    return sorted((p for p in folder.rglob(f"*{suffix}") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                  key=lambda p: p.relative_to(folder).parts)
+
+
 def read_catalog(catalog: Catalog, limits: ItemLimits = ItemLimits(), start_position: int = 0,
-                 seen: set[str] | None = None) -> Iterator[Item | ItemError]:
-    """Stream a catalog (one JSONL file or a folder of shards) as one sequence of records.
+                 seen: set[str] | None = None, images: bool = True
+                 ) -> Iterator[Item | ItemError]:
+    """Stream a catalog (one file or a folder of shards) as one sequence of records.
 
     ``start_position`` and ``seen`` resume a stream: records up to that catalog-wide line are
-    skipped and the ids read before it still count as duplicates.
+    skipped and the ids read before it still count as duplicates. ``images=False`` leaves
+    Parquet image bytes unread: a planning pass needs only what decides each record's fate.
     """
     seen = set() if seen is None else seen
     base = 0
     for file in catalog.files:
-        base += yield from read_items(file, limits, start_position - base, seen,
-                                      catalog.shard_name(file), base)
+        if is_parquet(file):
+            from cliper_prod.features.parquet_catalog import read_parquet_items
+
+            stream = read_parquet_items(file, limits, start_position - base, seen,
+                                        catalog.shard_name(file), base, images)
+        else:
+            stream = read_items(file, limits, start_position - base, seen,
+                                catalog.shard_name(file), base)
+        base += yield from stream
+
+
+def placed(parsed: Item | ItemError, seen: set[str], **where: object) -> Item | ItemError:
+    """``parsed`` placed in its catalog (``where``: file, base, unit), an id read before turned
+    into a duplicate error (the first one is kept)."""
+    parsed = replace(parsed, **where)
+    if isinstance(parsed, Item):
+        if parsed.item_id in seen:
+            return ItemError(parsed.line, parsed.item_id, "duplicate 'item_id' (first kept)",
+                             parsed.file, parsed.base, parsed.unit)
+        seen.add(parsed.item_id)
+    return parsed
 
 
 def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 0,
@@ -273,15 +335,8 @@ def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 
             parsed = _record(raw, fits, line_no, path.parent, limits)
             if parsed is None:
                 continue
-            parsed = replace(parsed, file=file, base=base)
-            if isinstance(parsed, Item):
-                parsed = replace(parsed, offset=offset)
-                if parsed.item_id in seen:
-                    parsed = ItemError(line_no, parsed.item_id, "duplicate 'item_id' (first kept)",
-                                       file, base)
-                else:
-                    seen.add(parsed.item_id)
-            yield parsed
+            parsed = placed(parsed, seen, file=file, base=base)
+            yield replace(parsed, offset=offset) if isinstance(parsed, Item) else parsed
     return line_no
 
 
@@ -300,8 +355,8 @@ def _record(raw: bytes, fits: bool, line_no: int, base_dir: Path, limits: ItemLi
 def reread_items(path: Path, offset: int, first_line: int, lines: list[int],
                  limits: ItemLimits = ItemLimits(), file: str | None = None, base: int = 0
                  ) -> list[Item]:
-    """The items on ``lines`` (sorted, all valid) of one file, reading from the byte ``offset``
-    of line ``first_line``: a worker re-reads a batch that a sequential pass has already
+    """The items on ``lines`` (sorted, all valid) of one JSONL file, reading from the byte
+    ``offset`` of line ``first_line``: a worker re-reads what a sequential pass has already
     vetted. ``file`` and ``base`` place them in the catalog as the sequential pass did."""
     wanted, items = set(lines), []
     with open(path, "rb") as fh:
@@ -311,10 +366,10 @@ def reread_items(path: Path, offset: int, first_line: int, lines: list[int],
             if line_no in wanted:
                 item = parse_item(raw.decode("utf-8"), line_no, path.parent, limits)
                 if not isinstance(item, Item):
-                    raise ValueError(f"{path}:{line_no} changed since it was read ({item.reason})")
+                    raise DataError(path, f"changed since it was read ({item.reason})", line_no)
                 items.append(replace(item, offset=at, file=file, base=base))
                 if line_no == lines[-1]:
                     break
     if len(items) != len(lines):
-        raise ValueError(f"{path}: ended before line {lines[-1]}; the file changed during the run")
+        raise DataError(path, f"ended before line {lines[-1]}; the file changed during the run")
     return items

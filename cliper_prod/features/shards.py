@@ -95,7 +95,7 @@ class ShardStore:
               ) -> dict[str, Any]:
         """Stream the shards into ``out_dir``: one .npy per array name in ``shapes`` (row shape,
         file name), ``item_ids.txt`` and ``errors.jsonl`` (shards hold theirs in catalog order);
-        return the totals."""
+        return the totals and the ids in row order."""
         metas = list(self.metas())
         rows = sum(len(m["ids"]) for m in metas)
         for name, (row_shape, file) in shapes.items():
@@ -111,10 +111,11 @@ class ShardStore:
                             at += len(part)
                 out.flush()
                 del out
-        write_text(out_dir / "item_ids.txt", "".join(f"{i}\n" for m in metas for i in m["ids"]))
+        ids = [i for m in metas for i in m["ids"]]
+        write_text(out_dir / "item_ids.txt", "".join(f"{i}\n" for i in ids))
         errors = [e for m in metas for e in m["errors"]]
         write_text(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
-        return {"embedded": rows, "errors": errors,
+        return {"embedded": rows, "ids": ids, "errors": errors,
                 "truncated_items": sum(m["truncated_items"] for m in metas)}
 
     def remove(self) -> None:

@@ -1,14 +1,17 @@
 """``embed --ray``: the embed pipeline as Ray Data stages, with the single-process outputs byte
 for byte.
 
-A sequential planning pass on the driver reads the catalog once (every line must be parsed in
-order to find bad lines and duplicate ids) and cuts the items into exactly the batches and
-shards of the single-process path, recording each batch as byte offsets and line numbers in its
-input shard(s), not its content. Ray Data then streams three stages, each with its own
-back-pressure:
+A sequential planning pass on the driver reads the catalog once (every line or row must be
+parsed in order to find bad ones and duplicate ids; Parquet image bytes are left unread) and
+cuts the items into exactly the batches and shards of the single-process path, recording each
+crash-safe shard as a read unit: its batches' sizes and, per input file, the lines (with the
+byte offset of the first) or rows it re-reads, not their content. Ray Data then streams three
+stages, each with its own back-pressure:
 
-  read        CPU tasks re-read and parse the batch's lines from the shared file(s);
-  preprocess  CPU tasks decode, orient and resize its images;
+  read        CPU tasks re-read and parse a unit's lines or rows from the shared file(s) in one
+              pass per file (for Parquet, only the row groups that hold them) and emit its
+              batches one by one;
+  preprocess  CPU tasks decode, orient and resize each batch's images;
   encode      actors holding the bundle's ONNX Runtime sessions (one GPU each when the cluster
               has GPUs) run the same per-batch code as the single-process path.
 
@@ -24,15 +27,16 @@ import json
 import logging
 import pickle
 from dataclasses import dataclass, replace
-from itertools import groupby
+from itertools import groupby, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from cliper_prod.errors import ConfigError
+from cliper_prod.errors import CliperError, ConfigError
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
-                                        embed_batch, load_image, resume_point)
+                                        embed_batch, load_image, resume_point, shard_batches)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
-from cliper_prod.features.items import Catalog, Item, ItemLimits, read_catalog, reread_items
+from cliper_prod.features.items import (Catalog, Item, ItemLimits, is_parquet, read_catalog,
+                                        reread_items)
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.progress import progress_bar
 
@@ -59,34 +63,53 @@ class RaySettings:
 
 def plan(catalog: Catalog, options: EmbedOptions, store: ShardStore, errors: ItemErrors
          ) -> list[dict[str, Any]]:
-    """The single-process batches after the store's resume point, as re-readable spans (one
-    segment per input shard the batch touches, as JSON); bad lines go to ``errors`` now (with
+    """The single-process batches after the store's resume point, one read unit per
+    crash-safe shard: the index of its first batch, its batches' sizes and the spans it
+    re-reads (one per input file it touches, as JSON). Bad records go to ``errors`` now (with
     ``strict``, the first one stops the run here)."""
     start, seen = resume_point(store)
-    records = read_catalog(catalog, options.limits, start, seen)
-    return [{"index": i, "segments": json.dumps([_segment(list(run)) for _, run in
-                                                 groupby(batch, key=lambda item: item.file)])}
-            for i, batch in enumerate(batches(records, options.batch_size, errors))]
+    records = read_catalog(catalog, options.limits, start, seen, images=False)
+    stream, per_unit = batches(records, options.batch_size, errors), shard_batches(options)
+    units = []
+    while unit := list(islice(stream, per_unit)):
+        items = [item for batch in unit for item in batch]
+        units.append({"index": len(units) * per_unit,
+                      "sizes": json.dumps([len(batch) for batch in unit]),
+                      "segments": json.dumps([_segment(list(run)) for _, run in
+                                              groupby(items, key=lambda item: item.file)])})
+    return units
 
 
 def _segment(items: list[Item]) -> dict[str, Any]:
-    """Where a run of one shard's items can be re-read."""
+    """Where a run of one file's items can be re-read."""
     return {"file": items[0].file, "base": items[0].base, "offset": items[0].offset,
             "first_line": items[0].line, "lines": [item.line for item in items]}
 
 
-def _read(row: dict, items_path: str, limits: ItemLimits) -> dict:
-    root = Path(items_path)
-    items = [item for seg in json.loads(row["segments"])
-             for item in reread_items(root / seg["file"] if seg["file"] else root, seg["offset"],
-                                      seg["first_line"], seg["lines"], limits, seg["file"],
-                                      seg["base"])]
-    return {"index": row["index"], "payload": pickle.dumps(items)}
+def _reread(root: Path, seg: dict, limits: ItemLimits) -> Iterator[Item]:
+    """The items of one segment, read by its file's format."""
+    path = root / seg["file"] if seg["file"] else root
+    if is_parquet(path):
+        from cliper_prod.features.parquet_catalog import reread_parquet_rows
+
+        return reread_parquet_rows(path, seg["lines"], limits, seg["file"], seg["base"])
+    return iter(reread_items(path, seg["offset"], seg["first_line"], seg["lines"], limits,
+                             seg["file"], seg["base"]))
+
+
+def _read(unit: dict, items_path: str, limits: ItemLimits) -> Iterator[dict]:
+    """A unit's batches, one row each, its files read once in order."""
+    items = (item for seg in json.loads(unit["segments"])
+             for item in _reread(Path(items_path), seg, limits))
+    for k, size in enumerate(json.loads(unit["sizes"])):
+        yield {"index": unit["index"] + k, "payload": pickle.dumps(list(islice(items, size)))}
 
 
 def _preprocess(row: dict, preprocess: ClipImagePreprocessor) -> dict:
+    """A batch's pixels; its items travel on without their image bytes (decoded now)."""
     items = pickle.loads(row["payload"])
     images = [load_image(preprocess, item) for item in items]
+    items = [replace(item, image_bytes=None) for item in items]
     return {"index": row["index"], "payload": pickle.dumps((items, images))}
 
 
@@ -121,22 +144,27 @@ def ray_runner(bundle_dir: Path, settings: RaySettings):
             progress: bool) -> None:
         errors = ItemErrors(catalog.root, options.strict)
         writer = ShardWriter(store, errors, options)
-        spans = plan(catalog, options, store, errors)
+        units = plan(catalog, options, store, errors)
         started = not ray.is_initialized()
         if started:
             ray.init(address=settings.address, include_dashboard=False, log_to_driver=False)
         try:
             bar = progress_bar(desc="embed (ray)", unit="item", enabled=progress,
                                initial=len(resume_point(store)[1]), total=None)
-            stream = _stream(ray, spans, catalog.root, encoder, options, bundle_dir, settings,
+            stream = _stream(ray, units, catalog.root, encoder, options, bundle_dir, settings,
                              progress)
-            for expected, (index, (part, part_errors, last_position, n)) in enumerate(stream):
-                if index != expected:
-                    raise RuntimeError(f"Ray returned batch {index} where {expected} was due")
-                errors.extend(part_errors)
-                writer.shard.extend(part)
-                writer.batch_done(last_position)
-                bar.update(n)
+            try:
+                for expected, (index, (part, part_errors, last_position, n)) in enumerate(stream):
+                    if index != expected:
+                        raise RuntimeError(f"Ray returned batch {index} where {expected} was due")
+                    errors.extend(part_errors)
+                    writer.shard.extend(part)
+                    writer.batch_done(last_position)
+                    bar.update(n)
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, CliperError):  # a worker's input problem: its one line
+                    raise exc.cause from None
+                raise
             bar.close()
         finally:
             if started:
@@ -146,10 +174,10 @@ def ray_runner(bundle_dir: Path, settings: RaySettings):
     return run
 
 
-def _stream(ray, spans: list[dict], items_path: Path, encoder, options: EmbedOptions,
+def _stream(ray, units: list[dict], items_path: Path, encoder, options: EmbedOptions,
             bundle_dir: Path, settings: RaySettings, progress: bool):
     """The encoded batches in input order."""
-    if not spans:
+    if not units:
         return
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -163,9 +191,9 @@ def _stream(ray, spans: list[dict], items_path: Path, encoder, options: EmbedOpt
     ctx.enable_progress_bars = False  # the driver's own bar counts items
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
     preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
-    dataset = (ray.data.from_items(spans)
-               .map(_read, fn_kwargs={"items_path": str(items_path.resolve()),
-                                      "limits": options.limits}, num_cpus=READ_CPUS)
+    dataset = (ray.data.from_items(units)
+               .flat_map(_read, fn_kwargs={"items_path": str(items_path.resolve()),
+                                           "limits": options.limits}, num_cpus=READ_CPUS)
                .map(_preprocess, fn_kwargs={"preprocess": preprocess}, num_cpus=PREPROCESS_CPUS)
                .map(_Encode, fn_constructor_kwargs={"bundle_dir": str(bundle_dir.resolve()),
                                                     "settings": settings, "options": options},
