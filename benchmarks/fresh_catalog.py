@@ -12,9 +12,7 @@ training interactions (the history) by the bundle's user rule (``topk --historie
 Each method is scored on the held-out items' (users') test interactions, Recall@20 and NDCG@20,
 every user's training items (the history) excluded:
 
-- fold-in: the package's rules (items: ``--embedding rule``, the backbone's propagation into
-  the new node, and ``--embedding neighbours``, the graph-weighted mean of its neighbours'
-  served embeddings);
+- fold-in: the package's rules;
 - random placement: the same rules from random neighbours (items: standard normal features;
   users: a history of as many uniformly drawn items);
 - popularity: training counts of the data the model would have after retraining (for the new
@@ -139,12 +137,17 @@ def train_and_export(folder: Path, out: Path, clip: Path | None, seed: int) -> d
             "train_s": round(time.perf_counter() - start, 1)}
 
 
-def metrics(scores: np.ndarray, positives: list[np.ndarray]) -> dict[str, float]:
-    """Recall@K and NDCG@K of score rows (excluded items already -inf)."""
+def metrics(scores: np.ndarray, positives: list[np.ndarray], new: np.ndarray | None = None
+            ) -> dict[str, float]:
+    """Recall@K and NDCG@K of score rows (excluded items already -inf); with ``new`` (the new
+    items' ids) also the share of the top-K slots they take."""
     top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
     hits = np.stack([np.isin(t, p) for t, p in zip(top, positives)])
     m = metrics_from_hits(hits, np.array([len(p) for p in positives]), [K])
-    return {f"recall@{K}": m[f"recall@{K}"], f"ndcg@{K}": m[f"ndcg@{K}"]}
+    out = {f"recall@{K}": m[f"recall@{K}"], f"ndcg@{K}": m[f"ndcg@{K}"]}
+    if new is not None:
+        out[f"new_share@{K}"] = float(np.isin(top, new).mean())
+    return out
 
 
 def by_user(pairs: np.ndarray, n_users: int) -> list[np.ndarray]:
@@ -176,22 +179,18 @@ def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     fold = TopKRanker(Bundle(bundle, "cpu")).fold_in
     noise = {m: rng.standard_normal((len(new), f.shape[1])).astype(np.float32)
              for m, f in full.features.items()}
-    tables = {}
-    for embedding in ("rule", "neighbours"):
-        start = time.perf_counter()
-        res = CliRunner().invoke(cli, [str(a) for a in [
-            "add-items", "--bundle", bundle, *source, "--embedding", embedding,
-            "--out", work / f"bundle-{embedding}"]])
-        assert res.exit_code == 0, res.output
-        info[f"add_items_{embedding}_s"] = round(time.perf_counter() - start, 2)
-        ids2 = (work / f"bundle-{embedding}" / "item_ids.txt").read_text().splitlines()
-        assert ids2[len(kept_items):] == [full.item_ids[i] for i in new]
-        table = np.load(work / f"bundle-{embedding}" / "item_embeddings.npy")
-        for name, vectors in ((f"fold-in, {embedding}", table[len(kept_items):]),
-                              (f"random placement, {embedding}",
-                               fold.items(noise, embedding, served).vectors)):
-            tables[name] = np.zeros((n_items, table.shape[1]), np.float32)  # on full ids
-            tables[name][kept_items], tables[name][new] = served, vectors
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, [str(a) for a in ["add-items", "--bundle", bundle, *source,
+                                                    "--out", work / "bundle2"]])
+    assert res.exit_code == 0, res.output
+    info["add_items_s"] = round(time.perf_counter() - start, 2)
+    ids2 = (work / "bundle2" / "item_ids.txt").read_text().splitlines()
+    assert ids2[len(kept_items):] == [full.item_ids[i] for i in new]
+    tables = {}  # the fold-in world's item tables laid out on the full ids
+    for name, vectors in (("fold-in", np.load(work / "bundle2" / "item_embeddings.npy")
+                           [len(kept_items):]), ("random placement", fold.items(noise).vectors)):
+        tables[name] = np.zeros((n_items, vectors.shape[1]), np.float32)
+        tables[name][kept_items], tables[name][new] = served, vectors
     # evaluated: users with a test interaction on a new item (all users stay in this world)
     test = full.splits["test"]
     test = test[np.isin(test[:, 1], new)]
@@ -202,7 +201,7 @@ def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     u_rows = np.searchsorted(kept_users, eval_users)
     train_items = by_user(full.splits["train"], n_users)
     popularity = np.bincount(full.splits["train"][:, 1], minlength=n_items).astype(np.float64)
-    scores = {name: users[u_rows] @ table.T for name, table in sorted(tables.items())}
+    scores = {name: users[u_rows] @ table.T for name, table in tables.items()}
     scores |= {"popularity": np.tile(popularity, (len(eval_users), 1)),
                "retrained": retrained["users"][eval_users] @ retrained["items"].T}
     out = {"held_out_items": len(new), "eval_users": len(eval_users),
@@ -214,7 +213,7 @@ def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
         s = s.astype(np.float64)
         for row, u in enumerate(eval_users):
             s[row, train_items[u]] = -np.inf
-        out["all_items"][name] = metrics(s, positives)
+        out["all_items"][name] = metrics(s, positives, new)
         s[:, trained_items] = -np.inf
         out["new_items_only"][name] = metrics(s, positives)
     # a uniformly random order of the new items finds each positive with probability K/n
@@ -263,20 +262,20 @@ def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
 
 
 def table(result: dict) -> str:
-    lines = [f"| experiment | ranked among | method | Recall@{K} | NDCG@{K} |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [f"| experiment | ranked among | method | Recall@{K} | NDCG@{K} | new items' share "
+             f"of the top {K} |", "| --- | --- | --- | --- | --- | --- |"]
     for exp in ("items", "users"):
         runs = result[exp]
         for among in ("all_items", "new_items_only"):
             if among not in runs[0]:
                 continue
             for method in runs[0][among]:
-                rec = [r[among][method][f"recall@{K}"] for r in runs]
-                ndcg = [r[among][method].get(f"ndcg@{K}") for r in runs]
-                cell = lambda v: (f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1
-                                                          else "")) if None not in v else "-"
-                lines.append(f"| new {exp} | {among.replace('_', ' ')} | {method} | {cell(rec)} "
-                             f"| {cell(ndcg)} |")
+                values = [[r[among][method].get(f"{name}@{K}") for r in runs]
+                          for name in ("recall", "ndcg", "new_share")]
+                cells = " | ".join((f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1
+                                                            else "")) if None not in v else "-"
+                                   for v in values)
+                lines.append(f"| new {exp} | {among.replace('_', ' ')} | {method} | {cells} |")
     return "\n".join(lines) + (f"\n\n{result['dataset']}, seeds {result['seeds']} (mean ± std "
                                f"over seeds), {result['machine']['platform']}.")
 

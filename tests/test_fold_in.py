@@ -88,19 +88,6 @@ def naive_freedom_items(ckpt: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
     return torch.stack(out).detach().numpy()
 
 
-def test_neighbours_embedding_is_the_graph_weighted_mean_of_served_neighbours(
-        trained, exported, tmp_path: Path) -> None:
-    feats = new_features(tmp_path / "new", exported["catalog"])
-    res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
-              "--embedding", "neighbours", "--out", tmp_path / "b2")
-    assert res.exit_code == 0, res.output
-    served = np.load(trained["freedom"] / "item_embeddings.npy").astype(np.float64)
-    model, data, _ = load_model(trained["freedom-ckpt"])
-    for q, got in enumerate(np.load(tmp_path / "b2" / "item_embeddings.npy")[len(served):]):
-        weights = naive_freedom_row(model, data, feats, q)[:-1].numpy()  # trained items only
-        np.testing.assert_allclose(got, weights @ served / weights.sum(), rtol=1e-5, atol=1e-6)
-
-
 def _dense_topk_row(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k (self included) of the last row of ``x`` among all rows: ids, cosines."""
     x = x / x.norm(dim=1, keepdim=True)

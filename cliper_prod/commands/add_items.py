@@ -75,25 +75,17 @@ def read_features(folder: Path, modalities: list[str]) -> tuple[list[str], dict[
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which CLIP graphs embed --items.")
-@click.option("--embedding", type=click.Choice(["rule", "neighbours"]), default="rule",
-              show_default=True,
-              help="rule: the backbone's item-graph propagation into the new item (its own ID "
-                   "embedding and interactions at zero); neighbours: the mean of its graph "
-                   "neighbours' embeddings weighted by the graph, so it is scored as they are "
-                   "(see README, \"Fresh catalogs\").")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--strict", is_flag=True, help="Fail (exit 3) at the first item error of --items.")
 @quiet_option("No progress bar.")
 def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None,
-            out_dir: Path, device: str, precision: str, embedding: str, batch_size: int,
-            strict: bool, quiet: bool) -> None:
+            out_dir: Path, device: str, precision: str, batch_size: int, strict: bool,
+            quiet: bool) -> None:
     """Add items to a bundle without retraining: each new item is placed in the model's item
     graph by kNN over the same features the model used, its embedding is the backbone's own
     item-graph propagation, and a new verified bundle is written (see README, "Fresh
     catalogs"). Items the bundle already has are refused."""
     import shutil
-
-    import numpy as np
 
     from cliper_prod.backbones.base import FoldInState
     from cliper_prod.export.bundle import extend_bundle
@@ -127,8 +119,7 @@ def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None
                             f"{sorted(known)[:5]}")
         if not ids:
             raise DataError(items_path or features_dir, "no item to add")
-        served = np.load(bundle.folder / manifest["tables"]["items"], mmap_mode="r")
-        placed = fold.items(features, embedding, served)
+        placed = fold.items(features)
         arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
         extend_bundle(bundle_dir, item_ids=ids, items=placed.vectors,
                       fold_in=FoldInState(fold.user_rule, fold.item_rule, fold.params, arrays),

@@ -46,7 +46,6 @@ from cliper_prod.errors import BundleError, ConfigError
 
 USER_RULES = ("symmetric", "mean_self_loop")
 ITEM_RULES = ("freedom", "lattice")
-EMBEDDINGS = ("rule", "neighbours")  # how a placed item's served embedding is made
 QUERY_CHUNK = 256  # new items compared with the catalog at a time: memory chunk x catalog
 
 
@@ -115,17 +114,9 @@ class FoldIn:
             raise BundleError(f"{self.folder}: cannot add items to a {self.backbone} model: "
                               f"{self.params.get('no_item_rule', 'no item fold-in rule')}")
 
-    def items(self, features: dict[str, np.ndarray], embedding: str = "rule",
-              served: np.ndarray | None = None) -> PlacedItems:
+    def items(self, features: dict[str, np.ndarray]) -> PlacedItems:
         """Embeddings of new items from their features ({modality: [Q, d]}, the modalities of
-        ``self.modalities``, in the space the model's item graph was built from).
-
-        ``embedding``: ``rule``, the backbone's item-graph propagation into the new node; or
-        ``neighbours``, the mean of its graph neighbours' ``served`` embeddings (the bundle's
-        item table) weighted by its row of the graph, which scores a new item as its
-        neighbours are scored (see README, "Fresh catalogs")."""
-        if embedding not in EMBEDDINGS:
-            raise ConfigError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        ``self.modalities``, in the space the model's item graph was built from)."""
         self.require_item_rule()
         missing = [m for m in self.modalities if m not in features]
         if missing:
@@ -149,10 +140,6 @@ class FoldIn:
         vectors = new_layers[-1]
         if self.params.get("normalize"):  # LATTICE adds h / ||h||
             vectors = unit_rows(vectors)
-        if embedding == "neighbours":
-            weight = np.bincount(rows.row, rows.val, minlength=n_new)
-            vectors = _scatter_rows(rows.row, rows.val, np.asarray(served[rows.col], np.float64),
-                                    n_new) / weight[:, None]
         layers = self.array("item_layers")
         arrays = {
             "graph_layers": np.concatenate(
