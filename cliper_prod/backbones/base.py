@@ -85,7 +85,7 @@ class FoldInState:
 
 
 NO_ITEM_GRAPH = ("it has no item graph, so an item without interactions has no "
-                 "representation; add items to a FREEDOM model")
+                 "representation; add items to a FREEDOM or LATTICE model")
 
 
 def user_fold_in_arrays(layers: list[Tensor], n_users: int, items: Tensor, n_items: int
