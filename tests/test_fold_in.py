@@ -117,7 +117,8 @@ def naive_lattice_items(ckpt: Path, feats: dict[str, np.ndarray]) -> np.ndarray:
     out = []
     for q in range(N_NEW):
         row = torch.zeros(n + 1, dtype=torch.float64)
-        learned_row, learned_deg_known, learned_deg_q = torch.zeros(n + 1, dtype=torch.float64), 0, 0
+        learned_row = torch.zeros(n + 1, dtype=torch.float64)
+        learned_deg_known, learned_deg_q = 0, 0
         for m, w in mix.items():
             raw = torch.cat([torch.from_numpy(data.features[m]).double(),
                              torch.from_numpy(feats[m][q:q + 1]).double()])

@@ -63,7 +63,8 @@ def read_features(folder: Path, modalities: list[str]) -> tuple[list[str], dict[
 
 @click.command("add-items")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True,
-              help="Bundle written by `cliper-prod export` (FREEDOM or LATTICE); it is not changed.")
+              help="Bundle written by `cliper-prod export` (FREEDOM or LATTICE); it is not "
+                   "changed.")
 @click.option("--items", "items_path", type=click.Path(path_type=Path),
               help="The new items, a JSON Lines file or folder as `embed` reads, embedded with "
                    "the bundle's CLIP graphs.")
