@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny MMRec-format folders written by hand, and one exported bundle."""
+"""Shared fixtures: tiny MMRec-format folders written by hand, one exported bundle, and that
+bundle served on loopback (with the HTTP helpers the serving tests share)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -91,6 +94,39 @@ def exported(tmp_path_factory) -> dict[str, Path]:
             "bundle": root / "bundle", "policy_items": extra}
 
 
+def call(url: str, path: str, body: object = None, raw: bytes | None = None,
+         method: str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """One HTTP request to a service: its status and decoded JSON answer."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def bundle_users(exported) -> list[str]:
+    return (exported["bundle"] / "user_ids.txt").read_text().split()
+
+
+def scrape(url: str, prefix: str = "cliper_") -> dict[tuple, float]:
+    """Prometheus text -> {(metric, endpoint or action, status, le): value} of the series named
+    ``prefix``..., summed over their other labels (Ray's replica tags, say)."""
+    out: dict[tuple, float] = {}
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if not line.startswith(prefix):
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = (name, labels.get("endpoint") or labels.get("action"), labels.get("status"),
+                   labels.get("le"))
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 READ_TIMEOUT_S = 2.0  # the shared service's --read-timeout-s
 
 
@@ -157,3 +193,4 @@ def service(local_ray, exported, image_root) -> str:
     wait_healthy(url, timeout_s=120)
     yield url
     serve.shutdown()
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, stop_process, wait_healthy
+from tests.conftest import free_port, scrape, stop_process, wait_healthy
 
 
 def test_serve_starts_with_one_command_and_drains_on_sigterm(exported, tmp_path) -> None:
@@ -95,23 +95,6 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
     assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64
 
 
-def _scrape(url: str) -> dict[tuple, float]:
-    """Prometheus text -> {(metric, endpoint or action, status, le): value}, cliper_ series."""
-    import re
-
-    out: dict[tuple, float] = {}
-    with urllib.request.urlopen(url, timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if not line.startswith("ray_cliper_"):
-                continue
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            key = (name, labels.get("endpoint") or labels.get("action"), labels.get("status"),
-                   labels.get("le"))
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, tmp_path
                                                                       ) -> None:
     port, metrics_port = free_port(), free_port()
@@ -150,7 +133,7 @@ def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, 
                     ("ray_cliper_topk_batch_requests_count", None, None, None): 3.0}
         deadline, seen = time.monotonic() + 90, {}
         while time.monotonic() < deadline:  # Ray's agent exports every few seconds
-            seen = _scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+            seen = scrape(f"http://127.0.0.1:{metrics_port}/metrics", "ray_cliper_")
             if all(seen.get(k) == v for k, v in expected.items()):
                 break
             time.sleep(2)

@@ -194,19 +194,22 @@ def test_random_json_never_gets_a_500(service, fifo, body, path) -> None:
 
 
 def test_an_unexpected_exception_is_a_logged_500_with_a_request_id(caplog) -> None:
-    from starlette.requests import Request
+    from cliper_prod.serving.middleware import CatchAll
 
-    from cliper_prod.serving.app import catch_all
-
-    async def broken(_: Request) -> None:
+    async def broken(scope, receive, send) -> None:
         raise ZeroDivisionError("a bug")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/topk", "headers": [],
              "query_string": b""}
-    with caplog.at_level(logging.ERROR, logger="cliper_prod.serving.app"):
-        response = asyncio.run(catch_all(Request(scope), broken))
-    answer = json.loads(response.body)
-    assert response.status_code == 500 and answer["detail"] == "internal error"
+    with caplog.at_level(logging.ERROR, logger="cliper_prod.serving.middleware"):
+        asyncio.run(CatchAll(broken)(scope, None, send))
+    answer = json.loads(sent[1]["body"])
+    assert sent[0]["status"] == 500 and answer["detail"] == "internal error"
     assert answer["request_id"] in caplog.text and "ZeroDivisionError" in caplog.text
 
 

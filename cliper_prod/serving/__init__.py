@@ -1,1 +1,2 @@
-"""Serving stage: a bundle behind HTTP on Ray Serve (``cliper-prod[ray]``)."""
+"""Serving stage: a bundle behind HTTP: the API (``api``, ``service``, ``middleware``,
+``metrics``) on Ray Serve (``app``, ``cliper-prod[ray]``)."""
