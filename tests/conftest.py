@@ -1,5 +1,5 @@
 """Shared fixtures: tiny MMRec-format folders written by hand, one exported bundle, and that
-bundle served on loopback (with the HTTP helpers the serving tests share)."""
+bundle served on loopback by each engine (with the HTTP helpers the serving tests share)."""
 
 from __future__ import annotations
 
@@ -194,3 +194,40 @@ def service(local_ray, exported, image_root) -> str:
     yield url
     serve.shutdown()
 
+
+LOCAL_BATCH_WAIT_MS = 20  # the local service's /topk batching wait: concurrent requests merge
+
+
+def serve_local(exported, image_root, cwd: Path, *extra: str) -> tuple[str, subprocess.Popen]:
+    """`cliper-prod serve --engine local` on a free loopback port, as a user starts it, with
+    the body-size and read-time limits of the Ray `service` above; its URL and process once
+    healthy (its stderr in ``cwd``/serve.log)."""
+    import os
+    import sys
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--engine", "local",
+           "--bundle", str(exported["bundle"]), "--port", str(port), "--device", "cpu",
+           "--image-root", str(image_root), "--max-request-bytes", str(1 << 20),
+           "--read-timeout-s", str(READ_TIMEOUT_S), "--batch-wait-ms", str(LOCAL_BATCH_WAIT_MS),
+           *extra]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with (cwd / "serve.log").open("w") as log:  # a file: a full pipe would block the server
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    if wait_healthy(url, proc, timeout_s=120) != {"status": "ok"}:
+        stop_process(proc, 9)
+        raise RuntimeError(f"the local engine did not start: "
+                           f"{(cwd / 'serve.log').read_text()[-2000:]}")
+    return url, proc
+
+
+@pytest.fixture(scope="session")
+def local_service(exported, image_root, tmp_path_factory) -> str:
+    """The bundle served by the local engine (two workers, no Ray) on loopback; its URL."""
+    import signal
+
+    url, proc = serve_local(exported, image_root, tmp_path_factory.mktemp("local"),
+                            "--workers", "2")
+    yield url
+    stop_process(proc, signal.SIGTERM)

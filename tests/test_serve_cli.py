@@ -1,4 +1,5 @@
-"""`cliper-prod serve` as a user starts it: one command, answers, and stops cleanly on SIGTERM."""
+"""`cliper-prod serve --engine ray` as a user starts it: one command, answers, and stops
+cleanly on SIGTERM (the local engine's twins are in tests/test_serve_local.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from tests.conftest import free_port, scrape, stop_process, wait_healthy
 
 def test_serve_starts_with_one_command_and_drains_on_sigterm(exported, tmp_path) -> None:
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
-           str(exported["bundle"]), "--port", str(port)]
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--engine", "ray",
+           "--bundle", str(exported["bundle"]), "--port", str(port)]
     env = {**os.environ, "RAY_ADDRESS": ""}  # a Ray of its own, as on a fresh machine
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=tmp_path)
@@ -43,8 +44,9 @@ def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
     from cliper_prod.commands import cli
     from cliper_prod.serving.app import ServeSettings, build
 
-    res = CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), "--port", "8123",
-                                   "--replicas", "3", "--max-batch-size", "16", "--print-config"])
+    res = CliRunner().invoke(cli, ["serve", "--engine", "ray", "--bundle", str(exported["bundle"]),
+                                   "--port", "8123", "--replicas", "3", "--max-batch-size", "16",
+                                   "--print-config"])
     assert res.exit_code == 0, res.output
     config = yaml.safe_load(res.stdout)
     app = config["applications"][0]
@@ -98,9 +100,9 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
 def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, tmp_path
                                                                       ) -> None:
     port, metrics_port = free_port(), free_port()
-    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
-           str(exported["bundle"]), "--port", str(port), "--metrics-port", str(metrics_port),
-           "--device", "cpu"]
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--engine", "ray",
+           "--bundle", str(exported["bundle"]), "--port", str(port), "--metrics-port",
+           str(metrics_port), "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=tmp_path)
