@@ -295,6 +295,7 @@ def _serve(exported, monkeypatch, *extra: str):
     from cliper_prod.serving import app
 
     monkeypatch.setattr(app, "connect", lambda address=None, metrics_port=None: None)
+    monkeypatch.setattr(app, "_check_gpus", lambda needed: None)  # asks the (absent) Ray
     monkeypatch.setattr(signal, "signal", lambda *_: None)
     return CliRunner().invoke(cli, ["serve", "--engine", "ray", "--bundle",
                                     str(exported["bundle"]), "--port", "1", *extra])
