@@ -52,12 +52,14 @@ def post(url: str, body: dict) -> dict:
 
 
 def serve_answers(bundle: Path, user_ids: list[str], k: int, log: Path) -> tuple[list, float]:
-    """Start `cliper-prod serve`, wait for /healthz, ask /topk, stop it with SIGTERM."""
+    """Start `cliper-prod serve --engine ray` (as measured), wait for /healthz, ask /topk, stop
+    it with SIGTERM."""
     port = free_port()
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen([*CLI, "serve", "--bundle", str(bundle), "--port", str(port),
-                                 "--device", "cpu", "--startup-timeout-s", "900"],
+        proc = subprocess.Popen([*CLI, "serve", "--engine", "ray", "--bundle", str(bundle),
+                                 "--port", str(port), "--device", "cpu",
+                                 "--startup-timeout-s", "900"],
                                 stdout=fh, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny MMRec-format folders written by hand, and one exported bundle."""
+"""Shared fixtures: tiny MMRec-format folders written by hand, one exported bundle, and that
+bundle served on loopback by each engine (with the HTTP helpers the serving tests share)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -91,6 +94,39 @@ def exported(tmp_path_factory) -> dict[str, Path]:
             "bundle": root / "bundle", "policy_items": extra}
 
 
+def call(url: str, path: str, body: object = None, raw: bytes | None = None,
+         method: str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """One HTTP request to a service: its status and decoded JSON answer."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def bundle_users(exported) -> list[str]:
+    return (exported["bundle"] / "user_ids.txt").read_text().split()
+
+
+def scrape(url: str, prefix: str = "cliper_") -> dict[tuple, float]:
+    """Prometheus text -> {(metric, endpoint or action, status, le): value} of the series named
+    ``prefix``..., summed over their other labels (Ray's replica tags, say)."""
+    out: dict[tuple, float] = {}
+    with urllib.request.urlopen(url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if not line.startswith(prefix):
+                continue
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            key = (name, labels.get("endpoint") or labels.get("action"), labels.get("status"),
+                   labels.get("le"))
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 READ_TIMEOUT_S = 2.0  # the shared service's --read-timeout-s
 
 
@@ -157,3 +193,41 @@ def service(local_ray, exported, image_root) -> str:
     wait_healthy(url, timeout_s=120)
     yield url
     serve.shutdown()
+
+
+LOCAL_BATCH_WAIT_MS = 20  # the local service's /topk batching wait: concurrent requests merge
+
+
+def serve_local(exported, image_root, cwd: Path, *extra: str) -> tuple[str, subprocess.Popen]:
+    """`cliper-prod serve --engine local` on a free loopback port, as a user starts it, with
+    the body-size and read-time limits of the Ray `service` above; its URL and process once
+    healthy (its stderr in ``cwd``/serve.log)."""
+    import os
+    import sys
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--engine", "local",
+           "--bundle", str(exported["bundle"]), "--port", str(port), "--device", "cpu",
+           "--image-root", str(image_root), "--max-request-bytes", str(1 << 20),
+           "--read-timeout-s", str(READ_TIMEOUT_S), "--batch-wait-ms", str(LOCAL_BATCH_WAIT_MS),
+           *extra]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with (cwd / "serve.log").open("w") as log:  # a file: a full pipe would block the server
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=cwd)
+    url = f"http://127.0.0.1:{port}"
+    if wait_healthy(url, proc, timeout_s=120) != {"status": "ok"}:
+        stop_process(proc, 9)
+        raise RuntimeError(f"the local engine did not start: "
+                           f"{(cwd / 'serve.log').read_text()[-2000:]}")
+    return url, proc
+
+
+@pytest.fixture(scope="session")
+def local_service(exported, image_root, tmp_path_factory) -> str:
+    """The bundle served by the local engine (two workers, no Ray) on loopback; its URL."""
+    import signal
+
+    url, proc = serve_local(exported, image_root, tmp_path_factory.mktemp("local"),
+                            "--workers", "2")
+    yield url
+    stop_process(proc, signal.SIGTERM)

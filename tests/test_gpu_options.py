@@ -32,7 +32,8 @@ def deployed_settings(monkeypatch, exported: dict, *options: str) -> serving.Ser
         raise ConfigError("stopped before deploying")
     monkeypatch.setattr(serving, "connect", lambda address=None, metrics_port=None: None)
     monkeypatch.setattr(serving, "start_service", stop_short)
-    res = CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), *options])
+    res = CliRunner().invoke(cli, ["serve", "--engine", "ray", "--bundle",
+                                   str(exported["bundle"]), *options])
     assert "stopped before deploying" in res.stderr, res.output
     return seen["settings"]
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,18 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cliper_prod.commands import cli
-
-
-def call(url: str, path: str, body: object = None, raw: bytes | None = None,
-         method: str | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"content-type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+from tests.conftest import bundle_users, call
 
 
 def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:
@@ -38,10 +25,6 @@ def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:
                                    str(exported["bundle"]), "-k", str(k), "--out", str(out)])
     assert res.exit_code == 0, res.output
     return [json.loads(line) for line in out.read_text().splitlines()]
-
-
-def bundle_users(exported) -> list[str]:
-    return (exported["bundle"] / "user_ids.txt").read_text().split()
 
 
 def test_topk_answers_as_the_cli(service, exported, tmp_path) -> None:
@@ -270,7 +253,7 @@ def test_a_replica_whose_session_broke_is_replaced_by_serve(service, exported) -
 
     class BreakableService(CliperService.func_or_class):
         def break_session(self) -> None:
-            self.ranker.graph.session = None  # as if ONNX Runtime's session had died
+            self.service.ranker.graph.session = None  # as if ONNX Runtime's session died
 
     deployment = serve.deployment(BreakableService, name="BreakableService",
                                   health_check_period_s=1, health_check_timeout_s=30)

@@ -1,4 +1,5 @@
-"""`cliper-prod serve` as a user starts it: one command, answers, and stops cleanly on SIGTERM."""
+"""`cliper-prod serve --engine ray` as a user starts it: one command, answers, and stops
+cleanly on SIGTERM (the local engine's twins are in tests/test_serve_local.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, stop_process, wait_healthy
+from tests.conftest import free_port, scrape, stop_process, wait_healthy
 
 
 def test_serve_starts_with_one_command_and_drains_on_sigterm(exported, tmp_path) -> None:
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
-           str(exported["bundle"]), "--port", str(port)]
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--engine", "ray",
+           "--bundle", str(exported["bundle"]), "--port", str(port)]
     env = {**os.environ, "RAY_ADDRESS": ""}  # a Ray of its own, as on a fresh machine
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=tmp_path)
@@ -43,8 +44,9 @@ def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
     from cliper_prod.commands import cli
     from cliper_prod.serving.app import ServeSettings, build
 
-    res = CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), "--port", "8123",
-                                   "--replicas", "3", "--max-batch-size", "16", "--print-config"])
+    res = CliRunner().invoke(cli, ["serve", "--engine", "ray", "--bundle", str(exported["bundle"]),
+                                   "--port", "8123", "--replicas", "3", "--max-batch-size", "16",
+                                   "--print-config"])
     assert res.exit_code == 0, res.output
     config = yaml.safe_load(res.stdout)
     app = config["applications"][0]
@@ -95,29 +97,12 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
     assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64
 
 
-def _scrape(url: str) -> dict[tuple, float]:
-    """Prometheus text -> {(metric, endpoint or action, status, le): value}, cliper_ series."""
-    import re
-
-    out: dict[tuple, float] = {}
-    with urllib.request.urlopen(url, timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if not line.startswith("ray_cliper_"):
-                continue
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            key = (name, labels.get("endpoint") or labels.get("action"), labels.get("status"),
-                   labels.get("le"))
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, tmp_path
                                                                       ) -> None:
     port, metrics_port = free_port(), free_port()
-    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--bundle",
-           str(exported["bundle"]), "--port", str(port), "--metrics-port", str(metrics_port),
-           "--device", "cpu"]
+    cmd = [str(Path(sys.executable).parent / "cliper-prod"), "serve", "--engine", "ray",
+           "--bundle", str(exported["bundle"]), "--port", str(port), "--metrics-port",
+           str(metrics_port), "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=tmp_path)
@@ -150,7 +135,7 @@ def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, 
                     ("ray_cliper_topk_batch_requests_count", None, None, None): 3.0}
         deadline, seen = time.monotonic() + 90, {}
         while time.monotonic() < deadline:  # Ray's agent exports every few seconds
-            seen = _scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+            seen = scrape(f"http://127.0.0.1:{metrics_port}/metrics", "ray_cliper_")
             if all(seen.get(k) == v for k, v in expected.items()):
                 break
             time.sleep(2)

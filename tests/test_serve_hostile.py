@@ -1,6 +1,7 @@
 """`serve` and `embed` under hostile input (issue 23): never a 500, no lost items, bounded time
 to send a request, no server paths or object reprs in answers. Requests go as raw bytes to the
-session's service on loopback (tests/conftest.py), their CLI twins through `cliper-prod embed`."""
+session's service of each engine on loopback (tests/conftest.py; `-k local` or `-k ray` picks
+one), their CLI twins through `cliper-prod embed`."""
 
 from __future__ import annotations
 
@@ -70,21 +71,27 @@ REFUSED = [
 ]
 
 
+@pytest.fixture(params=["local", "ray"])
+def server(request) -> str:
+    """The session's service of each engine (tests/conftest.py): one API, the same answers."""
+    return request.getfixturevalue({"local": "local_service", "ray": "service"}[request.param])
+
+
 def _encode(text: str) -> bytes:
     return text.encode("latin-1") if "\xff" in text else text.encode()
 
 
 @pytest.mark.parametrize("name,path,text", REFUSED, ids=[c[0] for c in REFUSED])
-def test_values_json_cannot_carry_are_a_422_with_a_short_message(service, exported, name, path,
+def test_values_json_cannot_carry_are_a_422_with_a_short_message(server, exported, name, path,
                                                                  text) -> None:
-    status, answer = post(service, path, _encode(text.replace('"U"', json.dumps(
+    status, answer = post(server, path, _encode(text.replace('"U"', json.dumps(
         known_user(exported)))))
     assert status == 422, answer
     assert answer["detail"] and len(json.dumps(answer)) < 2000
 
 
-def test_a_body_that_is_not_json_at_all_is_a_422_without_echo(service) -> None:
-    status, answer = post(service, "/topk", b"\xff\xfe" * 1000, content_type="text/plain")
+def test_a_body_that_is_not_json_at_all_is_a_422_without_echo(server) -> None:
+    status, answer = post(server, "/topk", b"\xff\xfe" * 1000, content_type="text/plain")
     assert status == 422 and len(json.dumps(answer)) < 2000
 
 
@@ -107,12 +114,12 @@ def fifo(image_root) -> None:
         os.mkfifo(image_root / "fifo.png")
 
 
-def test_each_bad_image_path_is_its_items_error_and_the_rest_is_embedded(service, image_root,
+def test_each_bad_image_path_is_its_items_error_and_the_rest_is_embedded(server, image_root,
                                                                          fifo) -> None:
     items = [GOOD] + [json.dumps({"item_id": f"bad{i}", "title": "t", "image": image})
                       for i, (_, image, _) in enumerate(BAD_IMAGES)]
     items.append(json.dumps({"item_id": "b64", "title": "t", "image_base64": "aGVsbG8="}))
-    status, answer = post(service, "/embed", embed_body(*items))
+    status, answer = post(server, "/embed", embed_body(*items))
     assert status == 200, answer
     assert [i["item_id"] for i in answer["items"]] == \
         ["g"] + [f"bad{i}" for i in range(len(BAD_IMAGES))] + ["b64"]  # text fallback kept
@@ -126,12 +133,12 @@ def test_each_bad_image_path_is_its_items_error_and_the_rest_is_embedded(service
     assert "a" * 201 not in text  # the long name is quoted cut short
 
 
-def test_echoed_ids_are_cut_short(service) -> None:
+def test_echoed_ids_are_cut_short(server) -> None:
     huge = "u" * 500_000
-    status, answer = post(service, "/topk", json.dumps({"users": [huge, "v" * 1000]}).encode())
+    status, answer = post(server, "/topk", json.dumps({"users": [huge, "v" * 1000]}).encode())
     assert status == 400 and len(json.dumps(answer)) < 1000, len(json.dumps(answer))
     assert "unknown user" in answer["detail"]
-    status, answer = post(service, "/embed", embed_body(json.dumps(
+    status, answer = post(server, "/embed", embed_body(json.dumps(
         {"item_id": "i" * 100_000, "title": "t", "image": "images/none.png"})))
     assert status == 200 and answer["errors"][0]["item_id"] == "i" * 200 + "…"
 
@@ -148,15 +155,15 @@ def _slow_client(url: str, results: list) -> None:
         results.append((time.monotonic() - start, first))
 
 
-def test_a_slow_client_gets_a_408_in_time_while_others_are_answered(service, exported) -> None:
+def test_a_slow_client_gets_a_408_in_time_while_others_are_answered(server, exported) -> None:
     slow: list = []
-    threads = [threading.Thread(target=_slow_client, args=(service, slow)) for _ in range(8)]
+    threads = [threading.Thread(target=_slow_client, args=(server, slow)) for _ in range(8)]
     for t in threads:
         t.start()
     answered = []
     start = time.monotonic()
     while time.monotonic() - start < READ_TIMEOUT_S * 0.8:
-        status, _ = post(service, "/topk", json.dumps({"users": [known_user(exported)],
+        status, _ = post(server, "/topk", json.dumps({"users": [known_user(exported)],
                                                        "k": 3}).encode())
         answered.append(status)
     for t in threads:
@@ -188,25 +195,28 @@ BODIES = st.one_of(
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(body=BODIES, path=st.sampled_from(["/topk", "/embed"]))
-def test_random_json_never_gets_a_500(service, fifo, body, path) -> None:
-    status, answer = post(service, path, body.encode())
+def test_random_json_never_gets_a_500(server, fifo, body, path) -> None:
+    status, answer = post(server, path, body.encode())
     assert status in (200, 400, 404, 413, 422), (status, answer)
 
 
 def test_an_unexpected_exception_is_a_logged_500_with_a_request_id(caplog) -> None:
-    from starlette.requests import Request
+    from cliper_prod.serving.middleware import CatchAll
 
-    from cliper_prod.serving.app import catch_all
-
-    async def broken(_: Request) -> None:
+    async def broken(scope, receive, send) -> None:
         raise ZeroDivisionError("a bug")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/topk", "headers": [],
              "query_string": b""}
-    with caplog.at_level(logging.ERROR, logger="cliper_prod.serving.app"):
-        response = asyncio.run(catch_all(Request(scope), broken))
-    answer = json.loads(response.body)
-    assert response.status_code == 500 and answer["detail"] == "internal error"
+    with caplog.at_level(logging.ERROR, logger="cliper_prod.serving.middleware"):
+        asyncio.run(CatchAll(broken)(scope, None, send))
+    answer = json.loads(sent[1]["body"])
+    assert sent[0]["status"] == 500 and answer["detail"] == "internal error"
     assert answer["request_id"] in caplog.text and "ZeroDivisionError" in caplog.text
 
 
@@ -285,9 +295,10 @@ def _serve(exported, monkeypatch, *extra: str):
     from cliper_prod.serving import app
 
     monkeypatch.setattr(app, "connect", lambda address=None, metrics_port=None: None)
+    monkeypatch.setattr(app, "_check_gpus", lambda needed: None)  # asks the (absent) Ray
     monkeypatch.setattr(signal, "signal", lambda *_: None)
-    return CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]), "--port",
-                                    "1", *extra])
+    return CliRunner().invoke(cli, ["serve", "--engine", "ray", "--bundle",
+                                    str(exported["bundle"]), "--port", "1", *extra])
 
 
 def test_serve_start_up_failure_is_one_line_and_exit_code_9(exported, monkeypatch) -> None:

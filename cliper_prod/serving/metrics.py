@@ -1,46 +1,122 @@
-"""The service's application metrics, through Ray Serve's metrics API (exported by Ray's
-metrics agent on the Prometheus endpoint of each node, ``--metrics-port``), with the replica,
-deployment and application tags Serve adds.
+"""The service's application metrics: one set of names and labels, two backends.
 
 - ``cliper_requests``: requests by endpoint and HTTP status code (4xx and 500 included);
-- ``cliper_request_latency_ms``: a histogram of the time in the replica, by endpoint;
+- ``cliper_request_latency_ms``: a histogram of the time in the serving process, by endpoint;
 - ``cliper_topk_batch_requests``: how many /topk requests each ONNX run merged;
 - ``cliper_items_embedded``: items /embed answered; ``cliper_item_errors``: its per-item
   problems by action, ``skipped`` (not embedded) or ``kept`` (embedded with a fallback, such
   as no image).
+
+:class:`RayMetrics` (``--engine ray``) records through Ray Serve's metrics API: Ray's metrics
+agent exports them on each node's Prometheus endpoint as ``ray_cliper_*``, with the replica,
+deployment and application tags Serve adds. :class:`PrometheusMetrics` (``--engine local``)
+records through ``prometheus_client`` in its multiprocess mode, so the ``/metrics`` that any
+worker answers sums every worker's counts; the series are ``cliper_*``.
 """
 
 from __future__ import annotations
 
-ROUTES = ("/topk", "/embed", "/healthz", "/metadata")  # any other path counts as "other"
-LATENCY_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
-BATCH = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+ROUTES = ("/topk", "/embed", "/healthz", "/metadata", "/metrics")  # any other path: "other"
+LATENCY_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when imported
 
 
-class ServiceMetrics:
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # a histogram's upper bounds; None: a counter
+
+
+REQUESTS = Metric("cliper_requests", "requests by endpoint and status", ("endpoint", "status"))
+LATENCY = Metric("cliper_request_latency_ms", "time in the serving process", ("endpoint",),
+                 LATENCY_MS)
+BATCH_REQUESTS = Metric("cliper_topk_batch_requests", "/topk requests merged into one ONNX run",
+                        buckets=BATCH)
+EMBEDDED = Metric("cliper_items_embedded", "items /embed answered")
+ITEM_ERRORS = Metric("cliper_item_errors", "per-item problems of /embed", ("action",))
+METRICS = (REQUESTS, LATENCY, BATCH_REQUESTS, EMBEDDED, ITEM_ERRORS)
+
+
+class ServiceMetrics(ABC):
+    """What the service records; a backend makes each instrument and adds to it."""
+
     def __init__(self) -> None:
-        from ray.serve import metrics
+        self.instruments = {metric: self.make(metric) for metric in METRICS}
 
-        self.requests = metrics.Counter("cliper_requests", "requests by endpoint and status",
-                                        tag_keys=("endpoint", "status"))
-        self.latency = metrics.Histogram("cliper_request_latency_ms", "time in the replica",
-                                         boundaries=LATENCY_MS, tag_keys=("endpoint",))
-        self.batch = metrics.Histogram("cliper_topk_batch_requests",
-                                       "/topk requests merged into one ONNX run", boundaries=BATCH)
-        self.embedded = metrics.Counter("cliper_items_embedded", "items /embed answered")
-        self.item_errors = metrics.Counter("cliper_item_errors", "per-item problems of /embed",
-                                           tag_keys=("action",))
+    @abstractmethod
+    def make(self, metric: Metric) -> object:
+        """The backend's counter or histogram for ``metric``."""
+
+    @abstractmethod
+    def add(self, metric: Metric, value: float, labels: dict[str, str]) -> None:
+        """Increment a counter by ``value``, or observe ``value`` in a histogram."""
 
     def request(self, path: str, status: int, seconds: float) -> None:
         endpoint = path if path in ROUTES else "other"
-        self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
-        self.latency.observe(seconds * 1e3, tags={"endpoint": endpoint})
+        self.add(REQUESTS, 1, {"endpoint": endpoint, "status": str(status)})
+        self.add(LATENCY, seconds * 1e3, {"endpoint": endpoint})
 
     def merged(self, requests: int) -> None:
-        self.batch.observe(requests)
+        self.add(BATCH_REQUESTS, requests, {})
 
     def embed(self, answer: dict) -> None:
         if answer["items"]:
-            self.embedded.inc(len(answer["items"]))
+            self.add(EMBEDDED, len(answer["items"]), {})
         for problem in answer["errors"]:
-            self.item_errors.inc(tags={"action": problem["action"]})
+            self.add(ITEM_ERRORS, 1, {"action": problem["action"]})
+
+
+class RayMetrics(ServiceMetrics):
+    """Ray Serve's metrics API (``--engine ray``)."""
+
+    def make(self, metric: Metric) -> object:
+        from ray.serve import metrics
+
+        if metric.buckets is None:
+            return metrics.Counter(metric.name, metric.doc, tag_keys=metric.labels)
+        return metrics.Histogram(metric.name, metric.doc, boundaries=list(metric.buckets),
+                                 tag_keys=metric.labels)
+
+    def add(self, metric: Metric, value: float, labels: dict[str, str]) -> None:
+        instrument = self.instruments[metric]
+        record = instrument.inc if metric.buckets is None else instrument.observe
+        record(value, tags=labels or None)
+
+
+class PrometheusMetrics(ServiceMetrics):
+    """``prometheus_client`` in multiprocess mode (``--engine local``): each worker writes its
+    counts to files in :data:`MULTIPROC_DIR`, which must be set before prometheus_client is
+    first imported, and :meth:`exposition` reads all of them."""
+
+    def make(self, metric: Metric) -> object:
+        from prometheus_client import Counter, Histogram
+
+        if metric.buckets is None:
+            return Counter(metric.name, metric.doc, metric.labels, registry=None)
+        return Histogram(metric.name, metric.doc, metric.labels, buckets=metric.buckets,
+                         registry=None)
+
+    def add(self, metric: Metric, value: float, labels: dict[str, str]) -> None:
+        instrument = self.instruments[metric]
+        child = instrument.labels(**labels) if labels else instrument
+        if metric.buckets is None:
+            child.inc(value)
+        else:
+            child.observe(value)
+
+    @staticmethod
+    def exposition() -> tuple[bytes, str]:
+        """The Prometheus text of every worker's metrics, and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, os.environ[MULTIPROC_DIR])
+        return generate_latest(registry), CONTENT_TYPE_LATEST

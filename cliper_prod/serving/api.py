@@ -1,0 +1,191 @@
+"""The HTTP API of ``cliper-prod serve``, the same under both engines (no Ray in it).
+
+Endpoints: ``POST /topk``, ``POST /embed``, ``GET /healthz``, ``GET /metadata``; the OpenAPI
+schema is at ``/openapi.json`` (``/docs`` renders it). Each answers through the
+:class:`~cliper_prod.serving.service.Service` of the process, which the engine's
+``app.state.service()`` finds: the Ray engine wraps this app in a deployment
+(:mod:`cliper_prod.serving.app`), the local one runs it under uvicorn
+(:mod:`cliper_prod.serving.local`).
+
+Requests are validated by their schema (422), by the bundle (400: unknown ids, k too large) and
+by size (413 over ``max_request_bytes``, 411 without Content-Length); an answer is never a 500
+for bad input. Bodies are read within ``read_timeout_s`` (else 408) and parsed by
+:func:`~cliper_prod.features.items.loads_strict`, the CLI's reader (NaN, Infinity and lone
+surrogates are a 422). An unexpected exception is logged with a request id and answered as a
+500 with that id (:mod:`~cliper_prod.serving.middleware`). /topk and /embed answers are written
+by orjson and not validated again against their models, which only document them.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime.
+import asyncio
+import logging
+from typing import Callable
+
+import orjson
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from cliper_prod import __version__
+from cliper_prod.features.items import StrictJSONError, clip, loads_strict
+from cliper_prod.runtime.recommender import RequestError
+from cliper_prod.serving.middleware import CatchAll, LimitBody, RecordMetrics
+from cliper_prod.serving.service import Service
+
+logger = logging.getLogger(__name__)
+
+
+class TopKRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    users: list[str] = Field(min_length=1, description="External user ids (user_ids.txt).")
+    k: int = Field(20, ge=1, description="Items per user (at most the bundle's max_k).")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Item ids to leave out for every user of the "
+                                           "request, besides their training items.")
+
+
+class Ranking(BaseModel):
+    user_id: str
+    items: list[str]
+    scores: list[float]
+
+
+class TopKResponse(BaseModel):
+    results: list[Ranking]
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[dict] = Field(min_length=1, description="Items in the JSONL schema (item_id, "
+                              "title, brand, categories, description, image); an image may be a "
+                              "path under the server's --image-root or 'image_base64'.")
+
+
+class EmbeddedItem(BaseModel):
+    item_id: str
+    text_feature: list[float]
+    image_embedding: list[float]
+
+
+class ItemProblem(BaseModel):
+    line: int
+    item_id: str | None
+    action: str
+    reason: str
+
+
+class EmbedResponse(BaseModel):
+    items: list[EmbeddedItem]
+    errors: list[ItemProblem]
+
+
+class StrictJSONRequest(Request):
+    """A request whose body must arrive within ``read_timeout_s`` (408) and be strict JSON
+    (422): the one place request bodies are read and parsed."""
+
+    async def body(self) -> bytes:
+        timeout = self.app.state.service().settings.read_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await super().body()
+        except TimeoutError:
+            raise HTTPException(408, f"request body not received within {timeout:g} s") from None
+
+    async def json(self) -> object:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = loads_strict(await self.body())
+            except StrictJSONError as exc:
+                raise HTTPException(422, [{"type": "json_invalid", "loc": ["body"],
+                                           "msg": f"JSON decode error: {exc}"}]) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes that hand their endpoint a :class:`StrictJSONRequest`."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+        return strict
+
+
+def _problem(error: dict) -> dict:
+    """A validation error without the client's ``input`` (megabytes, perhaps) and with the
+    keys of its location cut short."""
+    message = error["msg"]
+    if "error" in error.get("ctx", {}):
+        message += f": {error['ctx']['error']}"
+    return {"type": error["type"], "msg": clip(message),
+            "loc": [clip(part) if isinstance(part, str) else part for part in error["loc"]]}
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 that states what is wrong where, never echoing the value."""
+    return JSONResponse({"detail": [_problem(e) for e in exc.errors()[:20]]}, status_code=422)
+
+
+async def unanswerable(request: Request, exc: RequestError) -> JSONResponse:
+    """What the service cannot answer as asked: its status (400, 404, 413) and why."""
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
+def _json(content: dict) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service()
+
+
+async def topk(body: TopKRequest, request: Request) -> Response:
+    """Top-k items per user, their training items and ``exclude`` left out."""
+    return _json(await _service(request).topk(body.users, body.k, body.exclude))
+
+
+async def embed(body: EmbedRequest, request: Request) -> Response:
+    """CLIPER features of each item, with the CLI's per-item error policy."""
+    return _json(await _service(request).embed(body.items))
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """Ready when the loaded graph ranks a user (checked at most every few seconds); 503 with
+    the reason otherwise."""
+    try:
+        await _service(request).check_ready()
+    except Exception as exc:  # a broken session raises ONNX Runtime's own types
+        logger.warning("readiness check failed: %s", exc)
+        return JSONResponse({"status": "unavailable",
+                             "detail": clip(f"{type(exc).__name__}: {exc}", 300)},
+                            status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metadata(request: Request) -> dict:
+    """The bundle's manifest (backbone, dimensions, model versions, file hashes) and how this
+    process runs it (``providers``: each live session's; ``engine``: local or ray, and whether
+    Ray is loaded; ``replica``: the replica or worker that answered)."""
+    return _service(request).metadata()
+
+
+def create_app(service: Callable[[], Service]) -> FastAPI:
+    """The API, answering through ``service()``: the engine's way to the service of the
+    process answering (kept in ``app.state.service``)."""
+    app = FastAPI(title="cliper-prod", version=__version__,
+                  description="CLIPER top-K recommendations and item features from an exported "
+                              "bundle on ONNX Runtime.")
+    app.router.route_class = StrictJSONRoute
+    app.state.service = service
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(RequestError, unanswerable)
+    for middleware in (CatchAll, LimitBody, RecordMetrics):  # the last added is outermost
+        app.add_middleware(middleware)
+    app.add_api_route("/topk", topk, methods=["POST"], response_model=TopKResponse)
+    app.add_api_route("/embed", embed, methods=["POST"], response_model=EmbedResponse)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/metadata", metadata, methods=["GET"])
+    return app

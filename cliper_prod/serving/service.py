@@ -1,0 +1,135 @@
+"""What one serving process holds and does, for either engine: a Ray Serve replica or a
+uvicorn worker loads the bundle into a :class:`Service`, and the HTTP API
+(:mod:`cliper_prod.serving.api`) answers every request through it.
+
+The engine gives the service its metrics backend and its batcher, Ray Serve's ``serve.batch`` or
+the local :func:`~cliper_prod.serving.batching.batch` (the same keywords and semantics): with
+batching on, the rows of concurrent /topk requests are merged into one ONNX run by
+:meth:`Service.rank_merged` and split back per request. Requests the service cannot answer
+raise :class:`~cliper_prod.runtime.recommender.RequestError` with their HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cliper_prod import __version__
+from cliper_prod.features.items import clip
+from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.recommender import ReadinessProbe, Recommender, RequestError
+from cliper_prod.serving.metrics import ServiceMetrics
+
+Top = tuple[np.ndarray, np.ndarray]  # the graph's padded top items and scores of some users
+Merged = Callable[[list[np.ndarray]], Awaitable[list[Top]]]
+#: ``serve.batch`` or :func:`~cliper_prod.serving.batching.batch`: given ``max_batch_size`` and
+#: ``batch_wait_timeout_s``, a decorator that makes a merged run callable once per request
+Batcher = Callable[..., Callable[[Merged], Callable[[np.ndarray], Awaitable[Top]]]]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How a replica or worker serves; the ``args`` of a Ray Serve config file."""
+
+    bundle: str
+    device: str = "auto"
+    image_root: str | None = None  # image paths in /embed resolve (only) under this folder
+    batching: bool = True
+    max_batch_size: int = 64  # /topk requests merged into one ONNX run
+    max_ongoing_requests: int = 256  # Ray: per replica; Ray Serve's default (5) caps batches at 5
+    batch_wait_timeout_s: float = 0.002
+    max_request_bytes: int = 16 << 20
+    read_timeout_s: float = 10.0  # to receive a request's body, else 408
+    max_users: int = 4096  # per /topk request
+    max_items: int = 256  # per /embed request
+    embed_batch_size: int = 64  # as `cliper-prod embed --batch-size`
+    gpus_per_replica: float = 0.0  # Ray's num_gpus per replica: Ray hides GPUs from the others
+
+
+class Service:
+    """The bundle loaded for answering, with the engine's metrics and batcher.
+
+    ``engine`` names the engine (reported by /metadata); ``replica`` names this process among
+    the engine's replicas or workers.
+    """
+
+    def __init__(self, settings: ServeSettings, metrics: ServiceMetrics, batch: Batcher, *,
+                 engine: dict, replica: str) -> None:
+        self.settings, self.metrics, self.engine, self.replica = settings, metrics, engine, replica
+        bundle = Bundle(Path(settings.bundle), settings.device)
+        self.manifest = bundle.manifest
+        self.recommender = Recommender(
+            bundle, image_root=Path(settings.image_root) if settings.image_root else None,
+            embed_batch_size=settings.embed_batch_size)
+        self.ranker = self.recommender.ranker
+        self.providers = self._live_providers()  # with cuda, Bundle.graph refused CPU ones
+        self.readiness = ReadinessProbe(self.ranker.rank)
+
+        async def merged(requests: list[np.ndarray]) -> list[Top]:
+            return await self.rank_merged(requests)  # a function: serve.batch sets attributes
+        self.rank_batched = batch(max_batch_size=settings.max_batch_size,
+                                  batch_wait_timeout_s=settings.batch_wait_timeout_s)(merged)
+
+    def _live_providers(self) -> dict[str, list[str]]:
+        """The execution providers each ONNX Runtime session of this process really runs on
+        (the CUDA provider may be asked for and not given)."""
+        graphs = {"topk": self.ranker.graph}
+        if self.recommender.has_features:
+            encoder = self.recommender.embedder.encoder
+            graphs |= {"image_encoder": encoder.image_graph, "text_fusion": encoder.text_graph}
+        return {name: graph.session.get_providers() for name, graph in graphs.items()}
+
+    async def rank_merged(self, requests: list[np.ndarray]) -> list[Top]:
+        """One ONNX run for the rows of every request of a batch, split back per request."""
+        self.metrics.merged(len(requests))
+        items, scores = await asyncio.to_thread(self.ranker.rank, np.concatenate(requests))
+        bounds = np.cumsum([0] + [len(r) for r in requests])
+        return [(items[a:b], scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    async def topk(self, users: list[str], k: int, exclude: list[str]) -> dict:
+        """Top-k items per user, their training items and ``exclude`` left out."""
+        if len(users) > self.settings.max_users:
+            raise RequestError(f"{len(users)} users; at most {self.settings.max_users} per "
+                               f"request", 413)
+        rows, excluded = self.ranker.prepare(users, k, exclude)
+        if self.settings.batching:
+            top = await self.rank_batched(rows)
+        else:
+            top = await asyncio.to_thread(self.ranker.rank, rows)
+        return {"results": self.ranker.answer(users, top, k, excluded)}
+
+    async def embed(self, items: list[dict]) -> dict:
+        """CLIPER features of each item, with the CLI's per-item error policy."""
+        if not self.recommender.has_features:
+            raise RequestError("this bundle has no CLIP feature graphs (exported without "
+                               "--clip)", 404)
+        if len(items) > self.settings.max_items:
+            raise RequestError(f"{len(items)} items; at most {self.settings.max_items} per "
+                               f"request", 413)
+        answer = await asyncio.to_thread(self.recommender.embed, items)
+        self.metrics.embed(answer)
+        return answer
+
+    async def check_ready(self) -> None:
+        """Return when the loaded graph ranks a user (:class:`ReadinessProbe`); raise what
+        ranking raised."""
+        await asyncio.to_thread(self.readiness.check)
+
+    def metadata(self) -> dict:
+        """The manifest, how this process runs it, and whether Ray is loaded in it (the local
+        engine never imports Ray: tested through this)."""
+        return {"manifest": self.manifest, "providers": self.providers,
+                "cliper_prod": __version__, "settings": asdict(self.settings),
+                "engine": {**self.engine, "ray_imported": "ray" in sys.modules},
+                "replica": self.replica}
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, cut short: a start-up failure's reason in the
+    one ``error:`` line of either engine."""
+    return clip(str(exc).strip().splitlines()[0] if str(exc).strip() else "no message", 300)
