@@ -28,24 +28,25 @@ import subprocess
 import sys
 import time
 import urllib.request
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 from _report import free_port, report
 
-CLI = [str(Path(sys.executable).parent / "cliper-prod"), "serve"]
+CLI = [sys.executable, "-m", "cliper_prod", "serve"]  # also where no console script is installed
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
 
 
-def start(engine: str, args: argparse.Namespace, batching: bool, port: int, log: Path
-          ) -> tuple[subprocess.Popen, float]:
-    """`cliper-prod serve --engine ENGINE` on ``port``, once /healthz answers; its start-up
-    seconds."""
+def start(engine: str, device: str, args: argparse.Namespace, batching: bool, port: int,
+          log: Path) -> tuple[subprocess.Popen, float]:
+    """`cliper-prod serve --engine ENGINE --device DEVICE` on ``port``, once /healthz answers;
+    its start-up seconds."""
     cmd = [*CLI, "--engine", engine, "--bundle", str(args.bundle), "--port", str(port),
-           "--device", "cpu", "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms",
-           str(args.batch_wait_ms), *([] if batching else ["--no-batching"]),
+           "--device", device, "--max-batch-size", str(args.max_batch_size),
+           *([] if args.batch_wait_ms is None else ["--batch-wait-ms", str(args.batch_wait_ms)]),
+           *([] if batching else ["--no-batching"]),
            *(["--workers", str(args.workers)] if engine == "local" else
              ["--replicas", str(args.replicas)])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
@@ -141,47 +142,69 @@ def run_levels(port: int, users: list[str], args: argparse.Namespace) -> list[di
     return uvloop.run(levels())
 
 
-def machine() -> str:
+def machine(devices: list[str]) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.machine())
     with open("/proc/meminfo") as fh:
         mem_gib = int(fh.readline().split()[1]) / 2**20
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB; load average "
-            f"{os.getloadavg()[0]:.2f} at the start (loopback, CPU)")
+    gpu = ""
+    if "cuda" in devices:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = f", GPU {smi.stdout.strip()}"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB{gpu}; load average "
+            f"{os.getloadavg()[0]:.2f} at the start (loopback)")
 
 
-def table(rows: list[dict], engines: list[str]) -> str:
-    """One line per (batching, clients): each engine's figures side by side, and local/ray."""
-    both = engines == ["local", "ray"]
-    head = ["batching", "clients"] + [f"{e} {m}" for e in engines
+def server_name(engine: str, device: str, devices: list[str]) -> str:
+    """How a row names its server: the engine, with the device when several are compared."""
+    return engine if devices == ["cpu"] else f"{engine} {device}"
+
+
+def table(rows: list[dict], servers: list[str]) -> str:
+    """One line per (batching, clients): each server's figures side by side, and the ratio of
+    the first's req/s to the second's when there are two."""
+    both = len(servers) == 2
+    head = ["batching", "clients"] + [f"{e} {m}" for e in servers
                                       for m in ("req/s", "p50 / p95 / p99 ms", "errors")]
-    lines = ["| " + " | ".join(head + (["local / ray req/s"] if both else [])) + " |",
+    ratio_head = [f"{servers[0]} / {servers[1]} req/s"] if both else []
+    lines = ["| " + " | ".join(head + ratio_head) + " |",
              "|" + "---|" * 2 + "---:|" * (len(head) - 2 + both)]
-    by = {(r["engine"], r["batching"], r["concurrency"]): r for r in rows}
+    by = {(r["server"], r["batching"], r["concurrency"]): r for r in rows}
     for batching, c in dict.fromkeys((r["batching"], r["concurrency"]) for r in rows):
         cells = ["on" if batching else "off", str(c)]
-        for e in engines:
+        for e in servers:
             r = by[(e, batching, c)]
             cells += [f"{r['rps']:.0f}", f"{r['p50_ms']:.2f} / {r['p95_ms']:.2f} / "
                                          f"{r['p99_ms']:.2f}", str(r["errors"])]
         if both:
-            ratio = by[("local", batching, c)]["rps"] / by[("ray", batching, c)]["rps"]
+            ratio = by[(servers[0], batching, c)]["rps"] / by[(servers[1], batching, c)]["rps"]
             cells.append(f"{ratio:.1f}x")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--engines", nargs="+", choices=["local", "ray"], default=["local", "ray"])
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=["cpu"],
+                        help="ONNX Runtime device of each engine (cuda: onnxruntime-gpu)")
     parser.add_argument("--batching", nargs="+", choices=["on", "off"], default=["on", "off"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--requests", type=int, default=3000, help="per level")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="per level")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--batch-wait-ms", type=float,
+                        help="for both engines [default: each engine's own, 0 local, 2 ray]")
     parser.add_argument("--workers", type=int, default=1, help="of the local engine")
     parser.add_argument("--replicas", type=int, default=1, help="of the Ray engine")
     parser.add_argument("--smoke", action="store_true",
@@ -200,30 +223,34 @@ def main() -> None:
     log.write_text("")
 
     users = (args.bundle / "user_ids.txt").read_text().split()
-    rows, started = [], {}
-    at_start = machine()
+    rows, started, servers = [], {}, []
+    at_start = machine(args.devices)
     for engine in args.engines:
-        for batching in (b == "on" for b in args.batching):
-            port = free_port()
-            proc, started[f"{engine}, batching {'on' if batching else 'off'}"] = \
-                start(engine, args, batching, port, log)
-            try:
-                for row in run_levels(port, users, args):
-                    rows.append({"engine": engine, "batching": batching, **row})
-                    print(rows[-1], flush=True)
-            finally:
-                stop(proc)
+        for device in args.devices:
+            name = server_name(engine, device, args.devices)
+            servers.append(name)
+            for batching in (b == "on" for b in args.batching):
+                port = free_port()
+                proc, started[f"{name}, batching {'on' if batching else 'off'}"] = \
+                    start(engine, device, args, batching, port, log)
+                try:
+                    for row in run_levels(port, users, args):
+                        rows.append({"server": name, "engine": engine, "device": device,
+                                     "batching": batching, **row})
+                        print(rows[-1], flush=True)
+                finally:
+                    stop(proc)
 
-    text = table(rows, args.engines)
+    text = table(rows, servers)
     text += "\n\nstart-up to a healthy /healthz: " + ", ".join(
         f"{name} {s:.1f} s" for name, s in started.items())
     result = {"machine": at_start, "bundle": str(args.bundle), "k": args.k,
               "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
               "workers": args.workers, "replicas": args.replicas,
               "requests_per_level": args.requests, "max_seconds_per_level": args.max_seconds,
-              "versions": {p: version(p) for p in ("cliper-prod", "onnxruntime", "fastapi",
-                                                    "uvicorn", "uvloop", "httptools", "orjson",
-                                                    *(["ray"] if "ray" in args.engines else []))},
+              "versions": {p: package_version(p) for p in (
+                  "cliper-prod", "onnxruntime", "onnxruntime-gpu", "fastapi", "uvicorn", "uvloop",
+                  "httptools", "orjson", *(["ray"] if "ray" in args.engines else []))},
               "python": platform.python_version(), "startup_s": started, "rows": rows}
     report(args.out, result, text)
 

@@ -5,6 +5,9 @@ re-implementations of each backbone's propagation rule, written here from the pa
 from __future__ import annotations
 
 import json
+import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from cliper_prod.bundle_format import read_manifest
 from cliper_prod.checkpoint import load_model
 from cliper_prod.commands import cli
 from cliper_prod.runtime.recommender import Recommender
+from conftest import serve_local, stop_process
 
 N_NEW = 4
 
@@ -292,3 +296,54 @@ def test_refusals_name_the_problem(trained, exported, tmp_path: Path) -> None:
               "--out", tmp_path / "ok.jsonl")
     assert res.exit_code == 0 and "bad.jsonl:3: skipped: expected a JSON object" in res.output
     assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 1
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_service_serves_an_add_items_bundle_and_history_users(trained, exported, image_root,
+                                                                   tmp_path: Path) -> None:
+    new_features(tmp_path / "new", exported["catalog"])
+    assert run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+               "--out", tmp_path / "b2").exit_code == 0
+    url, proc = serve_local({"bundle": tmp_path / "b2"}, image_root, tmp_path)
+    try:
+        api = Recommender(tmp_path / "b2")
+        user = api.bundle.user_ids[3]
+        assert post(url + "/topk", {"users": [user], "k": 10}) == \
+            (200, {"results": api.topk([user], k=10)})
+        history = [api.bundle.item_ids[i] for i in (1, 4, 9)] + ["NEW2", "ghost"]
+        status, body = post(url + "/topk", {"history": history, "k": 10, "exclude": ["NEW0"]})
+        expected = api.topk_histories([history], k=10, exclude=["NEW0"])
+        assert status == 200 and body == {"results": expected}
+        assert body["results"][0]["unknown_items"] == ["ghost"]
+        assert not set(history + ["NEW0"]) & set(body["results"][0]["items"])
+        status, body = post(url + "/topk", {"history": ["ghost"], "k": 10})
+        assert status == 400 and "no known item id" in body["detail"]
+        status, body = post(url + "/topk", {"users": [user], "history": history})
+        assert status == 422 and "exactly one" in json.dumps(body)
+    finally:
+        stop_process(proc, signal.SIGTERM)
+
+
+def test_a_bundle_without_fold_in_state_says_so(tmp_path: Path) -> None:
+    from cliper_prod.export.bundle import EmbeddingTables, export_tables
+    from cliper_prod.runtime.recommender import RequestError
+
+    export_tables(EmbeddingTables(torch.randn(6, 4), torch.randn(9, 4),
+                                  np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6]])),
+                  tmp_path / "tables")
+    with pytest.raises(RequestError, match="no fold-in state") as caught:
+        Recommender(tmp_path / "tables").topk_histories([["1", "2"]], k=3)
+    assert caught.value.status == 501 and str(tmp_path) not in str(caught.value)
+    (tmp_path / "h.jsonl").write_text('{"user": "a", "history": ["1"]}\n')
+    res = run("topk", "--bundle", tmp_path / "tables", "--histories", tmp_path / "h.jsonl",
+              "-k", "3")
+    assert res.exit_code == 7 and "no fold-in state" in res.output

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from cliper_prod.serving.service import ServeSettings
 
 ENGINES = ("local", "ray")
+#: each engine's default --batch-wait-ms: the local batcher has no proxy hop to hide a wait in
+BATCH_WAIT_MS = {"local": 0.0, "ray": 2.0}
 #: the options that only one engine has, as the command's parameter names
 ENGINE_ONLY = {"local": ("workers",),
                "ray": ("replicas", "address", "gpus_per_replica", "metrics_port", "print_config")}
@@ -46,8 +48,10 @@ ENGINE_ONLY = {"local": ("workers",),
 @click.option("--no-batching", is_flag=True, help="Run each /topk request alone.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="/topk requests merged into one ONNX run.")
-@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
-              help="How long a /topk request waits for others to batch with.")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0),
+              help="How long the first /topk request of a batch waits for others [default: 0 "
+                   "with --engine local: a batch is what queued while the previous run ran, so "
+                   "a lone request never waits; 2 with --engine ray].")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20,
               show_default=True)
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
@@ -69,7 +73,7 @@ ENGINE_ONLY = {"local": ("workers",),
                    "start (exit code 9 past it); raise it on a busy machine.")
 def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: str, port: int,
             address: str | None, device: str, image_root: Path | None, no_batching: bool,
-            max_batch_size: int, batch_wait_ms: float, max_request_bytes: int,
+            max_batch_size: int, batch_wait_ms: float | None, max_request_bytes: int,
             gpus_per_replica: float | None, read_timeout_s: float, metrics_port: int | None,
             print_config: bool, startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP: POST /topk, POST /embed, GET /healthz, GET /metadata (OpenAPI
@@ -84,6 +88,8 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
         raise ConfigError(f"--image-root {image_root}: not a folder")
     if engine == "ray" and gpus_per_replica is None:
         gpus_per_replica = 1.0 if device == "cuda" else 0.0
+    if batch_wait_ms is None:
+        batch_wait_ms = BATCH_WAIT_MS[engine]
     settings = ServeSettings(bundle=str(bundle_dir.resolve()), device=device,
                              image_root=str(image_root.resolve()) if image_root else None,
                              batching=not no_batching, max_batch_size=max_batch_size,

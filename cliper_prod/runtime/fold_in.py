@@ -46,6 +46,8 @@ from cliper_prod.errors import BundleError, ConfigError
 
 USER_RULES = ("symmetric", "mean_self_loop")
 ITEM_RULES = ("freedom", "lattice")
+NO_STATE = ("the bundle holds no fold-in state (exported before fold-in existed, or from "
+            "tables without a checkpoint): re-export it")
 QUERY_CHUNK = 256  # new items compared with the catalog at a time: memory chunk x catalog
 
 
@@ -69,11 +71,9 @@ class FoldIn:
     """The fold-in rules of one bundle (its manifest's ``fold_in`` record and arrays)."""
 
     def __init__(self, folder: Path, record: dict[str, Any] | None, backbone: str | None) -> None:
-        if record is None:
-            raise BundleError(f"{folder}: no fold-in state: the {backbone or 'model'} bundle was "
-                              f"exported without one (re-export it with this version; tables "
-                              f"exported without a checkpoint have none)")
         self.folder, self.backbone = folder, backbone
+        record = record or {"user_rule": None, "item_rule": None, "arrays": {}, "params": {
+            "no_user_rule": NO_STATE, "no_item_rule": NO_STATE}}
         self.user_rule, self.item_rule = record["user_rule"], record["item_rule"]
         self.params: dict[str, Any] = record["params"]
         self.files: dict[str, str] = record["arrays"]
@@ -84,11 +84,19 @@ class FoldIn:
 
     # -- users --------------------------------------------------------------------------------
 
+    def user_rule_problem(self) -> str | None:
+        """Why users cannot be folded in (no server path in it: a service answers with it),
+        or None."""
+        if self.user_rule in USER_RULES:
+            return None
+        return (f"cannot fold in users of a {self.backbone} model: "
+                f"{self.params.get('no_user_rule', 'no user fold-in rule')}")
+
     def users(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """[B, D] float32 user vectors from item-row histories (each non-empty)."""
-        if self.user_rule not in USER_RULES:
-            raise BundleError(f"{self.folder}: cannot fold in users of a {self.backbone} model: "
-                              f"{self.params.get('no_user_rule', 'no user fold-in rule')}")
+        problem = self.user_rule_problem()
+        if problem:
+            raise BundleError(f"{self.folder}: {problem}")
         layers, degree = self.array("item_layers"), self.array("item_degree")
         n_layers = layers.shape[0]
         out = np.zeros((len(histories), layers.shape[2]), dtype=np.float64)

@@ -163,6 +163,9 @@ class TopKRanker:
                           exclude: Sequence[str] = ()) -> tuple[HistoryQueries, set[int]]:
         """Fold in one user per history of item ids (unknown ids are reported, never guessed;
         a history needs one known item) and check the request as :meth:`prepare` does."""
+        problem = self.fold_in.user_rule_problem()
+        if problem:
+            raise RequestError(f"this bundle {problem}", 501)
         if not 1 <= k <= self.max_k:
             raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
         excluded = self.exclusions(list(exclude), k)
@@ -186,9 +189,12 @@ class TopKRanker:
                           exclude_items=prepared.items)
 
     def answer_histories(self, labels: Sequence[str | None], prepared: HistoryQueries, k: int,
-                         exclude: set[int]) -> list[dict]:
-        """Rankings of folded-in users, each with its ``unknown_items`` when it had some."""
-        out = rankings(labels, *self.rank_histories(prepared), k, self.item_ids, exclude)
+                         exclude: set[int], top: tuple[np.ndarray, np.ndarray] | None = None
+                         ) -> list[dict]:
+        """Rankings of folded-in users (``top``: their graph run, made here when not given),
+        each with its ``unknown_items`` when it had some."""
+        top = self.rank_histories(prepared) if top is None else top
+        out = rankings(labels, *top, k, self.item_ids, exclude)
         for record, missing in zip(out, prepared.unknown):
             if missing:
                 record["unknown_items"] = [clip(i) for i in missing]

@@ -26,7 +26,7 @@ from typing import IO, Iterator
 import numpy as np
 
 from cliper_prod.bundle_format import TOPK_GRAPH
-from cliper_prod.errors import ConfigError, DataError
+from cliper_prod.errors import BundleError, ConfigError, DataError
 from cliper_prod.io import atomic_path
 from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.features.items import StrictJSONError, loads_strict
@@ -153,6 +153,9 @@ def recommend_histories(bundle: Bundle, histories_path: Path, out: IO[str], *, k
     ({"user_id": label, "items", "scores"[, "unknown_items"]}), the history excluded."""
     check_k(bundle, k)
     ranker = TopKRanker(bundle)
+    problem = ranker.fold_in.user_rule_problem()
+    if problem:
+        raise BundleError(f"{bundle.folder}: {problem}")
     summary = TopKSummary()
     stream = read_histories(histories_path, ranker.item_index, skip_unknown, summary)
     while batch := list(islice(stream, batch_size)):

@@ -26,7 +26,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cliper_prod import __version__
 from cliper_prod.features.items import StrictJSONError, clip, loads_strict
@@ -39,17 +39,30 @@ logger = logging.getLogger(__name__)
 
 class TopKRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    users: list[str] = Field(min_length=1, description="External user ids (user_ids.txt).")
+    users: list[str] | None = Field(None, min_length=1,
+                                    description="External user ids (user_ids.txt).")
+    history: list[str] | None = Field(
+        None, min_length=1, description="Instead of users: one user the model never saw, by "
+        "the item ids they interacted with; folded in by the backbone's user rule, the history "
+        "excluded from the ranking, unknown ids listed in the answer's unknown_items.")
     k: int = Field(20, ge=1, description="Items per user (at most the bundle's max_k).")
     exclude: list[str] = Field(default_factory=list,
                                description="Item ids to leave out for every user of the "
                                            "request, besides their training items.")
 
+    @model_validator(mode="after")
+    def one_way_to_name_users(self) -> "TopKRequest":
+        if (self.users is None) == (self.history is None):
+            raise ValueError("give exactly one of 'users' and 'history'")
+        return self
+
 
 class Ranking(BaseModel):
-    user_id: str
+    user_id: str | None = Field(description="The user id; null for a user given by a history.")
     items: list[str]
     scores: list[float]
+    unknown_items: list[str] | None = Field(None, description="A history's unknown item ids "
+                                                              "(only when it had some).")
 
 
 class TopKResponse(BaseModel):
@@ -143,7 +156,10 @@ def _service(request: Request) -> Service:
 
 
 async def topk(body: TopKRequest, request: Request) -> Response:
-    """Top-k items per user, their training items and ``exclude`` left out."""
+    """Top-k items per user, their training items and ``exclude`` left out; or of one user
+    given by a history, the history and ``exclude`` left out."""
+    if body.history is not None:
+        return _json(await _service(request).topk_history(body.history, body.k, body.exclude))
     return _json(await _service(request).topk(body.users, body.k, body.exclude))
 
 

@@ -103,6 +103,13 @@ class Service:
             top = await asyncio.to_thread(self.ranker.rank, rows)
         return {"results": self.ranker.answer(users, top, k, excluded)}
 
+    async def topk_history(self, history: list[str], k: int, exclude: list[str]) -> dict:
+        """Top-k items of one user folded in from ``history`` (run alone: it is not a row of
+        the user table that a batch could share)."""
+        prepared, excluded = self.ranker.prepare_histories([history], k, exclude)
+        top = await asyncio.to_thread(self.ranker.rank_histories, prepared)
+        return {"results": self.ranker.answer_histories([None], prepared, k, excluded, top)}
+
     async def embed(self, items: list[dict]) -> dict:
         """CLIPER features of each item, with the CLI's per-item error policy."""
         if not self.recommender.has_features:
