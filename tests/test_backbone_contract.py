@@ -17,6 +17,7 @@ from cliper_prod.backbones import BACKBONE_NAMES, model_class
 from cliper_prod.commands import cli
 from cliper_prod.config import TRAIN_PRESET, load_config
 from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.fold_in import ITEM_ROWS, USER_RULES
 from cliper_prod.runtime.recommender import TopKRanker
 
 
@@ -74,3 +75,7 @@ def test_trains_exports_and_serves_its_dot_product_top_k(exported: dict[str, Pat
     items, scores = TopKRanker(Bundle(bundle_dir, "cpu", backbone)).rank(np.arange(80))
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
     assert ((items != ref_items) & np.isfinite(ref_scores)).mean() < 0.01  # ties aside
+    # its fold-in rules are ones the runtime has, or refused with a reason
+    fold = Bundle(bundle_dir, "cpu").manifest["fold_in"]
+    assert fold["user_rule"] in USER_RULES or fold["params"]["no_user_rule"]
+    assert fold["item_rule"] in ITEM_ROWS or fold["params"]["no_item_rule"]

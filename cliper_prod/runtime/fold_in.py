@@ -45,7 +45,6 @@ import numpy as np
 from cliper_prod.errors import BundleError, ConfigError
 
 USER_RULES = ("symmetric", "mean_self_loop")
-ITEM_RULES = ("freedom", "lattice")
 NO_STATE = ("the bundle holds no fold-in state (exported before fold-in existed, or from "
             "tables without a checkpoint): re-export it")
 QUERY_CHUNK = 256  # new items compared with the catalog at a time: memory chunk x catalog
@@ -118,7 +117,7 @@ class FoldIn:
 
     def require_item_rule(self) -> None:
         """Refuse, with the backbone's reason, a model whose items cannot be folded in."""
-        if self.item_rule not in ITEM_RULES:
+        if self.item_rule not in ITEM_ROWS:
             raise BundleError(f"{self.folder}: cannot add items to a {self.backbone} model: "
                               f"{self.params.get('no_item_rule', 'no item fold-in rule')}")
 
@@ -135,8 +134,7 @@ class FoldIn:
             if features[m].ndim != 2 or features[m].shape[1] != expected:
                 raise ConfigError(f"the new items' {m} features have shape "
                                   f"{features[m].shape}; the model's are {expected}-d")
-        row_rule = _freedom_rows if self.item_rule == "freedom" else _lattice_rows
-        rows = row_rule(self, features)
+        rows = ITEM_ROWS[self.item_rule](self, features)
         graph_layers = self.array("graph_layers")  # [L_m, n, D]: x^(0..L_m-1) of known items
         n_new, d = len(rows.self_weight), graph_layers.shape[2]
         x = np.zeros((n_new, d), dtype=np.float64)  # x^(0): no ID embedding
@@ -151,7 +149,8 @@ class FoldIn:
         layers = self.array("item_layers")
         arrays = {
             "graph_layers": np.concatenate(
-                [graph_layers, np.stack(new_layers[:-1]).astype(np.float32)], axis=1),
+                [graph_layers, np.asarray(new_layers[:-1], np.float32).reshape(
+                    len(graph_layers), n_new, d)], axis=1),
             "item_layers": np.concatenate(
                 [layers, np.zeros((layers.shape[0], n_new, d), np.float32)], axis=1),
             "item_degree": np.concatenate([self.array("item_degree"),
@@ -228,6 +227,10 @@ def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
     appended["learned_degree"] = learned_degree
     return NewRows(*(np.concatenate(a) for a in zip(*(learned + frozen))), self_weight,
                    appended)
+
+
+#: each item rule's way to the new rows of its graph
+ITEM_ROWS = {"freedom": _freedom_rows, "lattice": _lattice_rows}
 
 
 def nearest(table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
