@@ -282,11 +282,27 @@ def test_refusals_name_the_problem(trained, exported, tmp_path: Path) -> None:
     res = run("add-items", "--bundle", trained["lightgcn"], "--features", tmp_path / "new",
               "--out", tmp_path / "x")
     assert res.exit_code == 7 and "no item graph" in res.output
+    res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+              "--out", trained["freedom"].parent)  # would replace the folder holding B
+    assert res.exit_code == 2 and "outside --bundle" in res.output
+    zero = np.load(tmp_path / "new" / "image_feat.npy")
+    np.save(tmp_path / "new" / "image_feat.npy", np.vstack([zero[:3], np.zeros_like(zero[:1])]))
+    res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+              "--out", tmp_path / "x")
+    assert res.exit_code == 3 and "'NEW3'" in res.output and "all-zero" in res.output
+    np.save(tmp_path / "new" / "image_feat.npy", zero)
     (tmp_path / "new" / "item_ids.txt").write_text("SYN00001\nNEW1\nNEW2\nNEW3\n")
     res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
               "--out", tmp_path / "x")
     assert res.exit_code == 3 and "already in the bundle" in res.output
     assert not (tmp_path / "x").exists()
+    # a history of added items only (no interactions) folds in nothing: refused, not ranked
+    (tmp_path / "new" / "item_ids.txt").write_text("NEW0\nNEW1\nNEW2\nNEW3\n")
+    assert run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
+               "--out", tmp_path / "b2").exit_code == 0
+    (tmp_path / "added.jsonl").write_text('{"user": "a", "history": ["NEW0", "NEW1"]}\n')
+    res = run("topk", "--bundle", tmp_path / "b2", "--histories", tmp_path / "added.jsonl")
+    assert res.exit_code == 3 and "without interactions" in res.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"user": "a", "history": ["SYN00001"]}\n{"user": "b", "history": ["zz"]}\n'
                    '[1]\n')

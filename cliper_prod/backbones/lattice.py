@@ -50,7 +50,8 @@ MODALITIES = ("image", "text")  # the order of modal_weight
 def _row_sums(edge_index: Tensor, weight: Tensor, n: int) -> Tensor:
     """Weighted row sums of a graph given as edges, float64 (the degrees its normalisation
     divides by)."""
-    return torch.zeros(n, dtype=torch.float64).index_add(0, edge_index[0], weight.double())
+    return torch.zeros(n, dtype=torch.float64, device=weight.device).index_add(
+        0, edge_index[0], weight.double())
 
 
 @dataclass(frozen=True)
@@ -198,20 +199,20 @@ class Lattice(Recommender):
         graph = [self.item_embedding.weight]
         for _ in range(self.config.n_layers - 1):
             graph.append(edge_matmul(edge_index, weight, graph[-1]))
-        arrays["graph_layers"] = torch.stack(graph)[:self.config.n_layers].numpy()
-        learned_degree = torch.zeros(self.n_items, dtype=torch.float64)
-        for m, feat in feature_tensors(data, list(self.features)).items():
+        arrays["graph_layers"] = torch.stack(graph)[:self.config.n_layers].cpu().numpy()
+        learned_degree = torch.zeros(self.n_items, dtype=torch.float64, device=self.device)
+        for m, feat in feature_tensors(data, list(self.features), self.device).items():
             index, cos = cosine_knn_graph(feat, self.config.knn_k, self.config.knn_method)
-            arrays[f"knn_{m}"] = F.normalize(feat, dim=1).numpy()
-            arrays[f"frozen_degree_{m}"] = _row_sums(index, cos, self.n_items).numpy()
+            arrays[f"knn_{m}"] = F.normalize(feat, dim=1).cpu().numpy()
+            arrays[f"frozen_degree_{m}"] = _row_sums(index, cos, self.n_items).cpu().numpy()
             project = self.projections[m]
             projected = project(self.modality(m))
             index, cos = cosine_knn_graph(projected, self.config.knn_k, self.config.knn_method)
             learned_degree += mix[m] * _row_sums(index, cos, self.n_items)
-            arrays[f"learned_{m}"] = F.normalize(projected, dim=1).numpy()
-            arrays[f"proj_weight_{m}"] = project.weight.T.numpy()
-            arrays[f"proj_bias_{m}"] = project.bias.numpy()
-        arrays["learned_degree"] = learned_degree.numpy()
+            arrays[f"learned_{m}"] = F.normalize(projected, dim=1).cpu().numpy()
+            arrays[f"proj_weight_{m}"] = project.weight.T.cpu().numpy()
+            arrays[f"proj_bias_{m}"] = project.bias.cpu().numpy()
+        arrays["learned_degree"] = learned_degree.cpu().numpy()
         params |= {"n_layers": self.config.n_layers, "knn_k": self.config.knn_k,
                    "modalities": list(self.features), "mix": mix,
                    "lambda": self.config.lambda_coeff, "normalize": True}

@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from cliper_prod.runtime.bundle import Bundle
 
 
-def embedded_features(bundle: Bundle, items: Path, *, precision: str, batch_size: int,
-                      strict: bool, progress: bool) -> tuple[Path, list[dict]]:
-    """Embed ``items`` with the bundle's own CLIP graphs, as `embed --bundle` would, into a
-    temporary folder; that folder and the item errors (the per-item policy of `embed`)."""
+def embedded_features(bundle: Bundle, items: Path, folder: Path, *, precision: str,
+                      batch_size: int, strict: bool, progress: bool) -> list[dict]:
+    """Embed ``items`` with the bundle's own CLIP graphs, as `embed --bundle` would, into
+    ``folder``; the item errors (the per-item policy of `embed`)."""
     from cliper_prod.features.embed import EmbedOptions, embed_catalog
     from cliper_prod.runtime.encoder import OnnxEncoder
 
@@ -29,14 +29,21 @@ def embedded_features(bundle: Bundle, items: Path, *, precision: str, batch_size
     encoder = OnnxEncoder(bundle, precision)
     options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
                            batch_size=batch_size, strict=strict)
-    folder = Path(tempfile.mkdtemp(prefix="cliper-add-items-"))
     embed_catalog(items, encoder, folder, options, progress=progress)
-    errors = [json.loads(line) for line in (folder / "errors.jsonl").read_text().splitlines()]
-    return folder, errors
+    return [json.loads(line) for line in (folder / "errors.jsonl").read_text().splitlines()]
 
 
-def read_features(folder: Path, modalities: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Item ids and the ``modalities``' feature rows of a folder laid out as `embed` writes it."""
+#: what an `embed` summary and a bundle's feature settings must share for the features to be
+#: in the space the model was trained on (the CLIP itself is named differently by the two
+#: paths, a checkpoint or a bundle, so it is not compared)
+SAME_EMBEDDING = ("dim", "fusion", "tau", "views")
+
+
+def read_features(folder: Path, modalities: list[str], bundle_features: dict | None
+                  ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Item ids and the ``modalities``' feature rows of a folder laid out as `embed` writes it,
+    checked: one non-empty id per row, finite rows with some length (a zero row has no
+    neighbours), and, where both say, the CLIP settings of the bundle."""
     import numpy as np
 
     ids_file = folder / "item_ids.txt"
@@ -44,9 +51,21 @@ def read_features(folder: Path, modalities: list[str]) -> tuple[list[str], dict[
         raise DataError(ids_file, "missing: --features takes a folder written by "
                                   "`cliper-prod embed` (item_ids.txt, image_feat.npy, "
                                   "text_feat.npy)")
-    ids = ids_file.read_text(encoding="utf-8").splitlines()
+    ids = ids_file.read_text(encoding="utf-8").split("\n")
+    if ids[-1] == "":  # the newline ending the last line
+        ids.pop()
+    if "" in ids or any(i != i.strip() for i in ids):
+        raise DataError(ids_file, "an empty id, or one with surrounding whitespace",
+                        line=next(n for n, i in enumerate(ids, 1) if not i or i != i.strip()))
     if len(set(ids)) != len(ids):
         raise DataError(ids_file, "repeated item ids")
+    summary_file = folder / "embed_summary.json"
+    if bundle_features is not None and summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        differ = [key for key in SAME_EMBEDDING if summary.get(key) != bundle_features.get(key)]
+        if differ:
+            raise DataError(summary_file, f"embedded with other {differ} than the bundle's "
+                                          f"model: the features are in another space")
     features = {}
     for m in modalities:
         path = folder / f"{m}_feat.npy"
@@ -57,6 +76,10 @@ def read_features(folder: Path, modalities: list[str]) -> tuple[list[str], dict[
         if rows.ndim != 2 or len(rows) != len(ids) or not np.isfinite(rows).all():
             raise DataError(path, f"expected {len(ids)} finite rows (one per item_ids.txt line), "
                                   f"got shape {rows.shape}")
+        zero = np.flatnonzero(~np.any(rows, axis=1))
+        if len(zero):
+            raise DataError(path, f"item {ids[zero[0]]!r} (and {len(zero) - 1} more) has an "
+                                  f"all-zero row: it has no nearest items")
         features[m] = rows
     return ids, features
 
@@ -95,24 +118,29 @@ def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None
 
     if (items_path is None) == (features_dir is None):
         raise ConfigError("pass exactly one of --items (embedded here) or --features")
-    if out_dir.resolve() == bundle_dir.resolve():
-        raise ConfigError("--out must differ from --bundle: the source bundle is never changed")
+    source, out = bundle_dir.resolve(), out_dir.resolve()
+    if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+        raise ConfigError("--out must lie outside --bundle and not hold it: the source bundle "
+                          "is never changed")
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file():
+        raise ConfigError(f"{out_dir}: exists and is not a bundle; add-items replaces only a "
+                          f"bundle folder")
     bundle = Bundle(bundle_dir, device)
     manifest = bundle.manifest
     fold = FoldIn(bundle_dir, manifest.get("fold_in"), manifest.get("backbone"))
     fold.require_item_rule()
-    workdir = None
+    workdir = Path(tempfile.mkdtemp(prefix="cliper-add-items-")) if items_path else None
     try:
         if items_path is not None:
-            workdir, errors = embedded_features(bundle, items_path, precision=precision,
-                                                batch_size=batch_size, strict=strict,
-                                                progress=not quiet)
+            errors = embedded_features(bundle, items_path, workdir, precision=precision,
+                                       batch_size=batch_size, strict=strict, progress=not quiet)
             for error in errors:
                 where = f"{items_path}/{error['file']}" if "file" in error else str(items_path)
-                click.echo(f"{where}:{error['line']}: {error['action']}: {error['reason']}",
-                           err=True)
+                at = f"{where}:{error['line']}" if "line" in error else \
+                    f"{where}: row {error['row']}"
+                click.echo(f"{at}: {error['action']}: {error['reason']}", err=True)
             features_dir = workdir
-        ids, features = read_features(features_dir, fold.modalities)
+        ids, features = read_features(features_dir, fold.modalities, manifest.get("features"))
         known = set(bundle.item_ids).intersection(ids)
         if known:
             raise DataError(features_dir / "item_ids.txt",

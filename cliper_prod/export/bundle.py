@@ -399,7 +399,7 @@ def extend_bundle(source: Path, *, item_ids: Sequence[str], items: np.ndarray,
                                 torch.from_numpy(np.concatenate([tables["items"], items])),
                                 train, user_ids, old_ids + list(item_ids))
     options = GraphOptions(max_k=topk["k"], chunk_items=topk["chunk_items"],
-                           opset=manifest["opset"])
+                           opset=manifest["opset"], torchscript="torchscript" in topk["files"])
     lineage = {"extended_from": {"created": manifest["created"],
                                  "manifest_sha256": sha256_file(source / MANIFEST)},
                "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}

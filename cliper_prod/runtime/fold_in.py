@@ -77,9 +77,18 @@ class FoldIn:
         self.params: dict[str, Any] = record["params"]
         self.files: dict[str, str] = record["arrays"]
         self.modalities: list[str] = list(self.params.get("modalities", []))
+        self._arrays: dict[str, np.ndarray] = {}
 
     def array(self, name: str) -> np.ndarray:
-        return np.load(self.folder / self.files[name], mmap_mode="r")
+        """One fold-in array, memory-mapped once: a bundle swapped in under the same folder
+        later is not read, as the process's sessions are not."""
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.folder / self.files[name], mmap_mode="r")
+        return self._arrays[name]
+
+    @property
+    def model(self) -> str:
+        return f"a {self.backbone} model" if self.backbone else "this bundle's model"
 
     # -- users --------------------------------------------------------------------------------
 
@@ -88,8 +97,13 @@ class FoldIn:
         or None."""
         if self.user_rule in USER_RULES:
             return None
-        return (f"cannot fold in users of a {self.backbone} model: "
+        return (f"cannot fold in users of {self.model}: "
                 f"{self.params.get('no_user_rule', 'no user fold-in rule')}")
+
+    def informative(self, rows: np.ndarray) -> bool:
+        """Whether a history of item ``rows`` reaches a user: items without interactions
+        (added by add-items) have zero layer representations and fold in nothing."""
+        return bool((self.array("item_degree")[rows] > 0).any())
 
     def users(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """[B, D] float32 user vectors from item-row histories (each non-empty)."""
@@ -118,8 +132,12 @@ class FoldIn:
     def require_item_rule(self) -> None:
         """Refuse, with the backbone's reason, a model whose items cannot be folded in."""
         if self.item_rule not in ITEM_ROWS:
-            raise BundleError(f"{self.folder}: cannot add items to a {self.backbone} model: "
+            raise BundleError(f"{self.folder}: cannot add items to {self.model}: "
                               f"{self.params.get('no_item_rule', 'no item fold-in rule')}")
+        if len(self.array("graph_layers")) == 0:
+            raise BundleError(f"{self.folder}: cannot add items to {self.model}: it propagates "
+                              f"nothing over its item graph (n_mm_layers = 0), so a new item "
+                              f"would be a zero vector")
 
     def items(self, features: dict[str, np.ndarray]) -> PlacedItems:
         """Embeddings of new items from their features ({modality: [Q, d]}, the modalities of

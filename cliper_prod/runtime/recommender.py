@@ -168,20 +168,37 @@ class TopKRanker:
             raise RequestError(f"this bundle {problem}", 501)
         if not 1 <= k <= self.max_k:
             raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
+        if not histories:
+            raise RequestError("no history to rank")
         excluded = self.exclusions(list(exclude), k)
         rows, unknown = [], []
         for n, history in enumerate(histories):
-            known = list(dict.fromkeys(self.item_index[i] for i in history
-                                       if i in self.item_index))
-            missing = [i for i in history if i not in self.item_index]
-            if not known:
-                raise RequestError(f"history {n + 1}: no known item id"
-                                   + (f" (unknown: {_ids(missing)})" if missing else " (empty)"))
-            rows.append(np.asarray(known, dtype=np.int64))
+            known, missing = self.history_rows(history)
+            problem = self.history_problem(known, missing)
+            if problem:
+                raise RequestError(f"history {n + 1}: {problem}")
+            rows.append(known)
             unknown.append(missing)
         queries = self.fold_in.users(rows)
         positions = np.repeat(np.arange(len(rows), dtype=np.int64), [len(r) for r in rows])
         return HistoryQueries(queries, positions, np.concatenate(rows), unknown), excluded
+
+    def history_rows(self, history: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """The item rows of a history's known ids (each once) and its unknown ids (each once)."""
+        known = dict.fromkeys(self.item_index[i] for i in history if i in self.item_index)
+        missing = dict.fromkeys(i for i in history if i not in self.item_index)
+        return np.fromiter(known, np.int64, len(known)), list(missing)
+
+    def history_problem(self, known: np.ndarray, missing: list[str]) -> str | None:
+        """Why a history cannot fold in a user (no known id; only items without
+        interactions), or None."""
+        if not len(known):
+            return "no known item id" + (f" (unknown: {_ids(missing)})" if missing
+                                         else " (empty)")
+        if not self.fold_in.informative(known):
+            return ("only items without interactions (added by add-items), which fold in "
+                    "nothing")
+        return None
 
     def rank_histories(self, prepared: HistoryQueries) -> tuple[np.ndarray, np.ndarray]:
         """The graph's padded top rows of folded-in users, their histories excluded."""
@@ -189,12 +206,9 @@ class TopKRanker:
                           exclude_items=prepared.items)
 
     def answer_histories(self, labels: Sequence[str | None], prepared: HistoryQueries, k: int,
-                         exclude: set[int], top: tuple[np.ndarray, np.ndarray] | None = None
-                         ) -> list[dict]:
-        """Rankings of folded-in users (``top``: their graph run, made here when not given),
-        each with its ``unknown_items`` when it had some."""
-        top = self.rank_histories(prepared) if top is None else top
-        out = rankings(labels, *top, k, self.item_ids, exclude)
+                         exclude: set[int]) -> list[dict]:
+        """Rankings of folded-in users, each with its ``unknown_items`` when it had some."""
+        out = rankings(labels, *self.rank_histories(prepared), k, self.item_ids, exclude)
         for record, missing in zip(out, prepared.unknown):
             if missing:
                 record["unknown_items"] = [clip(i) for i in missing]

@@ -102,7 +102,7 @@ def recommend(bundle: Bundle, users_path: Path, out: IO[str], *, k: int = 20,
     return summary
 
 
-def read_histories(path: Path, known: dict[str, int], skip_bad: bool, summary: TopKSummary
+def read_histories(path: Path, ranker: TopKRanker, skip_bad: bool, summary: TopKSummary
                    ) -> Iterator[tuple[str, list[str]]]:
     """(label, history) for each valid line of a histories file, in file order."""
     with open(path, "rb") as fh:
@@ -114,7 +114,7 @@ def read_histories(path: Path, known: dict[str, int], skip_bad: bool, summary: T
             except StrictJSONError as exc:
                 problem = f"malformed JSON ({exc})"
             else:
-                problem = _history_problem(record, known)
+                problem = _history_problem(record, ranker)
                 if problem is None:
                     yield record["user"], record["history"]
                     continue
@@ -124,7 +124,7 @@ def read_histories(path: Path, known: dict[str, int], skip_bad: bool, summary: T
             summary.skipped.append({"line": line_no, "reason": problem})
 
 
-def _history_problem(record: object, known: dict[str, int]) -> str | None:
+def _history_problem(record: object, ranker: TopKRanker) -> str | None:
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     if not isinstance(record.get("user"), str) or not record["user"].strip():
@@ -132,10 +132,8 @@ def _history_problem(record: object, known: dict[str, int]) -> str | None:
     history = record.get("history")
     if not isinstance(history, list) or not all(isinstance(i, str) for i in history):
         return "'history' must be a list of item id strings"
-    if not any(i in known for i in history):
-        return (f"history of {record['user'][:60]!r} holds no known item id"
-                + (f" ({len(history)} unknown)" if history else " (empty)"))
-    return None
+    problem = ranker.history_problem(*ranker.history_rows(history))
+    return f"history of {record['user'][:60]!r}: {problem}" if problem else None
 
 
 def recommend_histories_to_file(bundle: Bundle, histories_path: Path, out_path: Path, *,
@@ -157,7 +155,7 @@ def recommend_histories(bundle: Bundle, histories_path: Path, out: IO[str], *, k
     if problem:
         raise BundleError(f"{bundle.folder}: {problem}")
     summary = TopKSummary()
-    stream = read_histories(histories_path, ranker.item_index, skip_unknown, summary)
+    stream = read_histories(histories_path, ranker, skip_unknown, summary)
     while batch := list(islice(stream, batch_size)):
         prepared, _ = ranker.prepare_histories([h for _, h in batch], k)
         for record in ranker.answer_histories([user for user, _ in batch], prepared, k, set()):

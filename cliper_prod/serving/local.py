@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 import uvicorn
@@ -96,6 +96,23 @@ def run_worker(settings: ServeSettings, workers: int, sock: socket.socket, repor
 class Worker:
     process: multiprocessing.process.BaseProcess
     report: Connection  # the parent's end of the pipe the worker reports its start on
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # replacements in a row of the worker in this slot (backoff)
+
+    def exit_reason(self) -> str:
+        """Why the worker ended: the failure it reported at start-up, else its exit code."""
+        try:
+            if self.report.poll():
+                state, detail = self.report.recv()
+                if state == "failed":
+                    return detail
+        except (EOFError, OSError):
+            pass
+        return f"exit code {self.process.exitcode}"
+
+
+RESTART_MAX_S = 60.0  # longest wait before replacing a worker that keeps exiting
+STABLE_S = 60.0  # a worker that served this long resets its slot's backoff
 
 
 class LocalServer:
@@ -158,13 +175,22 @@ class LocalServer:
         return providers
 
     def replace_dead(self) -> None:
-        """Start a new worker for each one that exited while serving."""
+        """Start a new worker for each one that exited while serving, after 1, 2, 4 ... up to
+        :data:`RESTART_MAX_S` seconds when they keep exiting (one that served
+        :data:`STABLE_S` resets the wait), so a worker that cannot start does not spin."""
+        now = time.monotonic()
         for n, worker in enumerate(self.workers):
-            if not worker.process.is_alive():
-                logger.warning("worker %d exited (%s); starting another", worker.process.pid,
-                               worker.process.exitcode)
-                worker.report.close()
-                self.workers[n] = self._spawn()
+            if worker.process.is_alive():
+                continue
+            restarts = 0 if now - worker.started > STABLE_S else worker.restarts + 1
+            wait_s = min(RESTART_MAX_S, 2.0 ** max(restarts - 1, 0)) if restarts else 0.0
+            if now < worker.started + wait_s:
+                continue
+            logger.warning("worker %d exited (%s); starting another", worker.process.pid,
+                           worker.exit_reason())
+            worker.report.close()
+            self.workers[n] = self._spawn()
+            self.workers[n].restarts = restarts
 
     def stop(self) -> None:
         """Stop accepting, let each worker finish its requests (up to :data:`GRACE_S`), and

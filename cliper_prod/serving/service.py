@@ -46,6 +46,7 @@ class ServeSettings:
     max_request_bytes: int = 16 << 20
     read_timeout_s: float = 10.0  # to receive a request's body, else 408
     max_users: int = 4096  # per /topk request
+    max_history: int = 10_000  # item ids in a /topk history
     max_items: int = 256  # per /embed request
     embed_batch_size: int = 64  # as `cliper-prod embed --batch-size`
     gpus_per_replica: float = 0.0  # Ray's num_gpus per replica: Ray hides GPUs from the others
@@ -106,9 +107,14 @@ class Service:
     async def topk_history(self, history: list[str], k: int, exclude: list[str]) -> dict:
         """Top-k items of one user folded in from ``history`` (run alone: it is not a row of
         the user table that a batch could share)."""
-        prepared, excluded = self.ranker.prepare_histories([history], k, exclude)
-        top = await asyncio.to_thread(self.ranker.rank_histories, prepared)
-        return {"results": self.ranker.answer_histories([None], prepared, k, excluded, top)}
+        if len(history) > self.settings.max_history:
+            raise RequestError(f"a history of {len(history)} items; at most "
+                               f"{self.settings.max_history} per request", 413)
+
+        def rank() -> list[dict]:  # folding in reads the tables: off the event loop
+            prepared, excluded = self.ranker.prepare_histories([history], k, exclude)
+            return self.ranker.answer_histories([None], prepared, k, excluded)
+        return {"results": await asyncio.to_thread(rank)}
 
     async def embed(self, items: list[dict]) -> dict:
         """CLIPER features of each item, with the CLI's per-item error policy."""
