@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -231,3 +232,19 @@ def local_service(exported, image_root, tmp_path_factory) -> str:
                             "--workers", "2")
     yield url
     stop_process(proc, signal.SIGTERM)
+
+
+def interrupt_embed_after(monkeypatch, shards: int) -> Callable[[], None]:
+    """Make the next embed stop as Ctrl-C stops it once it has written ``shards`` shards;
+    call the returned function to have shards written normally again."""
+    from cliper_prod.features.shards import ShardStore
+
+    write = ShardStore.write
+
+    def write_then_die(self, shard) -> None:
+        write(self, shard)
+        if self.count == shards:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardStore, "write", write_then_die)
+    return lambda: monkeypatch.setattr(ShardStore, "write", write)

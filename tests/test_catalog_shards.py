@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import interrupt_embed_after
 from cliper_prod.commands import cli
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
-from cliper_prod.features.shards import ShardStore
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.pipeline import catalog_texts
 
@@ -103,17 +103,10 @@ def test_empty_missing_or_self_overwriting_catalog_is_refused(sharded: dict[str,
 def test_resume_across_a_shard_boundary_and_refuse_a_changed_shard(
         sharded: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     assert _embed(sharded, sharded["folder"], tmp_path / "whole").exit_code == 0
-    write = ShardStore.write
-
-    def write_then_die(self, shard) -> None:
-        write(self, shard)
-        if self.count == 3:  # 24 items done: shard a's 20 and 4 of shard b
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardStore, "write", write_then_die)
+    resume = interrupt_embed_after(monkeypatch, 3)  # 24 items: shard a's 20 and 4 of b
     out = tmp_path / "cut"
     assert _embed(sharded, sharded["folder"], out).exit_code == 130
-    monkeypatch.setattr(ShardStore, "write", write)
+    resume()
     progress = json.loads((out / ".embed-work" / "progress.json").read_text())
     assert progress["last_position"] == 21 + 4  # line 4 of shard b
 

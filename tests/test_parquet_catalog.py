@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from conftest import interrupt_embed_after
 from cliper_prod.commands import cli
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
-from cliper_prod.features.shards import ShardStore
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.pipeline import catalog_texts
 
@@ -204,17 +204,10 @@ def test_resume_across_parquet_shards_and_refuse_a_changed_shard(
                        ("c", records[19:])]:
         write_parquet(folder / f"{name}.parquet", rows, "struct")
     assert embed(catalog, folder, tmp_path / "whole").exit_code == 0
-    write = ShardStore.write
-
-    def write_then_die(self, shard) -> None:
-        write(self, shard)
-        if self.count == 2:  # 16 items done: shard a's 10 and 6 of shard b
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ShardStore, "write", write_then_die)
+    resume = interrupt_embed_after(monkeypatch, 2)  # 16 items: shard a's 10 and 6 of b
     out = tmp_path / "cut"
     assert embed(catalog, folder, out).exit_code == 130
-    monkeypatch.setattr(ShardStore, "write", write)
+    resume()
     progress = json.loads((out / ".embed-work" / "progress.json").read_text())
     assert progress["last_position"] == 10 + 6  # row 6 of shard b
 
