@@ -73,7 +73,7 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     from cliper_prod.features.embed import EmbedOptions
     from cliper_prod.runtime.bundle import Bundle
     from cliper_prod.runtime.encoder import OnnxEncoder
-    from cliper_prod.runtime.topk import recommend_to_file
+    from cliper_prod.runtime.topk import recommend, to_file
 
     bundle_dir = workdir / "bundle"
     with _quiet("cliper_prod.export"):  # the demo reports the export in one line
@@ -90,7 +90,7 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     users = workdir / "users.txt"
     users.write_text("".join(f"{u}\n" for u in bundle.user_ids[:5]))
     recs = workdir / "recs.jsonl"
-    recommend_to_file(bundle, users, recs, k=10)
+    to_file(recommend, bundle, users, recs, k=10)
     first = json.loads(recs.read_text().splitlines()[0])
     log.info(f"[5/5] ONNX Runtime ({bundle.providers[0]}): embedded {summary['embedded']} items "
              f"-> {workdir / 'features-onnx'}; top-10 for 5 users -> {recs} (user "

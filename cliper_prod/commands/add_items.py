@@ -127,7 +127,7 @@ def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None
                           f"bundle folder")
     bundle = Bundle(bundle_dir, device)
     manifest = bundle.manifest
-    fold = FoldIn(bundle_dir, manifest.get("fold_in"), manifest.get("backbone"))
+    fold = FoldIn.of(bundle)
     fold.require_item_rule()
     workdir = Path(tempfile.mkdtemp(prefix="cliper-add-items-")) if items_path else None
     try:
@@ -150,7 +150,7 @@ def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None
             raise DataError(items_path or features_dir, "no item to add")
         placed = fold.items(features)
         arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
-        extend_bundle(bundle_dir, item_ids=ids, items=placed.vectors,
+        extend_bundle(bundle_dir, manifest, item_ids=ids, items=placed.vectors,
                       fold_in=FoldInState(fold.user_rule, fold.item_rule, fold.params, arrays),
                       out=out_dir)
     finally:

@@ -44,15 +44,12 @@ def command(users_file: Path | None, histories_file: Path | None, bundle_dir: Pa
     if not path.is_file():
         raise ConfigError(f"{path}: {'users' if users_file else 'histories'} file not found")
     bundle = Bundle(bundle_dir, device, backbone)
-    if users_file is not None:
-        write, write_file = topk.recommend, topk.recommend_to_file
-    else:
-        write, write_file = topk.recommend_histories, topk.recommend_histories_to_file
+    write = topk.recommend if users_file is not None else topk.recommend_histories
     options = {"k": k, "skip_unknown": skip_unknown, "batch_size": batch_size}
     if out_file is None:
         summary = write(bundle, path, sys.stdout, **options)
     else:
-        summary = write_file(bundle, path, out_file, **options)
+        summary = topk.to_file(write, bundle, path, out_file, **options)
     for skipped in summary.skipped:
         click.echo(f"{path}:{skipped['line']}: skipped: {skipped['reason']}", err=True)
     unknown = (f", {summary.unknown_items} unknown item id(s) listed in the output"

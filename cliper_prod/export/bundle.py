@@ -37,7 +37,7 @@ from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, FUSED, HISTORY_I
                                        HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
                                        PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
                                        USER_TABLE, file_key, fold_in_file, graph_file,
-                                       read_manifest, sha256_file)
+                                       sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError, ConfigError
 from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
@@ -381,13 +381,14 @@ def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = 
                                                         dataset))
 
 
-def extend_bundle(source: Path, *, item_ids: Sequence[str], items: np.ndarray,
-                  fold_in: FoldInState, out: Path) -> dict[str, Any]:
-    """A new bundle at ``out``: ``source`` with the items ``item_ids`` (embeddings ``items``,
-    placed by ``fold_in``, which holds the arrays with them appended) added to its catalog,
-    exported and verified as :func:`export_bundle` does; ``source`` is not touched. The CLIP
-    graphs and the tokenizer are copied with their verified records."""
-    manifest = read_manifest(source)
+def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[str],
+                  items: np.ndarray, fold_in: FoldInState, out: Path) -> dict[str, Any]:
+    """A new bundle at ``out``: ``source`` (``manifest``: its manifest, as
+    :func:`~cliper_prod.bundle_format.read_manifest` checked it when the bundle was opened) with
+    the items ``item_ids`` (embeddings ``items``, placed by ``fold_in``, which holds the arrays
+    with them appended) added to its catalog, exported and verified as :func:`export_bundle`
+    does; ``source`` is not touched. The CLIP graphs and the tokenizer are copied with their
+    verified records."""
     topk = manifest["graphs"][TOPK_GRAPH]
     old_ids = (source / manifest["ids"]["items"]).read_text(encoding="utf-8").splitlines()
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}

@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from cliper_prod.bundle_format import FOLD_IN
 from cliper_prod.errors import BundleError, ConfigError
+from cliper_prod.runtime.bundle import Bundle
 
 USER_RULES = ("symmetric", "mean_self_loop")
 NO_STATE = ("the bundle holds no fold-in state (exported before fold-in existed, or from "
@@ -78,6 +80,12 @@ class FoldIn:
         self.files: dict[str, str] = record["arrays"]
         self.modalities: list[str] = list(self.params.get("modalities", []))
         self._arrays: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, bundle: Bundle) -> FoldIn:
+        """The fold-in rules of an opened bundle."""
+        manifest = bundle.manifest
+        return cls(bundle.folder, manifest.get(FOLD_IN), manifest.get("backbone"))
 
     def array(self, name: str) -> np.ndarray:
         """One fold-in array, memory-mapped once: a bundle swapped in under the same folder

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cliper_prod.bundle_format import FOLD_IN, TOPK_GRAPH
+from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import BundleError
 from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch, load_image
 from cliper_prod.features.image_preprocess import ImageDecodeError, unusable
@@ -128,6 +128,11 @@ class TopKRanker:
             raise RequestError("repeated user ids in one request")
         return np.fromiter((self.user_index[u] for u in user_ids), np.int64, len(user_ids))
 
+    def check_k(self, k: int) -> None:
+        """A request's ``k`` must be one the graph can rank."""
+        if not 1 <= k <= self.max_k:
+            raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
+
     def exclusions(self, item_ids: list[str], k: int) -> set[int]:
         """Rows of items to leave out; the graph must rank k of them plus k others."""
         unknown = [i for i in item_ids if i not in self.item_index]
@@ -143,8 +148,7 @@ class TopKRanker:
                 ) -> tuple[np.ndarray, set[int]]:
         """The graph rows of ``user_ids`` and the rows to leave out, every check of a request
         made before any graph runs."""
-        if not 1 <= k <= self.max_k:
-            raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
+        self.check_k(k)
         return self.rows(user_ids), self.exclusions(list(exclude), k)
 
     def rank(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +160,7 @@ class TopKRanker:
 
     @cached_property
     def fold_in(self) -> FoldIn:
-        manifest = self.bundle.manifest
-        return FoldIn(self.bundle.folder, manifest.get(FOLD_IN), manifest.get("backbone"))
+        return FoldIn.of(self.bundle)
 
     def prepare_histories(self, histories: Sequence[Sequence[str]], k: int,
                           exclude: Sequence[str] = ()) -> tuple[HistoryQueries, set[int]]:
@@ -166,8 +169,7 @@ class TopKRanker:
         problem = self.fold_in.user_rule_problem()
         if problem:
             raise RequestError(f"this bundle {problem}", 501)
-        if not 1 <= k <= self.max_k:
-            raise RequestError(f"k={k}: the bundle ranks at most {self.max_k} items per user")
+        self.check_k(k)
         if not histories:
             raise RequestError("no history to rank")
         excluded = self.exclusions(list(exclude), k)

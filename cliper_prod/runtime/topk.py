@@ -21,15 +21,15 @@ import json
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 
 from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import BundleError, ConfigError, DataError
 from cliper_prod.io import atomic_path
-from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.features.items import StrictJSONError, loads_strict
+from cliper_prod.runtime.bundle import Bundle
 from cliper_prod.runtime.recommender import TopKRanker
 
 
@@ -79,12 +79,12 @@ def check_k(bundle: Bundle, k: int) -> int:
     return max_k
 
 
-def recommend_to_file(bundle: Bundle, users_path: Path, out_path: Path, *, k: int = 20,
-                      skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
-    """:func:`recommend` into ``out_path``, renamed into place only when every user is done."""
+def to_file(write: Callable[..., TopKSummary], bundle: Bundle, in_path: Path, out_path: Path,
+            **options: object) -> TopKSummary:
+    """``write`` (:func:`recommend` or :func:`recommend_histories`) into ``out_path``, renamed
+    into place only when every line is done."""
     with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        return recommend(bundle, users_path, fh, k=k, skip_unknown=skip_unknown,
-                         batch_size=batch_size)
+        return write(bundle, in_path, fh, **options)
 
 
 def recommend(bundle: Bundle, users_path: Path, out: IO[str], *, k: int = 20,
@@ -134,15 +134,6 @@ def _history_problem(record: object, ranker: TopKRanker) -> str | None:
         return "'history' must be a list of item id strings"
     problem = ranker.history_problem(*ranker.history_rows(history))
     return f"history of {record['user'][:60]!r}: {problem}" if problem else None
-
-
-def recommend_histories_to_file(bundle: Bundle, histories_path: Path, out_path: Path, *,
-                                k: int = 20, skip_unknown: bool = False, batch_size: int = 1024
-                                ) -> TopKSummary:
-    """:func:`recommend_histories` into ``out_path``, renamed into place when all is done."""
-    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        return recommend_histories(bundle, histories_path, fh, k=k, skip_unknown=skip_unknown,
-                                   batch_size=batch_size)
 
 
 def recommend_histories(bundle: Bundle, histories_path: Path, out: IO[str], *, k: int = 20,
