@@ -28,12 +28,13 @@ from PIL import Image
 from _report import report
 
 from cliper_prod import __version__
-from cliper_prod.export.bundle import (FeatureSettings, GraphOptions, export_features,
-                                       write_manifest)
+from cliper_prod.export.bundle_writer import write_manifest
+from cliper_prod.export.feature_graphs import FeatureSettings, export_features
+from cliper_prod.export.verified_graph import GraphOptions
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.views import ViewSpec
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 
 SKELETON = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinyclip-8m-skeleton"

@@ -21,7 +21,7 @@ from _report import report
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.runtime.embed_ray import RaySettings, ray_runner
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     start = time.perf_counter()
     ray.init(include_dashboard=False, log_to_driver=False)
     ray_start_s = time.perf_counter() - start
-    runner = ray_runner(args.bundle, RaySettings(actors=args.actors, device="cpu"))
+    runner = ray_runner(args.bundle, RaySettings(actors=args.actors, provider="cpu"))
     start = time.perf_counter()
     embed_catalog(items, OnnxEncoder(Bundle(args.bundle, "cpu")), args.workdir / "ray",
                   options, progress=False, runner=runner)

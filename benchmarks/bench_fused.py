@@ -30,7 +30,7 @@ from cliper_prod import __version__
 from cliper_prod.bundle_format import FUSED, IMAGE_GRAPH, PLAIN, TEXT_GRAPH
 from cliper_prod.export.graphs import parity
 from cliper_prod.features.clip_towers import ClipTowers
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 
 
 def main() -> None:

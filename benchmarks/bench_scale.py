@@ -146,7 +146,7 @@ def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) ->
             took = time.perf_counter() - start
         out.update(eval_s=took * full / len(task.users), eval_users=len(task.users),
                    eval_users_total=full, eval_extrapolated=len(task.users) < full)
-        from cliper_prod.export.bundle import EmbeddingTables, GraphOptions, export_tables
+        from cliper_prod.export.bundle_writer import EmbeddingTables, GraphOptions, export_tables
 
         users, items = trainer.model.embedding_tables()
         bundle = work / "bundle"

@@ -1,6 +1,6 @@
 """Top-K latency: the ONNX graph vs PyTorch, full score matrix vs chunked, in one run.
 
-    python benchmarks/bench_topk.py --bundle export/freedom [--batches 1 64 1024] [--ks 20 50]
+    python benchmarks/bench_topk.py --bundle runs/export/freedom [--batches 1 64 1024] [--ks 20 50]
     python benchmarks/bench_topk.py --items 10000 100000 1000000 --dim 64
 
 Every path scores a batch of users against every item, excludes each user's training items
@@ -30,9 +30,10 @@ import torch
 from _report import report
 
 from cliper_prod import __version__
-from cliper_prod.export.bundle import TOPK_INPUTS, topk_spec
+from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
 from cliper_prod.export.graphs import export_onnx
-from cliper_prod.runtime.sessions import Graph, choose_providers
+from cliper_prod.runtime.providers import choose_providers
+from cliper_prod.runtime.sessions import Graph
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.scoring import TopKScorer
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from _report import MEASURED_CLI, child_peak_rss_gib, free_port, peak_rss_gib, report
-from cliper_prod.export.bundle import EmbeddingTables, GraphOptions, export_tables
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.export.bundle_writer import EmbeddingTables, GraphOptions, export_tables
+from cliper_prod.runtime.bundle_reader import Bundle
 
 CLI = [sys.executable, "-m", "cliper_prod"]
 MEASURED = [sys.executable, *MEASURED_CLI]

@@ -51,8 +51,8 @@ from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import embed_catalog
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.pipeline import catalog_texts
-from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.runtime.recommender import TopKRanker
+from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.training import train_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliper_prod.export.bundle import EmbeddingTables, export_tables
+from cliper_prod.export.bundle_writer import EmbeddingTables, export_tables
 
 rng = np.random.default_rng(0)
 n_users, n_items, dim = 100_000, 1_000_000, 64

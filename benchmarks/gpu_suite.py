@@ -43,15 +43,16 @@ from cliper_prod import __version__
 from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
-from cliper_prod.export.bundle import TOPK_INPUTS, topk_spec
+from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
 from cliper_prod.export.graphs import export_onnx
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.views import ViewSpec
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
-from cliper_prod.runtime.sessions import Graph, choose_providers
+from cliper_prod.runtime.providers import choose_providers
+from cliper_prod.runtime.sessions import Graph
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.io import write_json
 from cliper_prod.scoring import TopKScorer

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from cliper_prod.device import CPU
 from cliper_prod import __version__
-from cliper_prod.backbones import Recommender, create_model
+from cliper_prod.backbones import Backbone, create_model
 from cliper_prod.data.mmrec import InteractionData, load_dataset
 from cliper_prod.errors import CheckpointError
 from cliper_prod.io import atomic_path, write_npy
@@ -50,14 +51,14 @@ def save_model(out_dir: Path, backbone: str, config: dict, data: InteractionData
     save_torch(out_dir / MODEL_FILE, payload)
 
 
-def save_embeddings(out_dir: Path, model: Recommender) -> None:
+def save_embeddings(out_dir: Path, model: Backbone) -> None:
     users, items = model.embedding_tables()
     write_npy(out_dir / "user_embeddings.npy", users.cpu().numpy().astype("float32"))
     write_npy(out_dir / "item_embeddings.npy", items.cpu().numpy().astype("float32"))
 
 
 def load_model(checkpoint: Path, data_dir: Path | None = None,
-               device: torch.device | str = "cpu") -> tuple[Recommender, InteractionData, dict]:
+               device: torch.device = CPU) -> tuple[Backbone, InteractionData, dict]:
     """Rebuild a trained model on its data (or ``data_dir``) on ``device``, checking that the
     data fits; the file loads onto the CPU whatever device saved it."""
     path = checkpoint / MODEL_FILE if checkpoint.is_dir() else checkpoint

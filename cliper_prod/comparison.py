@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cliper_prod.device import CPU
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.io import atomic_path, write_json, write_text
@@ -25,7 +26,7 @@ VARIANTS = ("vanilla", "cliper")
 
 def compare_backbones(data_dir: Path, features: dict[str, Path | None], *,
                       backbones: list[str], seeds: list[int], overrides: dict | None = None,
-                      progress: bool = True, device: torch.device | str = "cpu") -> dict:
+                      progress: bool = True, device: torch.device = CPU) -> dict:
     """Train backbone x variant x seed on ``device``; return per-run test metrics and their
     summaries."""
     datasets = {v: load_dataset(data_dir, features_dir=features[v]) for v in VARIANTS}

@@ -21,14 +21,33 @@ SECTIONS = ("model", "train")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Optimisation, early stopping and evaluation settings shared by every backbone."""
+    """Optimisation, early stopping and evaluation settings shared by every backbone: the
+    ``[train]`` section (defaults in ``models/train.toml``, MMRec's).
+
+    Args:
+        learning_rate (float): Adam's learning rate at epoch 0.
+        lr_decay (float): The learning rate is ``learning_rate * lr_decay ** (epoch /
+            lr_decay_epochs)`` (MMRec's scheduler); 1 keeps it constant.
+        lr_decay_epochs (int): Epochs over which the rate falls by one factor ``lr_decay``.
+        weight_decay (float): Adam's L2 weight decay.
+        batch_size (int): BPR triples per optimiser step.
+        steps_per_epoch (int): 0: batches of ``batch_size``; N: N batches per epoch whatever the
+            data, the batch growing with it (:meth:`epoch_batch_size`).
+        eval_batch_size (int): Users ranked at a time by the full evaluation.
+        epochs (int): The most epochs trained.
+        patience (int): Epochs without a better ``valid_metric`` before training stops.
+        valid_metric (str): The validation metric that selects the epoch, e.g. ``recall@20``;
+            its K must be in ``topk``.
+        topk (tuple[int, ...]): The cut-offs every evaluation reports.
+        seed (int): Seeds initialisation, sampling and dropout.
+    """
 
     learning_rate: float
-    lr_decay: float          # learning rate x lr_decay ** (epoch / lr_decay_epochs) (MMRec's scheduler)
+    lr_decay: float
     lr_decay_epochs: int
     weight_decay: float
     batch_size: int
-    steps_per_epoch: int     # 0: batches of batch_size; N: N batches per epoch, whatever the data
+    steps_per_epoch: int
     eval_batch_size: int
     epochs: int
     patience: int

@@ -6,6 +6,8 @@ import torch
 
 from cliper_prod.errors import RuntimeSetupError
 
+CPU = torch.device("cpu")
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto``: the GPU when torch sees one, else the CPU; ``cuda`` without one is refused

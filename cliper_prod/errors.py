@@ -7,6 +7,8 @@ instead of inventing one.
 
 from __future__ import annotations
 
+import uuid
+
 
 class CliperError(Exception):
     """Base class: a problem the user can fix; ``exit_code`` is what the CLI exits with."""
@@ -94,3 +96,8 @@ EXIT_CODES: dict[int, str] = {
     RuntimeSetupError.exit_code: "ONNX Runtime missing",
     INTERRUPTED: "interrupted",
 }
+
+
+def incident_id() -> str:
+    """The id an unexpected failure is logged under and answered with, to match the two."""
+    return uuid.uuid4().hex[:16]

@@ -43,6 +43,20 @@ class Propagation:
         return self.adj.to_dense()
 
 
+def propagation_layers(adj: Propagation, ego: Tensor, n_layers: int) -> list[Tensor]:
+    """The layer outputs 0..n_layers of repeated normalised-adjacency propagation (a new user's
+    fold-in reads the items' layers 0..n_layers-1)."""
+    layers = [ego]
+    for _ in range(n_layers):
+        layers.append(adj(layers[-1]))
+    return layers
+
+
+def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
+    """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation."""
+    return torch.stack(propagation_layers(adj, ego, n_layers)).mean(0)
+
+
 def _csr(adj: Tensor) -> Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is stable
         warnings.simplefilter("ignore", UserWarning)

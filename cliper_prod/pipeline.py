@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from cliper_prod.device import CPU
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
@@ -69,11 +70,12 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
 
 def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: bool) -> Path:
     """Export the bundle, then embed the catalog and rank for a few users on ONNX Runtime."""
-    from cliper_prod.export.bundle import export_bundle
+    from cliper_prod.export.bundle_writer import export_bundle
     from cliper_prod.features.embed import EmbedOptions
-    from cliper_prod.runtime.bundle import Bundle
+    from cliper_prod.runtime.bundle_reader import Bundle
     from cliper_prod.runtime.encoder import OnnxEncoder
-    from cliper_prod.runtime.topk import recommend, to_file
+    from cliper_prod.runtime.rank_files import rank_users, to_file
+    from cliper_prod.runtime.ranking import TopKRanker
 
     bundle_dir = workdir / "bundle"
     with _quiet("cliper_prod.export"):  # the demo reports the export in one line
@@ -90,7 +92,7 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     users = workdir / "users.txt"
     users.write_text("".join(f"{u}\n" for u in bundle.user_ids[:5]))
     recs = workdir / "recs.jsonl"
-    to_file(recommend, bundle, users, recs, k=10)
+    to_file(rank_users, TopKRanker(bundle), users, recs, k=10)
     first = json.loads(recs.read_text().splitlines()[0])
     log.info(f"[5/5] ONNX Runtime ({bundle.providers[0]}): embedded {summary['embedded']} items "
              f"-> {workdir / 'features-onnx'}; top-10 for 5 users -> {recs} (user "
@@ -110,11 +112,11 @@ def _quiet(logger: str) -> Iterator[None]:
         target.setLevel(level)
 
 
-def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path, *,
+def run_fusion_ablation(items: Path, data_dir: Path, clip_source: str, workdir: Path, *,
                         modes: tuple[str, ...] = EXTRACTION_FUSIONS,
                         backbone: str = "freedom", overrides: dict | None = None,
                         random_init: bool = False, progress: bool = True,
-                        device: torch.device | str = "cpu") -> list[dict]:
+                        device: torch.device = CPU) -> list[dict]:
     """Embed ``items`` with each fusion mode and train ``backbone`` on each (on ``device``);
     one row per mode.
 
@@ -123,7 +125,7 @@ def run_fusion_ablation(items: Path, data_dir: Path, clip: str, workdir: Path, *
     """
     from cliper_prod.features.embed import EmbedOptions
 
-    towers = ClipTowers(clip, device=device, random_init=random_init)
+    towers = ClipTowers(clip_source, device=device, random_init=random_init)
     rows = []
     for mode in modes:
         features = workdir / f"features-{mode}"

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliper_prod.backbones import Recommender, create_model
+from cliper_prod.device import CPU
+from cliper_prod.backbones import Backbone, create_model
 from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
 from cliper_prod.config import TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
@@ -50,7 +51,7 @@ STATE_DIR = ".train-state"
 class FitResult:
     """A model at its best validation epoch; test has not been looked at."""
 
-    model: Recommender
+    model: Backbone
     best_epoch: int
     valid: dict[str, float]
     history: list[dict]
@@ -91,7 +92,7 @@ class TrainState:
     #: early stopping or the last epoch ended the run: no epoch is left to run
     finished: bool = False
 
-    def end_epoch(self, record: dict, model: Recommender, settings: TrainSettings) -> bool:
+    def end_epoch(self, record: dict, model: Backbone, settings: TrainSettings) -> bool:
         """Record a finished epoch and apply early stopping; True when it is a new best."""
         self.history.append(record)
         self.epoch = record["epoch"]
@@ -131,7 +132,7 @@ def ranking_tasks(data: InteractionData, mask_valid_in_test: bool = False
     }
 
 
-def evaluate_model(model: Recommender, task: RankingTask, settings: TrainSettings
+def evaluate_model(model: Backbone, task: RankingTask, settings: TrainSettings
                    ) -> dict[str, float]:
     """Rank with the model's tables on the device they are on."""
     users, items = model.embedding_tables()
@@ -171,7 +172,7 @@ class Trainer:
     """
 
     def __init__(self, backbone: str, data: InteractionData, config: dict,
-                 progress: bool = True, device: torch.device | str = "cpu") -> None:
+                 progress: bool = True, device: torch.device = CPU) -> None:
         """Build the model (on ``device``), optimiser, scheduler, generators and sampler, seeded
         first."""
         settings = build(TrainSettings, config["train"], "train")
@@ -180,7 +181,7 @@ class Trainer:
                               f"has ({data.n_items})")
         seed_everything(settings.seed)
         self.config, self.settings, self.progress = config, settings, progress
-        self.device = torch.device(device)
+        self.device = device
         self.model = create_model(backbone, data, config["model"], self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate,
                                           weight_decay=settings.weight_decay)
@@ -276,7 +277,7 @@ class Trainer:
 
 
 def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True,
-        state_path: Path | None = None, device: torch.device | str = "cpu") -> FitResult:
+        state_path: Path | None = None, device: torch.device = CPU) -> FitResult:
     """Train ``backbone`` with early stopping on validation; return the best epoch's model.
 
     With ``state_path`` everything that decides the next epoch (weights, optimiser, random
@@ -299,7 +300,7 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, dict]]:
 def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Path | None = None,
                 *, progress: bool = True, mask_valid_in_test: bool = False,
                 grid: dict[str, list] | None = None, resume: bool = False,
-                device: torch.device | str = "cpu") -> TrainResult:
+                device: torch.device = CPU) -> TrainResult:
     """Train ``backbone`` (each grid point, if any) on ``device``, select on validation only,
     then rank test once with the selected model and write the checkpoint folder (its files
     hold CPU tensors and arrays, whatever the device).
@@ -339,7 +340,7 @@ def train_model(backbone: str, data: InteractionData, config: dict, out_dir: Pat
 
 
 def write_outputs(out_dir: Path, backbone: str, config: dict, data: InteractionData,
-                  model: Recommender, result: TrainResult, settings: TrainSettings) -> None:
+                  model: Backbone, result: TrainResult, settings: TrainSettings) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(out_dir, backbone, config, data, model.state_dict())
     save_embeddings(out_dir, model)

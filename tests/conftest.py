@@ -184,7 +184,7 @@ def service(local_ray, exported, image_root) -> str:
     """The bundle served on loopback (a free port); its URL."""
     from ray import serve
 
-    from cliper_prod.serving.app import ServeSettings, start_service
+    from cliper_prod.serving.ray_engine import ServeSettings, start_service
 
     port = free_port()
     settings = ServeSettings(bundle=str(exported["bundle"]), image_root=str(image_root),

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from cliper_prod.backbones import BACKBONE_NAMES, model_class
 from cliper_prod.commands import cli
 from cliper_prod.config import TRAIN_PRESET, load_config
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.fold_in import ITEM_ROWS, USER_RULES
-from cliper_prod.runtime.recommender import TopKRanker
+from cliper_prod.runtime.ranking import TopKRanker
 
 
 def naive_topk(ckpt: Path, catalog: Path, k: int) -> tuple[np.ndarray, np.ndarray, dict]:

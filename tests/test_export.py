@@ -18,8 +18,8 @@ from cliper_prod.commands import cli
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.histories import history_pairs
-from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.runtime.recommender import TopKRanker
+from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.runtime.encoder import OnnxEncoder
 from tests.test_backbone_contract import naive_topk
 from tests.test_features import SKELETON, naive_fusion

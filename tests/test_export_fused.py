@@ -18,7 +18,7 @@ from cliper_prod.errors import BundleError, ExportError
 from cliper_prod.export.graphs import optimize_clip
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.views import ViewSpec
-from cliper_prod.runtime.bundle import Bundle, pick_variant
+from cliper_prod.runtime.bundle_reader import Bundle, pick_variant
 from cliper_prod.runtime.encoder import OnnxEncoder
 from tests.test_export import FP16, FP32, assert_parity
 

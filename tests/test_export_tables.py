@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliper_prod.export.bundle import EmbeddingTables, GraphOptions, export_tables
+from cliper_prod.export.bundle_writer import EmbeddingTables, GraphOptions, export_tables
 from cliper_prod.runtime.recommender import Recommender
 
 
@@ -21,7 +21,7 @@ def test_tables_bundle_ranks_like_naive_numpy_over_several_chunks(tmp_path: Path
     manifest = export_tables(tables, tmp_path / "b", options=GraphOptions(
         max_k=15, chunk_items=64, torchscript=False, fp16=False, fused=False))
     assert manifest["graphs"]["topk"]["chunk_items"] == 64 and manifest["features"] is None
-    got = Recommender(tmp_path / "b", device="cpu").topk([f"u{n}" for n in range(30)], k=15)
+    got = Recommender(tmp_path / "b", provider="cpu").topk([f"u{n}" for n in range(30)], k=15)
     scores = users.numpy() @ items.numpy().T
     scores[train[:, 0], train[:, 1]] = -np.inf
     for u, rec in enumerate(got):

@@ -350,15 +350,15 @@ def test_the_service_serves_an_add_items_bundle_and_history_users(trained, expor
 
 
 def test_a_bundle_without_fold_in_state_says_so(tmp_path: Path) -> None:
-    from cliper_prod.export.bundle import EmbeddingTables, export_tables
-    from cliper_prod.runtime.recommender import RequestError
+    from cliper_prod.export.bundle_writer import EmbeddingTables, export_tables
+    from cliper_prod.runtime.ranking import UnsupportedQuery
 
     export_tables(EmbeddingTables(torch.randn(6, 4), torch.randn(9, 4),
                                   np.array([[0, 1], [1, 2], [2, 3], [3, 4], [4, 5], [5, 6]])),
                   tmp_path / "tables")
-    with pytest.raises(RequestError, match="no fold-in state") as caught:
+    with pytest.raises(UnsupportedQuery, match="no fold-in state") as caught:
         Recommender(tmp_path / "tables").topk_histories([["1", "2"]], k=3)
-    assert caught.value.status == 501 and str(tmp_path) not in str(caught.value)
+    assert str(tmp_path) not in str(caught.value)
     (tmp_path / "h.jsonl").write_text('{"user": "a", "history": ["1"]}\n')
     res = run("topk", "--bundle", tmp_path / "tables", "--histories", tmp_path / "h.jsonl",
               "-k", "3")

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cliper_prod.runtime.bundle as runtime_bundle
-import cliper_prod.serving.app as serving
+import cliper_prod.runtime.bundle_reader as runtime_bundle
+import cliper_prod.serving.ray_engine as serving
 from cliper_prod.commands import cli
 from cliper_prod.errors import ConfigError, RuntimeSetupError
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.embed_ray import RaySettings
 
 
@@ -49,8 +49,8 @@ def test_serve_gives_replicas_a_gpu_with_cuda_only(monkeypatch, exported: dict) 
 
 def test_serve_cuda_without_a_cuda_runtime_exits_9(exported: dict) -> None:
     res = CliRunner().invoke(cli, ["serve", "--bundle", str(exported["bundle"]),
-                                   "--device", "cuda"])
-    assert res.exit_code == 9 and "error: --device cuda" in res.stderr, res.output
+                                   "--provider", "cuda"])
+    assert res.exit_code == 9 and "error: --provider cuda" in res.stderr, res.output
 
 
 def test_a_session_that_fell_back_to_the_cpu_is_refused_under_cuda(monkeypatch,

@@ -243,7 +243,7 @@ def test_without_pyarrow_parquet_is_an_option_error(catalog: dict, tmp_path: Pat
     items = write_jsonl(catalog["folder"] / "few.jsonl", catalog["records"][:3])
     res = subprocess.run([sys.executable, "-c", block + (
         "import cliper_prod.runtime.embed_ray, cliper_prod.runtime.recommender; "
-        "from cliper_prod.features.items import Catalog, read_catalog; "
+        "from cliper_prod.features.catalog import Catalog, read_catalog; "
         f"print(len(list(read_catalog(Catalog.at(sys.modules['pathlib'].Path({str(items)!r}))))))"
     )], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == "3\n", res.stderr

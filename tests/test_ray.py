@@ -249,7 +249,7 @@ def test_a_replica_whose_session_broke_is_replaced_by_serve(service, exported) -
 
     from ray import serve
 
-    from cliper_prod.serving.app import CliperService, ServeSettings
+    from cliper_prod.serving.ray_engine import CliperService, ServeSettings
 
     class BreakableService(CliperService.func_or_class):
         def break_session(self) -> None:

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from cliper_prod.commands import cli
-from cliper_prod.runtime.recommender import Recommender, RequestError
+from cliper_prod.runtime.ranking import QueryError
+from cliper_prod.runtime.recommender import Recommender
 
 
 def naive_topk(ckpt: Path, catalog: Path, users: list[int], k: int, exclude: set[int]
@@ -39,7 +40,7 @@ def assert_naive(answer: list[dict], user_ids: list[str], order: np.ndarray,
 
 
 def test_topk_equals_naive_numpy_with_training_and_excluded_items_out(exported) -> None:
-    rec = Recommender(exported["bundle"], device="cpu")
+    rec = Recommender(exported["bundle"], provider="cpu")
     user_ids, item_ids = rec.bundle.user_ids, rec.bundle.item_ids
     users, exclude = [3, 0, 17], {item_ids[5], item_ids[9]}
     answer = rec.topk([user_ids[u] for u in users], k=8, exclude=sorted(exclude))
@@ -53,15 +54,15 @@ def test_topk_equals_naive_numpy_with_training_and_excluded_items_out(exported) 
     (["nobody"], 5, [], "unknown user id"), (None, 5, ["no-item"], "exclude: unknown item"),
     (None, 0, [], "k=0"), (None, 10_000, [], "ranks at most")])
 def test_topk_refuses_what_it_cannot_answer(exported, users, k, exclude, message) -> None:
-    rec = Recommender(exported["bundle"], device="cpu")
-    with pytest.raises(RequestError, match=message):
+    rec = Recommender(exported["bundle"], provider="cpu")
+    with pytest.raises(QueryError, match=message):
         rec.topk(users or rec.bundle.user_ids[:1], k=k, exclude=exclude)
 
 
 def test_embed_answers_as_the_cli(exported, tmp_path: Path) -> None:
     items = [json.loads(line) for line in
              (exported["catalog"] / "items.jsonl").read_text().splitlines()[:5]]
-    answer = Recommender(exported["bundle"], device="cpu",
+    answer = Recommender(exported["bundle"], provider="cpu",
                          image_root=exported["catalog"]).embed(items)
     source = tmp_path / "items.jsonl"
     source.write_text("".join(json.dumps({**i, "image": str(exported["catalog"] / i["image"])})

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from cliper_prod.export.bundle import topk_spec
+from cliper_prod.export.bundle_writer import topk_spec
 from cliper_prod.export.graphs import export_onnx
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.runtime.sessions import Graph

@@ -42,7 +42,7 @@ def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
     from click.testing import CliRunner
 
     from cliper_prod.commands import cli
-    from cliper_prod.serving.app import ServeSettings, build
+    from cliper_prod.serving.ray_engine import ServeSettings, build
 
     res = CliRunner().invoke(cli, ["serve", "--engine", "ray", "--bundle", str(exported["bundle"]),
                                    "--port", "8123", "--replicas", "3", "--max-batch-size", "16",
@@ -51,12 +51,19 @@ def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
     config = yaml.safe_load(res.stdout)
     app = config["applications"][0]
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
-    assert app["import_path"] == "cliper_prod.serving.app:build"
+    assert app["import_path"] == "cliper_prod.serving.ray_engine:build"
     assert app["deployments"][0]["num_replicas"] == 3
     assert ServeSettings(**app["args"]).max_batch_size == 16
     assert build(app["args"]) is not None
     with pytest.raises(ValueError, match="max_batch"):
         build({**app["args"], "max_batch": 1})
+    # `serve run ... key=value` passes strings: converted as Ray's pydantic validation does
+    as_strings = ServeSettings.model_validate({**app["args"], "max_batch_size": "8",
+                                               "batching": "false", "device": "cpu"})
+    assert (as_strings.max_batch_size, as_strings.batching, as_strings.provider) == (8, False,
+                                                                                      "cpu")
+    with pytest.raises(ValueError, match="provider"):
+        ServeSettings.model_validate({**app["args"], "provider": "tpu"})
 
 
 def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> None:
@@ -64,7 +71,7 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
     answering as the Python API does."""
     import yaml
 
-    import cliper_prod.serving.app as serving
+    import cliper_prod.serving.ray_engine as serving
     from cliper_prod.runtime.recommender import Recommender
 
     config = yaml.safe_load((Path(serving.__file__).parent / "serve_config.example.yaml")
@@ -93,7 +100,7 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
             settings = json.loads(r.read())["settings"]
     finally:
         stop_process(proc, signal.SIGINT)
-    assert answer == Recommender(exported["bundle"], device="cpu").topk(users, k=5)
+    assert answer == Recommender(exported["bundle"], provider="cpu").topk(users, k=5)
     assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64
 
 

@@ -222,8 +222,8 @@ def test_an_unexpected_exception_is_a_logged_500_with_a_request_id(caplog) -> No
 
 def test_an_unexpected_exception_in_one_item_leaves_the_others_embedded(exported, monkeypatch,
                                                                         caplog) -> None:
-    from cliper_prod.runtime.bundle import Bundle
-    from cliper_prod.runtime import recommender as handlers
+    from cliper_prod.runtime.bundle_reader import Bundle
+    from cliper_prod.runtime import item_embedder as handlers
 
     load = handlers.load_image
 
@@ -234,7 +234,7 @@ def test_an_unexpected_exception_in_one_item_leaves_the_others_embedded(exported
 
     monkeypatch.setattr(handlers, "load_image", fails_for_boom)
     embedder = handlers.ItemEmbedder(Bundle(exported["bundle"], "cpu"), exported["catalog"])
-    with caplog.at_level(logging.ERROR, logger="cliper_prod.runtime.recommender"):
+    with caplog.at_level(logging.ERROR, logger="cliper_prod.runtime.item_embedder"):
         answer = embedder.embed([{"item_id": "a", "title": "t"},
                                  {"item_id": "boom", "title": "t", "image": "x.png"},
                                  {"item_id": "c", "title": "t"}])
@@ -292,7 +292,7 @@ def test_embed_cli_gives_each_hostile_line_its_error_and_keeps_the_rest(exported
 def _serve(exported, monkeypatch, *extra: str):
     import signal
 
-    from cliper_prod.serving import app
+    from cliper_prod.serving import ray_engine as app
 
     monkeypatch.setattr(app, "connect", lambda address=None, metrics_port=None: None)
     monkeypatch.setattr(app, "_check_gpus", lambda needed: None)  # asks the (absent) Ray
@@ -304,7 +304,7 @@ def _serve(exported, monkeypatch, *extra: str):
 def test_serve_start_up_failure_is_one_line_and_exit_code_9(exported, monkeypatch) -> None:
     import ray.exceptions
 
-    from cliper_prod.serving import app
+    from cliper_prod.serving import ray_engine as app
 
     def proxy_died(**_):
         raise ray.exceptions.ActorDiedError()
@@ -321,7 +321,7 @@ def test_serve_start_up_timeout_is_the_users_to_set(exported, monkeypatch) -> No
 
     from ray.serve.schema import ApplicationStatus
 
-    from cliper_prod.serving import app
+    from cliper_prod.serving import ray_engine as app
 
     started = {}
     monkeypatch.setattr(app.serve, "start", lambda **kw: started.update(kw))
@@ -339,8 +339,9 @@ def test_serve_start_up_timeout_is_the_users_to_set(exported, monkeypatch) -> No
 
 
 def test_readiness_ranks_on_the_graph_caches_success_and_never_a_failure(exported) -> None:
-    from cliper_prod.runtime.bundle import Bundle
-    from cliper_prod.runtime.recommender import ReadinessProbe, TopKRanker
+    from cliper_prod.runtime.bundle_reader import Bundle
+    from cliper_prod.runtime.ranking import TopKRanker
+    from cliper_prod.serving.readiness import ReadinessProbe
 
     ranker, now, calls = TopKRanker(Bundle(exported["bundle"], "cpu")), [0.0], []
 
@@ -362,3 +363,19 @@ def test_readiness_ranks_on_the_graph_caches_success_and_never_a_failure(exporte
     for _ in range(2):  # a failure is reported every time, not cached
         with pytest.raises(RuntimeError, match="session gone"):
             failing.check()
+
+
+def test_each_refusal_maps_to_its_http_status() -> None:
+    """The runtime's QueryError is a 400 and UnsupportedQuery a 501 (histories on a bundle that
+    cannot fold in); the service's own refusals keep their status."""
+    from cliper_prod.runtime.ranking import KOutOfRange, QueryError, UnsupportedQuery
+    from cliper_prod.serving.api import unanswerable
+    from cliper_prod.serving.service import RequestError
+
+    cases = [(QueryError("unknown user id(s) 'x'"), 400), (KOutOfRange(500, 100), 400),
+             (UnsupportedQuery("this bundle has no fold-in state"), 501),
+             (RequestError("5000 users; at most 4096 per request", 413), 413)]
+    for error, status in cases:
+        answer = asyncio.run(unanswerable(None, error))
+        assert answer.status_code == status
+        assert json.loads(answer.body) == {"detail": str(error)}

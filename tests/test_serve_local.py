@@ -26,7 +26,7 @@ from tests.test_recommender import assert_naive, naive_topk
 
 
 def test_topk_answers_as_naive_numpy_and_the_python_api(local_service, exported) -> None:
-    rec = Recommender(exported["bundle"], device="cpu")
+    rec = Recommender(exported["bundle"], provider="cpu")
     user_ids, item_ids = rec.bundle.user_ids, rec.bundle.item_ids
     users, exclude = [3, 0, 17, 42], [item_ids[5], item_ids[9]]
     asked = [user_ids[u] for u in users]
@@ -48,7 +48,7 @@ def test_concurrent_requests_merge_into_batches_and_answer_as_alone(local_servic
     after = scrape(local_service + "/metrics")
     assert all(status == 200 for status, _ in answers)
     assert [body["results"][0] for _, body in answers] == \
-        Recommender(exported["bundle"], device="cpu").topk(users, k=7)
+        Recommender(exported["bundle"], provider="cpu").topk(users, k=7)
 
     def grew(key: tuple) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -145,7 +145,7 @@ def test_embed_health_and_schema_as_the_python_api(local_service, exported) -> N
                if line.startswith("{\"")]
     status, body = call(local_service, "/embed", {"items": records})
     assert status == 200, body
-    assert body == Recommender(exported["bundle"], device="cpu",
+    assert body == Recommender(exported["bundle"], provider="cpu",
                                image_root=exported["catalog"]).embed(records)
     assert body["errors"] and body["items"]
     assert call(local_service, "/healthz") == (200, {"status": "ok"})
@@ -210,7 +210,7 @@ def test_a_port_in_use_is_one_line_and_exit_code_9(exported, monkeypatch) -> Non
 
 
 def test_a_worker_that_cannot_load_fails_the_start_with_its_reason(tmp_path) -> None:
-    from cliper_prod.serving.local import LocalServer
+    from cliper_prod.serving.local_engine import LocalServer
     from cliper_prod.serving.service import ServeSettings
 
     server = LocalServer(ServeSettings(bundle=str(tmp_path / "gone")), port=0)

@@ -16,7 +16,7 @@ from cliper_prod.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-    from cliper_prod.backbones.base import Recommender
+    from cliper_prod.backbones.base import Backbone
     from cliper_prod.data.mmrec import InteractionData
 
 BACKBONES: dict[str, str] = {  # name -> "module:ModelClass"; its preset is models/<name>.toml
@@ -31,7 +31,7 @@ BACKBONES: dict[str, str] = {  # name -> "module:ModelClass"; its preset is mode
 BACKBONE_NAMES: tuple[str, ...] = tuple(sorted(BACKBONES))
 
 
-def model_class(backbone: str) -> type[Recommender]:
+def model_class(backbone: str) -> type[Backbone]:
     """The model class of ``backbone``, imported on first use."""
     if backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {backbone!r}; available: {', '.join(BACKBONE_NAMES)}")
@@ -40,15 +40,19 @@ def model_class(backbone: str) -> type[Recommender]:
 
 
 def create_model(backbone: str, data: InteractionData, model_values: dict,
-                 device: torch.device | str = "cpu") -> Recommender:
+                 device: torch.device | None = None) -> Backbone:
     """Instantiate ``backbone`` on ``data`` with the [model] section of its config, its fixed
-    inputs built on ``device`` and its (CPU-initialised) parameters moved there."""
+    inputs built on ``device`` (default the CPU) and its (CPU-initialised) parameters moved
+    there."""
+    from cliper_prod.device import CPU
+
     cls = model_class(backbone)
+    device = device or CPU
     return cls(data, build(cls.config_class, model_values, "model"), device).to(device)
 
 
 def __getattr__(name: str) -> Any:
-    """``Recommender`` on first use (it imports torch)."""
-    if name == "Recommender":
-        return import_module("cliper_prod.backbones.base").Recommender
+    """``Backbone`` on first use (it imports torch)."""
+    if name == "Backbone":
+        return import_module("cliper_prod.backbones.base").Backbone
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

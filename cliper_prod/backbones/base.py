@@ -3,8 +3,8 @@ inputs they share.
 
 A backbone keeps its modality matrices in ``self.features`` in the form its paper needs
 (:func:`feature_tensors`: fixed inputs, not saved; :func:`trained_features`: Parameters), calls
-:meth:`Recommender.init_text_fusion` at the point where it builds its text modules, and reads
-them through :meth:`Recommender.modality`, which fuses the text views in CLIPER's MLP mode:
+:meth:`Backbone.init_text_fusion` at the point where it builds its text modules, and reads
+them through :meth:`Backbone.modality`, which fuses the text views in CLIPER's MLP mode:
 MMRec's abstract recommender likewise loads the feature matrices once for every model.
 """
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cliper_prod.device import CPU
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.fusion import TRAINED_FUSIONS
@@ -44,7 +45,7 @@ def check_knn_k(k: int, n_items: int) -> None:
                           f"({n_items - 1})")
 
 
-def train_edges(data: InteractionData, device: torch.device | str = "cpu"
+def train_edges(data: InteractionData, device: torch.device = CPU
                 ) -> tuple[Tensor, Tensor]:
     """The training interactions as (users, items) index tensors on ``device``, where the
     graphs built from them are then built."""
@@ -53,7 +54,7 @@ def train_edges(data: InteractionData, device: torch.device | str = "cpu"
 
 
 def feature_tensors(data: InteractionData, names: Iterable[str] | None = None,
-                    device: torch.device | str = "cpu") -> dict[str, Tensor]:
+                    device: torch.device = CPU) -> dict[str, Tensor]:
     """The modality matrices on ``device`` (on the CPU: over the loaded arrays, no copy), in
     ``names`` order (default: the data's), absent ones skipped: fixed inputs, rebuilt from the
     data rather than saved."""
@@ -98,7 +99,7 @@ def user_fold_in_arrays(layers: list[Tensor], n_users: int, items: Tensor, n_ite
             .astype(np.float32)}
 
 
-class Recommender(nn.Module, ABC):
+class Backbone(nn.Module, ABC):
     """A backbone: trained with BPR triples; serves final user and item embedding tables whose
     dot product is the ranking score.
 
@@ -112,14 +113,14 @@ class Recommender(nn.Module, ABC):
         data (InteractionData): The training interactions and the image and/or text features.
         config: An instance of the subclass's :attr:`config_class`, the dataclass of its
             ``[model]`` hyper-parameters.
-        device (torch.device | str): Where the fixed inputs are built and the model runs.
+        device (torch.device): Where the fixed inputs are built and the model runs.
     """
 
     config_class: ClassVar[type]
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device = CPU) -> None:
         super().__init__()
-        self.device = torch.device(device)
+        self.device = device
         self.features: Mapping[str, Tensor] = {}  # modality -> [n_items, d], as the model keeps it
         self.text_fusion: nn.Module | None = None  # CLIPER's trained fusion of the text views
 

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import (Recommender, bpr_loss, feature_tensors, require_features,
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import (Backbone, bpr_loss, feature_tensors, require_features,
                                         train_edges)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
@@ -103,7 +104,7 @@ class ModalityEncoder(nn.Module):
         return out
 
 
-class DualGNN(Recommender):
+class DualGNN(Backbone):
     r"""The DualGNN model from the `"DualGNN: Dual Graph Neural Network for Multimedia
     Recommendation" <https://doi.org/10.1109/TMM.2021.3138298>`_ paper (Wang et al., IEEE
     Transactions on Multimedia 2023), as MMRec runs it (see the module docstring).
@@ -126,7 +127,7 @@ class DualGNN(Recommender):
     config_class = DualGNNConfig
 
     def __init__(self, data: InteractionData, config: DualGNNConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         require_features(data, "DualGNN")
         if config.aggr_mode not in ("add", "mean"):

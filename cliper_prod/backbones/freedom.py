@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import (FoldInState, Recommender, bpr_loss, check_knn_k,
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import (FoldInState, Backbone, bpr_loss, check_knn_k,
                                         feature_tensors, require_features, train_edges,
                                         trained_features, user_fold_in_arrays)
-from cliper_prod.backbones.lightgcn import light_propagate, propagation_layers
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.item_knn import check_method
 from cliper_prod.errors import ConfigError
 from cliper_prod.graph import (Propagation, bipartite_edge_index, degree_sensitive_prune,
-                               knn_normalized_adjacency, mixed_item_graph, normalized_adjacency)
+                               knn_normalized_adjacency, light_propagate, mixed_item_graph,
+                               normalized_adjacency, propagation_layers)
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class FreedomConfig:
     reg_weight: float
 
 
-class Freedom(Recommender):
+class Freedom(Backbone):
     r"""The FREEDOM model from the `"A Tale of Two Graphs: Freezing and Denoising Graph
     Structures for Multimodal Recommendation" <https://arxiv.org/abs/2211.06924>`_ paper (Zhou
     and Shen, ACM MM 2023).
@@ -92,7 +93,7 @@ class Freedom(Recommender):
     config_class = FreedomConfig
 
     def __init__(self, data: InteractionData, config: FreedomConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         require_features(data, "FREEDOM")
         check_knn_k(config.knn_k, data.n_items)

@@ -34,15 +34,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import add_self_loops
 
-from cliper_prod.backbones.base import (FoldInState, Recommender, bpr_loss, check_knn_k,
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import (FoldInState, Backbone, bpr_loss, check_knn_k,
                                         feature_tensors, require_features, train_edges,
                                         trained_features, user_fold_in_arrays)
-from cliper_prod.backbones.lightgcn import light_propagate, propagation_layers
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.item_knn import check_method
 from cliper_prod.errors import ConfigError
 from cliper_prod.graph import (Propagation, bipartite_edge_index, cosine_knn_graph, edge_matmul,
-                               fixed_propagation, mean_adjacency, row_degree_normalize)
+                               fixed_propagation, light_propagate, mean_adjacency,
+                               propagation_layers, row_degree_normalize)
 
 MODALITIES = ("image", "text")  # the order of modal_weight
 
@@ -88,7 +89,7 @@ class LatticeConfig:
     reg_weight: float
 
 
-class Lattice(Recommender):
+class Lattice(Backbone):
     r"""The LATTICE model from the `"Mining Latent Structures for Multimedia Recommendation"
     <https://arxiv.org/abs/2104.09036>`_ paper (Zhang et al., ACM MM 2021).
 
@@ -115,7 +116,7 @@ class Lattice(Recommender):
     config_class = LatticeConfig
 
     def __init__(self, data: InteractionData, config: LatticeConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         require_features(data, "LATTICE")
         check_knn_k(config.knn_k, data.n_items)

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cliper_prod.backbones.base import (NO_ITEM_GRAPH, FoldInState, Recommender, bpr_loss,
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import (NO_ITEM_GRAPH, FoldInState, Backbone, bpr_loss,
                                         train_edges, user_fold_in_arrays)
 from cliper_prod.data.mmrec import InteractionData
-from cliper_prod.graph import Propagation, bipartite_edge_index, normalized_adjacency
+from cliper_prod.graph import (bipartite_edge_index, light_propagate, normalized_adjacency,
+                               propagation_layers)
 
 
 @dataclass(frozen=True)
@@ -30,21 +32,7 @@ class LightGCNConfig:
     reg_weight: float
 
 
-def propagation_layers(adj: Propagation, ego: Tensor, n_layers: int) -> list[Tensor]:
-    """The layer outputs 0..n_layers of repeated normalised-adjacency propagation (a new user's
-    fold-in reads the items' layers 0..n_layers-1)."""
-    layers = [ego]
-    for _ in range(n_layers):
-        layers.append(adj(layers[-1]))
-    return layers
-
-
-def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
-    """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation."""
-    return torch.stack(propagation_layers(adj, ego, n_layers)).mean(0)
-
-
-class LightGCN(Recommender):
+class LightGCN(Backbone):
     r"""The LightGCN model from the `"LightGCN: Simplifying and Powering Graph Convolution
     Network for Recommendation" <https://arxiv.org/abs/2002.02126>`_ paper (He et al., SIGIR
     2020), on IDs only.
@@ -63,7 +51,7 @@ class LightGCN(Recommender):
     config_class = LightGCNConfig
 
     def __init__(self, data: InteractionData, config: LightGCNConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         self.config = config
         self.init_id_embeddings(data, config.embedding_size)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import (Recommender, bpr_loss, feature_tensors, require_features,
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import (Backbone, bpr_loss, feature_tensors, require_features,
                                         train_edges)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
@@ -108,7 +109,7 @@ class ModalityGCN(nn.Module):
         return x
 
 
-class MMGCN(Recommender):
+class MMGCN(Backbone):
     r"""The MMGCN model from the `"MMGCN: Multi-modal Graph Convolution Network for Personalized
     Recommendation of Micro-video" <https://doi.org/10.1145/3343031.3351034>`_ paper (Wei et al.,
     ACM MM 2019), as MMRec runs it (see the module docstring).
@@ -132,7 +133,7 @@ class MMGCN(Recommender):
     config_class = MMGCNConfig
 
     def __init__(self, data: InteractionData, config: MMGCNConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         require_features(data, "MMGCN")
         if config.n_layers < 1:

@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, feature_tensors, train_edges
-from cliper_prod.backbones.lightgcn import light_propagate
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import Backbone, feature_tensors, train_edges
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
-from cliper_prod.graph import bipartite_edge_index, normalized_adjacency
+from cliper_prod.graph import bipartite_edge_index, light_propagate, normalized_adjacency
 
 MODALITIES = ("image", "text")
 
@@ -87,7 +87,7 @@ def _linear(n_in: int, n_out: int) -> nn.Linear:
     return layer
 
 
-class SLMRec(Recommender):
+class SLMRec(Backbone):
     r"""The SLMRec model from the `"Self-supervised Learning for Multimedia Recommendation"
     <https://doi.org/10.1109/TMM.2022.3187556>`_ paper (Tao et al., IEEE Transactions on
     Multimedia 2022), with its FAC task and concat fusion, as MMRec runs it.
@@ -116,7 +116,7 @@ class SLMRec(Recommender):
     config_class = SLMRecConfig
 
     def __init__(self, data: InteractionData, config: SLMRecConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         missing = [m for m in MODALITIES if m not in data.features]
         if missing:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cliper_prod.backbones.base import Recommender, bpr_loss, feature_tensors, require_features
+from cliper_prod.device import CPU
+from cliper_prod.backbones.base import Backbone, bpr_loss, feature_tensors, require_features
 from cliper_prod.data.mmrec import InteractionData
 
 
@@ -42,7 +43,7 @@ class VBPRConfig:
     reg_weight: float
 
 
-class VBPR(Recommender):
+class VBPR(Backbone):
     r"""The VBPR model from the `"VBPR: Visual Bayesian Personalized Ranking from Implicit
     Feedback" <https://arxiv.org/abs/1510.01784>`_ paper (He and McAuley, AAAI 2016), as MMRec
     implements it.
@@ -61,7 +62,7 @@ class VBPR(Recommender):
     config_class = VBPRConfig
 
     def __init__(self, data: InteractionData, config: VBPRConfig,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device = CPU) -> None:
         super().__init__(device)
         require_features(data, "VBPR")
         self.config = config

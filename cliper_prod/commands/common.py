@@ -11,9 +11,15 @@ import click
 
 from cliper_prod.backbones import BACKBONE_NAMES
 from cliper_prod.errors import ConfigError
+from cliper_prod.runtime.providers import PROVIDERS
 
-DEFAULT_CHECKPOINTS = Path("models") / "checkpoints"
-DEFAULT_BUNDLE = Path("export") / "freedom"
+#: Where commands write by default: everything a run makes lies under ``runs/``, apart from the
+#: packaged presets (``models/``) and the bundle format's documentation (``export/``).
+RUNS = Path("runs")
+DEFAULT_CHECKPOINTS = RUNS / "checkpoints"
+DEFAULT_EXPORTS = RUNS / "export"
+DEFAULT_BUNDLE = DEFAULT_EXPORTS / "freedom"
+#: ``--device`` of the torch commands (train, evaluate, compare, ablate-fusion, embed --clip)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -78,10 +84,19 @@ def quiet_option(what: str = "No progress bars or per-epoch lines.") -> Decorato
 
 
 def device_option(what: str = "auto: the GPU when one is usable.") -> Decorator:
-    """``--device auto|cpu|cuda``; torch commands turn it into a device with
+    """``--device auto|cpu|cuda`` of the torch commands, turned into a torch device by
     :func:`cliper_prod.device.resolve_device`."""
     return click.option("--device", type=click.Choice(DEVICES), default="auto",
                         show_default=True, help=what)
+
+
+def provider_option() -> Decorator:
+    """``--provider auto|cpu|cuda``: the ONNX Runtime execution provider of the bundle's
+    sessions (:mod:`cliper_prod.runtime.providers`); ``--device`` is kept as its old spelling."""
+    return click.option("--provider", "--device", "provider", type=click.Choice(PROVIDERS),
+                        default="auto", show_default=True,
+                        help="ONNX Runtime provider; auto: CUDA when onnxruntime-gpu sees a GPU "
+                             "(--device: the old name, deprecated).")
 
 
 def backbone_option(**kwargs: Any) -> Decorator:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cliper_prod.commands.common import device_option, quiet_option
+from cliper_prod.commands.common import PROVIDERS, device_option, quiet_option
 from cliper_prod.errors import ConfigError
 from cliper_prod.fusion_modes import FUSION_MODES, FUSION_NAMES
 
@@ -39,6 +39,7 @@ class EmbedArgs:
     save_views: bool
     batch_size: int
     device: str
+    provider: str | None
     precision: str
     strict: bool
     resume: bool
@@ -68,6 +69,9 @@ class EmbedArgs:
         if (self.address or self.ray_actors or self.gpus_per_actor is not None) \
                 and not self.use_ray:
             raise ConfigError("--address, --ray-actors and --gpus-per-actor go with --ray")
+        if self.provider is not None and self.bundle_dir is None:
+            raise ConfigError("--provider chooses ONNX Runtime's provider for --bundle; with "
+                              "--clip the model runs on --device")
         if self.use_ray and self.bundle_dir is None:
             raise ConfigError("--ray runs the exported ONNX graphs: export a bundle "
                               "(`cliper-prod export --clip ...`) and pass --bundle")
@@ -82,10 +86,10 @@ class EmbedArgs:
         from cliper_prod.features.items import ItemLimits
 
         if self.bundle_dir is not None:
-            from cliper_prod.runtime.bundle import Bundle
+            from cliper_prod.runtime.bundle_reader import Bundle
             from cliper_prod.runtime.encoder import OnnxEncoder
 
-            encoder = OnnxEncoder(Bundle(self.bundle_dir, self.device), self.precision)
+            encoder = OnnxEncoder(Bundle(self.bundle_dir, self.onnx_provider), self.precision)
             views, fusion, tau = encoder.views, encoder.fusion, encoder.tau
         else:
             from cliper_prod.device import resolve_device
@@ -114,6 +118,12 @@ class EmbedArgs:
                         global_template=None if self.no_global_view else GLOBAL_TEMPLATE,
                         missing_word=self.missing_word)
 
+    @property
+    def onnx_provider(self) -> str:
+        """The provider of --bundle's sessions: --provider, or --device (its old spelling
+        there)."""
+        return self.provider or self.device
+
     def runner(self) -> Runner | None:
         """The Ray Data runner with --ray; None runs in this process."""
         if not self.use_ray:
@@ -121,7 +131,7 @@ class EmbedArgs:
         from cliper_prod.runtime.embed_ray import RaySettings, ray_runner
 
         return ray_runner(self.bundle_dir, RaySettings(self.address, self.ray_actors,
-                                                       self.device, self.precision,
+                                                       self.onnx_provider, self.precision,
                                                        self.gpus_per_actor))
 
 
@@ -157,7 +167,10 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
                    "(PyTorch path only).")
 @click.option("--save-views", is_flag=True, help="Also write view_feat.npy and similarity.npy.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@device_option()
+@device_option("Where --clip runs (a torch device); with --bundle, the old spelling of "
+               "--provider. auto: the GPU when one is usable.")
+@click.option("--provider", type=click.Choice(PROVIDERS),
+              help="ONNX Runtime provider of --bundle's sessions [default: --device].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which exported graphs to run (--bundle only).")
 @click.option("--strict", is_flag=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import backbone_option
+from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option
 
 
 @click.command("export")
@@ -21,7 +21,7 @@ from cliper_prod.commands.common import backbone_option
                    "CLIPER features were embedded with; none for vanilla features].")
 @click.option("--random-init", is_flag=True, help="CLIP with RANDOM weights from its config.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Bundle folder [default: export/<backbone>].")
+              help=f"Bundle folder [default: {DEFAULT_EXPORTS}/<backbone>].")
 @click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True,
               help="Most items per user the top-K graph returns (topk -k may ask for fewer).")
 @click.option("--chunk-items", type=click.IntRange(min=1), default=1 << 16, show_default=True,
@@ -42,12 +42,12 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     the id maps, and manifest.json with versions, hashes and the parity measured against
     PyTorch. Export fails if any graph misses the parity bounds.
     """
-    from cliper_prod.export.bundle import GraphOptions, export_bundle
+    from cliper_prod.export.bundle_writer import GraphOptions, export_bundle
 
-    out_dir = out_dir or Path("export") / backbone
+    out_dir = out_dir or DEFAULT_EXPORTS / backbone
     options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,
                            torchscript=not no_torchscript, fused=not no_fused)
-    manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip=clip_source,
+    manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip_source=clip_source,
                              random_init=random_init, data_dir=data_dir, options=options)
     for name, graph in manifest["graphs"].items():
         figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 from click.core import ParameterSource
 
-from cliper_prod.commands.common import DEFAULT_BUNDLE, device_option
+from cliper_prod.commands.common import DEFAULT_BUNDLE, provider_option
 from cliper_prod.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ ENGINE_ONLY = {"local": ("workers",),
               help="Interface to listen on (0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--address", help="[ray] Ray cluster to deploy on (default: start a local Ray).")
-@device_option()
+@provider_option()
 @click.option("--image-root", type=click.Path(path_type=Path, file_okay=False),
               help="Folder that /embed image paths resolve under (default: paths refused, "
                    "base64 images only).")
@@ -56,7 +56,7 @@ ENGINE_ONLY = {"local": ("workers",),
               show_default=True)
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
               help="[ray] GPUs Ray gives each replica (fractions share one) [default: 1 with "
-                   "--device cuda, else 0; Ray hides GPUs from a replica that asks for none].")
+                   "--provider cuda, else 0; Ray hides GPUs from a replica that asks for none].")
 @click.option("--read-timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True,
               help="Time to receive a request's body; a slower client gets a 408.")
@@ -72,7 +72,7 @@ ENGINE_ONLY = {"local": ("workers",),
               help="Time for the workers (local) or Ray Serve's proxy and the replicas (ray) to "
                    "start (exit code 9 past it); raise it on a busy machine.")
 def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: str, port: int,
-            address: str | None, device: str, image_root: Path | None, no_batching: bool,
+            address: str | None, provider: str, image_root: Path | None, no_batching: bool,
             max_batch_size: int, batch_wait_ms: float | None, max_request_bytes: int,
             gpus_per_replica: float | None, read_timeout_s: float, metrics_port: int | None,
             print_config: bool, startup_timeout_s: float) -> None:
@@ -80,17 +80,17 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
     schema at /openapi.json; GET /metrics with --engine local). Stops cleanly on Ctrl-C or
     SIGTERM, draining the requests in flight."""
     _refuse_other_engines_options(click.get_current_context(), engine)
-    from cliper_prod.runtime.bundle import Bundle
+    from cliper_prod.runtime.bundle_reader import Bundle
     from cliper_prod.serving.service import ServeSettings
 
-    Bundle(bundle_dir, device)  # a broken bundle fails here, with its exit code
+    Bundle(bundle_dir, provider)  # a broken bundle fails here, with its exit code
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: not a folder")
     if engine == "ray" and gpus_per_replica is None:
-        gpus_per_replica = 1.0 if device == "cuda" else 0.0
+        gpus_per_replica = 1.0 if provider == "cuda" else 0.0
     if batch_wait_ms is None:
         batch_wait_ms = BATCH_WAIT_MS[engine]
-    settings = ServeSettings(bundle=str(bundle_dir.resolve()), device=device,
+    settings = ServeSettings(bundle=str(bundle_dir.resolve()), provider=provider,
                              image_root=str(image_root.resolve()) if image_root else None,
                              batching=not no_batching, max_batch_size=max_batch_size,
                              batch_wait_timeout_s=batch_wait_ms / 1000,
@@ -134,7 +134,7 @@ def _sessions(providers: dict[str, list[str]]) -> str:
 def _serve_locally(settings: ServeSettings, bundle_dir: Path, *, workers: int, host: str, port: int,
                    startup_timeout_s: float) -> None:
     try:
-        from cliper_prod.serving.local import LocalServer
+        from cliper_prod.serving.local_engine import LocalServer
     except ImportError as exc:
         raise ConfigError(f"serve needs FastAPI and uvicorn ({exc.name} missing): pip install "
                           f"'cliper-prod[serve]'") from None
@@ -155,7 +155,7 @@ def _serve_locally(settings: ServeSettings, bundle_dir: Path, *, workers: int, h
 def _ray_engine():
     """The Ray engine's module, or why it cannot be had."""
     try:
-        import cliper_prod.serving.app as ray_engine
+        import cliper_prod.serving.ray_engine as ray_engine
     except ImportError as exc:
         raise ConfigError(f"serve --engine ray needs Ray Serve ({exc.name} missing): pip "
                           f"install 'cliper-prod[ray]'") from None

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cliper_prod.errors import ExportError
+from cliper_prod.messages import first_line
 
 FP32_BOUND = {"min_cosine": 0.99999, "max_abs": 1e-4}
 FP16_BOUND = {"min_cosine": 0.999, "max_abs": None}
@@ -64,7 +65,7 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None
                               verbose=False)
         except Exception as exc:  # the exporter raises many types; the cause matters
             raise ExportError(f"{spec.name}: ONNX export failed: {exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0]}") from exc
+                              f"{first_line(exc)}") from exc
     import onnx
 
     try:
@@ -117,7 +118,7 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) ->
                                    opt_level=0, optimization_options=options)
     except Exception as exc:  # the optimizer raises many types; the cause matters
         raise ExportError(f"{dst.name}: ONNX Runtime's optimizer failed: "
-                          f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
+                          f"{exc.__class__.__name__}: {first_line(exc)}") from exc
     finally:
         logging.disable(quiet)
     if mask is not None:

@@ -19,15 +19,16 @@ from cliper_prod.errors import ModelLoadError
 from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
+from cliper_prod.messages import first_line
 
 
 class ImageTower(nn.Module):
     """pixel_values [B, 3, H, W] -> image embedding [B, D]."""
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.vision_model = clip.vision_model
-        self.visual_projection = clip.visual_projection
+        self.vision_model = model.vision_model
+        self.visual_projection = model.visual_projection
 
     @property
     def config(self):
@@ -41,10 +42,10 @@ class ImageTower(nn.Module):
 class TextTower(nn.Module):
     """input_ids, attention_mask [B, L] -> text embedding [B, D]."""
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.text_model = clip.text_model
-        self.text_projection = clip.text_projection
+        self.text_model = model.text_model
+        self.text_projection = model.text_projection
 
     @property
     def config(self):
@@ -102,25 +103,25 @@ class ClipTowers:
         try:
             if random_init:  # a config-only folder: realistic shapes, random weights
                 torch.manual_seed(0)
-                clip = CLIPModel(CLIPConfig.from_pretrained(
+                model = CLIPModel(CLIPConfig.from_pretrained(
                     self.source, attn_implementation=attn_implementation))
             else:
-                clip = CLIPModel.from_pretrained(self.source,
+                model = CLIPModel.from_pretrained(self.source,
                                                  attn_implementation=attn_implementation)
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a CLIP checkpoint from {self.source!r}: "
-                                 f"{str(exc).splitlines()[0]}") from None
+                                 f"{first_line(exc)}") from None
         folder = Path(self.source)
         self.preprocess = (ClipImagePreprocessor.from_pretrained(folder)
                            if (folder / "preprocessor_config.json").exists()
-                           else ClipImagePreprocessor(size=clip.config.vision_config.image_size,
-                                                      crop=clip.config.vision_config.image_size))
-        self.max_tokens = int(clip.config.text_config.max_position_embeddings)
-        self.dim = int(clip.config.projection_dim)
+                           else ClipImagePreprocessor(size=model.config.vision_config.image_size,
+                                                      crop=model.config.vision_config.image_size))
+        self.max_tokens = int(model.config.text_config.max_position_embeddings)
+        self.dim = int(model.config.projection_dim)
         self.device = torch.device(device)
-        self.image_tower = ImageTower(clip).eval().to(self.device)
-        self.text_tower = TextTower(clip).eval().to(self.device)
+        self.image_tower = ImageTower(model).eval().to(self.device)
+        self.text_tower = TextTower(model).eval().to(self.device)
 
     @property
     def special(self) -> SpecialTokens:

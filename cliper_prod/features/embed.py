@@ -43,13 +43,14 @@ import numpy as np
 
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
-from cliper_prod.features.items import (Catalog, Item, ItemError, ItemLimits, clip,
-                                        read_catalog)
+from cliper_prod.features.catalog import Catalog, read_catalog
+from cliper_prod.features.items import Item, ItemError, ItemLimits
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json
+from cliper_prod.messages import shorten
 from cliper_prod.progress import progress_bar
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one being encoded
@@ -152,10 +153,10 @@ def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | st
     served request's path, never the server's; bytes from Parquet by their file and row)."""
     try:
         if item.image_bytes is not None:
-            return preprocess.decode(io.BytesIO(item.image_bytes), clip(item.image_name))
+            return preprocess.decode(io.BytesIO(item.image_bytes), shorten(item.image_name))
         if item.image is None:
             return "no 'image' field"
-        return preprocess.load(item.image, clip(item.image_name or str(item.image)))
+        return preprocess.load(item.image, shorten(item.image_name or str(item.image)))
     except ImageDecodeError as exc:
         return str(exc)
 

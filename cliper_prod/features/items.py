@@ -10,10 +10,8 @@ HTTP service uses for request bodies too; a Parquet row becomes the same dict an
 the same checks (:func:`parse_record`; the Parquet side is
 :mod:`cliper_prod.features.parquet_catalog`).
 
-A catalog is one JSONL or Parquet file, or a folder of ``*.jsonl`` or ``*.parquet`` shards (at
-any depth, in path order; one format per folder), read as if the shards were one file:
-duplicates count across shards, and each record keeps its shard and line (row) there for error
-reports, plus its catalog-wide position, which orders outputs.
+A record knows its shard and line (row) there, for error reports, and its catalog-wide
+position, which orders outputs (catalogs of several files: :mod:`cliper_prod.features.catalog`).
 """
 
 from __future__ import annotations
@@ -25,11 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generator, Iterator, NoReturn
 
-from cliper_prod.errors import ConfigError, DataError
+from cliper_prod.errors import DataError
+from cliper_prod.messages import shorten
 
 TEXT_FIELDS = ("title", "brand", "categories", "description")
 FIELDS = ("item_id", *TEXT_FIELDS, "image")  # what a record is read from (Parquet columns too)
-FORMATS = (".jsonl", ".parquet")  # the shard suffixes a catalog folder is searched for
 
 
 @dataclass(frozen=True)
@@ -82,15 +80,6 @@ class StrictJSONError(ValueError):
     """Text that is not strict JSON (RFC 8259); the message says why, never echoing the text."""
 
 
-ECHO_CHARS = 200  # an id or a path quoted back in a message is cut to this many characters
-
-
-def clip(text: str, limit: int = ECHO_CHARS) -> str:
-    """``text`` cut to ``limit`` characters (marked with an ellipsis): a client's 1 MB id must
-    not come back as a 1 MB message."""
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def _refuse_constant(name: str) -> NoReturn:
     raise StrictJSONError(f"{name} is not a JSON number")
 
@@ -98,7 +87,7 @@ def _refuse_constant(name: str) -> NoReturn:
 def _finite_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise StrictJSONError(f"number {clip(text, 40)} is beyond the range of a float")
+        raise StrictJSONError(f"number {shorten(text, 40)} is beyond the range of a float")
     return value
 
 
@@ -225,83 +214,6 @@ def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:
                 pass
             yield b"", False, offset
         offset = fh.tell()
-
-
-def is_parquet(path: Path) -> bool:
-    """Whether a catalog file is read as Parquet (any other file is JSON Lines)."""
-    return path.suffix == ".parquet"
-
-
-@dataclass(frozen=True)
-class Catalog:
-    """The input of one run: ``root`` (a JSONL or Parquet file, or a folder of shards) and its
-    files, listed once so that the resume fingerprint covers exactly the files the reader
-    reads."""
-
-    root: Path
-    files: tuple[Path, ...]
-
-    @classmethod
-    def at(cls, path: Path) -> Catalog:
-        """``path`` itself, or the ``*.jsonl`` or ``*.parquet`` files under the folder ``path``
-        (hidden ones left out) sorted by their relative path. A folder holding both formats is
-        refused: a stray file of the other format is more likely a mistake than a shard."""
-        if path.is_file():
-            catalog = cls(path, (path,))
-        elif not path.is_dir():
-            raise ConfigError(f"{path}: no such items file or folder")
-        else:
-            found = {suffix: _shards(path, suffix) for suffix in FORMATS}
-            formats = [suffix for suffix, files in found.items() if files]
-            if not formats:
-                raise ConfigError(f"{path}: the folder holds no *.jsonl files and no *.parquet "
-                                  f"files")
-            if len(formats) > 1:
-                raise ConfigError(f"{path}: the folder holds both *.jsonl ({len(found['.jsonl'])})"
-                                  f" and *.parquet ({len(found['.parquet'])}) files; a catalog "
-                                  f"folder holds one format")
-            catalog = cls(path, tuple(found[formats[0]]))
-        if any(is_parquet(f) for f in catalog.files):
-            from cliper_prod.features.parquet_catalog import arrow
-
-            arrow()  # a missing pyarrow is an option error now, not a crash mid-run
-        return catalog
-
-    def shard_name(self, file: Path) -> str | None:
-        """How records name their shard: the path under the catalog folder (None for one
-        file)."""
-        return None if file == self.root else file.relative_to(self.root).as_posix()
-
-
-def _shards(folder: Path, suffix: str) -> list[Path]:
-    """The files named ``*suffix`` under ``folder`` (hidden ones left out), sorted by their
-    relative path."""
-    return sorted((p for p in folder.rglob(f"*{suffix}") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-                  key=lambda p: p.relative_to(folder).parts)
-
-
-def read_catalog(catalog: Catalog, limits: ItemLimits = ItemLimits(), start_position: int = 0,
-                 seen: set[str] | None = None, images: bool = True
-                 ) -> Iterator[Item | ItemError]:
-    """Stream a catalog (one file or a folder of shards) as one sequence of records.
-
-    ``start_position`` and ``seen`` resume a stream: records up to that catalog-wide line are
-    skipped and the ids read before it still count as duplicates. ``images=False`` leaves
-    Parquet image bytes unread: a planning pass needs only what decides each record's fate.
-    """
-    seen = set() if seen is None else seen
-    base = 0
-    for file in catalog.files:
-        if is_parquet(file):
-            from cliper_prod.features.parquet_catalog import read_parquet_items
-
-            stream = read_parquet_items(file, limits, start_position - base, seen,
-                                        catalog.shard_name(file), base, images)
-        else:
-            stream = read_items(file, limits, start_position - base, seen,
-                                catalog.shard_name(file), base)
-        base += yield from stream
 
 
 def placed(parsed: Item | ItemError, seen: set[str], **where: object) -> Item | ItemError:

@@ -31,8 +31,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Generator, Iterator
 
 from cliper_prod.errors import ConfigError, DataError
-from cliper_prod.features.items import (FIELDS, Item, ItemError, ItemLimits, clip,
-                                        parse_record, placed)
+from cliper_prod.features.items import (FIELDS, Item, ItemError, ItemLimits, parse_record,
+                                        placed)
+from cliper_prod.messages import shorten
 
 ROWS_PER_READ = 256
 READ_BUFFER_BYTES = 1 << 20  # read through this buffer: a third less peak memory than pre-buffering
@@ -136,7 +137,7 @@ class ParquetRows:
         text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
         for form in {str(self.path.resolve()), str(self.path)}:
             text = text.replace(form, self.label)
-        return clip(text)
+        return shorten(text)
 
 
 def _parse(record: dict, row: int, path: Path, label: str, limits: ItemLimits

@@ -35,8 +35,8 @@ from cliper_prod.errors import CliperError, ConfigError
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
                                         embed_batch, load_image, resume_point, shard_batches)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
-from cliper_prod.features.items import (Catalog, Item, ItemLimits, is_parquet, read_catalog,
-                                        reread_items)
+from cliper_prod.features.catalog import Catalog, is_parquet, read_catalog
+from cliper_prod.features.items import Item, ItemLimits, reread_items
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.progress import progress_bar
 
@@ -50,7 +50,7 @@ READ_CPUS, PREPROCESS_CPUS, ENCODE_CPUS = 0.25, 0.5, 1.0
 class RaySettings:
     address: str | None = None  # None: start a local Ray instance (or use the one running)
     actors: int | None = None  # encode actors; default: one per GPU, else one
-    device: str = "auto"
+    provider: str = "auto"
     precision: str = "fp32"
     gpus_per_actor: float | None = None  # Ray's num_gpus per encode actor; default: 1 with GPUs
 
@@ -117,10 +117,10 @@ class _Encode:
     """One encode actor: the bundle's sessions, opened once, reused for every batch."""
 
     def __init__(self, bundle_dir: str, settings: RaySettings, options: EmbedOptions) -> None:
-        from cliper_prod.runtime.bundle import Bundle
+        from cliper_prod.runtime.bundle_reader import Bundle
         from cliper_prod.runtime.encoder import OnnxEncoder
 
-        self.encoder = OnnxEncoder(Bundle(Path(bundle_dir), settings.device), settings.precision)
+        self.encoder = OnnxEncoder(Bundle(Path(bundle_dir), settings.provider), settings.precision)
         self.options = options
 
     def __call__(self, row: dict) -> dict:

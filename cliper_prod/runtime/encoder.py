@@ -17,7 +17,7 @@ from cliper_prod.errors import BundleError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
 from cliper_prod.features.views import ViewSpec
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.sessions import Graph
 
 

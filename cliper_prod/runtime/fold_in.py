@@ -44,7 +44,7 @@ import numpy as np
 
 from cliper_prod.bundle_format import FOLD_IN
 from cliper_prod.errors import BundleError, ConfigError
-from cliper_prod.runtime.bundle import Bundle
+from cliper_prod.runtime.bundle_reader import Bundle
 
 USER_RULES = ("symmetric", "mean_self_loop")
 NO_STATE = ("the bundle holds no fold-in state (exported before fold-in existed, or from "

@@ -4,8 +4,8 @@ Endpoints: ``POST /topk``, ``POST /embed``, ``GET /healthz``, ``GET /metadata``;
 schema is at ``/openapi.json`` (``/docs`` renders it). Each answers through the
 :class:`~cliper_prod.serving.service.Service` of the process, which the engine's
 ``app.state.service()`` finds: the Ray engine wraps this app in a deployment
-(:mod:`cliper_prod.serving.app`), the local one runs it under uvicorn
-(:mod:`cliper_prod.serving.local`).
+(:mod:`cliper_prod.serving.ray_engine`), the local one runs it under uvicorn
+(:mod:`cliper_prod.serving.local_engine`).
 
 Requests are validated by their schema (422), by the bundle (400: unknown ids, k too large) and
 by size (413 over ``max_request_bytes``, 411 without Content-Length); an answer is never a 500
@@ -29,10 +29,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cliper_prod import __version__
-from cliper_prod.features.items import StrictJSONError, clip, loads_strict
-from cliper_prod.runtime.recommender import RequestError
+from cliper_prod.features.items import StrictJSONError, loads_strict
+from cliper_prod.messages import shorten
+from cliper_prod.runtime.ranking import QueryError, UnsupportedQuery
 from cliper_prod.serving.middleware import CatchAll, LimitBody, RecordMetrics
-from cliper_prod.serving.service import Service
+from cliper_prod.serving.service import RequestError, Service
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ def _problem(error: dict) -> dict:
     message = error["msg"]
     if "error" in error.get("ctx", {}):
         message += f": {error['ctx']['error']}"
-    return {"type": error["type"], "msg": clip(message),
-            "loc": [clip(part) if isinstance(part, str) else part for part in error["loc"]]}
+    return {"type": error["type"], "msg": shorten(message),
+            "loc": [shorten(part) if isinstance(part, str) else part for part in error["loc"]]}
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,9 +143,13 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"detail": [_problem(e) for e in exc.errors()[:20]]}, status_code=422)
 
 
-async def unanswerable(request: Request, exc: RequestError) -> JSONResponse:
-    """What the service cannot answer as asked: its status (400, 404, 413) and why."""
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+async def unanswerable(request: Request, exc: RequestError | QueryError) -> JSONResponse:
+    """What the service cannot answer as asked, and why: the service's own refusals with their
+    status (404, 413), the runtime's :class:`QueryError` as a 400 (501: a kind of query the
+    bundle cannot answer at all)."""
+    status = exc.status if isinstance(exc, RequestError) else \
+        501 if isinstance(exc, UnsupportedQuery) else 400
+    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
 def _json(content: dict) -> Response:
@@ -176,7 +181,7 @@ async def healthz(request: Request) -> JSONResponse:
     except Exception as exc:  # a broken session raises ONNX Runtime's own types
         logger.warning("readiness check failed: %s", exc)
         return JSONResponse({"status": "unavailable",
-                             "detail": clip(f"{type(exc).__name__}: {exc}", 300)},
+                             "detail": shorten(f"{type(exc).__name__}: {exc}", 300)},
                             status_code=503)
     return JSONResponse({"status": "ok"})
 
@@ -197,7 +202,8 @@ def create_app(service: Callable[[], Service]) -> FastAPI:
     app.router.route_class = StrictJSONRoute
     app.state.service = service
     app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(RequestError, unanswerable)
+    for refusal in (RequestError, QueryError):
+        app.add_exception_handler(refusal, unanswerable)
     for middleware in (CatchAll, LimitBody, RecordMetrics):  # the last added is outermost
         app.add_middleware(middleware)
     app.add_api_route("/topk", topk, methods=["POST"], response_model=TopKResponse)

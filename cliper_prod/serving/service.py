@@ -6,7 +6,8 @@ The engine gives the service its metrics backend and its batcher, Ray Serve's ``
 the local :func:`~cliper_prod.serving.batching.batch` (the same keywords and semantics): with
 batching on, the rows of concurrent /topk requests are merged into one ONNX run by
 :meth:`Service.rank_merged` and split back per request. Requests the service cannot answer
-raise :class:`~cliper_prod.runtime.recommender.RequestError` with their HTTP status.
+raise :class:`RequestError` with their HTTP status, or the runtime's
+:class:`~cliper_prod.runtime.ranking.QueryError` (a 400; 501 for an unsupported kind).
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from cliper_prod import __version__
-from cliper_prod.features.items import clip
-from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.runtime.recommender import ReadinessProbe, Recommender, RequestError
+from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.serving.metrics import ServiceMetrics
+from cliper_prod.serving.readiness import ReadinessProbe
 
 Top = tuple[np.ndarray, np.ndarray]  # the graph's padded top items and scores of some users
 Merged = Callable[[list[np.ndarray]], Awaitable[list[Top]]]
@@ -32,24 +34,42 @@ Merged = Callable[[list[np.ndarray]], Awaitable[list[Top]]]
 Batcher = Callable[..., Callable[[Merged], Callable[[np.ndarray], Awaitable[Top]]]]
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """How a replica or worker serves; the ``args`` of a Ray Serve config file."""
+class RequestError(Exception):
+    """A request the service refuses before ranking (too large, no CLIP graphs); ``status`` is
+    the HTTP code."""
 
-    bundle: str
-    device: str = "auto"
-    image_root: str | None = None  # image paths in /embed resolve (only) under this folder
-    batching: bool = True
-    max_batch_size: int = 64  # /topk requests merged into one ONNX run
-    max_ongoing_requests: int = 256  # Ray: per replica; Ray Serve's default (5) caps batches at 5
-    batch_wait_timeout_s: float = 0.002
-    max_request_bytes: int = 16 << 20
-    read_timeout_s: float = 10.0  # to receive a request's body, else 408
-    max_users: int = 4096  # per /topk request
-    max_history: int = 10_000  # item ids in a /topk history
-    max_items: int = 256  # per /embed request
-    embed_batch_size: int = 64  # as `cliper-prod embed --batch-size`
-    gpus_per_replica: float = 0.0  # Ray's num_gpus per replica: Ray hides GPUs from the others
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServeSettings(BaseModel):
+    """How a replica or worker serves; the ``args`` of a Ray Serve config file, which Ray
+    validates against this model (``serve run ... key=value`` values arrive as strings and are
+    converted here; an unknown key is refused)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    bundle: str = Field(description="The bundle folder.")
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", validation_alias=AliasChoices("provider", "device"),
+        description="ONNX Runtime provider choice ('device' is its old name).")
+    image_root: str | None = Field(None, description="Folder that /embed image paths resolve "
+                                                     "(only) under; None refuses paths.")
+    batching: bool = Field(True, description="Merge concurrent /topk requests into one run.")
+    max_batch_size: int = Field(64, ge=1, description="/topk requests merged into one ONNX run.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Ray: requests per replica (Ray "
+                                      "Serve's default, 5, would cap batches at 5).")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="How long a batch's first "
+                                        "request waits for others.")
+    max_request_bytes: int = Field(16 << 20, ge=1, description="Larger bodies get a 413.")
+    read_timeout_s: float = Field(10.0, gt=0, description="Time to receive a body, else 408.")
+    max_users: int = Field(4096, ge=1, description="Users per /topk request.")
+    max_history: int = Field(10_000, ge=1, description="Item ids in a /topk history.")
+    max_items: int = Field(256, ge=1, description="Items per /embed request.")
+    embed_batch_size: int = Field(64, ge=1, description="As `cliper-prod embed --batch-size`.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="Ray's num_gpus per replica (Ray "
+                                    "hides GPUs from the others).")
 
 
 class Service:
@@ -62,7 +82,7 @@ class Service:
     def __init__(self, settings: ServeSettings, metrics: ServiceMetrics, batch: Batcher, *,
                  engine: dict, replica: str) -> None:
         self.settings, self.metrics, self.engine, self.replica = settings, metrics, engine, replica
-        bundle = Bundle(Path(settings.bundle), settings.device)
+        bundle = Bundle(Path(settings.bundle), settings.provider)
         self.manifest = bundle.manifest
         self.recommender = Recommender(
             bundle, image_root=Path(settings.image_root) if settings.image_root else None,
@@ -137,12 +157,6 @@ class Service:
         """The manifest, how this process runs it, and whether Ray is loaded in it (the local
         engine never imports Ray: tested through this)."""
         return {"manifest": self.manifest, "providers": self.providers,
-                "cliper_prod": __version__, "settings": asdict(self.settings),
+                "cliper_prod": __version__, "settings": self.settings.model_dump(),
                 "engine": {**self.engine, "ray_imported": "ray" in sys.modules},
                 "replica": self.replica}
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, cut short: a start-up failure's reason in the
-    one ``error:`` line of either engine."""
-    return clip(str(exc).strip().splitlines()[0] if str(exc).strip() else "no message", 300)

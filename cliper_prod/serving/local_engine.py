@@ -38,7 +38,8 @@ from cliper_prod.errors import CliperError, RuntimeSetupError
 from cliper_prod.serving.api import create_app
 from cliper_prod.serving.batching import batch
 from cliper_prod.serving.metrics import MULTIPROC_DIR, PrometheusMetrics
-from cliper_prod.serving.service import ServeSettings, Service, first_line
+from cliper_prod.messages import first_line
+from cliper_prod.serving.service import ServeSettings, Service
 
 logger = logging.getLogger(__name__)
 GRACE_S = 20.0  # a draining worker's time to finish its requests (Ray's graceful_shutdown too)

@@ -1,36 +1,38 @@
-"""``cliper-prod topk``: recommendations for a file of user ids (or of users' histories), from
-a bundle's top-K graph.
+"""Rankings for a file of user ids (or of users' histories) with a :class:`TopKRanker`: the
+library side of ``cliper-prod topk``.
 
 User file policy (documented in README): one external user id per line; blank lines and
 lines starting with ``#`` are ignored; surrounding whitespace is stripped. A line holding
 whitespace inside the id is malformed. Unknown ids, repeated ids and malformed lines stop the
 run with the file and line (nothing is written), or, with ``skip_unknown``, are skipped and
-reported on stderr and in the returned summary. The file is streamed in batches, so its size
-is bounded by disk, not memory; output lines follow the input order.
+reported in the returned summary. The file is streamed in batches, so its size is bounded by
+disk, not memory; output lines follow the input order.
 
 Histories file policy: one JSON object per line, ``{"user": "label", "history": [item ids]}``;
 blank lines are ignored. A malformed line, a missing label, a history that is not a list of
 strings or holds no known item stops the run with the file and line (or, with
 ``skip_unknown``, is skipped and reported); unknown ids beside known ones are listed in the
 line's ``unknown_items`` and counted in the summary.
+
+The caller checks ``k`` (:meth:`TopKRanker.check_k`) and, for histories, the bundle's user rule
+once, before a file is read.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO
 
 import numpy as np
 
-from cliper_prod.bundle_format import TOPK_GRAPH
-from cliper_prod.errors import BundleError, ConfigError, DataError
-from cliper_prod.io import atomic_path
+from cliper_prod.errors import DataError
 from cliper_prod.features.items import StrictJSONError, loads_strict
-from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.runtime.recommender import TopKRanker
+from cliper_prod.io import atomic_path
+from cliper_prod.runtime.ranking import TopKRanker
 
 
 @dataclass
@@ -38,6 +40,12 @@ class TopKSummary:
     users: int = 0
     skipped: list[dict] = field(default_factory=list)
     unknown_items: int = 0  # unknown ids in histories (listed in their output lines)
+
+    def refuse(self, path: Path, line: int, problem: str, skip_bad: bool) -> None:
+        """A bad line: the run stops naming it, or (``skip_bad``) it is recorded and skipped."""
+        if not skip_bad:
+            raise DataError(path, problem + "; fix the line or pass --skip-unknown", line=line)
+        self.skipped.append({"line": line, "reason": problem})
 
 
 def read_users(path: Path, index: dict[str, int], skip_bad: bool, summary: TopKSummary
@@ -64,42 +72,7 @@ def read_users(path: Path, index: dict[str, int], skip_bad: bool, summary: TopKS
                     seen.add(row)
                     yield text, row
                     continue
-            if not skip_bad:
-                raise DataError(path, problem + "; fix the line or pass --skip-unknown",
-                                line=line_no)
-            summary.skipped.append({"line": line_no, "reason": problem})
-
-
-def check_k(bundle: Bundle, k: int) -> int:
-    """``k`` if the bundle's top-K graph can rank that many items; its maximum is returned."""
-    max_k = bundle.manifest["graphs"][TOPK_GRAPH]["k"]
-    if not 1 <= k <= max_k:
-        raise ConfigError(f"-k {k}: the bundle ranks at most {max_k} items per user "
-                          f"(export with a larger --max-k)")
-    return max_k
-
-
-def to_file(write: Callable[..., TopKSummary], bundle: Bundle, in_path: Path, out_path: Path,
-            **options: object) -> TopKSummary:
-    """``write`` (:func:`recommend` or :func:`recommend_histories`) into ``out_path``, renamed
-    into place only when every line is done."""
-    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        return write(bundle, in_path, fh, **options)
-
-
-def recommend(bundle: Bundle, users_path: Path, out: IO[str], *, k: int = 20,
-              skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
-    """Write one JSON line per user: {"user_id", "items", "scores"}, training items excluded."""
-    check_k(bundle, k)
-    ranker = TopKRanker(bundle)  # the ranking code of the service and the Python API
-    summary = TopKSummary()
-    stream = read_users(users_path, ranker.user_index, skip_unknown, summary)
-    while batch := list(islice(stream, batch_size)):
-        rows = np.fromiter((row for _, row in batch), dtype=np.int64, count=len(batch))
-        for record in ranker.answer([user for user, _ in batch], ranker.rank(rows), k, set()):
-            out.write(json.dumps(record) + "\n")
-        summary.users += len(batch)
-    return summary
+            summary.refuse(path, line_no, problem, skip_bad)
 
 
 def read_histories(path: Path, ranker: TopKRanker, skip_bad: bool, summary: TopKSummary
@@ -118,10 +91,7 @@ def read_histories(path: Path, ranker: TopKRanker, skip_bad: bool, summary: TopK
                 if problem is None:
                     yield record["user"], record["history"]
                     continue
-            if not skip_bad:
-                raise DataError(path, problem + "; fix the line or pass --skip-unknown",
-                                line=line_no)
-            summary.skipped.append({"line": line_no, "reason": problem})
+            summary.refuse(path, line_no, problem, skip_bad)
 
 
 def _history_problem(record: object, ranker: TopKRanker) -> str | None:
@@ -136,21 +106,39 @@ def _history_problem(record: object, ranker: TopKRanker) -> str | None:
     return f"history of {record['user'][:60]!r}: {problem}" if problem else None
 
 
-def recommend_histories(bundle: Bundle, histories_path: Path, out: IO[str], *, k: int = 20,
-                        skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
+def rank_users(ranker: TopKRanker, users_path: Path, out: IO[str], *, k: int = 20,
+               skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
+    """Write one JSON line per user: {"user_id", "items", "scores"}, training items excluded."""
+    summary = TopKSummary()
+    stream = read_users(users_path, ranker.user_index, skip_unknown, summary)
+    while batch := list(islice(stream, batch_size)):
+        rows = np.fromiter((row for _, row in batch), dtype=np.int64, count=len(batch))
+        for record in ranker.answer([user for user, _ in batch], ranker.rank(rows), k, set()):
+            out.write(json.dumps(record) + "\n")
+        summary.users += len(batch)
+    return summary
+
+
+def rank_histories(ranker: TopKRanker, histories_path: Path, out: IO[str], *, k: int = 20,
+                   skip_unknown: bool = False, batch_size: int = 1024) -> TopKSummary:
     """One JSON line per history: the user folded in by the backbone's rule
     ({"user_id": label, "items", "scores"[, "unknown_items"]}), the history excluded."""
-    check_k(bundle, k)
-    ranker = TopKRanker(bundle)
-    problem = ranker.fold_in.user_rule_problem()
-    if problem:
-        raise BundleError(f"{bundle.folder}: {problem}")
     summary = TopKSummary()
     stream = read_histories(histories_path, ranker, skip_unknown, summary)
     while batch := list(islice(stream, batch_size)):
-        prepared, _ = ranker.prepare_histories([h for _, h in batch], k)
+        prepared = ranker.fold([h for _, h in batch])
         for record in ranker.answer_histories([user for user, _ in batch], prepared, k, set()):
             summary.unknown_items += len(record.get("unknown_items", ()))
             out.write(json.dumps(record) + "\n")
         summary.users += len(batch)
     return summary
+
+
+Write = Callable[..., TopKSummary]  # rank_users or rank_histories
+
+
+def to_file(write: Write, ranker: TopKRanker, in_path: Path, out_path: Path,
+            **options: object) -> TopKSummary:
+    """``write`` into ``out_path``, renamed into place only when every line is done."""
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        return write(ranker, in_path, fh, **options)

@@ -15,7 +15,8 @@ from typing import Any
 
 from cliper_prod.bundle_format import FUSED, PLAIN, VARIANTS, file_key, read_manifest
 from cliper_prod.errors import BundleError, RuntimeSetupError
-from cliper_prod.runtime.sessions import Graph, choose_providers
+from cliper_prod.runtime.providers import choose_providers
+from cliper_prod.runtime.sessions import Graph
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +36,26 @@ def pick_variant(record: dict[str, Any], provider: str, precision: str = "fp32",
 
 
 class Bundle:
-    def __init__(self, folder: Path, device: str = "auto", backbone: str | None = None) -> None:
+    """A bundle folder opened on one provider choice (:data:`~.providers.PROVIDERS`);
+    ``backbone``, when given, must be the one the bundle holds."""
+
+    def __init__(self, folder: Path, provider: str = "auto", backbone: str | None = None
+                 ) -> None:
         self.folder = folder
         self.manifest: dict[str, Any] = read_manifest(folder)
         if backbone is not None and self.manifest["backbone"] != backbone:
             raise BundleError(f"{folder}: holds a {self.manifest['backbone']} model, not "
                               f"{backbone}")
-        self.device = device
-        self.providers = choose_providers(device)
+        self.provider = provider
+        self.providers = choose_providers(provider)
 
     def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Graph:
         """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU."""
         graph = Graph(self.graph_file(name, precision, variant), self.providers)
         live = graph.session.get_providers()[0]
-        if self.device == "cuda" and live != "CUDAExecutionProvider":
+        if self.provider == "cuda" and live != "CUDAExecutionProvider":
             raise RuntimeSetupError(
-                f"--device cuda: ONNX Runtime runs {name} on {live}: it sees no GPU and falls "
+                f"--provider cuda: ONNX Runtime runs {name} on {live}: it sees no GPU and falls "
                 f"back without a word (under Ray a replica or actor sees a GPU only when given "
                 f"one: --gpus-per-replica, --gpus-per-actor)")
         return graph
