@@ -2,6 +2,7 @@
 
 Contents (see export/README.md for the format):
   topk.onnx / topk.pt                users [B] -> items [B, K], scores [B, K], training items out
+  topk.gpu.onnx                      the same graph's GPU form (fp16 candidates, fp32 re-score)
   user_embeddings.npy, item_embeddings.npy, user_ids.txt, item_ids.txt
   image_encoder[.fp16].onnx / .pt    pixel_values [B, 3, H, W] -> image embedding [B, D]
   text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
@@ -24,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,8 +35,8 @@ from torch import nn
 
 from cliper_prod import __version__
 from cliper_prod.backbones.base import FoldInState
-from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, FUSED, HISTORY_INDPTR,
-                                       HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
+from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, FUSED, GPU_FORM,
+                                       HISTORY_INDPTR, HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
                                        PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
                                        USER_TABLE, file_key, fold_in_file, graph_file,
                                        sha256_file)
@@ -47,7 +49,7 @@ from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json, write_npy, write_text
 from cliper_prod.histories import history_pairs, training_csr
-from cliper_prod.scoring import TopKScorer
+from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class GraphOptions:
         fused: also write the CLIP graphs as rewritten by ONNX Runtime's transformer optimizer
             (fused attention, SkipLayerNormalization, QuickGelu), each precision, with their
             CPU latency beside the plain graphs' (the runtime's choice, see export/README.md).
+        gpu_form: also write the top-K graph's GPU form (:class:`CandidateTopKScorer`), with
+            its CPU latency beside the CPU form's at one row and at the check batch.
+        candidates: items the GPU form re-scores in fp32 (None: ``max(4 * max_k, 2048)``).
     """
 
     max_k: int = 100
@@ -81,6 +86,8 @@ class GraphOptions:
     fp16: bool = True
     torchscript: bool = True
     fused: bool = True
+    gpu_form: bool = True
+    candidates: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,8 @@ def _verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: b
 
 
 def _preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
-    """Median CPU latency of each variant per precision, interleaved; the faster is preferred."""
+    """Median CPU latency of each variant per precision (or any other key: the top-K forms are
+    keyed by batch size), interleaved; the faster is preferred."""
     latency: dict[str, dict[str, float]] = {}
     for precision in runs[PLAIN]:
         variants = {variant: by_precision[precision] for variant, by_precision in runs.items()}
@@ -231,8 +239,9 @@ def _preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
 TOPK_INPUTS = ("queries", "exclude_rows", "exclude_items")
 
 
-def topk_spec(scorer: TopKScorer, check: tuple[torch.Tensor, ...] | None = None) -> GraphSpec:
-    """How a :class:`TopKScorer` is exported: traced on two queries and three exclusion pairs
+def topk_spec(scorer: TopKScorer | CandidateTopKScorer,
+              check: tuple[torch.Tensor, ...] | None = None) -> GraphSpec:
+    """How a top-K scorer (either form) is exported: traced on two queries and three exclusion pairs
     (batch and pair counts dynamic, neither 0 nor 1 so neither is specialised), the item
     table as external data, the TorchScript twin scripted so its chunk loop stays a loop;
     compared on ``check`` (default: the trace inputs)."""
@@ -258,6 +267,34 @@ def _topk_graph(users: torch.Tensor, items: torch.Tensor, train: np.ndarray, max
             "dim": int(users.shape[1]), "score": "dot", "excludes": "training items",
             "chunk_items": scorer.chunk}
     return spec, info, (indptr, history)
+
+
+def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options: GraphOptions,
+                     reference: list[np.ndarray], record: dict[str, Any]) -> None:
+    """The top-K graph's GPU form, written beside the CPU form (``cpu``, listed in ``record``)
+    and verified against the CPU form's PyTorch answer (``reference``): the same items
+    wherever the scores are not tied, so a candidate set that misses an item on the check
+    users fails the export. Timed against the CPU form on the CPU provider at one row and at
+    the check batch: ``cpu_max_batch`` is the largest batch up to which it was faster at every
+    measured size (0: never), which the runtime reads on the CPU."""
+    scorer = CandidateTopKScorer(items, options.max_k, options.candidates).eval()
+    spec = topk_spec(scorer, cpu.check)
+    path = folder / graph_file(TOPK_GRAPH, variant=GPU_FORM)
+    export_onnx(spec, path, options.opset)
+    _verified_onnx(spec, path, GPU_FORM, reference, False, _same_topk(*reference), record)
+    queries, rows, seen = cpu.check
+    alone = replace(cpu, check=(queries[:1], rows[rows == 0], seen[rows == 0]))
+    batches = {1: alone, len(queries): cpu}
+    measured = _preference({form: {str(size): _ort_run(file, batch)
+                                   for size, batch in batches.items()}
+                            for form, file in ((PLAIN, folder / graph_file(TOPK_GRAPH)),
+                                               (GPU_FORM, path))})
+    preferred = measured["preferred"][CPU]
+    record[GPU_FORM] = {"candidates": scorer.candidates, "candidates_option": options.candidates,
+                        "coarse": "fp16",
+                        "external_data": f"{path.name}.data", **measured,
+                        "cpu_max_batch": max(takewhile(lambda size: preferred[str(size)] ==
+                                                       GPU_FORM, sorted(batches)), default=0)}
 
 
 def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
@@ -388,7 +425,8 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
     the items ``item_ids`` (embeddings ``items``, placed by ``fold_in``, which holds the arrays
     with them appended) added to its catalog, exported and verified as :func:`export_bundle`
     does; ``source`` is not touched. The CLIP graphs and the tokenizer are copied with their
-    verified records."""
+    verified records. The top-K graph keeps the source's forms (the GPU form and its candidate
+    count only if the source has one)."""
     topk = manifest["graphs"][TOPK_GRAPH]
     old_ids = (source / manifest["ids"]["items"]).read_text(encoding="utf-8").splitlines()
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
@@ -400,7 +438,9 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
                                 torch.from_numpy(np.concatenate([tables["items"], items])),
                                 train, user_ids, old_ids + list(item_ids))
     options = GraphOptions(max_k=topk["k"], chunk_items=topk["chunk_items"],
-                           opset=manifest["opset"], torchscript="torchscript" in topk["files"])
+                           opset=manifest["opset"], torchscript="torchscript" in topk["files"],
+                           gpu_form=GPU_FORM in topk,
+                           candidates=topk.get(GPU_FORM, {}).get("candidates_option"))
     lineage = {"extended_from": {"created": manifest["created"],
                                  "manifest_sha256": sha256_file(source / MANIFEST)},
                "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}
@@ -455,6 +495,9 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
     graphs[spec.name] = {**_export_graph(spec, folder, options, fp16=False,
                                          extra_check=_same_topk(ref_items, ref_scores)),
                          **topk_info}
+    if options.gpu_form:
+        _export_gpu_form(spec, items, folder, options, [ref_items, ref_scores],
+                         graphs[spec.name])
     write_npy(folder / USER_TABLE, users.numpy())
     write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)
