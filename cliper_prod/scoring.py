@@ -165,7 +165,8 @@ class CandidateTopKScorer(nn.Module):
         rankable = top.gather(1, order) > float("-inf")
         # a spare zero row, as in TopKScorer: ONNX Runtime's one-row MatMul rounds differently
         pair = torch.stack([queries, torch.zeros_like(queries)], dim=1)  # [B, 2, D]
-        exact = (pair @ self.table[ids].transpose(1, 2))[:, 0]  # [B, candidates]
+        rows = self.table.index_select(0, ids.reshape(-1))  # a Gather (GatherND is slower)
+        exact = (pair @ rows.reshape(*ids.shape, self.dim).transpose(1, 2))[:, 0]
         exact = torch.where(rankable, exact, float("-inf"))
         best, at = exact.topk(self.k, dim=1)
         real = best > float("-inf")
