@@ -15,12 +15,12 @@ With --format1, ``onnx_format1`` is the format-1 graph (user table and training 
 graph, the chunk loop unrolled), rebuilt from this repository's history (``git show
 FORMAT1:cliper_prod/scoring.py``), at --chunk-items. With --runtime, ``runtime_auto`` ranks
 through a bundle written by ``export_tables`` and the runtime's per-batch choice of form
-(:class:`cliper_prod.runtime.topk_forms.TopKGraph`; the form it ran is in the row). Tables come from a bundle, or are
-random (``--items``: standard normal, 20 training items per user, --users users). With
---faiss, faiss-cpu's exact IndexFlatIP runs beside them as an outside baseline. Each row times
---repeats batches of random users after a warm-up and reports p50/p95/p99 latency and users/s;
-the items of every path are compared with the first path's on every batch (positions that
-differ must hold equal scores: near-ties). A full-matrix path whose [B, N] float32 matrices
+(:class:`cliper_prod.runtime.topk_forms.TopKGraph`; the form it ran is in the row). Tables
+come from a bundle, or are random (``--items``: standard normal, 20 training items per user,
+--users users). With --faiss, faiss-cpu's exact IndexFlatIP runs beside them as an outside
+baseline. Each row times --repeats batches of random users after a warm-up and reports
+p50/p95/p99 latency and users/s; the items of every path are compared with the first path's on
+every batch (positions that differ must hold equal scores: near-ties). A full-matrix path whose [B, N] float32 matrices
 would exceed --max-matrix-gib is skipped, and the table says so (the GPU form on the CPU
 provider holds 12 bytes per score: fp32 product, fp16 copy, excluded copy, fp32 cast for
 TopK).

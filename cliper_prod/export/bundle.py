@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
 from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,10 +37,10 @@ from torch import nn
 from cliper_prod import __version__
 from cliper_prod.backbones.base import FoldInState
 from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, FUSED, GPU_FORM,
-                                       HISTORY_INDPTR, HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
-                                       PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
-                                       USER_TABLE, file_key, fold_in_file, graph_file,
-                                       sha256_file)
+                                       HISTORY_INDPTR, HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS,
+                                       ITEM_TABLE, MANIFEST, PLAIN, TEXT_GRAPH, TOKENIZER,
+                                       TOPK_GRAPH, USER_IDS, USER_TABLE, file_key, fold_in_file,
+                                       graph_file, sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError, ConfigError
 from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
@@ -76,7 +77,7 @@ class GraphOptions:
             (fused attention, SkipLayerNormalization, QuickGelu), each precision, with their
             CPU latency beside the plain graphs' (the runtime's choice, see export/README.md).
         gpu_form: also write the top-K graph's GPU form (:class:`CandidateTopKScorer`), with
-            its CPU latency beside the CPU form's at one row and at the check batch.
+            its CPU latency beside the CPU form's at 1, 8 and 64 users.
         candidates: items the GPU form re-scores in fp32 (None: ``max(4 * max_k, 2048)``).
     """
 
@@ -274,25 +275,27 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
     """The top-K graph's GPU form, written beside the CPU form (``cpu``, listed in ``record``)
     and verified against the CPU form's PyTorch answer (``reference``): the same items
     wherever the scores are not tied, so a candidate set that misses an item on the check
-    users fails the export. Timed against the CPU form on the CPU provider at one row and at
-    the check batch: ``cpu_max_batch`` is the largest batch up to which it was faster at every
-    measured size (0: never), which the runtime reads on the CPU."""
+    users fails the export. Timed against the CPU form on the CPU provider (one session each)
+    at 1, 8 and all the check users: ``cpu_max_batch`` is the largest of those sizes up to which
+    it was faster at every size (0: never), which the runtime reads on the CPU."""
     scorer = CandidateTopKScorer(items, options.max_k, options.candidates).eval()
     spec = topk_spec(scorer, cpu.check)
     path = folder / graph_file(TOPK_GRAPH, variant=GPU_FORM)
     export_onnx(spec, path, options.opset)
     _verified_onnx(spec, path, GPU_FORM, reference, False, _same_topk(*reference), record)
     queries, rows, seen = cpu.check
-    alone = replace(cpu, check=(queries[:1], rows[rows == 0], seen[rows == 0]))
-    batches = {1: alone, len(queries): cpu}
-    measured = _preference({form: {str(size): _ort_run(file, batch)
+    batches = {size: replace(cpu, check=(queries[:size], rows[rows < size], seen[rows < size]))
+               for size in sorted({1, min(8, len(queries)), len(queries)})}
+    import onnxruntime as ort
+
+    sessions = {form: ort.InferenceSession(str(file), providers=[CPU])
+                for form, file in ((PLAIN, folder / graph_file(TOPK_GRAPH)), (GPU_FORM, path))}
+    measured = _preference({form: {str(size): partial(session.run, None, feeds(batch))
                                    for size, batch in batches.items()}
-                            for form, file in ((PLAIN, folder / graph_file(TOPK_GRAPH)),
-                                               (GPU_FORM, path))})
+                            for form, session in sessions.items()})
     preferred = measured["preferred"][CPU]
     record[GPU_FORM] = {"candidates": scorer.candidates, "candidates_option": options.candidates,
-                        "coarse": "fp16",
-                        "external_data": f"{path.name}.data", **measured,
+                        "coarse": "fp16", "external_data": f"{path.name}.data", **measured,
                         "cpu_max_batch": max(takewhile(lambda size: preferred[str(size)] ==
                                                        GPU_FORM, sorted(batches)), default=0)}
 

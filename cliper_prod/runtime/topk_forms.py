@@ -22,7 +22,6 @@ import numpy as np
 from cliper_prod.bundle_format import GPU_FORM, PLAIN, TOPK_GRAPH, file_key
 from cliper_prod.errors import BundleError
 from cliper_prod.runtime.bundle import Bundle
-from cliper_prod.runtime.sessions import Graph
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +42,11 @@ def pick_topk_form(record: dict[str, Any], provider: str, batch: int) -> str:
 
 
 class TopKGraph:
-    """The bundle's top-K graph, called as one :class:`Graph` (same inputs and outputs); each
-    batch runs the form :func:`pick_topk_form` picks, or ``form`` for every batch when one is
-    asked for (benchmarks, tests). The forms that can be picked are loaded up front, so no
-    request pays for a session."""
+    """The bundle's top-K graph, called as one
+    :class:`~cliper_prod.runtime.sessions.Graph` (same inputs and outputs); each batch runs the
+    form :func:`pick_topk_form` picks, or ``form`` for every batch when one is asked for
+    (benchmarks, tests). The forms that can be picked are loaded up front, so no request pays
+    for a session."""
 
     def __init__(self, bundle: Bundle, form: str = "auto") -> None:
         if form not in ("auto", PLAIN, GPU_FORM):
