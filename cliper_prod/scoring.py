@@ -125,17 +125,18 @@ class CandidateTopKScorer(nn.Module):
     The whole catalog is scored in one MatMul against an fp16 copy of the table (rows scaled to
     a largest norm of :data:`COARSE_NORM`, queries to unit norm: a positive factor per row, so
     the order is unchanged and fp16 cannot overflow); excluded pairs score ``-inf`` there. Its
-    top ``candidates`` items are re-scored exactly in fp32, in item order, by the same
-    arithmetic as :class:`TopKScorer` (a two-row MatMul: query and a spare zero row), and the
-    top K of those is the answer, ties to the lower item as in the CPU form. A candidate that
-    was excluded (``-inf`` in fp16) stays ``-inf``.
+    top ``candidates`` items are re-scored exactly in fp32, in item order, by a MatMul of two
+    rows (the query and a spare zero row) as in :class:`TopKScorer`, which on ONNX Runtime's
+    CPU provider gives the CPU form's very floats (tested), and the top K of those is the
+    answer, ties to the lower item as in the CPU form. A candidate that was excluded (``-inf``
+    in fp16) stays ``-inf``.
 
     Exactness: the answer equals the exact top K whenever every item of the exact top K is among
     the fp16 top ``candidates``. That can fail in principle: fp16 keeps 11 significant bits, so
     an item of the top K can be missed when more than ``candidates - K`` other items score
     within about 2^-10 of the query-item norm product of it in fp16 (a catalog of near-duplicates
-    around the K-th score), or when item norms span more than about 2^20 (small items' fp16
-    scores fall to subnormals). ``candidates`` is an export option (``--candidates``); the
+    around the K-th score), or when top scores fall below fp16's normal range (2^-14 after the
+    scaling: items some 2^28 times shorter than the longest), where fp16 keeps fewer bits. ``candidates`` is an export option (``--candidates``); the
     benchmarks and tests measure recall against the exact answer.
 
     Memory is [B, N] fp16 for the coarse scores: the runtime runs it for batches whose matrix
