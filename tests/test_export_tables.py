@@ -68,13 +68,18 @@ def test_the_gpu_form_is_written_verified_timed_and_ranks_as_naive_numpy(tmp_pat
     assert set(gpu["latency_ms"]["CPUExecutionProvider"]) == {"1", "8", "30"}
     assert gpu["cpu_max_batch"] in (0, 1, 8, 30) and topk["parity"]["onnx_gpu_fp32"]
     expected, scores = _naive(tables, 15)
+    kept = _naive(replace(tables, train=np.concatenate(  # `exclude`: i3 and i7 for everybody
+        [tables.train, [(u, i) for u in range(30) for i in (3, 7)]])), 5)[0]
     bundle = Bundle(tmp_path / "b", "cpu")
     for form in (PLAIN, GPU_FORM):
         ranker = TopKRanker(bundle)
         ranker.graph = TopKGraph(bundle, form)
-        got = ranker.answer(tables.user_ids, ranker.rank(np.arange(30)), 15, set())
+        top = ranker.rank(np.arange(30))
+        got = ranker.answer(tables.user_ids, top, 15, set())
         assert [r["items"] for r in got] == expected
         np.testing.assert_allclose([r["scores"] for r in got], scores, rtol=1e-5, atol=1e-6)
+        excluded = ranker.exclusions(["i3", "i7"], 5)
+        assert [r["items"] for r in ranker.answer(tables.user_ids, top, 5, excluded)] == kept
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
