@@ -136,8 +136,9 @@ class CandidateTopKScorer(nn.Module):
     an item of the top K can be missed when more than ``candidates - K`` other items score
     within about 2^-10 of the query-item norm product of it in fp16 (a catalog of near-duplicates
     around the K-th score), or when top scores fall below fp16's normal range (2^-14 after the
-    scaling: items some 2^28 times shorter than the longest), where fp16 keeps fewer bits. ``candidates`` is an export option (``--candidates``); the
-    benchmarks and tests measure recall against the exact answer.
+    scaling: items some 2^28 times shorter than the longest), where fp16 keeps fewer bits.
+    ``candidates`` is an export option (``--candidates``); the benchmarks and tests measure
+    recall against the exact answer.
 
     Memory is [B, N] fp16 for the coarse scores: the runtime runs it for batches whose matrix
     fits (see :mod:`cliper_prod.runtime.topk_forms`).
@@ -166,7 +167,7 @@ class CandidateTopKScorer(nn.Module):
         rankable = top.gather(1, order) > float("-inf")
         # a spare zero row, as in TopKScorer: ONNX Runtime's one-row MatMul rounds differently
         pair = torch.stack([queries, torch.zeros_like(queries)], dim=1)  # [B, 2, D]
-        rows = self.table.index_select(0, ids.reshape(-1))  # a Gather (GatherND is slower)
+        rows = self.table.index_select(0, ids.reshape(-1))  # a Gather: one row per candidate
         exact = (pair @ rows.reshape(*ids.shape, self.dim).transpose(1, 2))[:, 0]
         exact = torch.where(rankable, exact, float("-inf"))
         best, at = exact.topk(self.k, dim=1)

@@ -242,10 +242,10 @@ TOPK_INPUTS = ("queries", "exclude_rows", "exclude_items")
 
 def topk_spec(scorer: TopKScorer | CandidateTopKScorer,
               check: tuple[torch.Tensor, ...] | None = None) -> GraphSpec:
-    """How a top-K scorer (either form) is exported: traced on two queries and three exclusion pairs
-    (batch and pair counts dynamic, neither 0 nor 1 so neither is specialised), the item
-    table as external data, the TorchScript twin scripted so its chunk loop stays a loop;
-    compared on ``check`` (default: the trace inputs)."""
+    """How a top-K scorer (either form) is exported: traced on two queries and three
+    exclusion pairs (batch and pair counts dynamic, neither 0 nor 1 so neither is
+    specialised), the item table as external data, the TorchScript twin scripted so its chunk
+    loop stays a loop; compared on ``check`` (default: the trace inputs)."""
     sample = (torch.zeros(2, scorer.dim), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
     return GraphSpec(TOPK_GRAPH, scorer, sample, check or sample, TOPK_INPUTS,
                      ["items", "scores"], dims=["batch", "pairs", "pairs"],
@@ -278,6 +278,8 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
     users fails the export. Timed against the CPU form on the CPU provider (one session each)
     at 1, 8 and all the check users: ``cpu_max_batch`` is the largest of those sizes up to which
     it was faster at every size (0: never), which the runtime reads on the CPU."""
+    import onnxruntime as ort
+
     scorer = CandidateTopKScorer(items, options.max_k, options.candidates).eval()
     spec = topk_spec(scorer, cpu.check)
     path = folder / graph_file(TOPK_GRAPH, variant=GPU_FORM)
@@ -286,8 +288,6 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
     queries, rows, seen = cpu.check
     batches = {size: replace(cpu, check=(queries[:size], rows[rows < size], seen[rows < size]))
                for size in sorted({1, min(8, len(queries)), len(queries)})}
-    import onnxruntime as ort
-
     sessions = {form: ort.InferenceSession(str(file), providers=[CPU])
                 for form, file in ((PLAIN, folder / graph_file(TOPK_GRAPH)), (GPU_FORM, path))}
     measured = _preference({form: {str(size): partial(session.run, None, feeds(batch))

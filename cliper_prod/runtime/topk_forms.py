@@ -7,9 +7,9 @@ scores (the [rows, items] fp16 matrix and its excluded copy). On the CPU the GPU
 batch of at most the manifest's ``cpu_max_batch`` rows (the largest batch at which the export
 measured it faster, at every measured size up to it), the CPU form the rest. A bundle without a
 GPU form (written before it, or with ``--no-gpu-form``) runs the CPU form everywhere. Both forms
-take and return the same arrays and score an item by the same fp32 product, so which one ran
-does not show in a user's answer (unless the GPU form's candidates missed an item: see
-:class:`~cliper_prod.scoring.CandidateTopKScorer`).
+take and return the same arrays, and on the CPU, where both may run, they give a user the very
+same floats (tested), so which one ran does not show in the answer (unless the GPU form's
+candidates missed an item: see :class:`~cliper_prod.scoring.CandidateTopKScorer`).
 """
 
 from __future__ import annotations
