@@ -9,21 +9,23 @@ and keeps the K best (:class:`cliper_prod.scoring.TopKScorer`): ``full`` materia
 [B, N] score matrix (chunk = N), ``chunked`` scores --chunk-items at a time with a running
 top-K; each in PyTorch eager (unless --no-pytorch) and as the exported ONNX graph
 (``onnx_chunked`` is the bundle's CPU form). ``onnx_gpu_form`` is the bundle's GPU form
-(:class:`cliper_prod.scoring.CandidateTopKScorer`: fp16 candidates, --candidates of them,
-re-scored in fp32) on the same provider; its recall@K against the first path is reported.
-With --format1, ``onnx_format1`` is the format-1 graph (user table and training CSR inside the
-graph, the chunk loop unrolled), rebuilt from this repository's history (``git show
-FORMAT1:cliper_prod/scoring.py``), at --chunk-items. With --runtime, ``runtime_auto`` ranks
-through a bundle written by ``export_tables`` and the runtime's per-batch choice of form
-(:class:`cliper_prod.runtime.topk_forms.TopKGraph`; the form it ran is in the row). Tables
-come from a bundle, or are random (``--items``: standard normal, 20 training items per user,
---users users). With --faiss, faiss-cpu's exact IndexFlatIP runs beside them as an outside
-baseline. Each row times --repeats batches of random users after a warm-up and reports
+(:class:`cliper_prod.scoring.CandidateTopKScorer`: fp16 candidates, --candidates of them
+chosen in --candidate-blocks blocks, re-scored in fp32) on the same provider; its recall@K
+against the first path is reported. With --format1, ``onnx_format1`` is the format-1 graph
+(user table and training CSR inside the graph, the chunk loop unrolled), rebuilt from this
+repository's history (``git show FORMAT1:cliper_prod/scoring.py``), at --chunk-items. With
+--runtime, ``runtime_auto`` ranks through a bundle written by ``export_tables`` and the
+runtime's per-batch choice of form (:class:`cliper_prod.runtime.topk_forms.TopKGraph`; the
+form it ran is in the row).
+
+Tables come from a bundle, or are random (``--items``: standard normal, 20 training items per
+user, --users users). With --faiss, faiss-cpu's exact IndexFlatIP runs beside them as an
+outside baseline. Each row times --repeats batches of random users after a warm-up and reports
 p50/p95/p99 latency and users/s; the items of every path are compared with the first path's on
-every batch (positions that differ must hold equal scores: near-ties). A full-matrix path whose [B, N] float32 matrices
-would exceed --max-matrix-gib is skipped, and the table says so (the GPU form on the CPU
-provider holds 12 bytes per score: fp32 product, fp16 copy, excluded copy, fp32 cast for
-TopK).
+every batch (positions that differ must hold equal scores: near-ties). A full-matrix path
+whose matrices would exceed --max-matrix-gib is skipped, and the table says so (12 bytes per
+score: the full graph's scores, padded copy and scatter in fp32; the GPU form on the CPU
+provider's fp32 product, fp16 copy, excluded copy and fp32 cast for TopK).
 """
 
 from __future__ import annotations
@@ -150,7 +152,8 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                     paths[f"pytorch_{name}"] = scorer
                 paths[f"onnx_{name}"] = Graph(Path(tmp) / f"{name}{k}.onnx", providers)
             candidates = args.candidates or default_candidates(k)
-            export_onnx(topk_spec(CandidateTopKScorer(items, k, candidates).eval()),
+            export_onnx(topk_spec(CandidateTopKScorer(items, k, candidates,
+                                                      args.candidate_blocks).eval()),
                         Path(tmp) / f"gpu{k}.onnx")
             paths["onnx_gpu_form"] = Graph(Path(tmp) / f"gpu{k}.onnx", providers)
             if args.format1:
@@ -162,7 +165,8 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                 export_tables(EmbeddingTables(users, items, train), Path(tmp) / f"bundle{k}",
                               options=GraphOptions(max_k=k, chunk_items=args.chunk_items,
                                                    torchscript=False, fp16=False,
-                                                   candidates=args.candidates))
+                                                   candidates=args.candidates,
+                                                   candidate_blocks=args.candidate_blocks))
                 paths["runtime_auto"] = TopKGraph(Bundle(Path(tmp) / f"bundle{k}", "cpu"))
             if args.faiss:
                 paths["faiss_flat_ip"] = FaissFlat(users, items, indptr, indices, k)
@@ -251,6 +255,8 @@ def main() -> None:
     parser.add_argument("--max-matrix-gib", type=float, default=4.0)
     parser.add_argument("--candidates", type=int,
                         help="the GPU form's candidates [default: max(4 K, 2048)]")
+    parser.add_argument("--candidate-blocks", type=int, default=1,
+                        help="blocks the GPU form picks its candidates in (two levels if > 1)")
     parser.add_argument("--no-pytorch", action="store_true", help="ONNX paths only")
     parser.add_argument("--format1", action="store_true",
                         help=f"add the format-1 graph, rebuilt from git ({FORMAT1})")

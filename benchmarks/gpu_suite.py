@@ -13,7 +13,8 @@
     the towers alone;
 (d) top-K over 1M and 10M x 64 items, K=50, batches of 1, 64 and 1,024 users, every path with
     its inputs already on the device: the bundle's CPU form (one Scan over chunks) and GPU form
-    (fp16 candidates re-scored in fp32, in runs of rows as the runtime makes them) on ONNX
+    (fp16 candidates re-scored in fp32, in runs of rows as the runtime makes them; chosen in
+    one level, and in two over 16 blocks as ``--candidate-blocks 16`` exports it) on ONNX
     Runtime with IO binding (OrtValues on the device, outputs left there), torch.topk over the
     full score matrix in fp32 and fp16, and faiss ``IndexFlatIP`` (faiss-gpu's on a GPU) where
     it imports; p50/p99 ms, the GPU form's recall@K against the CPU form, and each path skipped
@@ -79,6 +80,7 @@ class Sizes:
     topk_items: tuple[int, ...] = (1_000_000, 10_000_000)
     topk_dim: int = 64
     topk_batches: tuple[int, ...] = (1, 64, 1024)
+    topk_blocks: tuple[int, ...] = (1, 16)  # the GPU form's candidate blocks; 1 comes first
     topk_k: int = 50
     train_epochs: int = 2
     repeats: int = 10
@@ -86,7 +88,8 @@ class Sizes:
 
 
 SMOKE = Sizes(tower_batches=(2,), compile_batches=(2,), embed_items=8, embed_batch=4,
-              topk_items=(2000, 5000), topk_dim=16, topk_batches=(1, 4, 32), topk_k=10,
+              topk_items=(2000, 5000), topk_dim=16, topk_batches=(1, 4, 32),
+              topk_blocks=(1, 2), topk_k=10,
               train_epochs=1, repeats=2,
               compile_backend="eager")
 
@@ -225,6 +228,11 @@ TOPK_PATHS = ("ort_cpu_form", "ort_gpu_form", "torch_topk_fp32", "torch_topk_fp1
               "faiss_flat_ip")
 
 
+def gpu_form(blocks: int) -> str:
+    """The path name of the GPU form choosing its candidates in ``blocks`` blocks."""
+    return "ort_gpu_form" if blocks == 1 else f"ort_gpu_form_{blocks}_blocks"
+
+
 def free_bytes(device: str) -> int:
     """Memory a path may take: free GPU memory, or the host's MemAvailable."""
     if device == "cuda":
@@ -290,8 +298,9 @@ def _topk_catalog(workdir: Path, n_items: int, sizes: Sizes, providers: list[str
     items = torch.randn(n_items, d, generator=gen)
     pairs = np.stack([np.arange(n_users), np.arange(n_users) % n_items], 1)
     csr = training_csr(pairs, n_users)
-    forms = {"ort_cpu_form": TopKScorer(items, k, 1 << 16), "ort_gpu_form":
-             CandidateTopKScorer(items, k)}
+    forms = {"ort_cpu_form": TopKScorer(items, k, 1 << 16)} | {
+        gpu_form(blocks): CandidateTopKScorer(items, k, blocks=blocks)
+        for blocks in sizes.topk_blocks}
     graphs = {}
     for name, scorer in forms.items():
         export_onnx(topk_spec(scorer.eval()), workdir / f"{name}_{n_items}.onnx")
@@ -310,16 +319,17 @@ def _topk_catalog(workdir: Path, n_items: int, sizes: Sizes, providers: list[str
         pieces = [dict(zip(TOPK_INPUTS, (users.numpy()[query[s:s + rows_per_run]],
                                          *history_pairs(*csr, query[s:s + rows_per_run]))))
                   for s in range(0, batch, rows_per_run)]
-        need = {"ort_cpu_form": 4 * n_items * d + 12 * batch * (1 << 16),
-                "ort_gpu_form": 6 * n_items * d + (4 if device == "cuda" else 12) *
-                min(batch, rows_per_run) * n_items,
+        need = {"ort_cpu_form": 4 * n_items * d + 12 * batch * (1 << 16)} | {
+            gpu_form(blocks): 6 * n_items * d + (4 if device == "cuda" else 12) *
+            min(batch, rows_per_run) * n_items for blocks in sizes.topk_blocks} | {
                 "torch_topk_fp32": 8 * batch * n_items, "torch_topk_fp16": 4 * batch * n_items,
                 "faiss_flat_ip": 4 * n_items * d}
         row: dict = {"items": n_items, "batch": batch, "rows_per_gpu_form_run": rows_per_run,
                      "skipped": {name: "memory" for name, bytes_ in need.items()
                                  if bytes_ > free_bytes(device)}}
         paths: dict[str, Callable[[], object]] = {}
-        for name, runs in (("ort_cpu_form", [feeds]), ("ort_gpu_form", pieces)):
+        for name in graphs:
+            runs = [feeds] if name == "ort_cpu_form" else pieces
             if name not in row["skipped"]:
                 paths[name] = _ort_bound(graphs[name], runs)
         for name, dtype in (("torch_topk_fp32", torch.float32),
@@ -397,7 +407,7 @@ def table(result: dict) -> str:
                      f"items/s, {e['ratio_to_towers_alone']:.0%} of the towers alone |")
     for row in result.get("topk", {"rows": []})["rows"]:
         where = f"(d) top-K, {row['items']:,} items, batch {row.get('batch', '-')}"
-        for name in TOPK_PATHS:
+        for name in (*TOPK_PATHS, *(gpu_form(b) for b in result["sizes"]["topk_blocks"][1:])):
             if name in row:
                 lines.append(f"| {where} | {name} | p50 {row[name]['p50_ms']:.2f} ms, p99 "
                              f"{row[name]['p99_ms']:.2f} ms |")

@@ -140,11 +140,19 @@ class CandidateTopKScorer(nn.Module):
     ``candidates`` is an export option (``--candidates``); the benchmarks and tests measure
     recall against the exact answer.
 
+    With ``blocks`` > 1 the candidates are chosen in two levels: the row is cut into ``blocks``
+    equal blocks (padded with ``-inf``), each keeps its own top ``candidates``, and the top
+    ``candidates`` of those survivors are kept: the same set, ties included (every one of the
+    row's top ``candidates`` is among its block's), but a selection kernel that gives each row
+    to one thread block (ONNX Runtime's CUDA TopK) gets ``blocks`` times the parallel work, which
+    matters for small batches. On the CPU it only adds work.
+
     Memory is [B, N] fp16 for the coarse scores: the runtime runs it for batches whose matrix
     fits (see :mod:`cliper_prod.runtime.topk_forms`).
     """
 
-    def __init__(self, item_emb: Tensor, k: int, candidates: int | None = None) -> None:
+    def __init__(self, item_emb: Tensor, k: int, candidates: int | None = None,
+                 blocks: int = 1) -> None:
         super().__init__()
         n_items, dim = item_emb.shape
         items = item_emb.detach().float()
@@ -152,6 +160,10 @@ class CandidateTopKScorer(nn.Module):
         self.dim = int(dim)
         wanted = default_candidates(self.k) if candidates is None else int(candidates)
         self.candidates = min(max(wanted, self.k), n_items)
+        self.blocks = max(1, min(int(blocks), n_items // self.candidates))
+        self.block = -(-n_items // self.blocks)
+        self.per_block = min(self.candidates, self.block)
+        self.n_items = n_items
         scale = COARSE_NORM / items.norm(dim=1).max().clamp_min(1e-30)
         self.register_buffer("coarse", (items * scale).T.contiguous().half())  # [D, N]
         self.register_buffer("table", items.contiguous())  # [N, D]
@@ -162,14 +174,27 @@ class CandidateTopKScorer(nn.Module):
         coarse = unit.half() @ self.coarse  # [B, N]
         coarse = coarse.index_put((exclude_rows, exclude_items),
                                   coarse.new_full((), float("-inf")))
-        top, ids = coarse.topk(self.candidates, dim=1)
+        top, ids = self._candidates(coarse)
         ids, order = ids.topk(self.candidates, dim=1, largest=False)  # item order: fp32 ties
         rankable = top.gather(1, order) > float("-inf")
         # a spare zero row, as in TopKScorer: ONNX Runtime's one-row MatMul rounds differently
         pair = torch.stack([queries, torch.zeros_like(queries)], dim=1)  # [B, 2, D]
-        rows = self.table.index_select(0, ids.reshape(-1))  # a Gather: one row per candidate
+        rows = self.table.index_select(0, ids.reshape(-1).clamp(max=self.n_items - 1))
         exact = (pair @ rows.reshape(*ids.shape, self.dim).transpose(1, 2))[:, 0]
         exact = torch.where(rankable, exact, float("-inf"))
         best, at = exact.topk(self.k, dim=1)
         real = best > float("-inf")
         return torch.where(real, ids.gather(1, at), -1), best
+
+    def _candidates(self, coarse: Tensor) -> tuple[Tensor, Tensor]:
+        """The top ``candidates`` of each row of ``coarse`` [B, N] and their items, in one
+        level or in two (see the class docstring; padding items score ``-inf``)."""
+        if self.blocks == 1:
+            return coarse.topk(self.candidates, dim=1)
+        batch = coarse.shape[0]
+        padded = torch.nn.functional.pad(coarse, (0, self.blocks * self.block - self.n_items),
+                                         value=float("-inf"))
+        top, local = padded.reshape(batch, self.blocks, self.block).topk(self.per_block, dim=2)
+        firsts = torch.arange(self.blocks, device=coarse.device).unsqueeze(1) * self.block
+        top, keep = top.reshape(batch, -1).topk(self.candidates, dim=1)
+        return top, (local + firsts).reshape(batch, -1).gather(1, keep)

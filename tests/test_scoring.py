@@ -140,7 +140,7 @@ def test_a_heavy_user_is_excluded_exactly_and_costs_only_their_own_batch_rows() 
     assert (got[1] >= 0).sum() == n_items - heavy  # 500 unseen, then padding
 
 
-def _near_ties(n_users: int = 24, groups: int = 30, copies: int = 12, spare: int = 240,
+def _near_ties(n_users: int = 24, groups: int = 30, copies: int = 12, spare: int = 241,
                dim: int = 8, seed: int = 1):
     """Users and items where fp16 cannot order what fp32 can: groups of ``copies`` items
     scaled by 1 + m * 1e-4 (under half an fp16 ulp apart, thousands of fp32 ulps), each group's
@@ -165,16 +165,21 @@ def test_the_gpu_form_ranks_as_naive_numpy_through_fp16_near_ties(tmp_path: Path
     query = np.arange(len(users))
     ref_items, ref_top = _naive(users, items, pairs, k)
     forms = {}
-    for name, scorer in (("cpu", TopKScorer(torch.from_numpy(items), k, chunk_items=64)),
-                         ("gpu", CandidateTopKScorer(torch.from_numpy(items), k, 3 * k + 40))):
+    table = torch.from_numpy(items)
+    for name, scorer in (("cpu", TopKScorer(table, k, chunk_items=64)),
+                         ("gpu", CandidateTopKScorer(table, k, 3 * k + 40)),
+                         ("blocks", CandidateTopKScorer(table, k, 3 * k + 40, blocks=7))):
         export_onnx(topk_spec(scorer.eval()), tmp_path / f"{name}.onnx")
         forms[name] = Graph(tmp_path / f"{name}.onnx", ["CPUExecutionProvider"])
     feeds = dict(zip(TOPK_INPUTS, (t.numpy() for t in _inputs(users, pairs, query))))
     got_items, got_top = forms["gpu"](**feeds)
     np.testing.assert_array_equal(got_items, ref_items)
     np.testing.assert_allclose(got_top, ref_top, rtol=1e-5, atol=1e-5)
-    assert (got_items[0] == -1).sum() == max(0, k - 5)  # user 0 has 5 unseen items
+    unseen = len(items) - len(np.unique(pairs[pairs[:, 0] == 0, 1]))  # user 0: at most 5
+    assert (got_items[0] == -1).sum() == max(0, k - unseen)
     np.testing.assert_array_equal(got_top, forms["cpu"](**feeds)[1])
+    for a, b in zip(forms["blocks"](**feeds), (got_items, got_top)):  # two levels: same answer
+        np.testing.assert_array_equal(a, b)
     for row in (0, 7, 23):
         alone = forms["gpu"](**dict(zip(TOPK_INPUTS, (t.numpy() for t in _inputs(
             users, pairs, np.array([row]))))))
@@ -200,3 +205,6 @@ def test_the_gpu_form_candidates_are_at_least_k_and_at_most_the_catalog() -> Non
     assert CandidateTopKScorer(items, 10).candidates == 300  # max(4k, 2048), at most the catalog
     assert CandidateTopKScorer(items, 50, candidates=20).candidates == 50  # at least k
     assert default_candidates(100) == 2048 and default_candidates(1000) == 4000
+    two_level = CandidateTopKScorer(torch.randn(601, 8), 1, 43, blocks=7)
+    assert (two_level.blocks, two_level.block, two_level.per_block) == (7, 86, 43)
+    assert CandidateTopKScorer(torch.randn(601, 8), 20, 100, blocks=7).blocks == 6  # >= C each

@@ -30,6 +30,9 @@ from cliper_prod.commands.common import backbone_option
 @click.option("--candidates", type=click.IntRange(min=1),
               help="Items the top-K graph's GPU form re-scores in fp32 after its fp16 pass "
                    "[default: max(4 x max-k, 2048)]; more is safer against fp16 near-ties.")
+@click.option("--candidate-blocks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Blocks the GPU form picks candidates in: 1 is one TopK per user, more is "
+                   "a two-level TopK with more parallel work for a GPU (slower on a CPU).")
 @click.option("--no-gpu-form", is_flag=True,
               help="Skip the top-K graph's GPU form (topk.gpu.onnx).")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
@@ -39,7 +42,8 @@ from cliper_prod.commands.common import backbone_option
               help="Skip the ONNX Runtime-optimized (fused attention) CLIP graphs.")
 def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
-            candidates: int | None, no_gpu_form: bool, opset: int, no_fp16: bool,
+            candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
+            no_fp16: bool,
             no_torchscript: bool, no_fused: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
@@ -53,7 +57,8 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     out_dir = out_dir or Path("export") / backbone
     options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,
                            torchscript=not no_torchscript, fused=not no_fused,
-                           gpu_form=not no_gpu_form, candidates=candidates)
+                           gpu_form=not no_gpu_form, candidates=candidates,
+                           candidate_blocks=candidate_blocks)
     manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip=clip_source,
                              random_init=random_init, data_dir=data_dir, options=options)
     for name, graph in manifest["graphs"].items():

@@ -79,6 +79,8 @@ class GraphOptions:
         gpu_form: also write the top-K graph's GPU form (:class:`CandidateTopKScorer`), with
             its CPU latency beside the CPU form's at 1, 8 and 64 users.
         candidates: items the GPU form re-scores in fp32 (None: ``max(4 * max_k, 2048)``).
+        candidate_blocks: blocks the GPU form chooses its candidates in (1: one level; more:
+            two levels, more parallel work for a GPU's per-row TopK, more work on the CPU).
     """
 
     max_k: int = 100
@@ -89,6 +91,7 @@ class GraphOptions:
     fused: bool = True
     gpu_form: bool = True
     candidates: int | None = None
+    candidate_blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,8 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
     it was faster at every size (0: never), which the runtime reads on the CPU."""
     import onnxruntime as ort
 
-    scorer = CandidateTopKScorer(items, options.max_k, options.candidates).eval()
+    scorer = CandidateTopKScorer(items, options.max_k, options.candidates,
+                                 options.candidate_blocks).eval()
     spec = topk_spec(scorer, cpu.check)
     path = folder / graph_file(TOPK_GRAPH, variant=GPU_FORM)
     export_onnx(spec, path, options.opset)
@@ -295,6 +299,7 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
                             for form, session in sessions.items()})
     preferred = measured["preferred"][CPU]
     record[GPU_FORM] = {"candidates": scorer.candidates, "candidates_option": options.candidates,
+                        "blocks": scorer.blocks, "blocks_option": options.candidate_blocks,
                         "coarse": "fp16", "external_data": f"{path.name}.data", **measured,
                         "cpu_max_batch": max(takewhile(lambda size: preferred[str(size)] ==
                                                        GPU_FORM, sorted(batches)), default=0)}
@@ -443,7 +448,8 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
     options = GraphOptions(max_k=topk["k"], chunk_items=topk["chunk_items"],
                            opset=manifest["opset"], torchscript="torchscript" in topk["files"],
                            gpu_form=GPU_FORM in topk,
-                           candidates=topk.get(GPU_FORM, {}).get("candidates_option"))
+                           candidates=topk.get(GPU_FORM, {}).get("candidates_option"),
+                           candidate_blocks=topk.get(GPU_FORM, {}).get("blocks_option", 1))
     lineage = {"extended_from": {"created": manifest["created"],
                                  "manifest_sha256": sha256_file(source / MANIFEST)},
                "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}
