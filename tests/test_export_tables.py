@@ -63,8 +63,8 @@ def test_the_gpu_form_is_written_verified_timed_and_ranks_as_naive_numpy(tmp_pat
     assert topk["files"] == {"fp32": "topk.onnx", "gpu.fp32": "topk.gpu.onnx"}
     assert {"topk.gpu.onnx", "topk.gpu.onnx.data"} <= set(manifest["files"])  # hashed
     gpu = topk[GPU_FORM]
-    assert (gpu["candidates"], gpu["candidates_option"], gpu["external_data"]) == (
-        40, 40, "topk.gpu.onnx.data")
+    assert (gpu["candidates"], gpu["candidates_option"], gpu["blocks"], gpu["external_data"]) == (
+        40, 40, 1, "topk.gpu.onnx.data")
     assert set(gpu["latency_ms"]["CPUExecutionProvider"]) == {"1", "8", "30"}
     assert gpu["cpu_max_batch"] in (0, 1, 8, 30) and topk["parity"]["onnx_gpu_fp32"]
     expected, scores = _naive(tables, 15)
