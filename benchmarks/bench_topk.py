@@ -2,25 +2,41 @@
 
     python benchmarks/bench_topk.py --bundle runs/export/freedom [--batches 1 64 1024] [--ks 20 50]
     python benchmarks/bench_topk.py --items 10000 100000 1000000 --dim 64
+    python benchmarks/bench_topk.py --items 1000000 --ks 50 --no-pytorch --format1 --runtime
 
 Every path scores a batch of users against every item, excludes each user's training items
 and keeps the K best (:class:`cliper_prod.scoring.TopKScorer`): ``full`` materialises the
 [B, N] score matrix (chunk = N), ``chunked`` scores --chunk-items at a time with a running
-top-K; each in PyTorch eager and as the exported ONNX graph. Tables come from a bundle, or are
-random (``--items``: standard normal, 20 training items per user, --users users). With
---faiss, faiss-cpu's exact IndexFlatIP runs beside them as an outside baseline. Each row times
---repeats batches of random users after a warm-up and reports p50/p95/p99 latency and users/s;
-the items of every path are compared with the first path's on every batch (positions that
-differ must hold equal scores: near-ties). A full-matrix path whose [B, N] float32 matrices
-would exceed --max-matrix-gib is skipped, and the table says so.
+top-K; each in PyTorch eager (unless --no-pytorch) and as the exported ONNX graph
+(``onnx_chunked`` is the bundle's CPU form). ``onnx_gpu_form`` is the bundle's GPU form
+(:class:`cliper_prod.scoring.CandidateTopKScorer`: fp16 candidates, --candidates of them
+chosen in --candidate-blocks blocks, re-scored in fp32) on the same provider; its recall@K
+against the first path is reported. With --format1, ``onnx_format1`` is the format-1 graph
+(user table and training CSR inside the graph, the chunk loop unrolled), rebuilt from this
+repository's history (``git show FORMAT1:cliper_prod/scoring.py``), at --chunk-items. With
+--runtime, ``runtime_auto`` ranks through a bundle written by ``export_tables`` and the
+runtime's per-batch choice of form (:class:`cliper_prod.runtime.topk_forms.TopKGraph`; the
+form it ran is in the row).
+
+Tables come from a bundle, or are random (``--items``: standard normal, 20 training items per
+user, --users users). With --faiss, faiss-cpu's exact IndexFlatIP runs beside them as an
+outside baseline. Each row times --repeats batches of random users after a warm-up and reports
+p50/p95/p99 latency and users/s; the items of every path are compared with the first path's on
+every batch (positions that differ must hold equal scores: near-ties). A full-matrix path
+whose matrices would exceed --max-matrix-gib is skipped, and the table says so (12 bytes per
+score: the full graph's scores, padded copy and scatter in fp32; the GPU form on the CPU
+provider's fp32 product, fp16 copy, excluded copy and fp32 cast for TopK).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +46,21 @@ import torch
 from _report import report
 
 from cliper_prod import __version__
-from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
-from cliper_prod.export.graphs import export_onnx
+from cliper_prod.export.bundle_writer import (TOPK_INPUTS, EmbeddingTables, GraphOptions,
+                                              export_tables, topk_spec)
+from cliper_prod.export.graphs import GraphSpec, export_onnx
+from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.providers import choose_providers
 from cliper_prod.runtime.sessions import Graph
+from cliper_prod.runtime.topk_forms import TopKGraph
 from cliper_prod.histories import history_pairs, training_csr
-from cliper_prod.scoring import TopKScorer
+from cliper_prod.scoring import CandidateTopKScorer, TopKScorer, default_candidates
+
+#: The last commit whose top-K graph was format 1 (format 2 came with f7ed81e).
+FORMAT1 = "f7ed81e^"
+#: Bytes per score a full-matrix path holds at once: scores, padded copy, scatter (fp32); the
+#: GPU form on the CPU provider: fp32 product, fp16 copy, excluded copy, fp32 cast for TopK.
+MATRIX_BYTES = {"full": 12, "gpu_form": 12}
 
 
 def percentiles(times: list[float], batch: int) -> dict[str, float]:
@@ -68,6 +93,30 @@ class FaissFlat:
         return np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
 
 
+def format1_graph(users: torch.Tensor, items: torch.Tensor, indptr: np.ndarray,
+                  indices: np.ndarray, k: int, chunk: int, path: Path, providers: list[str]
+                  ) -> Graph:
+    """The format-1 top-K graph (users [B] in; tables and CSR inside; chunks unrolled), its
+    module loaded from this repository's history rather than copied, exported as format 1's
+    benchmark exported it."""
+    source = subprocess.run(["git", "show", f"{FORMAT1}:cliper_prod/scoring.py"], check=True,
+                            capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout
+    module = types.ModuleType("format1_scoring")
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{FORMAT1}:cliper_prod/scoring.py", "exec"), module.__dict__)
+    scorer = module.TopKScorer(users, items, indptr, indices, k, chunk).eval()
+    export_onnx(GraphSpec("topk", scorer, (torch.arange(2),), (torch.arange(2),), ["users"],
+                          ["items", "scores"]), path)
+    return Graph(path, providers)
+
+
+def recall(reference: np.ndarray, got: np.ndarray) -> float:
+    """Share of the reference's real items (not -1) that ``got`` holds in the same row."""
+    found = [np.isin(ref[ref >= 0], row).sum() for ref, row in zip(reference, got)]
+    return float(np.sum(found) / max(1, (reference >= 0).sum()))
+
+
 def tables_from_bundle(bundle: Path):
     def table(name: str) -> np.ndarray:
         return np.load(bundle / f"{name}.npy")
@@ -95,33 +144,54 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.ks:
             paths = {}
-            for name, chunk in (("full", n_items), ("chunked", args.chunk_items)):
+            for name, chunk in (("chunked", args.chunk_items), ("full", n_items)):
                 if name == "chunked" and chunk >= n_items:
                     continue
                 scorer = TopKScorer(items, k, chunk).eval()
                 export_onnx(topk_spec(scorer), Path(tmp) / f"{name}{k}.onnx")
-                paths[f"pytorch_{name}"] = scorer
+                if not args.no_pytorch:
+                    paths[f"pytorch_{name}"] = scorer
                 paths[f"onnx_{name}"] = Graph(Path(tmp) / f"{name}{k}.onnx", providers)
+            candidates = args.candidates or default_candidates(k)
+            export_onnx(topk_spec(CandidateTopKScorer(items, k, candidates,
+                                                      args.candidate_blocks).eval()),
+                        Path(tmp) / f"gpu{k}.onnx")
+            paths["onnx_gpu_form"] = Graph(Path(tmp) / f"gpu{k}.onnx", providers)
+            if args.format1:
+                paths["onnx_format1"] = format1_graph(users, items, indptr, indices, k,
+                                                      args.chunk_items,
+                                                      Path(tmp) / f"format1_{k}.onnx", providers)
+            if args.runtime:
+                train = np.stack([np.repeat(np.arange(n_users), np.diff(indptr)), indices], 1)
+                export_tables(EmbeddingTables(users, items, train), Path(tmp) / f"bundle{k}",
+                              options=GraphOptions(max_k=k, chunk_items=args.chunk_items,
+                                                   torchscript=False, fp16=False,
+                                                   candidates=args.candidates,
+                                                   candidate_blocks=args.candidate_blocks))
+                paths["runtime_auto"] = TopKGraph(Bundle(Path(tmp) / f"bundle{k}", "cpu"))
             if args.faiss:
                 paths["faiss_flat_ip"] = FaissFlat(users, items, indptr, indices, k)
             for batch in args.batches:
                 batch = min(batch, n_users)
-                matrix_gib = 3 * batch * n_items * 4 / 2**30  # scores, padded copy, scatter
-                runnable = {n: p for n, p in paths.items()
-                            if "full" not in n or matrix_gib <= args.max_matrix_gib}
+                runnable = {n: p for n, p in paths.items() if all(
+                    kind not in n or batch * n_items * size / 2**30 <= args.max_matrix_gib
+                    for kind, size in MATRIX_BYTES.items())}
                 samples = [rng.choice(n_users, size=batch, replace=False)
                            for _ in range(args.repeats + 1)]
                 times = {n: [] for n in runnable}
                 differing = beyond_ties = 0
+                found = {n: [] for n in runnable}
                 for i, query in enumerate(samples):
                     first = None
                     for name, path in runnable.items():
                         start = time.perf_counter()  # the runtime's work: gather, pairs, rank
                         if name.startswith("faiss"):
                             got_items, got_top = path(query)
+                        elif name == "onnx_format1":
+                            got_items, got_top = path(users=query.astype(np.int64))
                         else:
                             feeds = (users_np[query], *history_pairs(indptr, indices, query))
-                            if name.startswith("onnx"):
+                            if name.startswith(("onnx", "runtime")):
                                 got_items, got_top = path(**dict(zip(TOPK_INPUTS, feeds)))
                             else:
                                 with torch.no_grad():
@@ -131,33 +201,44 @@ def bench_catalog(tables, args, providers, rng) -> list[dict]:
                             times[name].append(time.perf_counter() - start)
                         if first is None:
                             first = (got_items, got_top)
-                        else:
+                        found[name].append(recall(first[0], got_items))
+                        if name != next(iter(runnable)):
                             differ = got_items != first[0]
                             differing += int(differ.sum())
                             beyond_ties += int((~np.isclose(got_top[differ], first[1][differ],
                                                             rtol=1e-5, atol=1e-5)).sum())
                 row = {"catalog": source, "n_items": n_items, "k": k, "batch": batch,
+                       "reference": next(iter(runnable)),
+                       "recall_vs_reference": {n: min(r) for n, r in found.items()},
                        "positions_differing": differing,
                        "positions_differing_beyond_ties": beyond_ties,
                        "skipped": sorted(set(paths) - set(runnable))}
                 row.update({n: percentiles(ts, batch) for n, ts in times.items()})
+                if "runtime_auto" in paths:
+                    row["runtime_form"] = paths["runtime_auto"].pick(batch)
                 rows.append(row)
                 print(row, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> list[str]:
-    names = ["pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked"]
-    names += ["faiss_flat_ip"] if any("faiss_flat_ip" in r for r in rows) else []
+    names = ["pytorch_full", "onnx_full", "pytorch_chunked", "onnx_chunked", "onnx_gpu_form",
+             "onnx_format1", "runtime_auto", "faiss_flat_ip"]
+    names = [n for n in names if any(n in r or n in r["skipped"] for r in rows)]
+    extra = [("gpu form recall", lambda r: f"{r['recall_vs_reference']['onnx_gpu_form']:.4f}"
+              if "onnx_gpu_form" in r["recall_vs_reference"] else "-")]
+    if any("runtime_form" in r for r in rows):
+        extra.append(("runtime form", lambda r: r.get("runtime_form", "-")))
     lines = ["| items | K | batch | " + " | ".join(f"{n} p50 / p95 / p99 (ms)" for n in names)
-             + " | best users/s |", "| --- " * (len(names) + 4) + "|"]
+             + " | best users/s | " + " | ".join(e[0] for e in extra) + " |",
+             "| --- " * (len(names) + 4 + len(extra)) + "|"]
     for r in rows:
         cells = [f"{r[n]['p50_ms']:.2f} / {r[n]['p95_ms']:.2f} / {r[n]['p99_ms']:.2f}"
                  if n in r else ("skipped (memory)" if n in r["skipped"] else "-")
                  for n in names]
         best = max(r[n]["users_per_s"] for n in names if n in r)
         lines.append(f"| {r['n_items']:,} | {r['k']} | {r['batch']} | " + " | ".join(cells)
-                     + f" | {best:,.0f} |")
+                     + f" | {best:,.0f} | " + " | ".join(e[1](r) for e in extra) + " |")
     return lines
 
 
@@ -173,6 +254,15 @@ def main() -> None:
     parser.add_argument("--chunk-items", type=int, default=1 << 16)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--max-matrix-gib", type=float, default=4.0)
+    parser.add_argument("--candidates", type=int,
+                        help="the GPU form's candidates [default: max(4 K, 2048)]")
+    parser.add_argument("--candidate-blocks", type=int, default=1,
+                        help="blocks the GPU form picks its candidates in (two levels if > 1)")
+    parser.add_argument("--no-pytorch", action="store_true", help="ONNX paths only")
+    parser.add_argument("--format1", action="store_true",
+                        help=f"add the format-1 graph, rebuilt from git ({FORMAT1})")
+    parser.add_argument("--runtime", action="store_true",
+                        help="add the runtime's per-batch choice over an exported bundle")
     parser.add_argument("--faiss", action="store_true",
                         help="add faiss-cpu IndexFlatIP as a baseline (pip install faiss-cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/topk_cpu"))

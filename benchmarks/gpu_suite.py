@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_suite.py --out DIR            # on the GPU machine
     python benchmarks/gpu_suite.py --out DIR --smoke    # every part on the CPU at tiny sizes
+    python benchmarks/gpu_suite.py --out DIR --parts topk   # one part (a few, comma-separated)
 
 (a) FREEDOM on Baby with generated features: a training epoch and a full evaluation on each
     device (cuda and cpu), two epochs each;
@@ -10,8 +11,14 @@
     with IO binding, PyTorch eager fp16 and (at the largest batch) torch.compile fp16, items/s;
 (c) end-to-end ``embed --bundle`` of generated items with JPEG files: items/s and its ratio to
     the towers alone;
-(d) top-K of 1M x 64 items for 1,024 users, K=50: the exported top-K graph (fp32) vs
-    torch.topk over the full score matrix, p50/p99 ms.
+(d) top-K over 1M and 10M x 64 items, K=50, batches of 1, 64 and 1,024 users, every path with
+    its inputs already on the device: the bundle's CPU form (one Scan over chunks) and GPU form
+    (fp16 candidates re-scored in fp32, in runs of rows as the runtime makes them; chosen in
+    one level, and in two over 16 blocks as ``--candidate-blocks 16`` exports it) on ONNX
+    Runtime with IO binding (OrtValues on the device, outputs left there), torch.topk over the
+    full score matrix in fp32 and fp16, and faiss ``IndexFlatIP`` (faiss-gpu's on a GPU) where
+    it imports; p50/p99 ms, the GPU form's recall@K against the CPU form, and each path skipped
+    where its memory estimate passes the free memory (the 10M row on a small machine).
 Speed does not depend on the weights; no figure here says anything about accuracy. ``--smoke``
 runs the same code at tiny sizes on the CPU (the test suite runs it, so the suite cannot rot);
 its figures mean nothing. The parts run cheapest first and ``suite_partial.json`` is rewritten
@@ -24,6 +31,7 @@ import argparse
 import copy
 import json
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
@@ -44,6 +52,7 @@ from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
+from cliper_prod.runtime.topk_forms import GPU_MATRIX_BYTES
 from cliper_prod.export.graphs import export_onnx
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
@@ -55,7 +64,7 @@ from cliper_prod.runtime.providers import choose_providers
 from cliper_prod.runtime.sessions import Graph
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.io import write_json
-from cliper_prod.scoring import TopKScorer
+from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
 from cliper_prod.training import Trainer
 
 BABY = SKELETON.parents[1] / "data" / "amazon" / "baby"
@@ -69,9 +78,10 @@ class Sizes:
     compile_batches: tuple[int, ...] = (256,)  # torch.compile costs a compilation per shape
     embed_items: int = 4096
     embed_batch: int = 256
-    topk_items: int = 1_000_000
+    topk_items: tuple[int, ...] = (1_000_000, 10_000_000)
     topk_dim: int = 64
-    topk_users: int = 1024
+    topk_batches: tuple[int, ...] = (1, 64, 1024)
+    topk_blocks: tuple[int, ...] = (1, 16)  # the GPU form's candidate blocks; 1 comes first
     topk_k: int = 50
     train_epochs: int = 2
     repeats: int = 10
@@ -79,7 +89,9 @@ class Sizes:
 
 
 SMOKE = Sizes(tower_batches=(2,), compile_batches=(2,), embed_items=8, embed_batch=4,
-              topk_items=2000, topk_dim=16, topk_users=32, topk_k=10, train_epochs=1, repeats=2,
+              topk_items=(2000, 5000), topk_dim=16, topk_batches=(1, 4, 32),
+              topk_blocks=(1, 2), topk_k=10,
+              train_epochs=1, repeats=2,
               compile_backend="eager")
 
 
@@ -212,31 +224,145 @@ def part_embed(bundle_dir: Path, workdir: Path, sizes: Sizes, towers_items_per_s
             "ratio_to_towers_alone": rate / towers_items_per_s}
 
 
-def part_topk(workdir: Path, sizes: Sizes, providers: list[str]) -> dict:
-    """(d) p50/p99 ms of one top-K batch: the exported graph (fp32) vs torch.topk."""
-    gen = torch.Generator().manual_seed(0)
-    n_users = max(sizes.topk_users, 4)
-    users = torch.randn(n_users, sizes.topk_dim, generator=gen)
-    items = torch.randn(sizes.topk_items, sizes.topk_dim, generator=gen)
-    pairs = np.stack([np.arange(n_users), np.arange(n_users) % sizes.topk_items], 1)
-    export_onnx(topk_spec(TopKScorer(items, sizes.topk_k, 1 << 16).eval()),
-                workdir / "topk.onnx")
-    query = np.arange(sizes.topk_users)
-    feeds = dict(zip(TOPK_INPUTS, (users.numpy()[query],
-                              *history_pairs(*training_csr(pairs, n_users), query))))
-    paths: dict[str, Callable[[], object]] = {
-        "ort_fp32": (lambda g: lambda: g(**feeds))(Graph(workdir / "topk.onnx", providers))}
+PARTS = ("training", "topk", "towers", "embed")
+TOPK_PATHS = ("ort_cpu_form", "ort_gpu_form", "torch_topk_fp32", "torch_topk_fp16",
+              "faiss_flat_ip")
+
+
+def gpu_form(blocks: int) -> str:
+    """The path name of the GPU form choosing its candidates in ``blocks`` blocks."""
+    return "ort_gpu_form" if blocks == 1 else f"ort_gpu_form_{blocks}_blocks"
+
+
+def free_bytes(device: str) -> int:
+    """Memory a path may take: free GPU memory, or the host's MemAvailable."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    meminfo = Path("/proc/meminfo").read_text()
+    return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+
+
+def _ort_bound(graph: Graph, feeds: list[dict[str, np.ndarray]]) -> Callable[[], list]:
+    """One call running ``graph`` on each of ``feeds`` in turn with IO binding: inputs copied to
+    the session's device once, here, as OrtValues; outputs left on the device (synchronised,
+    so a timing covers the work)."""
+    bindings = []
+    for feed in feeds:
+        binding = graph.session.io_binding()
+        for name, array in feed.items():
+            value = onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array),
+                                                            graph.device, 0)
+            binding.bind_ortvalue_input(name, value)
+        for name in graph.output_names:
+            binding.bind_output(name, graph.device)
+        bindings.append(binding)
+
+    def run() -> list:
+        for binding in bindings:
+            graph.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        return bindings
+    return run
+
+
+def _faiss_flat(items: np.ndarray, queries: torch.Tensor, k: int, device: str
+                ) -> Callable[[int], Callable[[], object]] | str:
+    """faiss exact inner-product search of the first ``batch`` queries, held on ``device``
+    (one call per batch size), or why there is none."""
+    try:
+        import faiss
+    except ImportError:
+        return "faiss does not import"
+    if device == "cuda":
+        if not hasattr(faiss, "StandardGpuResources"):
+            return "faiss without GPU support"
+        import faiss.contrib.torch_utils  # noqa: F401  (searches with torch CUDA tensors)
+
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), items.shape[1])
+    else:
+        index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    queries = queries if device == "cuda" else queries.cpu().numpy()
+    return lambda batch: lambda: index.search(queries[:batch], k)
+
+
+def _topk_catalog(workdir: Path, n_items: int, sizes: Sizes, providers: list[str]
+                  ) -> list[dict]:
+    """The rows of (d) for one catalog size: every batch size, every path that fits."""
     device = devices()[0]
-    u, i = users[:sizes.topk_users].to(device), items.to(device)
-    for name, dtype in (("torch_topk_fp32", torch.float32), ("torch_topk_fp16", torch.float16)):
-        a, b = u.to(dtype), i.to(dtype)
-        paths[name] = lambda a=a, b=b: torch.topk(a @ b.T, sizes.topk_k, dim=1)
-    out = {}
-    for name, fn in paths.items():
-        ms = np.asarray(timed(fn, sizes.repeats * 5, cuda_sync)) * 1e3
-        out[name] = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
-    return {"items": sizes.topk_items, "dim": sizes.topk_dim, "users": sizes.topk_users,
-            "k": sizes.topk_k, "paths": out}
+    d, k = sizes.topk_dim, sizes.topk_k
+    if 40 * n_items * d > free_bytes("cpu"):  # tables, export copies, sessions (host)
+        return [{"items": n_items, "skipped": "host memory"}]
+    gen = torch.Generator().manual_seed(0)
+    n_users = max(sizes.topk_batches)
+    users = torch.randn(n_users, d, generator=gen)
+    items = torch.randn(n_items, d, generator=gen)
+    pairs = np.stack([np.arange(n_users), np.arange(n_users) % n_items], 1)
+    csr = training_csr(pairs, n_users)
+    forms = {"ort_cpu_form": TopKScorer(items, k, 1 << 16)} | {
+        gpu_form(blocks): CandidateTopKScorer(items, k, blocks=blocks)
+        for blocks in sizes.topk_blocks}
+    graphs = {}
+    for name, scorer in forms.items():
+        export_onnx(topk_spec(scorer.eval()), workdir / f"{name}_{n_items}.onnx")
+        graphs[name] = Graph(workdir / f"{name}_{n_items}.onnx", providers)
+    del forms  # the modules' tables
+    rows_per_run = max(1, GPU_MATRIX_BYTES // (4 * n_items))
+    on_device = users.to(device)
+    table = {dtype: items.to(device=device, dtype=dtype) for dtype in (torch.float32,
+                                                                       torch.float16)}
+    faiss_flat = (_faiss_flat(items.numpy(), on_device, k, device)
+                  if 4 * n_items * d < free_bytes(device) else "memory")
+    out = []
+    for batch in sizes.topk_batches:
+        query = np.arange(batch)
+        feeds = dict(zip(TOPK_INPUTS, (users.numpy()[query], *history_pairs(*csr, query))))
+        pieces = [dict(zip(TOPK_INPUTS, (users.numpy()[query[s:s + rows_per_run]],
+                                         *history_pairs(*csr, query[s:s + rows_per_run]))))
+                  for s in range(0, batch, rows_per_run)]
+        need = {"ort_cpu_form": 4 * n_items * d + 12 * batch * (1 << 16)} | {
+            gpu_form(blocks): 6 * n_items * d + (4 if device == "cuda" else 12) *
+            min(batch, rows_per_run) * n_items for blocks in sizes.topk_blocks} | {
+                "torch_topk_fp32": 8 * batch * n_items, "torch_topk_fp16": 4 * batch * n_items,
+                "faiss_flat_ip": 4 * n_items * d}
+        row: dict = {"items": n_items, "batch": batch, "rows_per_gpu_form_run": rows_per_run,
+                     "skipped": {name: "memory" for name, bytes_ in need.items()
+                                 if bytes_ > free_bytes(device)}}
+        paths: dict[str, Callable[[], object]] = {}
+        for name in graphs:
+            runs = [feeds] if name == "ort_cpu_form" else pieces
+            if name not in row["skipped"]:
+                paths[name] = _ort_bound(graphs[name], runs)
+        for name, dtype in (("torch_topk_fp32", torch.float32),
+                            ("torch_topk_fp16", torch.float16)):
+            if name not in row["skipped"]:
+                q, t = on_device[:batch].to(dtype), table[dtype]
+                paths[name] = lambda q=q, t=t: torch.topk(q @ t.T, k, dim=1)
+        if isinstance(faiss_flat, str):
+            row["skipped"]["faiss_flat_ip"] = faiss_flat
+        elif "faiss_flat_ip" not in row["skipped"]:
+            paths["faiss_flat_ip"] = faiss_flat(batch)
+        for name, fn in paths.items():
+            ms = np.asarray(timed(fn, sizes.repeats * 5, cuda_sync)) * 1e3
+            row[name] = {"p50_ms": float(np.percentile(ms, 50)),
+                         "p99_ms": float(np.percentile(ms, 99))}
+        if {"ort_cpu_form", "ort_gpu_form"} <= set(paths):
+            cpu_items, gpu_items = (np.concatenate([b.copy_outputs_to_cpu()[0]
+                                                    for b in paths[name]()])
+                                    for name in ("ort_cpu_form", "ort_gpu_form"))
+            row["gpu_form_recall_vs_cpu_form"] = float(np.mean(
+                [np.isin(a, b).mean() for a, b in zip(cpu_items, gpu_items)]))
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def part_topk(workdir: Path, sizes: Sizes, providers: list[str]) -> dict:
+    """(d) p50/p99 ms of one top-K batch per path, batch size and catalog size (see the module
+    docstring); torch.topk and faiss leave training items in (the graphs take them out)."""
+    rows = [row for n_items in sizes.topk_items
+            for row in _topk_catalog(workdir, n_items, sizes, providers)]
+    return {"dim": sizes.topk_dim, "k": sizes.topk_k, "rows": rows}
 
 
 def machine() -> dict:
@@ -268,20 +394,33 @@ def training_data(workdir: Path, smoke: bool) -> Path:
 
 def table(result: dict) -> str:
     lines = ["| part | path | figure |", "| --- | --- | --- |"]
-    for device, t in result["training"]["per_device"].items():
+    for device, t in result.get("training", {"per_device": {}})["per_device"].items():
         lines.append(f"| (a) FREEDOM | {device} | epoch {statistics.median(t['train_epoch_s']):.2f} s, "
                      f"evaluation {statistics.median(t['evaluation_s']):.2f} s |")
-    for row in result["towers"]:
+    for row in result.get("towers", []):
         for name, value in row.items():
             if name not in ("graph", "batch"):
                 lines.append(f"| (b) {row['graph']} batch {row['batch']} | {name} | "
                              f"{value:,.0f} items/s |")
-    e = result["embed"]
-    lines.append(f"| (c) embed --bundle | {e['items']} items | {e['items_per_s']:,.0f} items/s, "
-                 f"{e['ratio_to_towers_alone']:.0%} of the towers alone |")
-    for name, p in result["topk"]["paths"].items():
-        lines.append(f"| (d) top-K | {name} | p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms |")
-    lines.append(f"| export | ViT-B/16 CLIP graphs, every variant | {result['export_s']:.0f} s |")
+    if "embed" in result:
+        e = result["embed"]
+        lines.append(f"| (c) embed --bundle | {e['items']} items | {e['items_per_s']:,.0f} "
+                     f"items/s, {e['ratio_to_towers_alone']:.0%} of the towers alone |")
+    for row in result.get("topk", {"rows": []})["rows"]:
+        where = f"(d) top-K, {row['items']:,} items, batch {row.get('batch', '-')}"
+        for name in (*TOPK_PATHS, *(gpu_form(b) for b in result["sizes"]["topk_blocks"][1:])):
+            if name in row:
+                lines.append(f"| {where} | {name} | p50 {row[name]['p50_ms']:.2f} ms, p99 "
+                             f"{row[name]['p99_ms']:.2f} ms |")
+        for name, why in ({"all": row["skipped"]} if isinstance(row["skipped"], str)
+                          else row["skipped"]).items():
+            lines.append(f"| {where} | {name} | skipped ({why}) |")
+        if "gpu_form_recall_vs_cpu_form" in row:
+            lines.append(f"| {where} | GPU form recall@K vs CPU form | "
+                         f"{row['gpu_form_recall_vs_cpu_form']:.4f} |")
+    if "export_s" in result:
+        lines.append(f"| export | ViT-B/16 CLIP graphs, every variant | {result['export_s']:.0f} "
+                     f"s |")
     info = result["machine"]
     lines.append(f"\n{info.get('gpu', 'no GPU')} (driver {info.get('driver', '-')}), torch "
                  f"{info['torch']}, onnxruntime {info['onnxruntime']}"
@@ -294,7 +433,13 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for suite.json/.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on the CPU")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, of {','.join(PARTS)} (embed needs towers)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS) or ("embed" in parts and "towers" not in parts):
+        parser.error(f"--parts: a comma-separated subset of {','.join(PARTS)}; embed needs "
+                     f"towers")
     sizes = SMOKE if args.smoke else Sizes()
     providers = choose_providers("auto")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -311,17 +456,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        part("training", lambda: part_training(training_data(work, args.smoke), sizes))
-        part("topk", lambda: part_topk(work, sizes, providers))
-        clip = SKELETON if args.smoke else vit_b16_folder(work / "clip")
-        part("export_s", lambda: feature_bundle(clip, work / "bundle"))
-        part("towers", lambda: part_towers(clip, work / "bundle", sizes, providers))
-        image_rate = max(v for r in result["towers"] if r["graph"] == IMAGE_GRAPH
-                         for k, v in r.items() if k.startswith("ort_"))
-        text_rate = max(v for r in result["towers"] if r["graph"] == TEXT_GRAPH
-                        for k, v in r.items() if k.startswith("ort_"))
-        towers_alone = 1 / (1 / image_rate + 1 / text_rate)
-        part("embed", lambda: part_embed(work / "bundle", work, sizes, towers_alone))
+        if "training" in parts:
+            part("training", lambda: part_training(training_data(work, args.smoke), sizes))
+        if "topk" in parts:
+            part("topk", lambda: part_topk(work, sizes, providers))
+        if "towers" in parts:
+            clip = SKELETON if args.smoke else vit_b16_folder(work / "clip")
+            part("export_s", lambda: feature_bundle(clip, work / "bundle"))
+            part("towers", lambda: part_towers(clip, work / "bundle", sizes, providers))
+        if "embed" in parts:
+            image_rate = max(v for r in result["towers"] if r["graph"] == IMAGE_GRAPH
+                             for k, v in r.items() if k.startswith("ort_"))
+            text_rate = max(v for r in result["towers"] if r["graph"] == TEXT_GRAPH
+                            for k, v in r.items() if k.startswith("ort_"))
+            towers_alone = 1 / (1 / image_rate + 1 / text_rate)
+            part("embed", lambda: part_embed(work / "bundle", work, sizes, towers_alone))
     report(args.out / "suite", result, table(result))
 
 

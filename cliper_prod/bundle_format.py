@@ -34,6 +34,10 @@ FOLD_IN = "fold_in"  # manifest record of the fold-in rules; their arrays are fo
 #: attention, SkipLayerNormalization, Gelu kinds; contrib ops of the ``com.microsoft`` domain).
 PLAIN, FUSED = "plain", "fused"
 VARIANTS = (PLAIN, FUSED)
+#: The top-K graph's GPU form (``topk.gpu.onnx``, files key ``gpu.fp32``, record ``gpu``): no
+#: loop, fp16 candidates re-scored in fp32; its plain graph is the CPU form. Optional: bundles
+#: written before it (or with ``--no-gpu-form``) have the CPU form only.
+GPU_FORM = "gpu"
 
 
 def sha256_file(path: Path) -> str:

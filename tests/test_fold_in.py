@@ -15,10 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cliper_prod.bundle_format import read_manifest
+from cliper_prod.bundle_format import GPU_FORM, read_manifest
 from cliper_prod.checkpoint import load_model
 from cliper_prod.commands import cli
+from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.runtime.recommender import Recommender
+from cliper_prod.runtime.topk_forms import TopKGraph
 from conftest import serve_local, stop_process
 
 N_NEW = 4
@@ -196,6 +199,10 @@ def test_the_new_bundle_verifies_and_serves_unchanged(trained, exported, tmp_pat
         new_ranked += sum(i.startswith("NEW") for i in record["items"])
     assert new_ranked > 0  # the added items do reach rankings
     assert Recommender(tmp_path / "b2").topk([user_ids[0]], k=10)[0] == got[0]
+    ranker = TopKRanker(Bundle(tmp_path / "b2"))  # add-items re-exported the GPU form too
+    ranker.graph = TopKGraph(ranker.bundle, GPU_FORM)
+    gpu = ranker.answer(user_ids, ranker.rank(np.arange(len(user_ids))), 10, set())
+    assert gpu == [{k: r[k] for k in ("user_id", "items", "scores")} for r in got]
 
 
 def test_add_items_from_jsonl_equals_embed_then_add_features(trained, exported,
@@ -275,6 +282,11 @@ def test_a_history_user_ranks_as_naive_numpy_over_the_folded_vector(trained, tmp
         assert record.get("unknown_items", []) == (["ghost"] if n == 1 else [])
     api = Recommender(bundle).topk_histories([lines[0]["history"]], k=10)
     assert api[0]["items"] == got[0]["items"]
+    ranker = TopKRanker(Bundle(bundle))  # the GPU form excludes the histories alike
+    ranker.graph = TopKGraph(ranker.bundle, GPU_FORM)
+    prepared, _ = ranker.prepare_histories([line["history"] for line in lines], 10)
+    gpu = ranker.answer_histories([line["user"] for line in lines], prepared, 10, set())
+    assert [r["items"] for r in gpu] == [r["items"] for r in got]
 
 
 def test_refusals_name_the_problem(trained, exported, tmp_path: Path) -> None:

@@ -24,7 +24,12 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path: Path) -> None:
         assert {"ort_fp32", "ort_fp16", "torch_eager_fp16", "torch_compile_fp16"} <= set(row)
         assert all(v > 0 for k, v in row.items() if k not in ("graph", "batch"))
     assert result["embed"]["items_per_s"] > 0 and result["embed"]["ratio_to_towers_alone"] > 0
-    assert set(result["topk"]["paths"]) == {"ort_fp32", "torch_topk_fp32",
-                                            "torch_topk_fp16"}
+    rows = result["topk"]["rows"]
+    assert [(r["items"], r["batch"]) for r in rows] == [(n, b) for n in (2000, 5000)
+                                                        for b in (1, 4, 32)]
+    for row in rows:  # every path timed, faiss-cpu included (a test dependency)
+        assert {"ort_cpu_form", "ort_gpu_form", "ort_gpu_form_2_blocks", "torch_topk_fp32",
+                "torch_topk_fp16", "faiss_flat_ip"} <= set(row) and not row["skipped"]
+        assert row["gpu_form_recall_vs_cpu_form"] == 1.0
     table = (tmp_path / "suite.md").read_text()
     assert "(a) FREEDOM | cpu" in table and "SMOKE run" in table

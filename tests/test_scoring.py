@@ -12,11 +12,11 @@ import onnx
 import pytest
 import torch
 
-from cliper_prod.export.bundle_writer import topk_spec
+from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
 from cliper_prod.export.graphs import export_onnx
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.runtime.sessions import Graph
-from cliper_prod.scoring import TopKScorer
+from cliper_prod.scoring import CandidateTopKScorer, TopKScorer, default_candidates
 
 
 def _problem(n_users: int = 40, n_items: int = 230, dim: int = 8, seed: int = 0):
@@ -138,3 +138,73 @@ def test_a_heavy_user_is_excluded_exactly_and_costs_only_their_own_batch_rows() 
     ref, ref_top = _naive(users[query], items, _rows(pairs, query), 600)
     np.testing.assert_array_equal(got.numpy(), ref)
     assert (got[1] >= 0).sum() == n_items - heavy  # 500 unseen, then padding
+
+
+def _near_ties(n_users: int = 24, groups: int = 30, copies: int = 12, spare: int = 241,
+               dim: int = 8, seed: int = 1):
+    """Users and items where fp16 cannot order what fp32 can: groups of ``copies`` items
+    scaled by 1 + m * 1e-4 (under half an fp16 ulp apart, thousands of fp32 ulps), each group's
+    m = 0 copy duplicated (an exact tie, to the lower item), then ``spare`` random items; every
+    user's training items include a few of the copies, and user 0 all but 5 items."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((groups, dim))
+    steps = 1 + 1e-4 * rng.permutation(np.tile(np.arange(copies - 1), (groups, 1)).T).T
+    near = np.concatenate([base[:, None] * steps[..., None], base[:, None]], axis=1)
+    items = np.concatenate([near.reshape(-1, dim), rng.standard_normal((spare, dim))])
+    users = rng.standard_normal((n_users, dim))
+    _, _, pairs = _problem(n_users, len(items), dim, seed)
+    return users.astype(np.float32), items.astype(np.float32), pairs
+
+
+@pytest.mark.parametrize("k", [1, 20])
+def test_the_gpu_form_ranks_as_naive_numpy_through_fp16_near_ties(tmp_path: Path, k: int) -> None:
+    """On the CPU provider the GPU form's items equal the naive float64 ranking for every
+    user (recall@K 1.0), with exclusions and ties to the lower item, and its scores are the CPU
+    form's very floats, ranked alone or in a batch."""
+    users, items, pairs = _near_ties()
+    query = np.arange(len(users))
+    ref_items, ref_top = _naive(users, items, pairs, k)
+    forms = {}
+    table = torch.from_numpy(items)
+    for name, scorer in (("cpu", TopKScorer(table, k, chunk_items=64)),
+                         ("gpu", CandidateTopKScorer(table, k, 3 * k + 40)),
+                         ("blocks", CandidateTopKScorer(table, k, 3 * k + 40, blocks=7))):
+        export_onnx(topk_spec(scorer.eval()), tmp_path / f"{name}.onnx")
+        forms[name] = Graph(tmp_path / f"{name}.onnx", ["CPUExecutionProvider"])
+    feeds = dict(zip(TOPK_INPUTS, (t.numpy() for t in _inputs(users, pairs, query))))
+    got_items, got_top = forms["gpu"](**feeds)
+    np.testing.assert_array_equal(got_items, ref_items)
+    np.testing.assert_allclose(got_top, ref_top, rtol=1e-5, atol=1e-5)
+    unseen = len(items) - len(np.unique(pairs[pairs[:, 0] == 0, 1]))  # user 0: at most 5
+    assert (got_items[0] == -1).sum() == max(0, k - unseen)
+    np.testing.assert_array_equal(got_top, forms["cpu"](**feeds)[1])
+    for a, b in zip(forms["blocks"](**feeds), (got_items, got_top)):  # two levels: same answer
+        np.testing.assert_array_equal(a, b)
+    for row in (0, 7, 23):
+        alone = forms["gpu"](**dict(zip(TOPK_INPUTS, (t.numpy() for t in _inputs(
+            users, pairs, np.array([row]))))))
+        np.testing.assert_array_equal(alone[1][0], got_top[row])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "gpu.onnx"), load_external_data=False)
+           .graph.node}
+    assert not ops & {"Scan", "Loop"}  # the whole catalog in one MatMul
+
+
+def test_fp16_alone_would_misrank_the_near_ties() -> None:
+    """The table above is a real test of the fp32 re-score: ranked by the fp16 scores alone,
+    users' top 20 differ from the exact one."""
+    users, items, _ = _near_ties()
+    unit = users / np.linalg.norm(users, axis=1, keepdims=True)
+    coarse = (unit.astype(np.float16) @ items.T.astype(np.float16)).astype(np.float64)
+    exact = users.astype(np.float64) @ items.T.astype(np.float64)
+    fp16_top = np.argsort(-coarse, axis=1, kind="stable")[:, :20]
+    assert (fp16_top != np.argsort(-exact, axis=1, kind="stable")[:, :20]).any(1).mean() > 0.5
+
+
+def test_the_gpu_form_candidates_are_at_least_k_and_at_most_the_catalog() -> None:
+    items = torch.randn(300, 8)
+    assert CandidateTopKScorer(items, 10).candidates == 300  # max(4k, 2048), at most the catalog
+    assert CandidateTopKScorer(items, 50, candidates=20).candidates == 50  # at least k
+    assert default_candidates(100) == 2048 and default_candidates(1000) == 4000
+    two_level = CandidateTopKScorer(torch.randn(601, 8), 1, 43, blocks=7)
+    assert (two_level.blocks, two_level.block, two_level.per_block) == (7, 86, 43)
+    assert CandidateTopKScorer(torch.randn(601, 8), 20, 100, blocks=7).blocks == 6  # >= C each

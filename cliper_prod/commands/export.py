@@ -27,14 +27,24 @@ from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option
 @click.option("--chunk-items", type=click.IntRange(min=1), default=1 << 16, show_default=True,
               help="Items scored at a time by the top-K graph (exact; bounds its memory to "
                    "batch x chunk instead of batch x catalog).")
+@click.option("--candidates", type=click.IntRange(min=1),
+              help="Items the top-K graph's GPU form re-scores in fp32 after its fp16 pass "
+                   "[default: max(4 x max-k, 2048)]; more is safer against fp16 near-ties.")
+@click.option("--candidate-blocks", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Blocks the GPU form picks candidates in: 1 is one TopK per user, more is "
+                   "a two-level TopK with more parallel work for a GPU (slower on a CPU).")
+@click.option("--no-gpu-form", is_flag=True,
+              help="Skip the top-K graph's GPU form (topk.gpu.onnx).")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
 @click.option("--no-fp16", is_flag=True, help="Skip the fp16 variants of the CLIP graphs.")
 @click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
 @click.option("--no-fused", is_flag=True,
               help="Skip the ONNX Runtime-optimized (fused attention) CLIP graphs.")
 def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
-            random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int, opset: int,
-            no_fp16: bool, no_torchscript: bool, no_fused: bool) -> None:
+            random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
+            candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
+            no_fp16: bool,
+            no_torchscript: bool, no_fused: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
     The bundle holds the top-K graph over the final embedding tables (training items
@@ -46,7 +56,9 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
 
     out_dir = out_dir or DEFAULT_EXPORTS / backbone
     options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,
-                           torchscript=not no_torchscript, fused=not no_fused)
+                           torchscript=not no_torchscript, fused=not no_fused,
+                           gpu_form=not no_gpu_form, candidates=candidates,
+                           candidate_blocks=candidate_blocks)
     manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip_source=clip_source,
                              random_init=random_init, data_dir=data_dir, options=options)
     for name, graph in manifest["graphs"].items():

@@ -2,6 +2,7 @@
 
 Contents (see export/README.md for the format):
   topk.onnx / topk.pt                users [B] -> items [B, K], scores [B, K], training items out
+  topk.gpu.onnx                      the same graph's GPU form (fp16 candidates, fp32 re-score)
   user_embeddings.npy, item_embeddings.npy, user_ids.txt, item_ids.txt
   image_encoder[.fp16].onnx / .pt    pixel_values [B, 3, H, W] -> image embedding [B, D]
   text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
@@ -20,8 +21,10 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from functools import partial
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,29 +33,31 @@ import torch
 
 from cliper_prod import __version__
 from cliper_prod.backbones.base import FoldInState
-from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, HISTORY_INDPTR, HISTORY_ITEMS,
-                                       IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST, TEXT_GRAPH,
-                                       TOKENIZER, TOPK_GRAPH, USER_IDS, USER_TABLE,
-                                       fold_in_file, sha256_file)
+from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, GPU_FORM, HISTORY_INDPTR,
+                                       HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
+                                       PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
+                                       USER_TABLE, fold_in_file, graph_file, sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
 from cliper_prod.export.feature_graphs import export_features, feature_settings
-from cliper_prod.export.graphs import GraphSpec, torch_outputs
-from cliper_prod.export.verified_graph import GraphOptions, export_graph
+from cliper_prod.export.graphs import GraphSpec, export_onnx, feeds, torch_outputs
+from cliper_prod.export.verified_graph import (CPU, GraphOptions, export_graph, preference,
+                                               verified_onnx)
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.io import write_json, write_npy, write_text
-from cliper_prod.scoring import TopKScorer
+from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
 
 log = logging.getLogger(__name__)
 
 TOPK_INPUTS = ("queries", "exclude_rows", "exclude_items")
 
 
-def topk_spec(scorer: TopKScorer, check: tuple[torch.Tensor, ...] | None = None) -> GraphSpec:
-    """How a :class:`TopKScorer` is exported: traced on two queries and three exclusion pairs
-    (batch and pair counts dynamic, neither 0 nor 1 so neither is specialised), the item
-    table as external data, the TorchScript twin scripted so its chunk loop stays a loop;
-    compared on ``check`` (default: the trace inputs)."""
+def topk_spec(scorer: TopKScorer | CandidateTopKScorer,
+              check: tuple[torch.Tensor, ...] | None = None) -> GraphSpec:
+    """How a top-K scorer (either form) is exported: traced on two queries and three
+    exclusion pairs (batch and pair counts dynamic, neither 0 nor 1 so neither is
+    specialised), the item table as external data, the TorchScript twin scripted so its chunk
+    loop stays a loop; compared on ``check`` (default: the trace inputs)."""
     sample = (torch.zeros(2, scorer.dim), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
     return GraphSpec(TOPK_GRAPH, scorer, sample, check or sample, TOPK_INPUTS,
                      ["items", "scores"], dims=["batch", "pairs", "pairs"],
@@ -75,6 +80,38 @@ def _topk_graph(users: torch.Tensor, items: torch.Tensor, train: np.ndarray, max
             "dim": int(users.shape[1]), "score": "dot", "excludes": "training items",
             "chunk_items": scorer.chunk}
     return spec, info, (indptr, history)
+
+
+def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options: GraphOptions,
+                     reference: list[np.ndarray], record: dict[str, Any]) -> None:
+    """The top-K graph's GPU form, written beside the CPU form (``cpu``, listed in ``record``)
+    and verified against the CPU form's PyTorch answer (``reference``): the same items
+    wherever the scores are not tied, so a candidate set that misses an item on the check
+    users fails the export. Timed against the CPU form on the CPU provider (one session each)
+    at 1, 8 and all the check users: ``cpu_max_batch`` is the largest of those sizes up to which
+    it was faster at every size (0: never), which the runtime reads on the CPU."""
+    import onnxruntime as ort
+
+    scorer = CandidateTopKScorer(items, options.max_k, options.candidates,
+                                 options.candidate_blocks).eval()
+    spec = topk_spec(scorer, cpu.check)
+    path = folder / graph_file(TOPK_GRAPH, variant=GPU_FORM)
+    export_onnx(spec, path, options.opset)
+    verified_onnx(spec, path, GPU_FORM, reference, False, _same_topk(*reference), record)
+    queries, rows, seen = cpu.check
+    batches = {size: replace(cpu, check=(queries[:size], rows[rows < size], seen[rows < size]))
+               for size in sorted({1, min(8, len(queries)), len(queries)})}
+    sessions = {form: ort.InferenceSession(str(file), providers=[CPU])
+                for form, file in ((PLAIN, folder / graph_file(TOPK_GRAPH)), (GPU_FORM, path))}
+    measured = preference({form: {str(size): partial(session.run, None, feeds(batch))
+                                  for size, batch in batches.items()}
+                           for form, session in sessions.items()})
+    preferred = measured["preferred"][CPU]
+    record[GPU_FORM] = {"candidates": scorer.candidates, "candidates_option": options.candidates,
+                        "blocks": scorer.blocks, "blocks_option": options.candidate_blocks,
+                        "coarse": "fp16", "external_data": f"{path.name}.data", **measured,
+                        "cpu_max_batch": max(takewhile(lambda size: preferred[str(size)] ==
+                                                       GPU_FORM, sorted(batches)), default=0)}
 
 
 def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
@@ -141,7 +178,8 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
     the items ``item_ids`` (embeddings ``items``, placed by ``fold_in``, which holds the arrays
     with them appended) added to its catalog, exported and verified as :func:`export_bundle`
     does; ``source`` is not touched. The CLIP graphs and the tokenizer are copied with their
-    verified records."""
+    verified records. The top-K graph keeps the source's forms (the GPU form and its candidate
+    count only if the source has one)."""
     topk = manifest["graphs"][TOPK_GRAPH]
     old_ids = (source / manifest["ids"]["items"]).read_text(encoding="utf-8").splitlines()
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
@@ -153,7 +191,10 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
                                 torch.from_numpy(np.concatenate([tables["items"], items])),
                                 train, user_ids, old_ids + list(item_ids))
     options = GraphOptions(max_k=topk["k"], chunk_items=topk["chunk_items"],
-                           opset=manifest["opset"], torchscript="torchscript" in topk["files"])
+                           opset=manifest["opset"], torchscript="torchscript" in topk["files"],
+                           gpu_form=GPU_FORM in topk,
+                           candidates=topk.get(GPU_FORM, {}).get("candidates_option"),
+                           candidate_blocks=topk.get(GPU_FORM, {}).get("blocks_option", 1))
     lineage = {"extended_from": {"created": manifest["created"],
                                  "manifest_sha256": sha256_file(source / MANIFEST)},
                "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}
@@ -208,6 +249,9 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
     graphs[spec.name] = {**export_graph(spec, folder, options, fp16=False,
                                          extra_check=_same_topk(ref_items, ref_scores)),
                          **topk_info}
+    if options.gpu_form:
+        _export_gpu_form(spec, items, folder, options, [ref_items, ref_scores],
+                         graphs[spec.name])
     write_npy(folder / USER_TABLE, users.numpy())
     write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)

@@ -40,6 +40,11 @@ class GraphOptions:
         fused: also write the CLIP graphs as rewritten by ONNX Runtime's transformer optimizer
             (fused attention, SkipLayerNormalization, QuickGelu), each precision, with their
             CPU latency beside the plain graphs' (the runtime's choice, see export/README.md).
+        gpu_form: also write the top-K graph's GPU form (:class:`CandidateTopKScorer`), with
+            its CPU latency beside the CPU form's at 1, 8 and 64 users.
+        candidates: items the GPU form re-scores in fp32 (None: ``max(4 * max_k, 2048)``).
+        candidate_blocks: blocks the GPU form chooses its candidates in (1: one level; more:
+            two levels, more parallel work for a GPU's per-row TopK, more work on the CPU).
     """
 
     max_k: int = 100
@@ -48,6 +53,9 @@ class GraphOptions:
     fp16: bool = True
     torchscript: bool = True
     fused: bool = True
+    gpu_form: bool = True
+    candidates: int | None = None
+    candidate_blocks: int = 1
 
 
 def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -104,7 +112,7 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
     record: dict[str, Any] = {**_io_spec(fp32), "files": {}, "parity": {}}
     if spec.external_data:  # the exporter's name for it; hashed with every other file
         record["external_data"] = f"{fp32.name}.data"
-    runs = {PLAIN: _verified_onnx(spec, fp32, PLAIN, reference, fp16, extra_check, record)}
+    runs = {PLAIN: verified_onnx(spec, fp32, PLAIN, reference, fp16, extra_check, record)}
     if fused is not None:
         path = folder / graph_file(spec.name, variant=FUSED)
         config = fused.config
@@ -113,10 +121,10 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
             export_onnx(replace(spec, module=fused), eager, options.opset)
             ops = optimize_clip(eager, path, config.num_hidden_layers,
                                 config.num_attention_heads, config.hidden_size)
-        runs[FUSED] = _verified_onnx(spec, path, FUSED, reference, fp16, extra_check, record)
+        runs[FUSED] = verified_onnx(spec, path, FUSED, reference, fp16, extra_check, record)
         record[FUSED] = {"attn_implementation": "eager", "optimizer": "onnxruntime.transformers "
                          "optimize_model(model_type='clip', opt_level=0)",
-                         "layers": config.num_hidden_layers, "ops": ops, **_preference(runs)}
+                         "layers": config.num_hidden_layers, "ops": ops, **preference(runs)}
         log.info("%s: fused %s; CPU prefers %s", spec.name, ops, record[FUSED]["preferred"][CPU])
     if options.torchscript:
         script = folder / graph_file(spec.name, kind="pt")
@@ -128,7 +136,7 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
     return record
 
 
-def _verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: bool,
+def verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: bool,
                    extra_check, record: dict[str, Any]) -> dict[str, Callable]:
     """Verify ``fp32`` (and its fp16 twin, written here), list both in ``record``; their runs."""
     runs = {"fp32": _ort_run(fp32, spec)}
@@ -146,8 +154,9 @@ def _verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: b
     return runs
 
 
-def _preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
-    """Median CPU latency of each variant per precision, interleaved; the faster is preferred."""
+def preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
+    """Median CPU latency of each variant per precision (or any other key: the top-K forms are
+    keyed by batch size), interleaved; the faster is preferred."""
     latency: dict[str, dict[str, float]] = {}
     for precision in runs[PLAIN]:
         variants = {variant: by_precision[precision] for variant, by_precision in runs.items()}

@@ -20,6 +20,7 @@ from cliper_prod.histories import history_pairs
 from cliper_prod.messages import preview_ids, shorten
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.fold_in import FoldIn
+from cliper_prod.runtime.topk_forms import TopKGraph
 
 
 class QueryError(ValueError):
@@ -73,7 +74,7 @@ class TopKRanker:
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
-        self.graph = bundle.graph(TOPK_GRAPH)
+        self.graph = TopKGraph(bundle)  # the CPU or GPU form per provider and batch size
         self.max_k = int(bundle.manifest["graphs"][TOPK_GRAPH]["k"])
         self.item_ids = np.asarray(bundle.item_ids, dtype=object)
         self.item_index = {i: n for n, i in enumerate(bundle.item_ids)}
