@@ -17,8 +17,10 @@ from cliper_prod.errors import BundleError
 
 #: 2: the top-K graph scores queries (the user table is a file), takes the excluded
 #: (row, item) pairs as inputs and keeps its item table in external data.
-FORMAT_VERSION = 2
+#: 3: the manifest holds the sha256 of its own canonical content (:data:`MANIFEST_HASH`).
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest_sha256"
 IMAGE_GRAPH = "image_encoder"
 TEXT_GRAPH = "text_fusion"
 TOPK_GRAPH = "topk"
@@ -62,6 +64,15 @@ def fold_in_file(name: str) -> str:
     return f"{FOLD_IN}.{name}.npy"
 
 
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces, UTF-8) without
+    :data:`MANIFEST_HASH`: what the manifest stores in that field, so that editing any value
+    (not only a file) is seen as a flipped byte in a table is."""
+    content = {key: value for key, value in manifest.items() if key != MANIFEST_HASH}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
     """The manifest of ``folder``, after checking its format and every listed file."""
     path = folder / MANIFEST
@@ -79,6 +90,9 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
         raise BundleError(f"{path}: bundle format {version!r} (written by cliper-prod "
                           f"{manifest.get('cliper_prod', '?')}); this cliper-prod reads format "
                           f"{FORMAT_VERSION}: re-export the model with this version")
+    if manifest.get(MANIFEST_HASH) != manifest_hash(manifest):
+        raise BundleError(f"{path}: its content differs from its {MANIFEST_HASH}; the manifest "
+                          f"was edited after export: re-export the bundle")
     for name, expected in files.items():
         file = folder / name
         if not file.is_file():

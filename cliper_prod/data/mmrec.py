@@ -19,6 +19,7 @@ import numpy as np
 
 from cliper_prod.errors import DataError
 from cliper_prod.fusion_modes import fusion_mode
+from cliper_prod.ids import id_problem, read_ids
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,10 @@ def read_id_mapping(path: Path, column: str, n: int) -> list[str]:
                 raise DataError(path, f"{column} {num} is outside the dataset's 0..{n - 1}", line_no)
             if out[num] is not None:
                 raise DataError(path, f"{column} {num} is mapped twice", line_no)
+            problem = id_problem(fields[1 - idx])
+            if problem:
+                raise DataError(path, f"{column} {num}: external id {fields[1 - idx][:60]!r}: "
+                                      f"{problem}", line_no)
             out[num] = fields[1 - idx]
     missing = [i for i, v in enumerate(out) if v is None]
     if missing:
@@ -227,7 +232,7 @@ def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: in
     if not ids_path.exists():
         raise DataError(ids_path, "not found: --features-dir must be an output folder of "
                                   "`cliper-prod embed`")
-    rows = {item: r for r, item in enumerate(ids_path.read_text(encoding="utf-8").split())}
+    rows = {item: r for r, item in enumerate(read_ids(ids_path))}
     wanted = item_ids if item_ids is not None else [str(i) for i in range(n_items)]
     missing = [item for item in wanted if item not in rows]
     if missing:

@@ -31,16 +31,18 @@ import torch
 from cliper_prod import __version__
 from cliper_prod.backbones.base import FoldInState
 from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, HISTORY_INDPTR, HISTORY_ITEMS,
-                                       IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST, TEXT_GRAPH,
-                                       TOKENIZER, TOPK_GRAPH, USER_IDS, USER_TABLE,
-                                       fold_in_file, sha256_file)
+                                       IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
+                                       MANIFEST_HASH, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH,
+                                       USER_IDS, USER_TABLE, fold_in_file, manifest_hash,
+                                       sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
 from cliper_prod.export.feature_graphs import export_features, feature_settings
 from cliper_prod.export.graphs import GraphSpec, torch_outputs
 from cliper_prod.export.verified_graph import GraphOptions, export_graph
 from cliper_prod.histories import history_pairs, training_csr
-from cliper_prod.io import write_json, write_npy, write_text
+from cliper_prod.ids import read_ids, write_ids
+from cliper_prod.io import write_json, write_npy
 from cliper_prod.scoring import TopKScorer
 
 log = logging.getLogger(__name__)
@@ -143,12 +145,12 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
     does; ``source`` is not touched. The CLIP graphs and the tokenizer are copied with their
     verified records."""
     topk = manifest["graphs"][TOPK_GRAPH]
-    old_ids = (source / manifest["ids"]["items"]).read_text(encoding="utf-8").splitlines()
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
+    old_ids = read_ids(source / manifest["ids"]["items"], len(tables["items"]))
     counts = np.diff(tables["history_indptr"])
     train = np.stack([np.repeat(np.arange(len(counts)), counts),
                       tables["history_items"].astype(np.int64)], 1)
-    user_ids = (source / manifest["ids"]["users"]).read_text(encoding="utf-8").splitlines()
+    user_ids = read_ids(source / manifest["ids"]["users"], len(tables["users"]))
     embedding = EmbeddingTables(torch.from_numpy(tables["users"]),
                                 torch.from_numpy(np.concatenate([tables["items"], items])),
                                 train, user_ids, old_ids + list(item_ids))
@@ -212,10 +214,8 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
     write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)
     write_npy(folder / HISTORY_ITEMS, history)
-    write_text(folder / USER_IDS, "".join(f"{u}\n" for u in (tables.user_ids or
-                                                             range(len(users)))))
-    write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in (tables.item_ids or
-                                                             range(len(items)))))
+    write_ids(folder / USER_IDS, tables.user_ids or range(len(users)))
+    write_ids(folder / ITEM_IDS, tables.item_ids or range(len(items)))
     feature_graphs = features()
     feature_info = None
     if feature_graphs is not None:
@@ -253,6 +253,7 @@ def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any
         **(extra or {}),
         "files": {name: sha256_file(folder / name) for name in files},
     }
+    manifest[MANIFEST_HASH] = manifest_hash(manifest)
     write_json(folder / MANIFEST, manifest)
     return manifest
 
