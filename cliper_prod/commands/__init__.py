@@ -11,30 +11,39 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from typing import Any
 
 import click
 
 from cliper_prod import __version__
-from cliper_prod.errors import INTERRUPTED, CliperError
+from cliper_prod.errors import INTERRUPTED, TERMINATED, CliperError, Terminated
 
 COMMANDS = ("train", "evaluate", "compare", "ablate_fusion", "embed", "convert_clip", "export",
             "add_items", "topk", "serve", "synthetic", "random_features", "demo")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds the command as Ctrl-C does (its temporaries are removed on the way)."""
+    raise Terminated()
 
 
 class CliperGroup(click.Group):
     """Turns expected errors into one line on stderr and the error's exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = signal.signal(signal.SIGTERM, _terminate)  # `serve` installs its own
         try:
             return super().invoke(ctx)
         except CliperError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(INTERRUPTED)
+        except KeyboardInterrupt as exc:
+            click.echo("terminated" if isinstance(exc, Terminated) else "interrupted", err=True)
+            ctx.exit(TERMINATED if isinstance(exc, Terminated) else INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [self.commands[name.replace("_", "-")].name for name in COMMANDS]

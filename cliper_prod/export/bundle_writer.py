@@ -42,7 +42,7 @@ from cliper_prod.export.graphs import GraphSpec, torch_outputs
 from cliper_prod.export.verified_graph import GraphOptions, export_graph
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.ids import read_ids, write_ids
-from cliper_prod.io import write_json, write_npy
+from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_json, write_npy
 from cliper_prod.scoring import TopKScorer
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,11 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
 
 
 def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``build`` in a temporary sibling of ``out``, then swap it into place."""
+    """Run ``build`` in a temporary sibling of ``out`` (named as :mod:`cliper_prod.io` names
+    temporaries, so a killed run's is found), then swap it into place."""
+    check_output(out, "bundle")
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
@@ -263,7 +265,7 @@ def _replace_dir(new: Path, final: Path) -> None:
     if not final.exists():
         os.replace(new, final)
         return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f"{temp_prefix(final)}old{TEMP_SUFFIX}")
     os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old)
