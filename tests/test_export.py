@@ -21,6 +21,7 @@ from cliper_prod.histories import history_pairs
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.runtime.encoder import OnnxEncoder
+from tests.conftest import rewrite_manifest
 from tests.test_backbone_contract import naive_topk
 from tests.test_features import SKELETON, naive_fusion
 
@@ -218,7 +219,7 @@ def _broken(exported: dict[str, Path], tmp_path: Path, edit) -> Path:
 def _rehash(folder: Path, name: str) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name] = sha256_file(folder / name)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(folder, manifest)
 
 
 def _set_opset(folder: Path) -> None:
@@ -246,7 +247,7 @@ def _format(folder: Path) -> None:
      "sha256 differs from the manifest"),
     (lambda f: (f / "item_ids.txt").unlink(), 7, "listed in the manifest but missing"),
     (lambda f: (f / "manifest.json").unlink(), 7, "not a complete bundle"),
-    (_format, 7, "this cliper-prod reads format 2"),
+    (_format, 7, "this cliper-prod reads format 3"),
     (_set_opset, 9, "cannot load this graph"),
     (_corrupt, 9, "cannot load this graph"),
 ])

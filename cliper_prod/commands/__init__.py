@@ -43,7 +43,8 @@ class CliperGroup(click.Group):
             click.echo("terminated" if isinstance(exc, Terminated) else "interrupted", err=True)
             ctx.exit(TERMINATED if isinstance(exc, Terminated) else INTERRUPTED)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if previous is not None:  # None: a handler not installed from Python
+                signal.signal(signal.SIGTERM, previous)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [self.commands[name.replace("_", "-")].name for name in COMMANDS]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliper_prod.backbones.base import FoldInState
+from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.export.bundle_writer import extend_bundle
 from cliper_prod.features.catalog import Catalog, read_catalog
@@ -47,11 +48,11 @@ def errors_file_for(out: Path) -> Path:
 def check_out(source: Path, out: Path) -> None:
     """``out`` must lie outside the source bundle, not hold it, and pass the output-path
     policy for a bundle (:func:`~cliper_prod.io.check_output`)."""
-    check_output(out, "bundle")
     source, resolved = source.resolve(), out.resolve()
     if resolved == source or resolved.is_relative_to(source) or source.is_relative_to(resolved):
         raise ConfigError("--out must lie outside --bundle and not hold it: the source bundle "
                           "is never changed")
+    check_output(out, "bundle")
 
 
 def embed_items(bundle: Bundle, items: Path, folder: Path, *, precision: str, batch_size: int,
@@ -123,6 +124,7 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     check_out(bundle_dir, out)
     check_output(errors_file, "file", "--errors")
     bundle = Bundle(bundle_dir, provider)
+    bundle.graph(TOPK_GRAPH)  # its K checked against the manifest's, which the new one keeps
     fold = FoldIn.of(bundle)
     fold.require_item_rule()
     out.parent.mkdir(parents=True, exist_ok=True)
