@@ -86,8 +86,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def interruption(exc: BaseException) -> KeyboardInterrupt | None:
-    """The Ctrl-C or SIGTERM that ``exc`` wraps (a library that catches everything may turn
-    one into its own error: the ONNX exporter does), or None."""
+    """``exc`` itself when it is Ctrl-C or SIGTERM, or the one it was raised from (a library
+    that catches everything may turn one into its own error), or None."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:

@@ -50,20 +50,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(final: Path) -> list[Path]:
-    """Remove the temporaries beside ``final`` whose process no longer runs (a run killed
-    by SIGKILL), each with a warning; the paths removed."""
-    prefix = f".{final.name}."
+def sweep_stale(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries in ``folder`` (those of the output ``name``, or any) whose
+    process no longer runs (a run killed by SIGKILL), each with a warning; the paths
+    removed."""
+    prefix = f".{name}." if name else "."
     removed = []
-    for path in final.parent.glob(glob.escape(prefix) + "*" + TEMP_SUFFIX):
-        pid = path.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+    for path in folder.glob(glob.escape(prefix) + "*" + TEMP_SUFFIX):
+        parts = path.name[len(prefix):-len(TEMP_SUFFIX)].split(".")
+        # after the output's name comes its writer's pid; with the name unknown, the first
+        # all-digit part after the name's first (a name part mistaken for it is only kept)
+        pids = [int(p) for p in (parts[:1] if name else parts[1:]) if p.isdigit()]
+        if not pids or pids[0] == os.getpid() or _alive(pids[0]):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-        log.warning("%s: removed, left by an interrupted run (process %s)", path, pid)
+        log.warning("%s: removed, left by an interrupted run (process %d)", path, pids[0])
         removed.append(path)
     return removed
 
@@ -73,7 +77,8 @@ def check_output(path: Path, kind: OutputKind, option: str = "--out") -> None:
     line): ``path`` may not be a symbolic link nor lie under a file; a ``file`` may not be an
     existing folder, a ``folder`` or ``bundle`` not an existing file, and a ``bundle`` (a
     folder replaced whole) not an existing folder that holds anything but a bundle. The
-    temporaries killed runs left beside ``path`` are removed (:func:`sweep_stale`)."""
+    temporaries killed runs left beside ``path`` (and in a ``folder`` written into) are
+    removed (:func:`sweep_stale`)."""
     where = f"{option} {path}"
     if path.is_symlink():
         raise ConfigError(f"{where}: is a symbolic link; give the folder or file it should be "
@@ -89,7 +94,9 @@ def check_output(path: Path, kind: OutputKind, option: str = "--out") -> None:
             and not (path / MANIFEST).is_file():
         raise ConfigError(f"{where}: exists, holds files and is not a bundle; only a bundle "
                           f"folder is replaced")
-    sweep_stale(path)
+    sweep_stale(path.parent, path.name)
+    if kind == "folder" and path.is_dir():
+        sweep_stale(path)
 
 
 @contextmanager

@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from cliper_prod import __version__
-from cliper_prod.errors import INTERRUPTED, TERMINATED, CliperError, Terminated
+from cliper_prod.errors import (INTERRUPTED, TERMINATED, CliperError, Terminated,
+                                interruption)
 
 COMMANDS = ("train", "evaluate", "compare", "ablate_fusion", "embed", "convert_clip", "export",
             "add_items", "topk", "serve", "synthetic", "random_features", "demo")
@@ -36,12 +37,18 @@ class CliperGroup(click.Group):
         previous = signal.signal(signal.SIGTERM, _terminate)  # `serve` installs its own
         try:
             return super().invoke(ctx)
-        except CliperError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt as exc:
-            click.echo("terminated" if isinstance(exc, Terminated) else "interrupted", err=True)
-            ctx.exit(TERMINATED if isinstance(exc, Terminated) else INTERRUPTED)
+        except (Exception, KeyboardInterrupt) as exc:
+            # a library may catch Ctrl-C or SIGTERM and raise its own error from it (the ONNX
+            # exporter, onnxruntime's import): the interruption is still what ends the run
+            stop = interruption(exc)
+            if stop is not None:
+                terminated = isinstance(stop, Terminated)
+                click.echo("terminated" if terminated else "interrupted", err=True)
+                ctx.exit(TERMINATED if terminated else INTERRUPTED)
+            if isinstance(exc, CliperError):
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(exc.exit_code)
+            raise
         finally:
             if previous is not None:  # None: a handler not installed from Python
                 signal.signal(signal.SIGTERM, previous)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cliper_prod.errors import ExportError, interruption
+from cliper_prod.errors import ExportError
 from cliper_prod.messages import first_line
 
 FP32_BOUND = {"min_cosine": 0.99999, "max_abs": 1e-4}
@@ -64,9 +64,8 @@ def export_onnx(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> None
                               opset_version=opset, external_data=spec.external_data,
                               verbose=False)
         except Exception as exc:  # the exporter raises many types; the cause matters
-            raise interruption(exc) or ExportError(
-                f"{spec.name}: ONNX export failed: {exc.__class__.__name__}: "
-                f"{first_line(exc)}") from exc
+            raise ExportError(f"{spec.name}: ONNX export failed: {exc.__class__.__name__}: "
+                              f"{first_line(exc)}") from exc
     import onnx
 
     try:
@@ -118,9 +117,8 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) ->
         optimized = optimize_model(model, model_type="clip", num_heads=heads, hidden_size=hidden,
                                    opt_level=0, optimization_options=options)
     except Exception as exc:  # the optimizer raises many types; the cause matters
-        raise interruption(exc) or ExportError(
-            f"{dst.name}: ONNX Runtime's optimizer failed: {exc.__class__.__name__}: "
-            f"{first_line(exc)}") from exc
+        raise ExportError(f"{dst.name}: ONNX Runtime's optimizer failed: "
+                          f"{exc.__class__.__name__}: {first_line(exc)}") from exc
     finally:
         logging.disable(quiet)
     if mask is not None:

@@ -39,7 +39,7 @@ def pick_variant(record: dict[str, Any], provider: str, precision: str = "fp32",
     return measured.get(precision, FUSED)
 
 
-def _rows(folder: Path, file: str) -> tuple[int, ...]:
+def _shape(folder: Path, file: str) -> tuple[int, ...]:
     """The shape of a .npy table, from its header (nothing else is read)."""
     return np.load(folder / file, mmap_mode="r").shape
 
@@ -53,19 +53,24 @@ def check_values(folder: Path, manifest: dict[str, Any]) -> None:
     topk = manifest["graphs"][TOPK_GRAPH]
     tables = manifest["tables"]
     n_users, n_items, dim = topk["n_users"], topk["n_items"], topk["dim"]
-    found = {"users": _rows(folder, tables["users"]), "items": _rows(folder, tables["items"]),
-             "history_indptr": _rows(folder, tables["history_indptr"])}
+    found = {"users": _shape(folder, tables["users"]), "items": _shape(folder, tables["items"]),
+             "history_indptr": _shape(folder, tables["history_indptr"])}
     expected = {"users": (n_users, dim), "items": (n_items, dim),
                 "history_indptr": (n_users + 1,)}
     problems = [f"{tables[name]} has shape {found[name]}, the manifest says {expected[name]}"
                 for name in expected if found[name] != expected[name]]
+    if not problems:
+        pairs = int(np.load(folder / tables["history_indptr"], mmap_mode="r")[-1])
+        if _shape(folder, tables["history_items"]) != (pairs,):
+            problems.append(f"{tables['history_items']} does not hold the {pairs} training "
+                            f"items {tables['history_indptr']} counts")
     if not 1 <= topk["k"] <= n_items or any(o["shape"][1:] != [topk["k"]]
                                             for o in topk["outputs"]):
         problems.append(f"top-K k {topk['k']} is not the width of the graph's outputs "
                         f"{[o['shape'] for o in topk['outputs']]} within {n_items} items")
     fold_in = manifest.get(FOLD_IN) or {}
     for name, file in fold_in.get("arrays", {}).items():
-        shape = _rows(folder, file)
+        shape = _shape(folder, file)
         per_item = shape[1] if name == "item_layers" else shape[0]
         if name.startswith(("knn_", "item_", "frozen_degree_", "learned_")) and \
                 per_item != n_items:
