@@ -321,11 +321,17 @@ def command(name: str, exported, inputs, out: Path) -> list[object]:
                              out],
             "topk --histories": ["topk", "--bundle", bundle, "--histories",
                                  inputs["histories"], "--out", out],
-            "train": ["train", "--data", exported["catalog"], "--out", out, "--quiet"]}[name]
+            "train": ["train", "--data", exported["catalog"], "--out", out, "--quiet"],
+            "compare": ["compare", "--data", exported["catalog"], "--out", out, "--quiet"],
+            "synthetic": ["synthetic", out],
+            "random-features": ["random-features", "--data", exported["catalog"], "--out", out],
+            "convert-clip": ["convert-clip", inputs["users"], "--tokenizer", exported["clip"],
+                             "--out", out]}[name]
 
 
 FILE_OUTPUTS = ("topk --users", "topk --histories", "add-items --errors")
-FOLDER_OUTPUTS = ("embed", "export", "add-items", "train")
+FOLDER_OUTPUTS = ("embed", "export", "add-items", "train", "compare", "synthetic",
+                  "random-features", "convert-clip")
 
 
 def _under_a_file(place: Path) -> Path:
