@@ -292,6 +292,12 @@ def test_rows_and_ids_that_cannot_be_added_are_each_items_error(exported, tmp_pa
                    ("ZERO", None, 4, "image_feat.npy"), (known, 6, None, "item_ids.txt"),
                    ("N0", 7, None, "item_ids.txt"), (" pad", 8, None, "item_ids.txt")}
     assert "2 item(s)" in res.stderr and str(errors_file) in res.stderr
+    only_known = feature_folder(tmp_path / "known", exported, [known])
+    res = run("add-items", "--bundle", exported["bundle"], "--features", only_known, "--out",
+              tmp_path / "b3")
+    assert res.exit_code == 3 and "no item to add" in res.stderr, res.output
+    assert not (tmp_path / "b3").exists()
+    assert [e["item_id"] for e in records(tmp_path / "b3.errors.jsonl")] == [known]
 
 
 # -- 4. output paths: one policy for every writing command ---------------------------------------

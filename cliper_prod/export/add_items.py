@@ -115,7 +115,8 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     The per-item policy of ``embed``: an item that cannot be added (a bad record, an id
     already in the bundle or holding a line break, a row that cannot be placed) is recorded,
     naming the user's file and line (row), in ``errors_file`` (default
-    :func:`errors_file_for`, written on every run that adds items) and given to
+    :func:`errors_file_for`, written once the new bundle is, or when no item is left) and
+    given to
     ``on_item_error``; the others are added. With ``strict`` the first such item fails the run
     and nothing is written. The embedding work folder is a temporary sibling of ``out``."""
     if (items is None) == (features is None):
@@ -143,15 +144,16 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
         errors += skipped
         for record in errors:
             on_item_error(record)
+        if found.ids:
+            placed = fold.items(found.features)
+            arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
+            extend_bundle(bundle_dir, bundle.manifest, item_ids=found.ids,
+                          items=placed.vectors, out=out, fold_in=FoldInState(
+                              fold.user_rule, fold.item_rule, fold.params, arrays))
         write_text(errors_file, "".join(json.dumps(e) + "\n" for e in errors))
         if not found.ids:
             raise DataError(items or features, f"no item to add ({len(errors)} item error(s), "
                                                f"listed in {errors_file})")
-        placed = fold.items(found.features)
-        arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
-        extend_bundle(bundle_dir, bundle.manifest, item_ids=found.ids, items=placed.vectors,
-                      fold_in=FoldInState(fold.user_rule, fold.item_rule, fold.params, arrays),
-                      out=out)
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
