@@ -580,6 +580,15 @@ def test_metadata_names_the_bundle_by_name_and_hash_never_by_a_server_path(
     assert meta["manifest"]["features"]["clip"] == Path(manifest["features"]["clip"]).name
 
 
+def test_embed_endpoint_makes_each_line_breaking_id_its_items_error(server) -> None:
+    status, body = call(server, "/embed", {"items": catalog_lines()})
+    assert status == 200, body
+    assert [i["item_id"] for i in body["items"]] == ["good0", "good1"]
+    skipped = [e for e in body["errors"] if e["action"] == "skipped"]
+    assert [(e["line"], e["item_id"]) for e in skipped] == \
+        [(n, bad_id(c)) for n, c in enumerate(BREAKS, start=2)]
+
+
 @pytest.mark.parametrize("k", ['"5"', "true", "false", "5.0", '"true"'])
 def test_topk_k_is_strictly_an_integer(server, exported, k) -> None:
     user = json.dumps(ids_of(exported["bundle"] / "user_ids.txt")[0].decode())
