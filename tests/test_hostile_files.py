@@ -220,6 +220,9 @@ def test_a_bundle_whose_ids_and_rows_disagree_is_refused(exported, tmp_path, nam
     feats = feature_folder(tmp_path / "feats", exported, ["N0"])
     one_line_error(run("add-items", "--bundle", bundle, "--features", feats, "--out",
                        tmp_path / "b2"), 7, name, "rows")
+    for engine in ("local", "ray"):  # refused before either engine starts
+        one_line_error(run("serve", "--engine", engine, "--bundle", bundle, "--port", "1"), 7,
+                       name, "rows")
 
 
 # -- 3. malformed --features files: exit 3 naming the file ---------------------------------------
@@ -545,6 +548,10 @@ def test_an_edited_manifest_is_refused_by_topk_and_add_items(exported, inputs, t
                    words)
     one_line_error(run("add-items", "--bundle", bundle, "--features", inputs["features"],
                        "--out", tmp_path / "b2"), 7, words)
+    if words != "output items":  # (that one shows when a session opens: in each worker)
+        for engine in ("local", "ray"):
+            one_line_error(run("serve", "--engine", engine, "--bundle", bundle, "--port", "1"),
+                           7, words)
 
 
 # -- 6, 7. the HTTP surface of both engines -------------------------------------------------------
