@@ -4,6 +4,8 @@ Each new item is embedded with the bundle's own CLIP graphs (or its features are
 ``embed`` folder), placed in the model's item graph by the backbone's fold-in rule
 (:mod:`cliper_prod.runtime.fold_in`), and a new verified bundle is written by
 :func:`~cliper_prod.export.bundle_writer.extend_bundle`; the source bundle is never changed.
+An item that cannot be added is that item's record, naming the user's own file and line (row),
+as in ``embed``; the others are added (see :func:`add_items`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.export.bundle_writer import extend_bundle
 from cliper_prod.features.catalog import Catalog, read_catalog
-from cliper_prod.features.embed import EmbedOptions, embed_catalog
+from cliper_prod.features.embed import EmbedOptions, check_catalog, embed_catalog
 from cliper_prod.features.feature_folder import IDS_FILE, ItemProblem, read_feature_folder
 from cliper_prod.features.items import Item
 from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_text
@@ -64,7 +66,8 @@ def embed_items(bundle: Bundle, items: Path, folder: Path, *, precision: str, ba
     options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
                            batch_size=batch_size, strict=strict)
     embed_catalog(items, encoder, folder, options, progress=progress)
-    records = [json.loads(line) for line in (folder / "errors.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "errors.jsonl").read_text().split("\n")
+               if line]
     return [{"file": str(items / r.pop("file") if "file" in r else items), **r}
             for r in records]
 
@@ -124,6 +127,8 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     errors_file = errors_file or errors_file_for(out)
     check_out(bundle_dir, out)
     check_output(errors_file, "file", "--errors")
+    if items is not None:
+        check_catalog(items, out)  # the work folder beside --out must not be read as a shard
     bundle = Bundle(bundle_dir, provider)
     bundle.graph(TOPK_GRAPH)  # its K checked against the manifest's, which the new one keeps
     fold = FoldIn.of(bundle)
