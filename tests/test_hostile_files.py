@@ -189,6 +189,15 @@ def test_export_refuses_a_line_breaking_id_in_the_mmrec_mapping(exported, tmp_pa
     assert not (tmp_path / "b").exists()
 
 
+def test_export_refuses_a_mapping_that_is_not_utf8(exported, tmp_path) -> None:
+    data = mmrec_copy(exported, tmp_path / "data")
+    with (data / "i_id_mapping.csv").open("ab") as fh:
+        fh.write(b"\xff\xfe\t0\n")
+    res = run("export", "--checkpoint", exported["ckpt"], "--data", data, "--out",
+              tmp_path / "b")
+    one_line_error(res, 3, str(data / "i_id_mapping.csv"), "not UTF-8")
+
+
 def test_train_refuses_a_line_breaking_user_id(exported, tmp_path) -> None:
     data = mmrec_copy(exported, tmp_path / "data")
     set_external_id(data / "u_id_mapping.csv", 0, "U\u2028x")

@@ -160,6 +160,13 @@ def _check_contiguous(ids: np.ndarray, path: Path, what: str) -> int:
 
 def read_id_mapping(path: Path, column: str, n: int) -> list[str]:
     """Read ``external<TAB>integer`` rows; return the external id of each integer 0..n-1."""
+    try:
+        return _read_id_mapping(path, column, n)
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text") from None
+
+
+def _read_id_mapping(path: Path, column: str, n: int) -> list[str]:
     out: list[str | None] = [None] * n
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t")
