@@ -146,7 +146,10 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
         skipped = _problem_records(found.problems, items, features)
         if strict and skipped:
             _refuse_strict(skipped[0])
-        errors += skipped
+        not_added = {p.item_id for p in found.problems}  # one record each: why it is not
+        errors = sorted([e for e in errors if e["item_id"] not in not_added
+                         or e["action"] != "kept"] + skipped,
+                        key=lambda e: (e["file"], e.get("line", e.get("row", 0))))
         for record in errors:
             on_item_error(record)
         if found.ids:
