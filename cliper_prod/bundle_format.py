@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from cliper_prod.errors import BundleError
 
+log = logging.getLogger(__name__)
+
 #: 2: the top-K graph scores queries (the user table is a file), takes the excluded
 #: (row, item) pairs as inputs and keeps its item table in external data.
-FORMAT_VERSION = 2
+#: 3: the manifest holds the sha256 of its own canonical content (:data:`MANIFEST_HASH`).
+FORMAT_VERSION = 3
+#: Format 2 bundles still open, with every check but the manifest's own hash (they have none):
+#: a deployed bundle keeps serving after an upgrade, and re-exporting it adds the hash.
+UNHASHED_VERSION = 2
 MANIFEST = "manifest.json"
+MANIFEST_HASH = "manifest_sha256"
 IMAGE_GRAPH = "image_encoder"
 TEXT_GRAPH = "text_fusion"
 TOPK_GRAPH = "topk"
@@ -66,6 +74,15 @@ def fold_in_file(name: str) -> str:
     return f"{FOLD_IN}.{name}.npy"
 
 
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces, UTF-8) without
+    :data:`MANIFEST_HASH`: what the manifest stores in that field, so that editing any value
+    (not only a file) is seen as a flipped byte in a table is."""
+    content = {key: value for key, value in manifest.items() if key != MANIFEST_HASH}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
     """The manifest of ``folder``, after checking its format and every listed file."""
     path = folder / MANIFEST
@@ -79,10 +96,18 @@ def read_manifest(folder: Path, verify_hashes: bool = True) -> dict[str, Any]:
         version, files = manifest["format_version"], manifest["files"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise BundleError(f"{path}: not a bundle manifest ({exc.__class__.__name__})") from None
-    if version != FORMAT_VERSION:
+    if version not in (UNHASHED_VERSION, FORMAT_VERSION):
         raise BundleError(f"{path}: bundle format {version!r} (written by cliper-prod "
                           f"{manifest.get('cliper_prod', '?')}); this cliper-prod reads format "
-                          f"{FORMAT_VERSION}: re-export the model with this version")
+                          f"{FORMAT_VERSION} (and {UNHASHED_VERSION}): re-export the model with "
+                          f"this version")
+    if version == UNHASHED_VERSION:
+        log.warning("%s: a format %d bundle: its manifest carries no hash of its own values, so "
+                    "an edit to them is not detected; re-export it to add one", path,
+                    UNHASHED_VERSION)
+    elif manifest.get(MANIFEST_HASH) != manifest_hash(manifest):
+        raise BundleError(f"{path}: its content differs from its {MANIFEST_HASH}; the manifest "
+                          f"was edited after export: re-export the bundle")
     for name, expected in files.items():
         file = folder / name
         if not file.is_file():

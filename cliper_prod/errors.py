@@ -80,7 +80,26 @@ class RuntimeSetupError(CliperError):
     exit_code = 9
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (the CLI installs the handler) so that it unwinds
+    as Ctrl-C does: temporaries removed, resumable work kept."""
+
+
+def interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """``exc`` itself when it is Ctrl-C or SIGTERM, or the one it was raised from (a library
+    that catches everything may turn one into its own error), or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 
 #: exit code -> what it means, as README's table states it.
 EXIT_CODES: dict[int, str] = {
@@ -94,7 +113,8 @@ EXIT_CODES: dict[int, str] = {
     BundleError.exit_code: "bad bundle",
     ExportError.exit_code: "export failed",
     RuntimeSetupError.exit_code: "ONNX Runtime missing",
-    INTERRUPTED: "interrupted",
+    INTERRUPTED: "interrupted (Ctrl-C, SIGINT)",
+    TERMINATED: "terminated (SIGTERM)",
 }
 
 

@@ -44,6 +44,26 @@ def toy_rows(n_users: int = 30, n_items: int = 20, per_user: int = 8, seed: int 
     return rows
 
 
+def rewrite_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``manifest`` into ``folder`` with the self-hash a bundle of format 3 carries,
+    computed here as the format defines it (sha256 of the sorted, space-free UTF-8 JSON
+    without the field): a test's edit that must get past the manifest's own check."""
+    import hashlib
+
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    manifest = {**content, "manifest_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def served_manifest(bundle: Path) -> dict:
+    """The manifest as /metadata shows it: the CLIP checkpoint named by its folder's name."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if manifest.get("features") and Path(manifest["features"]["clip"]).is_absolute():
+        manifest["features"]["clip"] = Path(manifest["features"]["clip"]).name
+    return manifest
+
+
 def model_config(backbone: str, **model) -> dict:
     """The packaged [model] defaults of ``backbone`` with ``model``'s keys changed."""
     return {**load_config(backbone)["model"], **model}

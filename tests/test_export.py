@@ -4,6 +4,7 @@ own CLIP, a naive numpy fusion and top-K, the PyTorch embed path, hand-broken bu
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cliper_prod.histories import history_pairs
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.runtime.encoder import OnnxEncoder
+from tests.conftest import rewrite_manifest
 from tests.test_backbone_contract import naive_topk
 from tests.test_features import SKELETON, naive_fusion
 
@@ -218,7 +220,7 @@ def _broken(exported: dict[str, Path], tmp_path: Path, edit) -> Path:
 def _rehash(folder: Path, name: str) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name] = sha256_file(folder / name)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(folder, manifest)
 
 
 def _set_opset(folder: Path) -> None:
@@ -241,12 +243,31 @@ def _format(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+def test_a_format_2_bundle_still_serves_with_a_warning(exported: dict[str, Path], tmp_path: Path,
+                                                      caplog) -> None:
+    """A bundle written before the manifest hashed itself (format 2: no manifest_sha256) opens
+    and ranks as before; the log says its values are not protected."""
+    from cliper_prod.runtime.recommender import Recommender
+
+    folder = tmp_path / "v2"
+    shutil.copytree(exported["bundle"], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["manifest_sha256"]
+    manifest["format_version"] = 2
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    users = (folder / "user_ids.txt").read_text().split()[:3]
+    with caplog.at_level(logging.WARNING, logger="cliper_prod.bundle_format"):
+        got = Recommender(folder, provider="cpu").topk(users, k=5)
+    assert got == Recommender(exported["bundle"], provider="cpu").topk(users, k=5)
+    assert "format 2 bundle" in caplog.text
+
+
 @pytest.mark.parametrize("edit, code, message", [
     (lambda f: (f / "topk.onnx").write_bytes((f / "topk.onnx").read_bytes() + b"x"), 7,
      "sha256 differs from the manifest"),
     (lambda f: (f / "item_ids.txt").unlink(), 7, "listed in the manifest but missing"),
     (lambda f: (f / "manifest.json").unlink(), 7, "not a complete bundle"),
-    (_format, 7, "this cliper-prod reads format 2"),
+    (_format, 7, "this cliper-prod reads format 3"),
     (_set_opset, 9, "cannot load this graph"),
     (_corrupt, 9, "cannot load this graph"),
 ])

@@ -20,6 +20,7 @@ from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle, pick_variant
 from cliper_prod.runtime.encoder import OnnxEncoder
+from tests.conftest import rewrite_manifest
 from tests.test_export import FP16, FP32, assert_parity
 
 TOWERS = {"image_encoder": "vision_config", "text_fusion": "text_config"}
@@ -145,7 +146,7 @@ def test_bundle_without_fused_graphs_still_loads(exported: dict[str, Path],
             name = record["files"].pop(key)
             (old / name).unlink()
             del data["files"][name]
-    (old / "manifest.json").write_text(json.dumps(data))
+    rewrite_manifest(old, data)
     assert {p.name for p in old.iterdir()} - {"manifest.json"} == set(data["files"])
     assert all(sha256_file(old / n) == d for n, d in data["files"].items())
     encoder = OnnxEncoder(Bundle(old, "cpu"))

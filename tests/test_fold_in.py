@@ -300,12 +300,12 @@ def test_refusals_name_the_problem(trained, exported, tmp_path: Path) -> None:
     zero = np.load(tmp_path / "new" / "image_feat.npy")
     np.save(tmp_path / "new" / "image_feat.npy", np.vstack([zero[:3], np.zeros_like(zero[:1])]))
     res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
-              "--out", tmp_path / "x")
+              "--out", tmp_path / "x", "--strict")
     assert res.exit_code == 3 and "'NEW3'" in res.output and "all-zero" in res.output
     np.save(tmp_path / "new" / "image_feat.npy", zero)
     (tmp_path / "new" / "item_ids.txt").write_text("SYN00001\nNEW1\nNEW2\nNEW3\n")
     res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "new",
-              "--out", tmp_path / "x")
+              "--out", tmp_path / "x", "--strict")
     assert res.exit_code == 3 and "already in the bundle" in res.output
     assert not (tmp_path / "x").exists()
     # a history of added items only (no interactions) folds in nothing: refused, not ranked

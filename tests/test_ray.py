@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cliper_prod.commands import cli
-from tests.conftest import bundle_users, call
+from tests.conftest import bundle_users, call, served_manifest
 
 
 def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:
@@ -148,8 +148,7 @@ def test_malformed_oversized_and_unlengthed_bodies_are_4xx(service) -> None:
 def test_health_metadata_and_openapi(service, exported) -> None:
     assert call(service, "/healthz") == (200, {"status": "ok"})
     status, meta = call(service, "/metadata")
-    manifest = json.loads((exported["bundle"] / "manifest.json").read_text())
-    assert status == 200 and meta["manifest"] == manifest
+    assert status == 200 and meta["manifest"] == served_manifest(exported["bundle"])
     # each live session's providers, as ONNX Runtime reports them
     assert meta["providers"] == {name: ["CPUExecutionProvider"]
                                  for name in ("topk", "image_encoder", "text_fusion")}

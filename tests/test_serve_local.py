@@ -21,7 +21,8 @@ from cliper_prod.commands import cli
 from cliper_prod.errors import RuntimeSetupError
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.serving.batching import MicroBatcher
-from tests.conftest import READ_TIMEOUT_S, bundle_users, call, scrape, serve_local
+from tests.conftest import (READ_TIMEOUT_S, bundle_users, call, scrape, serve_local,
+                            served_manifest)
 from tests.test_recommender import assert_naive, naive_topk
 
 
@@ -150,7 +151,7 @@ def test_embed_health_and_schema_as_the_python_api(local_service, exported) -> N
     assert body["errors"] and body["items"]
     assert call(local_service, "/healthz") == (200, {"status": "ok"})
     status, meta = call(local_service, "/metadata")
-    assert meta["manifest"] == json.loads((exported["bundle"] / "manifest.json").read_text())
+    assert meta["manifest"] == served_manifest(exported["bundle"])
     status, schema = call(local_service, "/openapi.json")
     assert {"/topk", "/embed", "/healthz", "/metadata"} <= set(schema["paths"])
     assert {"TopKRequest", "TopKResponse", "EmbedResponse"} <= set(schema["components"]["schemas"])

@@ -11,30 +11,47 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
 from typing import Any
 
 import click
 
 from cliper_prod import __version__
-from cliper_prod.errors import INTERRUPTED, CliperError
+from cliper_prod.errors import (INTERRUPTED, TERMINATED, CliperError, Terminated,
+                                interruption)
 
 COMMANDS = ("train", "evaluate", "compare", "ablate_fusion", "embed", "convert_clip", "export",
             "add_items", "topk", "serve", "synthetic", "random_features", "demo")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM unwinds the command as Ctrl-C does (its temporaries are removed on the way)."""
+    raise Terminated()
 
 
 class CliperGroup(click.Group):
     """Turns expected errors into one line on stderr and the error's exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = signal.signal(signal.SIGTERM, _terminate)  # `serve` installs its own
         try:
             return super().invoke(ctx)
-        except CliperError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(INTERRUPTED)
+        except (Exception, KeyboardInterrupt) as exc:
+            # a library may catch Ctrl-C or SIGTERM and raise its own error from it (the ONNX
+            # exporter, onnxruntime's import): the interruption is still what ends the run
+            stop = interruption(exc)
+            if stop is not None:
+                terminated = isinstance(stop, Terminated)
+                click.echo("terminated" if terminated else "interrupted", err=True)
+                ctx.exit(TERMINATED if terminated else INTERRUPTED)
+            if isinstance(exc, CliperError):
+                click.echo(f"error: {exc}", err=True)
+                ctx.exit(exc.exit_code)
+            raise
+        finally:
+            if previous is not None:  # None: a handler not installed from Python
+                signal.signal(signal.SIGTERM, previous)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [self.commands[name.replace("_", "-")].name for name in COMMANDS]

@@ -21,27 +21,36 @@ from cliper_prod.commands.common import provider_option, quiet_option
                    "image_feat.npy, text_feat.npy), in the space the model was trained on.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Folder of the new bundle (written atomically).")
+@click.option("--errors", "errors_file", type=click.Path(path_type=Path),
+              help="JSON Lines record of each item not added (file, line or row, item_id, "
+                   "action, reason) [default: OUT.errors.jsonl beside OUT].")
 @provider_option()
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which CLIP graphs embed --items.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--strict", is_flag=True, help="Fail (exit 3) at the first item error of --items.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 3) at the first item that cannot be added; nothing is written.")
 @quiet_option("No progress bar.")
 def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None,
-            out_dir: Path, provider: str, precision: str, batch_size: int, strict: bool,
-            quiet: bool) -> None:
+            out_dir: Path, errors_file: Path | None, provider: str, precision: str,
+            batch_size: int, strict: bool, quiet: bool) -> None:
     """Add items to a bundle without retraining: each new item is placed in the model's item
     graph by kNN over the same features the model used, its embedding is the backbone's own
     item-graph propagation, and a new verified bundle is written (see README, "Fresh
-    catalogs"). Items the bundle already has are refused."""
-    from cliper_prod.export.add_items import add_items
+    catalogs"). An item that cannot be added (one the bundle already has, a bad record or
+    row) is listed in the errors file and the rest are added, as `embed` does; --strict
+    refuses the batch instead."""
+    from cliper_prod.export.add_items import add_items, errors_file_for
 
     def report(error: dict) -> None:
-        where = f"{items_path}/{error['file']}" if "file" in error else str(items_path)
-        at = f"{where}:{error['line']}" if "line" in error else f"{where}: row {error['row']}"
+        at = f"{error['file']}:{error['line']}" if "line" in error else \
+            f"{error['file']}: row {error['row']}" if "row" in error else error["file"]
         click.echo(f"{at}: {error['action']}: {error['reason']}", err=True)
 
     added = add_items(bundle_dir, out_dir, items=items_path, features=features_dir,
-                      provider=provider, precision=precision, batch_size=batch_size,
-                      strict=strict, progress=not quiet, on_item_error=report)
-    click.echo(f"added {added.added} item(s) to {added.before} -> {out_dir}", err=True)
+                      errors_file=errors_file, provider=provider, precision=precision,
+                      batch_size=batch_size, strict=strict, progress=not quiet,
+                      on_item_error=report)
+    listed = f"; {len(added.errors)} item error(s) in {errors_file or errors_file_for(out_dir)}" \
+        if added.errors else ""
+    click.echo(f"added {added.added} item(s) to {added.before} -> {out_dir}{listed}", err=True)

@@ -36,7 +36,9 @@ def command(data_dir: Path, features_vanilla: Path | None, features_cliper: Path
     paper's Table 2 layout (compare.md, compare.json) and a bar chart (compare.png)."""
     from cliper_prod.comparison import compare_backbones, table, write_report
     from cliper_prod.device import resolve_device
+    from cliper_prod.io import check_output
 
+    check_output(out_dir, "folder")
     torch_device = resolve_device(device)
     names = parse_list(backbones, "--backbones", BACKBONE_NAMES)
     try:

@@ -17,5 +17,7 @@ def command(checkpoint: Path, out_dir: Path, tokenizer_dir: Path) -> None:
     """Convert an OpenAI-format CLIP or Long-CLIP .pt checkpoint into a transformers folder
     usable with `embed --clip`."""
     from cliper_prod.features.convert_clip import convert_checkpoint
+    from cliper_prod.io import check_output
 
+    check_output(out_dir, "folder")
     click.echo(convert_checkpoint(checkpoint, out_dir, tokenizer_dir))

@@ -58,7 +58,9 @@ class EmbedArgs:
         """Refuse combinations that cannot mean what the user asked, before any model loads;
         ``given`` names the options set on the command line."""
         from cliper_prod.features.embed import check_catalog
+        from cliper_prod.io import check_output
 
+        check_output(self.out_dir, "folder")
         check_catalog(self.items, self.out_dir)
         if self.out_format == "parquet":
             from cliper_prod.features.parquet_catalog import arrow

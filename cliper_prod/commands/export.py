@@ -53,8 +53,10 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     PyTorch. Export fails if any graph misses the parity bounds.
     """
     from cliper_prod.export.bundle_writer import GraphOptions, export_bundle
+    from cliper_prod.io import check_output
 
     out_dir = out_dir or DEFAULT_EXPORTS / backbone
+    check_output(out_dir, "bundle")
     options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,
                            torchscript=not no_torchscript, fused=not no_fused,
                            gpu_form=not no_gpu_form, candidates=candidates,

@@ -19,5 +19,7 @@ def command(data_dir: Path, out_dir: Path, seed: int) -> None:
     They carry no item semantics: for comparing implementations side by side only.
     """
     from cliper_prod.data.random_features import with_random_features
+    from cliper_prod.io import check_output
 
+    check_output(out_dir, "folder")
     click.echo(with_random_features(data_dir, out_dir, seed))

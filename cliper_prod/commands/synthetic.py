@@ -19,7 +19,9 @@ def command(out_dir: Path, users: int, items: int, seed: int, overwrite: bool) -
     """Generate the built-in synthetic catalog (items with text and images, users,
     interactions, split) in MMRec format."""
     from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
+    from cliper_prod.io import check_output
 
+    check_output(out_dir, "folder", "OUT_DIR")
     try:
         spec = SyntheticSpec(n_users=users, n_items=items, seed=seed)
         click.echo(generate_catalog(out_dir, spec, overwrite=overwrite))

@@ -35,6 +35,7 @@ def command(users_file: Path | None, histories_file: Path | None, bundle_dir: Pa
     ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime. With
     --histories, for users the model never saw: each is folded in from the items of their
     history, which is excluded, and unknown item ids are listed in "unknown_items"."""
+    from cliper_prod.io import check_output
     from cliper_prod.runtime import rank_files
     from cliper_prod.runtime.bundle_reader import Bundle
     from cliper_prod.runtime.ranking import KOutOfRange, TopKRanker
@@ -44,6 +45,8 @@ def command(users_file: Path | None, histories_file: Path | None, bundle_dir: Pa
     path = users_file or histories_file
     if not path.is_file():
         raise ConfigError(f"{path}: {'users' if users_file else 'histories'} file not found")
+    if out_file is not None:
+        check_output(out_file, "file")
     bundle = Bundle(bundle_dir, provider, backbone)
     ranker = TopKRanker(bundle)
     try:

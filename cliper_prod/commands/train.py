@@ -51,8 +51,11 @@ def command(backbone: str, data_dir: Path, features: str, features_dir: Path | N
     from cliper_prod.config import load_config
     from cliper_prod.data.mmrec import load_dataset
     from cliper_prod.device import resolve_device
+    from cliper_prod.io import check_output
     from cliper_prod.training import train_model
 
+    if out_dir is not None:
+        check_output(out_dir, "folder")
     torch_device = resolve_device(device)
     extra = parse_overrides(overrides)
     if seed is not None:
@@ -65,7 +68,9 @@ def command(backbone: str, data_dir: Path, features: str, features_dir: Path | N
         raise ConfigError("--features-dir needs --features cliper")
     data = load_dataset(data_dir, features_dir=features_dir)
     click.echo(data.summary(), err=True)
-    out_dir = out_dir or DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
+    if out_dir is None:
+        out_dir = DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"
+        check_output(out_dir, "folder")
     result = train_model(backbone, data, config, out_dir, progress=not quiet,
                          mask_valid_in_test=mask_valid_in_test, grid=grid, resume=resume,
                          device=torch_device)

@@ -10,7 +10,6 @@ as a :class:`~cliper_prod.errors.DataError` naming the file, the line and what i
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from cliper_prod.errors import DataError
+from cliper_prod.features.feature_folder import read_embed_summary, read_matrix
 from cliper_prod.fusion_modes import fusion_mode
+from cliper_prod.ids import id_problem, read_ids
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,13 @@ def _check_contiguous(ids: np.ndarray, path: Path, what: str) -> int:
 
 def read_id_mapping(path: Path, column: str, n: int) -> list[str]:
     """Read ``external<TAB>integer`` rows; return the external id of each integer 0..n-1."""
+    try:
+        return _read_id_mapping(path, column, n)
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text") from None
+
+
+def _read_id_mapping(path: Path, column: str, n: int) -> list[str]:
     out: list[str | None] = [None] * n
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t")
@@ -176,6 +184,10 @@ def read_id_mapping(path: Path, column: str, n: int) -> list[str]:
                 raise DataError(path, f"{column} {num} is outside the dataset's 0..{n - 1}", line_no)
             if out[num] is not None:
                 raise DataError(path, f"{column} {num} is mapped twice", line_no)
+            problem = id_problem(fields[1 - idx])
+            if problem:
+                raise DataError(path, f"{column} {num}: external id {fields[1 - idx][:60]!r}: "
+                                      f"{problem}", line_no)
             out[num] = fields[1 - idx]
     missing = [i for i, v in enumerate(out) if v is None]
     if missing:
@@ -184,18 +196,10 @@ def read_id_mapping(path: Path, column: str, n: int) -> list[str]:
     return out  # type: ignore[return-value]
 
 
-def read_features(path: Path, n_items: int) -> np.ndarray:
-    """Load a feature matrix and check its shape and values."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(path, f"not a readable .npy array ({exc})") from None
-    if arr.ndim != 2:
-        raise DataError(path, f"features must be 2-d [n_items, d], got shape {arr.shape}")
-    if arr.shape[0] != n_items:
-        raise DataError(path, f"{arr.shape[0]} feature rows but the dataset has {n_items} items")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(path, f"features must be floating point, got {arr.dtype}")
+def read_features(path: Path, n_items: int, of: str = "the dataset") -> np.ndarray:
+    """Load a feature matrix (:func:`~cliper_prod.features.feature_folder.read_matrix`) and
+    check its values."""
+    arr = read_matrix(path, n_items, of)
     bad = ~np.isfinite(arr)
     if bad.any():
         row = int(np.argwhere(bad)[0, 0])
@@ -227,7 +231,7 @@ def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: in
     if not ids_path.exists():
         raise DataError(ids_path, "not found: --features-dir must be an output folder of "
                                   "`cliper-prod embed`")
-    rows = {item: r for r, item in enumerate(ids_path.read_text(encoding="utf-8").split())}
+    rows = {item: r for r, item in enumerate(read_ids(ids_path))}
     wanted = item_ids if item_ids is not None else [str(i) for i in range(n_items)]
     missing = [item for item in wanted if item not in rows]
     if missing:
@@ -236,10 +240,10 @@ def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: in
     order = np.array([rows[item] for item in wanted])
     out = {}
     for modality, fname in FEATURE_FILES.items():
-        feat = read_features(folder / fname, len(rows))
+        feat = read_features(folder / fname, len(rows), ids_path.name)
         out[modality] = np.ascontiguousarray(feat[order])
     summary_path = folder / "embed_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = read_embed_summary(summary_path) if summary_path.exists() else {}
     mode = fusion_mode(summary.get("fusion", "sa"))
     return out, (mode.name, len(summary["views"])) if mode.trained_with_recommender else None
 

@@ -35,8 +35,9 @@ from cliper_prod import __version__
 from cliper_prod.backbones.base import FoldInState
 from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, GPU_FORM, HISTORY_INDPTR,
                                        HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
-                                       PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH, USER_IDS,
-                                       USER_TABLE, fold_in_file, graph_file, sha256_file)
+                                       MANIFEST_HASH, PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH,
+                                       USER_IDS, USER_TABLE, fold_in_file, graph_file,
+                                       manifest_hash, sha256_file)
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
 from cliper_prod.export.feature_graphs import export_features, feature_settings
@@ -44,7 +45,8 @@ from cliper_prod.export.graphs import GraphSpec, export_onnx, feeds, torch_outpu
 from cliper_prod.export.verified_graph import (CPU, GraphOptions, export_graph, preference,
                                                verified_onnx)
 from cliper_prod.histories import history_pairs, training_csr
-from cliper_prod.io import write_json, write_npy, write_text
+from cliper_prod.ids import read_ids, write_ids
+from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_json, write_npy
 from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
 
 log = logging.getLogger(__name__)
@@ -181,12 +183,12 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
     verified records. The top-K graph keeps the source's forms (the GPU form and its candidate
     count only if the source has one)."""
     topk = manifest["graphs"][TOPK_GRAPH]
-    old_ids = (source / manifest["ids"]["items"]).read_text(encoding="utf-8").splitlines()
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
+    old_ids = read_ids(source / manifest["ids"]["items"], len(tables["items"]))
     counts = np.diff(tables["history_indptr"])
     train = np.stack([np.repeat(np.arange(len(counts)), counts),
                       tables["history_items"].astype(np.int64)], 1)
-    user_ids = (source / manifest["ids"]["users"]).read_text(encoding="utf-8").splitlines()
+    user_ids = read_ids(source / manifest["ids"]["users"], len(tables["users"]))
     embedding = EmbeddingTables(torch.from_numpy(tables["users"]),
                                 torch.from_numpy(np.concatenate([tables["items"], items])),
                                 train, user_ids, old_ids + list(item_ids))
@@ -214,9 +216,11 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
 
 
 def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``build`` in a temporary sibling of ``out``, then swap it into place."""
+    """Run ``build`` in a temporary sibling of ``out`` (named as :mod:`cliper_prod.io` names
+    temporaries, so a killed run's is found), then swap it into place."""
+    check_output(out, "bundle")
     out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
@@ -256,10 +260,8 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
     write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)
     write_npy(folder / HISTORY_ITEMS, history)
-    write_text(folder / USER_IDS, "".join(f"{u}\n" for u in (tables.user_ids or
-                                                             range(len(users)))))
-    write_text(folder / ITEM_IDS, "".join(f"{i}\n" for i in (tables.item_ids or
-                                                             range(len(items)))))
+    write_ids(folder / USER_IDS, tables.user_ids or range(len(users)))
+    write_ids(folder / ITEM_IDS, tables.item_ids or range(len(items)))
     feature_graphs = features()
     feature_info = None
     if feature_graphs is not None:
@@ -297,6 +299,7 @@ def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any
         **(extra or {}),
         "files": {name: sha256_file(folder / name) for name in files},
     }
+    manifest[MANIFEST_HASH] = manifest_hash(manifest)
     write_json(folder / MANIFEST, manifest)
     return manifest
 
@@ -306,7 +309,7 @@ def _replace_dir(new: Path, final: Path) -> None:
     if not final.exists():
         os.replace(new, final)
         return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f"{temp_prefix(final)}old{TEMP_SUFFIX}")
     os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old)

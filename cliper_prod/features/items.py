@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Generator, Iterator, NoReturn
 
 from cliper_prod.errors import DataError
+from cliper_prod.ids import id_problem
 from cliper_prod.messages import shorten
 
 TEXT_FIELDS = ("title", "brand", "categories", "description")
@@ -172,6 +173,9 @@ def parse_record(record: object, line: int, base_dir: Path, limits: ItemLimits =
     if not isinstance(item_id, str) or not item_id.strip():
         return ItemError(line, None, "missing or empty 'item_id' (a non-empty string)")
     item_id = item_id.strip()
+    problem = id_problem(item_id)
+    if problem:
+        return ItemError(line, item_id, f"'item_id': {problem}")
     notes: list[str] = []
     try:
         fields = {}

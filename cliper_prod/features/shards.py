@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cliper_prod.errors import ConfigError
+from cliper_prod.ids import write_ids
 from cliper_prod.io import atomic_path, write_json, write_text
 
 WORK_DIR = ".embed-work"
@@ -112,7 +113,7 @@ class ShardStore:
                 out.flush()
                 del out
         ids = [i for m in metas for i in m["ids"]]
-        write_text(out_dir / "item_ids.txt", "".join(f"{i}\n" for i in ids))
+        write_ids(out_dir / "item_ids.txt", ids)
         errors = [e for m in metas for e in m["errors"]]
         write_text(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors))
         return {"embedded": rows, "ids": ids, "errors": errors,

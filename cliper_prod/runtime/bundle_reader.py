@@ -13,8 +13,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cliper_prod.bundle_format import FUSED, PLAIN, VARIANTS, file_key, read_manifest
-from cliper_prod.errors import BundleError, RuntimeSetupError
+import numpy as np
+
+from cliper_prod.bundle_format import (FOLD_IN, FUSED, PLAIN, TOPK_GRAPH, VARIANTS, file_key,
+                                       read_manifest)
+from cliper_prod.errors import BundleError, DataError, RuntimeSetupError
+from cliper_prod.ids import read_ids
 from cliper_prod.runtime.providers import choose_providers
 from cliper_prod.runtime.sessions import Graph
 
@@ -35,6 +39,56 @@ def pick_variant(record: dict[str, Any], provider: str, precision: str = "fp32",
     return measured.get(precision, FUSED)
 
 
+def _shape(folder: Path, file: str) -> tuple[int, ...]:
+    """The shape of a .npy table, from its header (nothing else is read)."""
+    return np.load(folder / file, mmap_mode="r").shape
+
+
+def check_values(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest whose values the runtime acts on disagree with the artifacts they
+    describe: the top-K record's counts, width and K against the tables (its K against the
+    graph's TopK constant when a session opens: :meth:`Bundle.graph`), the training-item
+    tables against the counts, each fold-in array against the catalog, ``knn_k`` against the
+    catalog's size, and each measured variant choice against the variants present."""
+    topk = manifest["graphs"][TOPK_GRAPH]
+    tables = manifest["tables"]
+    n_users, n_items, dim = topk["n_users"], topk["n_items"], topk["dim"]
+    found = {"users": _shape(folder, tables["users"]), "items": _shape(folder, tables["items"]),
+             "history_indptr": _shape(folder, tables["history_indptr"])}
+    expected = {"users": (n_users, dim), "items": (n_items, dim),
+                "history_indptr": (n_users + 1,)}
+    problems = [f"{tables[name]} has shape {found[name]}, the manifest says {expected[name]}"
+                for name in expected if found[name] != expected[name]]
+    if not problems:
+        pairs = int(np.load(folder / tables["history_indptr"], mmap_mode="r")[-1])
+        if _shape(folder, tables["history_items"]) != (pairs,):
+            problems.append(f"{tables['history_items']} does not hold the {pairs} training "
+                            f"items {tables['history_indptr']} counts")
+    if not 1 <= topk["k"] <= n_items or any(o["shape"][1:] != [topk["k"]]
+                                            for o in topk["outputs"]):
+        problems.append(f"top-K k {topk['k']} is not the width of the graph's outputs "
+                        f"{[o['shape'] for o in topk['outputs']]} within {n_items} items")
+    fold_in = manifest.get(FOLD_IN) or {}
+    for name, file in fold_in.get("arrays", {}).items():
+        shape = _shape(folder, file)
+        per_item = shape[1] if name == "item_layers" else shape[0]
+        if name.startswith(("knn_", "item_", "frozen_degree_", "learned_")) and \
+                per_item != n_items:
+            problems.append(f"{file} holds {per_item} items, the manifest says {n_items}")
+    knn_k = fold_in.get("params", {}).get("knn_k")
+    if knn_k is not None and not (isinstance(knn_k, int) and 1 <= knn_k <= n_items):
+        problems.append(f"fold-in knn_k {knn_k!r} is not between 1 and the {n_items} items")
+    for name, record in manifest["graphs"].items():
+        for provider, choice in record.get(FUSED, {}).get("preferred", {}).items():
+            for precision, variant in choice.items():
+                if variant not in VARIANTS or file_key(precision, variant) not in record["files"]:
+                    problems.append(f"{name}: preferred {variant!r} {precision} variant on "
+                                    f"{provider} is not in the bundle")
+    if problems:
+        raise BundleError(f"{folder}: the bundle does not hold what its manifest says "
+                          f"({'; '.join(problems)}); re-export it")
+
+
 class Bundle:
     """A bundle folder opened on one provider choice (:data:`~.providers.PROVIDERS`);
     ``backbone``, when given, must be the one the bundle holds."""
@@ -48,10 +102,21 @@ class Bundle:
                               f"{backbone}")
         self.provider = provider
         self.providers = choose_providers(provider)
+        check_values(folder, self.manifest)
+        self.user_ids, self.item_ids  # read at open: ids and rows must pair one to one
 
     def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Graph:
-        """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU."""
+        """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU.
+        Its output shapes must be those its manifest record gives (the top-K graph's K is
+        its TopK constant, a CLIP graph's width its projection)."""
         graph = Graph(self.graph_file(name, precision, variant), self.providers)
+        for spec, output in zip(self._record(name)["outputs"], graph.session.get_outputs()):
+            if len(spec["shape"]) != len(output.shape) or any(
+                    isinstance(a, int) and isinstance(b, int) and a != b
+                    for a, b in zip(spec["shape"], output.shape)):
+                raise BundleError(f"{graph.path}: output {output.name} has shape "
+                                  f"{output.shape}, the manifest says {spec['shape']}: the "
+                                  f"bundle does not hold what its manifest says; re-export it")
         live = graph.session.get_providers()[0]
         if self.provider == "cuda" and live != "CUDAExecutionProvider":
             raise RuntimeSetupError(
@@ -99,5 +164,10 @@ class Bundle:
         return self._ids("items")
 
     def _ids(self, which: str) -> list[str]:
-        path = self.folder / self.manifest["ids"][which]
-        return path.read_text(encoding="utf-8").splitlines()
+        """The ``which`` ids, one per row of the table of the same name (checked at open)."""
+        try:
+            return read_ids(self.folder / self.manifest["ids"][which],
+                            self.manifest["graphs"][TOPK_GRAPH][f"n_{which}"])
+        except DataError as exc:
+            raise BundleError(f"{exc}: the bundle does not hold what its manifest says; "
+                              f"re-export it") from None

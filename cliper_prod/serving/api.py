@@ -26,7 +26,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from cliper_prod import __version__
 from cliper_prod.features.items import StrictJSONError, loads_strict
@@ -46,7 +46,8 @@ class TopKRequest(BaseModel):
         None, min_length=1, description="Instead of users: one user the model never saw, by "
         "the item ids they interacted with; folded in by the backbone's user rule, the history "
         "excluded from the ranking, unknown ids listed in the answer's unknown_items.")
-    k: int = Field(20, ge=1, description="Items per user (at most the bundle's max_k).")
+    k: StrictInt = Field(20, ge=1, description="Items per user (at most the bundle's max_k); "
+                         "an integer, never a string or a boolean.")
     exclude: list[str] = Field(default_factory=list,
                                description="Item ids to leave out for every user of the "
                                            "request, besides their training items.")
@@ -132,7 +133,7 @@ def _problem(error: dict) -> dict:
     """A validation error without the client's ``input`` (megabytes, perhaps) and with the
     keys of its location cut short."""
     message = error["msg"]
-    if "error" in error.get("ctx", {}):
+    if "error" in error.get("ctx", {}) and str(error["ctx"]["error"]) not in message:
         message += f": {error['ctx']['error']}"
     return {"type": error["type"], "msg": shorten(message),
             "loc": [shorten(part) if isinstance(part, str) else part for part in error["loc"]]}

@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from cliper_prod import __version__
+from cliper_prod.bundle_format import MANIFEST_HASH
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.serving.metrics import ServiceMetrics
@@ -155,8 +156,30 @@ class Service:
 
     def metadata(self) -> dict:
         """The manifest, how this process runs it, and whether Ray is loaded in it (the local
-        engine never imports Ray: tested through this)."""
-        return {"manifest": self.manifest, "providers": self.providers,
-                "cliper_prod": __version__, "settings": self.settings.model_dump(),
+        engine never imports Ray: tested through this). No server path: the bundle is named by
+        its folder's name and its manifest's hash, path settings by their last component."""
+        settings = self.settings.model_dump()
+        for name in PATH_SETTINGS:
+            settings[name] = _name(settings[name])
+        manifest = self.manifest
+        if manifest.get("features"):
+            manifest = {**manifest, "features": {**manifest["features"],
+                                                 "clip": _name(manifest["features"]["clip"])}}
+        return {"bundle": {"name": _name(self.settings.bundle),
+                           MANIFEST_HASH: self.manifest[MANIFEST_HASH]},
+                "manifest": manifest, "providers": self.providers,
+                "cliper_prod": __version__, "settings": settings,
                 "engine": {**self.engine, "ray_imported": "ray" in sys.modules},
                 "replica": self.replica}
+
+
+#: settings that name a path on the server: /metadata shows their last component only
+PATH_SETTINGS = ("bundle", "image_root")
+
+
+def _name(value: str | None) -> str | None:
+    """A path's last component (a hub id such as ``openai/clip-vit-base-patch32``, not a
+    path on this machine, is kept)."""
+    if value is None or not (Path(value).is_absolute() or Path(value).exists()):
+        return value
+    return Path(value).resolve().name
