@@ -34,6 +34,10 @@ FOLD_IN = "fold_in"  # manifest record of the fold-in rules; their arrays are fo
 #: attention, SkipLayerNormalization, Gelu kinds; contrib ops of the ``com.microsoft`` domain).
 PLAIN, FUSED = "plain", "fused"
 VARIANTS = (PLAIN, FUSED)
+#: The image graph's twins that take uint8 pixels [B, 3, H, W] and normalise inside the graph
+#: (a quarter of the bytes to move to a GPU); one per plain/fused graph and precision.
+UINT8 = "uint8"
+UINT8_INPUT = "pixels"
 
 
 def sha256_file(path: Path) -> str:
@@ -47,6 +51,11 @@ def sha256_file(path: Path) -> str:
 def file_key(precision: str = "fp32", variant: str = PLAIN) -> str:
     """Key of a graph file in its manifest record's ``files``: ``fp16``, ``fused.fp32``, ..."""
     return precision if variant == PLAIN else f"{variant}.{precision}"
+
+
+def uint8_key(precision: str = "fp32", variant: str = PLAIN) -> str:
+    """Key of a uint8-input twin in ``files``: ``uint8.fp32``, ``uint8.fused.fp16``, ..."""
+    return f"{UINT8}.{file_key(precision, variant)}"
 
 
 def graph_file(name: str, precision: str = "fp32", kind: str = "onnx",

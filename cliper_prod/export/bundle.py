@@ -7,6 +7,8 @@ Contents (see export/README.md for the format):
   text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
                                      image feature, view embeddings
   <clip graph>.fused[.fp16].onnx     the same, rewritten by ONNX Runtime's transformer optimizer
+  image_encoder.uint8[.fused][.fp16].onnx  each image graph taking uint8 pixels [B, 3, H, W],
+                                     normalised inside the graph (export/pixels.py)
   tokenizer.json                     the CLIP tokenizer (read by the `tokenizers` library)
   manifest.json                      versions, IO specs, view settings, hashes, parity figures
 The bundle is built in a temporary sibling folder, verified, and only then renamed into place.
@@ -43,6 +45,8 @@ from cliper_prod.errors import CheckpointError, ConfigError
 from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
                                        export_onnx, export_torchscript, feeds,
                                        optimize_clip, to_fp16, torch_outputs, verify)
+from cliper_prod.export.pixels import add_uint8_twins
+from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json, write_npy, write_text
@@ -321,6 +325,8 @@ def export_features(settings: FeatureSettings, folder: Path,
                  ", RANDOM weights" if settings.random_init else "")
         records[spec.name] = _export_graph(spec, folder, options, fp16=options.fp16,
                                            fused=twins.get(spec.name))
+    add_uint8_twins(specs[0], folder, records[IMAGE_GRAPH],
+                    ClipImagePreprocessor.from_dict(info["preprocess"]))
     return records, info
 
 

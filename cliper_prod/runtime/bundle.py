@@ -13,7 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from cliper_prod.bundle_format import FUSED, PLAIN, VARIANTS, file_key, read_manifest
+from cliper_prod.bundle_format import (FUSED, PLAIN, VARIANTS, file_key, read_manifest,
+                                       uint8_key)
 from cliper_prod.errors import BundleError, RuntimeSetupError
 from cliper_prod.runtime.sessions import Graph, choose_providers
 
@@ -44,9 +45,10 @@ class Bundle:
         self.device = device
         self.providers = choose_providers(device)
 
-    def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Graph:
+    def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN,
+              uint8: bool = False) -> Graph:
         """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU."""
-        graph = Graph(self.graph_file(name, precision, variant), self.providers)
+        graph = Graph(self.graph_file(name, precision, variant, uint8), self.providers)
         live = graph.session.get_providers()[0]
         if self.device == "cuda" and live != "CUDAExecutionProvider":
             raise RuntimeSetupError(
@@ -55,20 +57,26 @@ class Bundle:
                 f"one: --gpus-per-replica, --gpus-per-actor)")
         return graph
 
+    def has_uint8(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> bool:
+        """Whether the export wrote a uint8-pixel twin of this graph (bundles before it did
+        not)."""
+        return uint8_key(precision, variant) in self._record(name)["files"]
+
     def variant(self, name: str, precision: str = "fp32", requested: str = "auto") -> str:
         """Which variant of ``name`` this bundle's provider runs (:func:`pick_variant`)."""
         chosen = pick_variant(self._record(name), self.providers[0], precision, requested)
         log.debug("%s %s: %s graph on %s", name, precision, chosen, self.providers[0])
         return chosen
 
-    def graph_file(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Path:
-        record = self._record(name)
-        file = record["files"].get(file_key(precision, variant))
-        if file is None:
-            raise BundleError(f"{self.folder}: no {file_key(precision, variant)} variant of "
-                              f"{name} (has "
-                              f"{sorted(k for k in record['files'] if k != 'torchscript')})")
-        return self.folder / file
+    def graph_file(self, name: str, precision: str = "fp32", variant: str = PLAIN,
+                   uint8: bool = False) -> Path:
+        """The file of one variant; ``uint8``: its twin taking uint8 pixels (image graph)."""
+        key = uint8_key(precision, variant) if uint8 else file_key(precision, variant)
+        files = self._record(name)["files"]
+        if key not in files:
+            raise BundleError(f"{self.folder}: no {key} variant of {name} (has "
+                              f"{sorted(k for k in files if k != 'torchscript')})")
+        return self.folder / files[key]
 
     def _record(self, name: str) -> dict[str, Any]:
         record = self.manifest["graphs"].get(name)
