@@ -6,8 +6,10 @@ Items carry the usual text fields (real CLIP tokenizer, 5 views) and a 640x480 p
 (generated on the fly, ``--images`` distinct files shared round-robin). What is timed: catalog
 parsing, decoding and preprocessing in the decode threads, the per-item policy, tokenising,
 stacking and filing the outputs; the graphs return zeros at once. For each decode path and
-worker count: items/s (median of ``--repeats`` runs), items/s per decode worker, and the
-scaling from the first worker count. It runs on any checkout whose ``embed_catalog`` takes
+worker count: items/s (median of ``--repeats`` runs), items/s per decode worker, the scaling
+from the first worker count, and items per CPU-second of the process (all its threads; the
+per-core cost, which a machine shared with other work disturbs less than the wall clock). The
+1-minute load average before and after each row is recorded with it. It runs on any checkout whose ``embed_catalog`` takes
 ``EmbedOptions(workers=...)`` (``--decode exact`` only before the draft path existed), so old
 and new code can be measured side by side on one machine.
 """
@@ -109,27 +111,34 @@ def main() -> None:
                 extra = {} if decode == "exact" else {"decode": decode}
                 options = EmbedOptions(views=ViewSpec(), batch_size=args.batch_size,
                                        workers=workers, **extra)
-                times = []
+                times, cpu = [], []
+                load = os.getloadavg()[0]
                 for r in range(args.repeats):
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     embed_catalog(items, encoder, Path(tmp) / f"out-{decode}-{workers}-{r}",
                                   options, progress=False)
                     times.append(time.perf_counter() - start)
+                    cpu.append(time.process_time() - start_cpu)
                 rate = args.items / statistics.median(times)
                 first = first or rate
                 rows.append({"decode": decode, "workers": workers, "items_per_s": rate,
                              "items_per_s_per_worker": rate / workers,
-                             "scaling": rate / first, "runs_s": times})
+                             "scaling": rate / first,
+                             "items_per_cpu_s": args.items / statistics.median(cpu),
+                             "runs_s": times, "cpu_s": cpu,
+                             "load_1min": [load, os.getloadavg()[0]]})
                 print(rows[-1], flush=True)
     result = {"machine": f"{platform.machine()} {platform.processor()}, "
                          f"{len(os.sched_getaffinity(0))} CPUs in affinity, "
                          f"{platform.platform()}",
               "items": args.items, "distinct_images": args.images,
               "batch_size": args.batch_size, "rows": rows}
-    lines = ["| decode | workers | items/s | per worker | vs first worker count |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| decode | workers | items/s | per worker | vs first worker count | "
+             "items per CPU-s | load avg (before, after) |", "| --- " * 7 + "|"]
     lines += [f"| {r['decode']} | {r['workers']} | {r['items_per_s']:.0f} | "
-              f"{r['items_per_s_per_worker']:.0f} | {r['scaling']:.2f}x |" for r in rows]
+              f"{r['items_per_s_per_worker']:.0f} | {r['scaling']:.2f}x | "
+              f"{r['items_per_cpu_s']:.0f} | {r['load_1min'][0]:.1f}, {r['load_1min'][1]:.1f} |"
+              for r in rows]
     lines.append(f"\n{args.items} items, {args.images} distinct 640x480 JPEGs, batch "
                  f"{args.batch_size}, no-op graphs; median of {args.repeats} runs. "
                  f"{result['machine']}.")

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cliper_prod.bundle_format import UINT8_INPUT, read_manifest, sha256_file
 from cliper_prod.commands import cli
@@ -34,9 +34,9 @@ OUTPUTS = ("image_feat.npy", "text_feat.npy", "view_feat.npy", "similarity.npy",
 
 
 def naive_clip_pixels(path: Path, pre: ClipImagePreprocessor) -> np.ndarray:
-    """CLIPImageProcessor's steps on an upright RGB file, written out again: bicubic resize of
+    """CLIPImageProcessor's steps written out again, after EXIF orientation: bicubic resize of
     the shortest edge, centre crop, scale, normalise, channels first (float32 throughout)."""
-    img = Image.open(path).convert("RGB")
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     w, h = img.size
     new = (pre.size, int(pre.size * h / w)) if w <= h else (int(pre.size * w / h), pre.size)
     arr = np.asarray(img.resize(new, Image.Resampling.BICUBIC), np.float32)
@@ -62,7 +62,12 @@ def test_exact_path_equals_the_processor_steps_bit_for_bit(tmp_path: Path) -> No
     draft = ClipImagePreprocessor(draft=True)
     paths = write_jpegs(tmp_path, [(640, 480), (480, 640), (300, 200), (447, 300)])
     Image.open(paths[0]).save(tmp_path / "p.png")
-    for path in paths + [tmp_path / "p.png"]:
+    rotated = Image.open(paths[0])
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: stored on its side, shown upright (portrait)
+    rotated.save(tmp_path / "exif.jpg", exif=exif.tobytes(), quality=90)
+    assert ImageOps.exif_transpose(Image.open(tmp_path / "exif.jpg")).size == (480, 640)
+    for path in paths + [tmp_path / "p.png", tmp_path / "exif.jpg"]:
         reference = naive_clip_pixels(path, pre)
         assert np.array_equal(pre.load(path), reference), path
         pixels = pre.load(path, uint8=True)

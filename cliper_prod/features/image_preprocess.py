@@ -101,7 +101,8 @@ class ClipImagePreprocessor:
     def pixels(self, image: Image.Image) -> np.ndarray:
         """uint8 [3, crop, crop]: resized and cropped, before normalisation (the bytes a
         graph with normalisation inside takes; a quarter of the float32 array)."""
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # convert() would copy an RGB image for nothing
+            image = image.convert("RGB")
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.size, int(self.size * long / short)
@@ -150,7 +151,7 @@ class ClipImagePreprocessor:
                     if self.draft:
                         self._draft(img)
                     img.load()
-                    img = ImageOps.exif_transpose(img)
+                    ImageOps.exif_transpose(img, in_place=True)  # no full-size copy
                     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                         img = Image.fromarray((np.asarray(img, np.float64) / 257).astype(np.uint8))
                     elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and
