@@ -77,6 +77,9 @@ class GraphOptions:
         fused: also write the CLIP graphs as rewritten by ONNX Runtime's transformer optimizer
             (fused attention, SkipLayerNormalization, QuickGelu), each precision, with their
             CPU latency beside the plain graphs' (the runtime's choice, see export/README.md).
+        uint8: also write a uint8-pixel twin of each image graph file (export/pixels.py); each
+            twin holds a full copy of its graph's weights, so the image graphs take twice the
+            disk.
     """
 
     max_k: int = 100
@@ -85,6 +88,7 @@ class GraphOptions:
     fp16: bool = True
     torchscript: bool = True
     fused: bool = True
+    uint8: bool = True
 
 
 @dataclass(frozen=True)
@@ -325,8 +329,9 @@ def export_features(settings: FeatureSettings, folder: Path,
                  ", RANDOM weights" if settings.random_init else "")
         records[spec.name] = _export_graph(spec, folder, options, fp16=options.fp16,
                                            fused=twins.get(spec.name))
-    add_uint8_twins(specs[0], folder, records[IMAGE_GRAPH],
-                    ClipImagePreprocessor.from_dict(info["preprocess"]))
+    if options.uint8:
+        add_uint8_twins(specs[0], folder, records[IMAGE_GRAPH],
+                        ClipImagePreprocessor.from_dict(info["preprocess"]))
     return records, info
 
 

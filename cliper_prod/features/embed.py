@@ -6,8 +6,9 @@ and the ONNX Runtime encoder of an exported bundle. Three stages overlap: image 
 preprocessing run in a thread pool ``prefetch`` batches ahead; the driver thread reads the
 catalog, applies the per-item policy, stacks the uint8 pixels and tokenises the views of batch
 i+1 while a device thread runs the graphs on batch i; the driver then files batch i in order.
-Decoders are threads, not processes: Pillow and ONNX Runtime release the interpreter lock, and
-two threads measured 1.9x one on a 2-core box (BENCHMARKS.md, "embed pipeline").
+Decoders are threads, not processes: Pillow releases the interpreter lock while it decodes and
+resizes, and two threads ran 1.8x one on a quiet 2-core box (issue 34); whether threads still
+scale at 16 cores beside a busy driver is unmeasured (BENCHMARKS.md, "embed pipeline").
 
 Per-item policy (every case is written to ``errors.jsonl`` with its reason; nothing is dropped
 silently):
