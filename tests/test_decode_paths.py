@@ -196,6 +196,21 @@ def test_draft_path_through_the_cli(exported: dict[str, Path], jpeg_catalog: Pat
     assert np.array_equal(a[~jpeg], b[~jpeg]) and not np.array_equal(a[jpeg], b[jpeg])
 
 
+def test_device_input_buffers_give_the_host_path_outputs(exported: dict[str, Path]) -> None:
+    """The CUDA input path (device buffers per input and shape, bound as OrtValues), run on a
+    CPU session: same outputs as host arrays, one buffer per shape, reused."""
+    bundle = Bundle(exported["bundle"], "cpu")
+    host = bundle.graph("image_encoder", uint8=True)
+    device = bundle.graph("image_encoder", uint8=True)
+    device.device_inputs = True
+    crop = OnnxEncoder(bundle).preprocess.crop
+    rng = np.random.default_rng(4)
+    for n in (3, 3, 2):
+        pixels = rng.integers(0, 256, (n, 3, crop, crop), np.uint8)
+        assert np.array_equal(device(pixels=pixels)[0], host(pixels=pixels)[0])
+    assert len(device._on_device) == 2  # shapes 3 and 2
+
+
 def test_driver_settings() -> None:
     import os
 

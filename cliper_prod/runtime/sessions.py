@@ -5,7 +5,7 @@ Every run goes through IO binding, outputs allocated on the session's device. On
 are bound from host memory. On CUDA each input is copied into a device buffer kept per input
 name and shape (no allocation per batch) and bound there, and ORT's CPU threads do not spin
 (they would take cores from the image decoders that feed the GPU). The CUDA branch is written
-for a lent GPU and is not exercised by the CPU test suite. ORT's Python API offers no pinned
+for a lent GPU; the CPU tests run its buffer code on a CPU session, not on a GPU. ORT's Python API offers no pinned
 host allocator, so the host-to-device copy reads pageable memory; the uint8 image graph makes
 that copy a quarter of the float32 one.
 """
@@ -76,13 +76,16 @@ class Graph:
             else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # CUDA: inputs copied into buffers on the device, bound there (on the CPU the host
+        # arrays are bound as they are; a test turns this on for a CPU session)
+        self.device_inputs = self.device == "cuda"
         self._on_device: dict[tuple[str, tuple[int, ...], str], Any] = {}
 
     def __call__(self, **inputs: np.ndarray) -> list[np.ndarray]:
         binding = self.session.io_binding()
         for name in self.input_names:
             array = np.ascontiguousarray(inputs[name])
-            if self.device == "cuda":
+            if self.device_inputs:
                 binding.bind_ortvalue_input(name, self._device_copy(name, array))
             else:
                 binding.bind_cpu_input(name, array)
@@ -92,13 +95,13 @@ class Graph:
         return binding.copy_outputs_to_cpu()
 
     def _device_copy(self, name: str, array: np.ndarray):
-        """``array`` copied into this input's GPU buffer of its shape and dtype (allocated on
-        first use; a catalog's batches share one shape but the last)."""
+        """``array`` copied into this input's device buffer of its shape and dtype (allocated
+        on first use; a catalog's batches share one shape but the last)."""
         key = (name, array.shape, array.dtype.str)
         buffer = self._on_device.get(key)
         if buffer is None:
             buffer = _ort().OrtValue.ortvalue_from_shape_and_type(array.shape, array.dtype,
-                                                                  "cuda", 0)
+                                                                  self.device, 0)
             self._on_device[key] = buffer
         buffer.update_inplace(array)
         return buffer
