@@ -7,10 +7,18 @@
 (a) FREEDOM on Baby with generated features: a training epoch and a full evaluation on each
     device (cuda and cpu), two epochs each;
 (b) the CLIP image tower and the text + SA fusion graph (ViT-B/16 configuration, random
-    weights): every ONNX variant the export wrote (plain, fused; fp32, fp16) on ONNX Runtime
-    with IO binding, PyTorch eager fp16 and (at the largest batch) torch.compile fp16, items/s;
-(c) end-to-end ``embed --bundle`` of generated items with JPEG files: items/s and its ratio to
-    the towers alone;
+    weights): every ONNX variant the export wrote (plain, fused; fp32, fp16; the image graph's
+    uint8-pixel twins) on ONNX Runtime, PyTorch eager fp16 and (at the largest batch)
+    torch.compile fp16, items/s, each timed the same way twice: ``device`` rows with inputs
+    already on the device and outputs left there (ORT through IO binding of device OrtValues),
+    ``host`` rows from numpy arrays to numpy arrays (both copy in and out); every path is warm
+    (one untimed call) before timing;
+(c) end-to-end ``embed --bundle`` of generated items with JPEG files, sessions opened and warm
+    before the clock starts: steady-state items/s and its ratio to the towers alone; start-up
+    (encoder, sessions, first batch) reported apart; a per-stage breakdown: read (catalog
+    parsing, one thread), decode (decode + preprocess per image, one thread), tokenise, graph
+    (both graphs, inputs from the host) as timed inside the run, transfer (one batch's inputs
+    copied to the device, alone);
 (d) top-K over 1M and 10M x 64 items, K=50, batches of 1, 64 and 1,024 users, every path with
     its inputs already on the device: the bundle's CPU form (one Scan over chunks) and GPU form
     (fp16 candidates re-scored in fp32, in runs of rows as the runtime makes them; chosen in
@@ -48,7 +56,7 @@ from _report import report
 from bench_embed import FIELDS, SKELETON, feature_bundle, vit_b16_folder, write_catalog
 
 from cliper_prod import __version__
-from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
+from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH, UINT8_INPUT
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
@@ -76,7 +84,7 @@ class Sizes:
 
     tower_batches: tuple[int, ...] = (64, 256)
     compile_batches: tuple[int, ...] = (256,)  # torch.compile costs a compilation per shape
-    embed_items: int = 4096
+    embed_items: int = 16384  # start-up is timed apart; steady state needs a long run
     embed_batch: int = 256
     topk_items: tuple[int, ...] = (1_000_000, 10_000_000)
     topk_dim: int = 64
@@ -141,18 +149,34 @@ def part_training(data_dir: Path, sizes: Sizes) -> dict:
 
 def _tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
     size = towers.preprocess.crop
-    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    raw = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
+    pixels = towers.preprocess.normalise(raw)
     tokens = towers.tokenize(ViewSpec().build(FIELDS) * batch)
     n_views = len(ViewSpec().names)
     image = towers.encode_images(pixels)
     flags = np.ones(batch, dtype=bool)
-    return {"pixel_values": pixels,
+    return {"pixel_values": pixels, UINT8_INPUT: raw,
             "input_ids": tokens.input_ids.reshape(batch, n_views, -1),
             "attention_mask": tokens.attention_mask.reshape(batch, n_views, -1),
             "image_embedding": image, "has_image": flags, "has_text": flags}
 
 
-def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict
+INPUTS = ("device", "host")  # where each timed call finds its inputs and leaves its outputs
+
+
+def _on_device(graph: Graph, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """One ORT call with its inputs already in device OrtValues and outputs left on the
+    device: the same work as PyTorch on device tensors."""
+    binding = graph.session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_ortvalue_input(name, onnxruntime.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(array), graph.device, 0))
+    for name in graph.output_names:
+        binding.bind_output(name, graph.device)
+    return lambda: graph.session.run_with_iobinding(binding)
+
+
+def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict, where: str
                 ) -> dict[str, Callable[[], object]]:
     """One timed call per ONNX variant the export wrote for ``graph``."""
     files = json.loads((bundle_dir / MANIFEST).read_text())["graphs"][graph]["files"]
@@ -162,23 +186,32 @@ def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict
             continue
         session = Graph(bundle_dir / name, providers)
         feeds = {k: inputs[k] for k in session.input_names}
-        paths[f"ort_{variant}"] = lambda s=session, f=feeds: s(**f)
+        paths[f"ort_{variant}"] = _on_device(session, feeds) if where == "device" \
+            else lambda s=session, f=feeds: s(**f)
     return paths
 
 
-def _torch_paths(module: torch.nn.Module, args: tuple, device: str, backend: str | None
-                 ) -> dict[str, Callable[[], object]]:
-    """PyTorch eager and (given a ``backend``) torch.compile at half precision on
-    ``device``."""
+def _torch_paths(module: torch.nn.Module, args: tuple, device: str, backend: str | None,
+                 where: str) -> dict[str, Callable[[], object]]:
+    """PyTorch eager and (given a ``backend``) torch.compile at half precision on ``device``;
+    ``host``: from numpy arrays (copied in) to numpy arrays (copied out)."""
     half = torch.float16
     module = copy.deepcopy(module).to(device=device, dtype=half).eval()
-    args = tuple(a.to(device=device, dtype=half) if a.is_floating_point() else a.to(device)
-                 for a in args)
+
+    def to_device(a: torch.Tensor) -> torch.Tensor:
+        return a.to(device=device, dtype=half) if a.is_floating_point() else a.to(device)
+
+    resident = tuple(to_device(a) for a in args)
+    host = tuple(a.numpy() for a in args)
 
     def run(m: torch.nn.Module) -> Callable[[], object]:
         def call() -> object:
             with torch.inference_mode():
-                return m(*args)
+                if where == "device":
+                    return m(*resident)
+                out = m(*(to_device(torch.from_numpy(a)) for a in host))
+                return [t.float().cpu().numpy() for t in (out if isinstance(out, tuple)
+                                                          else (out,))]
         return call
     paths = {"torch_eager_fp16": run(module)}
     if backend is not None:
@@ -200,28 +233,99 @@ def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[
                  (t["input_ids"], t["attention_mask"], t["image_embedding"], t["has_image"],
                   t["has_text"]))):
             backend = sizes.compile_backend if batch in sizes.compile_batches else None
-            paths = {**_onnx_paths(bundle_dir, graph, providers, inputs),
-                     **_torch_paths(module, args, device, backend)}
-            row = {"graph": graph, "batch": batch}
-            for name, fn in paths.items():
-                row[name] = batch / statistics.median(timed(fn, sizes.repeats, cuda_sync))
-            rows.append(row)
-            print(row, flush=True)
+            for where in INPUTS:
+                paths = {**_onnx_paths(bundle_dir, graph, providers, inputs, where),
+                         **_torch_paths(module, args, device, backend, where)}
+                row = {"graph": graph, "batch": batch, "inputs": where}
+                for name, fn in paths.items():
+                    row[name] = batch / statistics.median(timed(fn, sizes.repeats, cuda_sync))
+                rows.append(row)
+                print(row, flush=True)
     return rows
+
+
+class StageClock:
+    """The encoder of a run with its tokeniser and graphs timed (seconds, summed)."""
+
+    def __init__(self, encoder: OnnxEncoder) -> None:
+        self.encoder, self.seconds = encoder, {"tokenise": 0.0, "graph": 0.0}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.encoder, name)
+
+    def _timed(self, stage: str, fn: Callable, *args, **kwargs) -> object:
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[stage] += time.perf_counter() - start
+        return out
+
+    def tokenize(self, *args, **kwargs) -> object:
+        return self._timed("tokenise", self.encoder.tokenize, *args, **kwargs)
+
+    def encode_images(self, *args, **kwargs) -> object:
+        return self._timed("graph", self.encoder.encode_images, *args, **kwargs)
+
+    def encode_views(self, *args, **kwargs) -> object:
+        return self._timed("graph", self.encoder.encode_views, *args, **kwargs)
 
 
 def part_embed(bundle_dir: Path, workdir: Path, sizes: Sizes, towers_items_per_s: float
                ) -> dict:
-    """(c) the whole ``embed --bundle`` job: JSONL -> JPEG decode -> graphs -> files."""
+    """(c) the whole ``embed --bundle`` job: JSONL -> JPEG decode -> graphs -> files, timed
+    with warm sessions; start-up and the stages apart."""
     items = write_catalog(workdir / "catalog", sizes.embed_items)
+    warm = write_catalog(workdir / "warm", sizes.embed_batch)
+    start = time.perf_counter()
     encoder = OnnxEncoder(Bundle(bundle_dir, "auto"), "fp16")
     options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
                            batch_size=sizes.embed_batch)
+    embed_catalog(warm, encoder, workdir / "warm_features", options, progress=False)
+    startup_s = time.perf_counter() - start
+    clock = StageClock(encoder)
     start = time.perf_counter()
-    embed_catalog(items, encoder, workdir / "features", options, progress=False)
-    rate = sizes.embed_items / (time.perf_counter() - start)
-    return {"items": sizes.embed_items, "items_per_s": rate,
+    embed_catalog(items, clock, workdir / "features", options, progress=False)
+    wall_s = time.perf_counter() - start
+    rate = sizes.embed_items / wall_s
+    stages = {"wall_s": wall_s, "read_s_one_thread": _read_s(items, options),
+              "decode_s_one_thread": _decode_s(items, encoder, sizes.embed_items),
+              **{f"{k}_s": v for k, v in clock.seconds.items()},
+              "transfer_s_alone": _transfer_s(encoder, sizes)}
+    return {"items": sizes.embed_items, "items_per_s": rate, "startup_s": startup_s,
+            "decode_workers": options.workers, "stages": stages,
             "ratio_to_towers_alone": rate / towers_items_per_s}
+
+
+def _read_s(items: Path, options: EmbedOptions) -> float:
+    """Seconds to parse the whole catalog, one thread."""
+    from cliper_prod.features.catalog import Catalog, read_catalog
+
+    start = time.perf_counter()
+    for _ in read_catalog(Catalog.at(items), options.limits, 0, set()):
+        pass
+    return time.perf_counter() - start
+
+
+def _decode_s(items: Path, encoder: OnnxEncoder, n_items: int) -> float:
+    """Seconds to decode and preprocess the catalog's images, one thread (from 32 timed)."""
+    files = sorted((items.parent / "img").glob("*.jpg"))
+    start = time.perf_counter()
+    for f in files:
+        encoder.preprocess.load(f, uint8=True)
+    return (time.perf_counter() - start) / len(files) * n_items
+
+
+def _transfer_s(encoder: OnnxEncoder, sizes: Sizes) -> float:
+    """Seconds to copy every batch's pixels (uint8 where the bundle has the twin) and token
+    arrays to the image graph's device, alone."""
+    size = encoder.preprocess.crop
+    dtype = np.uint8 if encoder.uint8_pixels else np.float32
+    arrays = [np.zeros((sizes.embed_batch, 3, size, size), dtype),
+              np.zeros((2, sizes.embed_batch, 5, encoder.max_tokens), np.int64)]
+    device = encoder.image_graph.device
+    start = time.perf_counter()
+    for a in arrays:
+        onnxruntime.OrtValue.ortvalue_from_numpy(a, device, 0).shape()
+    return (time.perf_counter() - start) * -(-sizes.embed_items // sizes.embed_batch)
 
 
 PARTS = ("training", "topk", "towers", "embed")
@@ -399,13 +503,15 @@ def table(result: dict) -> str:
                      f"evaluation {statistics.median(t['evaluation_s']):.2f} s |")
     for row in result.get("towers", []):
         for name, value in row.items():
-            if name not in ("graph", "batch"):
-                lines.append(f"| (b) {row['graph']} batch {row['batch']} | {name} | "
-                             f"{value:,.0f} items/s |")
-    if "embed" in result:
-        e = result["embed"]
-        lines.append(f"| (c) embed --bundle | {e['items']} items | {e['items_per_s']:,.0f} "
-                     f"items/s, {e['ratio_to_towers_alone']:.0%} of the towers alone |")
+            if name not in ("graph", "batch", "inputs"):
+                lines.append(f"| (b) {row['graph']} batch {row['batch']}, {row['inputs']} "
+                             f"inputs | {name} | {value:,.0f} items/s |")
+    e = result["embed"]
+    lines.append(f"| (c) embed --bundle | {e['items']} items, warm | {e['items_per_s']:,.0f} "
+                 f"items/s, {e['ratio_to_towers_alone']:.0%} of the towers alone |")
+    lines.append(f"| (c) start-up | encoder, sessions, first batch | {e['startup_s']:.1f} s |")
+    lines.append(f"| (c) stages | {e['decode_workers']} decode workers | " + ", ".join(
+        f"{k} {v:.2f}" for k, v in e["stages"].items()) + " |")
     for row in result.get("topk", {"rows": []})["rows"]:
         where = f"(d) top-K, {row['items']:,} items, batch {row.get('batch', '-')}"
         for name in (*TOPK_PATHS, *(gpu_form(b) for b in result["sizes"]["topk_blocks"][1:])):

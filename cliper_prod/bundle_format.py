@@ -46,6 +46,10 @@ VARIANTS = (PLAIN, FUSED)
 #: loop, fp16 candidates re-scored in fp32; its plain graph is the CPU form. Optional: bundles
 #: written before it (or with ``--no-gpu-form``) have the CPU form only.
 GPU_FORM = "gpu"
+#: The image graph's twins that take uint8 pixels [B, 3, H, W] and normalise inside the graph
+#: (a quarter of the bytes to move to a GPU); one per plain/fused graph and precision.
+UINT8 = "uint8"
+UINT8_INPUT = "pixels"
 
 
 def sha256_file(path: Path) -> str:
@@ -59,6 +63,11 @@ def sha256_file(path: Path) -> str:
 def file_key(precision: str = "fp32", variant: str = PLAIN) -> str:
     """Key of a graph file in its manifest record's ``files``: ``fp16``, ``fused.fp32``, ..."""
     return precision if variant == PLAIN else f"{variant}.{precision}"
+
+
+def uint8_key(precision: str = "fp32", variant: str = PLAIN) -> str:
+    """Key of a uint8-input twin in ``files``: ``uint8.fp32``, ``uint8.fused.fp16``, ..."""
+    return f"{UINT8}.{file_key(precision, variant)}"
 
 
 def graph_file(name: str, precision: str = "fp32", kind: str = "onnx",

@@ -23,6 +23,7 @@ from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
 from cliper_prod.features.items import Item, ItemError, parse_item, read_items
 from cliper_prod.features.tiny_clip import build_tiny_clip
+from cliper_prod.features.tokenize import SpecialTokens, pack_tokens
 from cliper_prod.features.views import ViewSpec
 from tests.conftest import write_inter
 
@@ -206,6 +207,39 @@ def test_truncation_at_the_models_positions_with_the_real_tokenizer(tmp_path: Pa
                                        torch.from_numpy(chunked.attention_mask))
     np.testing.assert_allclose(emb[0], per_window.sum(0).numpy(), rtol=1e-4, atol=1e-4)
     assert cut.tolist() == [True]
+
+
+def naive_pack(token_lists: list[list[int]], special: SpecialTokens, max_tokens: int,
+               chunk: bool) -> tuple[np.ndarray, ...]:
+    """Token packing as a loop per text and row: start token, ids, end token, padding."""
+    body = max_tokens - 2
+    rows, owner = [], []
+    for i, tokens in enumerate(token_lists):
+        windows = [tokens[s:s + body] for s in range(0, max(len(tokens), 1), body)]
+        for window in windows if chunk else windows[:1]:
+            rows.append([special.bos, *window, special.eos])
+            owner.append(i)
+    ids = np.full((len(rows), max_tokens), special.pad, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)], mask[r, :len(row)] = row, 1
+    truncated = np.array([len(t) > body for t in token_lists], dtype=bool)
+    return ids, mask, truncated, np.array(owner, dtype=np.int64)
+
+
+@pytest.mark.parametrize("chunk", [False, True])
+def test_token_packing_equals_a_naive_loop(chunk: bool) -> None:
+    special = SpecialTokens(bos=1, eos=2, pad=0)
+    rng = np.random.default_rng(0)
+    for max_tokens in (3, 4, 9, 77):
+        body = max_tokens - 2
+        lengths = [0, 1, body - 1, body, body + 1, 3 * body, *rng.integers(0, 200, 6)]
+        lists = [rng.integers(3, 1000, n).tolist() for n in lengths]
+        for texts in (lists, lists[:1], []):
+            got = pack_tokens(texts, special, max_tokens, chunk)
+            want = naive_pack(texts, special, max_tokens, chunk)
+            for a, b in zip((got.input_ids, got.attention_mask, got.truncated, got.owner), want):
+                assert a.dtype == b.dtype and np.array_equal(a, b), (max_tokens, texts)
 
 
 # ---- fusion ----------------------------------------------------------------------------------

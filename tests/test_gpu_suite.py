@@ -18,12 +18,18 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path: Path) -> None:
     assert result["smoke"] is True and "torch" in result["machine"]
     per_device = result["training"]["per_device"]
     assert set(per_device) == {"cpu"} and len(per_device["cpu"]["train_epoch_s"]) == 1
-    graphs = {row["graph"] for row in result["towers"]}
-    assert graphs == {"image_encoder", "text_fusion"}
-    for row in result["towers"]:
+    rows = {(row["graph"], row["inputs"]): row for row in result["towers"]}
+    assert set(rows) == {(g, i) for g in ("image_encoder", "text_fusion")
+                         for i in ("device", "host")}
+    for row in rows.values():
         assert {"ort_fp32", "ort_fp16", "torch_eager_fp16", "torch_compile_fp16"} <= set(row)
-        assert all(v > 0 for k, v in row.items() if k not in ("graph", "batch"))
-    assert result["embed"]["items_per_s"] > 0 and result["embed"]["ratio_to_towers_alone"] > 0
+        assert all(v > 0 for k, v in row.items() if k not in ("graph", "batch", "inputs"))
+    assert {"ort_uint8.fp32", "ort_uint8.fused.fp16"} <= set(rows["image_encoder", "host"])
+    embed = result["embed"]
+    assert embed["items_per_s"] > 0 and embed["ratio_to_towers_alone"] > 0
+    assert embed["startup_s"] > 0 and set(embed["stages"]) == {
+        "wall_s", "read_s_one_thread", "decode_s_one_thread", "tokenise_s", "graph_s",
+        "transfer_s_alone"}
     rows = result["topk"]["rows"]
     assert [(r["items"], r["batch"]) for r in rows] == [(n, b) for n in (2000, 5000)
                                                         for b in (1, 4, 32)]

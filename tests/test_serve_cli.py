@@ -58,7 +58,8 @@ def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         build({**app["args"], "max_batch": 1})
     # `serve run ... key=value` passes strings: converted as Ray's pydantic validation does
-    as_strings = ServeSettings.model_validate({**app["args"], "max_batch_size": "8",
+    old_names = {k: v for k, v in app["args"].items() if k != "provider"}
+    as_strings = ServeSettings.model_validate({**old_names, "max_batch_size": "8",
                                                "batching": "false", "device": "cpu"})
     assert (as_strings.max_batch_size, as_strings.batching, as_strings.provider) == (8, False,
                                                                                       "cpu")
@@ -101,7 +102,8 @@ def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> Non
     finally:
         stop_process(proc, signal.SIGINT)
     assert answer == Recommender(exported["bundle"], provider="cpu").topk(users, k=5)
-    assert settings["bundle"] == str(exported["bundle"]) and settings["max_batch_size"] == 64
+    # /metadata names the bundle folder, never the server's path to it
+    assert settings["bundle"] == exported["bundle"].name and settings["max_batch_size"] == 64
 
 
 def test_application_metrics_are_scraped_from_the_prometheus_endpoint(exported, tmp_path

@@ -47,6 +47,9 @@ class EmbedArgs:
     max_image_pixels: int
     max_text_chars: int
     max_line_bytes: int
+    decode: str
+    workers: int | None
+    prefetch: int
     out_format: str
     use_ray: bool
     address: str | None
@@ -105,6 +108,8 @@ class EmbedArgs:
             chunk_long_text=self.chunk_long_text, save_views=self.save_views,
             strict=self.strict, shard_items=self.shard_items,
             max_image_pixels=self.max_image_pixels, out_format=self.out_format,
+            decode=self.decode, prefetch=self.prefetch,
+            **({"workers": self.workers} if self.workers else {}),
             limits=ItemLimits(max_line_bytes=self.max_line_bytes,
                               max_text_chars=self.max_text_chars))
 
@@ -189,6 +194,15 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
               show_default=True,
               help="Longer JSONL lines are skipped (and reported); Parquet rows are not bounded "
                    "by it.")
+@click.option("--decode", type=click.Choice(["exact", "draft"]), default="exact",
+              show_default=True,
+              help="exact: CLIPImageProcessor's resize from the full image. draft: JPEGs at least "
+                   "twice the model's size are first downscaled while decoding (faster, not "
+                   "bit-equal; the path and its cosine bound are named in embed_summary.json).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Image decoding threads [default: the CPUs this process may use].")
+@click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Batches decoded ahead of the one being prepared for the graphs.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Distribute reading, image preprocessing and ONNX inference over Ray Data "
                    "(needs --bundle); same outputs byte for byte.")

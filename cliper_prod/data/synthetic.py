@@ -9,6 +9,7 @@ factors, so a recommender can learn the interactions. Everything comes from one
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -183,3 +184,30 @@ def _write(root: Path, spec: SyntheticSpec) -> None:
         "Items have hidden topics and factors; titles, categories, descriptions and the PNG\n"
         "images follow the topic. image_feat.npy and text_feat.npy are random projections of\n"
         "the hidden item factors plus noise: stand-ins with no semantic meaning.\n")
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480,
+                    quality: int = 90) -> bytes:
+    """A stand-in for a catalog photo as JPEG bytes: smooth lighting gradients, a soft
+    low-frequency pattern, sensor noise, a few hard-edged shapes and a patch of fine texture;
+    what the decode paths are measured on (tests/test_decode_paths.py, the embed benchmarks)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
+    colours = rng.uniform(30, 225, (3, 3)).astype(np.float32)
+    waves = np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y))
+    arr = (colours[0] + x[..., None] * (colours[1] - colours[0])
+           + y[..., None] * (colours[2] - colours[0]) + 15 * waves[..., None])
+    arr += rng.normal(0, 4, arr.shape).astype(np.float32)
+    image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 7))):
+        x0, x1 = np.sort(rng.integers(0, width, 2))
+        y0, y1 = np.sort(rng.integers(0, height, 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=fill)
+    side = min(width, height) // 4
+    left, top = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+    stripes = (np.indices((side, side)).sum(0) % 4 < 2)[..., None] * np.uint8(200)
+    image.paste(Image.fromarray(np.repeat(stripes, 3, axis=2)), (left, top))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

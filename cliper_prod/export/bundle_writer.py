@@ -8,6 +8,8 @@ Contents (see export/README.md for the format):
   text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
                                      image feature, view embeddings
   <clip graph>.fused[.fp16].onnx     the same, rewritten by ONNX Runtime's transformer optimizer
+  image_encoder.uint8[.fused][.fp16].onnx  each image graph taking uint8 pixels [B, 3, H, W],
+                                     normalised inside the graph (export/pixels.py)
   tokenizer.json                     the CLIP tokenizer (read by the `tokenizers` library)
   manifest.json                      versions, IO specs, view settings, hashes, parity figures
 Each graph is written and verified by :func:`~.verified_graph.export_graph`, the CLIP graphs by

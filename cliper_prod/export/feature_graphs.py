@@ -16,7 +16,9 @@ from torch import nn
 from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER
 from cliper_prod.errors import ConfigError
 from cliper_prod.export.graphs import GraphSpec
+from cliper_prod.export.pixels import add_uint8_twins
 from cliper_prod.export.verified_graph import GraphOptions, export_graph
+from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 
@@ -123,5 +125,8 @@ def export_features(settings: FeatureSettings, folder: Path,
         log.info("exporting %s (CLIP %s%s)", spec.name, settings.clip_source,
                  ", RANDOM weights" if settings.random_init else "")
         records[spec.name] = export_graph(spec, folder, options, fp16=options.fp16,
-                                           fused=twins.get(spec.name))
+                                          fused=twins.get(spec.name))
+    if options.uint8:
+        add_uint8_twins(specs[0], folder, records[IMAGE_GRAPH],
+                        ClipImagePreprocessor.from_dict(info["preprocess"]))
     return records, info

@@ -45,6 +45,9 @@ class GraphOptions:
         candidates: items the GPU form re-scores in fp32 (None: ``max(4 * max_k, 2048)``).
         candidate_blocks: blocks the GPU form chooses its candidates in (1: one level; more:
             two levels, more parallel work for a GPU's per-row TopK, more work on the CPU).
+        uint8: also write a uint8-pixel twin of each image graph file (export/pixels.py); each
+            twin holds a full copy of its graph's weights, so the image graphs take twice the
+            disk.
     """
 
     max_k: int = 100
@@ -56,6 +59,7 @@ class GraphOptions:
     gpu_form: bool = True
     candidates: int | None = None
     candidate_blocks: int = 1
+    uint8: bool = True
 
 
 def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:

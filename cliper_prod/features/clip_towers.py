@@ -137,6 +137,9 @@ class ClipTowers:
 
     @torch.no_grad()
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """uint8 pixels (normalised here) or normalised float32 [B, 3, H, W] -> [B, D]."""
+        if pixel_values.dtype == np.uint8:
+            pixel_values = self.preprocess.normalise(pixel_values)
         x = torch.from_numpy(pixel_values).to(self.device)
         return self.image_tower(x).float().cpu().numpy()
 

@@ -2,9 +2,13 @@
 CLIPER features in MMRec layout.
 
 One pipeline for both encoders: :class:`~cliper_prod.features.clip_towers.ClipTowers` (PyTorch)
-and the ONNX Runtime encoder of an exported bundle. Image decoding and preprocessing run in a
-thread pool a few batches ahead of inference, so the CPU prepares batch i+1 while the model
-runs batch i.
+and the ONNX Runtime encoder of an exported bundle. Three stages overlap: image decoding and
+preprocessing run in a thread pool ``prefetch`` batches ahead; the driver thread reads the
+catalog, applies the per-item policy, stacks the uint8 pixels and tokenises the views of batch
+i+1 while a device thread runs the graphs on batch i; the driver then files batch i in order.
+Decoders are threads, not processes: Pillow releases the interpreter lock while it decodes and
+resizes, and two threads ran 1.8x one on a quiet 2-core box (issue 34); whether threads still
+scale at 16 cores beside a busy driver is unmeasured (BENCHMARKS.md, "embed pipeline").
 
 Per-item policy (every case is written to ``errors.jsonl`` with its reason; nothing is dropped
 silently):
@@ -42,8 +46,9 @@ from typing import Callable, Iterable, Iterator, Protocol
 import numpy as np
 
 from cliper_prod.errors import ConfigError, DataError
-from cliper_prod.features.image_preprocess import ClipImagePreprocessor, ImageDecodeError
 from cliper_prod.features.catalog import Catalog, read_catalog
+from cliper_prod.features.image_preprocess import (DRAFT_MIN_COSINE, ClipImagePreprocessor,
+                                                   ImageDecodeError)
 from cliper_prod.features.items import Item, ItemError, ItemLimits
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
@@ -53,7 +58,22 @@ from cliper_prod.io import write_json
 from cliper_prod.messages import shorten
 from cliper_prod.progress import progress_bar
 
-PREFETCH_BATCHES = 2  # batches decoded ahead of the one being encoded
+DECODE_PATHS = ("exact", "draft")  # see ClipImagePreprocessor.draft
+#: How ``embed_summary.json`` names each path; the draft bound is tests/test_decode_paths.py's.
+DECODE_SUMMARY = {
+    "exact": {"path": "exact", "equals": "CLIPImageProcessor (bicubic from the full image)"},
+    "draft": {"path": "draft", "jpeg": "DCT-domain downscale by 2/4/8 (Pillow draft) while the "
+              "shortest edge keeps >= size, then bicubic",
+              "min_image_cosine_vs_exact": DRAFT_MIN_COSINE},
+}
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity (a container's share), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 class Encoder(Protocol):
@@ -67,7 +87,9 @@ class Encoder(Protocol):
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews: ...
 
-    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Images [B, 3, H, W]: uint8 pixels (normalised by the encoder) or float32 (already
+        normalised) -> embeddings [B, D]."""
 
     def encode_views(self, tokens: TokenizedViews, image: np.ndarray, has_image: np.ndarray,
                      has_text: np.ndarray, mode: str, tau: float
@@ -86,7 +108,9 @@ class EmbedOptions:
     shard_items: int = 8192  # items per crash-safe shard (rounded up to whole batches)
     limits: ItemLimits = field(default_factory=ItemLimits)
     max_image_pixels: int = 64_000_000
-    workers: int = max(os.cpu_count() or 1, 1)
+    decode: str = "exact"  # "draft": JPEG DCT-domain downscale first (ClipImagePreprocessor)
+    workers: int = field(default_factory=available_cpus)  # decode threads
+    prefetch: int = 2  # batches decoded ahead of the one the driver prepares
     out_format: str = "npy"  # "parquet": features.parquet as well, written from the .npy files
 
     def fingerprint(self) -> dict:
@@ -94,7 +118,15 @@ class EmbedOptions:
         return {"views": asdict(self.views), "fusion": self.fusion, "tau": self.tau,
                 "batch_size": self.batch_size, "chunk_long_text": self.chunk_long_text,
                 "save_views": self.save_views, "shard_items": self.shard_items,
-                "limits": asdict(self.limits), "max_image_pixels": self.max_image_pixels}
+                "limits": asdict(self.limits), "max_image_pixels": self.max_image_pixels,
+                "decode": self.decode}
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_PATHS:
+            raise ConfigError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
+        if self.workers < 1 or self.prefetch < 0:
+            raise ConfigError(f"workers must be >= 1 and prefetch >= 0, got {self.workers} and "
+                              f"{self.prefetch}")
 
 
 class ItemErrors:
@@ -148,15 +180,24 @@ def batches(records: Iterable[Item | ItemError], size: int, errors: ItemErrors
         yield batch
 
 
+def pipeline_preprocess(encoder: Encoder, options: EmbedOptions) -> ClipImagePreprocessor:
+    """The encoder's preprocessing with the run's pixel limit and decode path (every runner
+    uses this one)."""
+    return replace(encoder.preprocess, max_pixels=options.max_image_pixels,
+                   draft=options.decode == "draft")
+
+
 def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
-    """Pixel values, or the reason there are none, naming the image as the item gives it (a
-    served request's path, never the server's; bytes from Parquet by their file and row)."""
+    """uint8 pixels [3, H, W], or the reason there are none, naming the image as the item gives
+    it (a served request's path, never the server's; bytes from Parquet by their file and
+    row)."""
     try:
         if item.image_bytes is not None:
-            return preprocess.decode(io.BytesIO(item.image_bytes), shorten(item.image_name))
+            return preprocess.decode(io.BytesIO(item.image_bytes), shorten(item.image_name),
+                                     uint8=True)
         if item.image is None:
             return "no 'image' field"
-        return preprocess.load(item.image, shorten(item.image_name or str(item.image)))
+        return preprocess.load(item.image, shorten(item.image_name or str(item.image)), uint8=True)
     except ImageDecodeError as exc:
         return str(exc)
 
@@ -245,36 +286,61 @@ class ShardWriter:
 def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: ShardStore,
          progress: bool) -> None:
     start, seen = resume_point(store)
-    preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
+    preprocess = pipeline_preprocess(encoder, options)
     errors = ItemErrors(catalog.root, options.strict)
     writer = ShardWriter(store, errors, options)
     bar = progress_bar(desc="embed", unit="item", enabled=progress, initial=len(seen))
-    pending: deque[tuple[list[Item], list[Future]]] = deque()
+    decoding: deque[tuple[list[Item], list[Future]]] = deque()
+    running: deque[tuple[PreparedBatch, Future]] = deque()
 
-    def encode_oldest() -> None:
-        batch, futures = pending.popleft()
-        embed_batch(batch, [f.result() for f in futures], encoder, options, writer.shard,
-                    errors)
-        bar.update(len(batch))
-        writer.batch_done(batch[-1].position)
+    def file_oldest() -> None:
+        prepared, encoded = running.popleft()
+        store_batch(prepared, encoded.result(), writer.shard, options)
+        bar.update(len(prepared.read_ids))
+        writer.batch_done(prepared.last_position)
+
+    def launch_oldest() -> None:
+        batch, futures = decoding.popleft()
+        prepared = prepare_batch(batch, [f.result() for f in futures], encoder, options, errors)
+        running.append((prepared, device.submit(encode_batch, prepared, encoder, options)))
+        if len(running) > 1:  # the device holds one batch while the driver prepares the next
+            file_oldest()
 
     records = read_catalog(catalog, options.limits, start, seen)
-    with ThreadPoolExecutor(options.workers) as pool:
+    with ThreadPoolExecutor(options.workers) as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="embed-device") as device:
         for batch in batches(records, options.batch_size, errors):
-            pending.append((batch, [pool.submit(load_image, preprocess, item)
-                                    for item in batch]))
-            if len(pending) > PREFETCH_BATCHES:
-                encode_oldest()
-        while pending:
-            encode_oldest()
+            decoding.append((batch, [pool.submit(load_image, preprocess, item)
+                                     for item in batch]))
+            if len(decoding) > options.prefetch:
+                launch_oldest()
+        while decoding:
+            launch_oldest()
+        while running:
+            file_oldest()
     bar.close()
     writer.close()
 
 
-def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
-                 options: EmbedOptions, shard: Shard, errors: ItemErrors) -> None:
+@dataclass
+class PreparedBatch:
+    """One batch after the per-item policy, with its graph inputs built on the host."""
+
+    read_ids: list[str]  # every item read, kept or skipped (resume skips them all)
+    last_position: int  # catalog position of the batch's last item
+    ids: list[str] = field(default_factory=list)  # the kept items, in order
+    pixels: np.ndarray | None = None  # [n with an image, 3, H, W]
+    has_image: np.ndarray | None = None
+    has_text: np.ndarray | None = None
+    tokens: TokenizedViews | None = None
+    truncated_items: int = 0
+
+
+def prepare_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
+                  options: EmbedOptions, errors: ItemErrors) -> PreparedBatch:
+    """The per-item policy (errors filed here, in catalog order) and the graphs' inputs."""
     spec = options.views
-    shard.read_ids += [item.item_id for item in batch]
+    prepared = PreparedBatch([item.item_id for item in batch], batch[-1].position)
     has_image = np.array([not isinstance(img, str) for img in images])
     has_text = np.array([spec.has_text(item.fields) for item in batch])
     keep = []
@@ -292,25 +358,52 @@ def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Enco
             errors.add(item, "kept", "; ".join(reasons))
         keep.append(i)
     if not keep:
-        return
-    batch = [batch[i] for i in keep]
-    has_image, has_text = has_image[keep], has_text[keep]
-    image = np.zeros((len(batch), encoder.dim), dtype=np.float32)
-    if has_image.any():
-        image[has_image] = encoder.encode_images(
-            np.stack([images[i] for i, ok in zip(keep, has_image) if ok]))
-    tokens = encoder.tokenize([v for item in batch for v in spec.build(item.fields)],
-                              chunk=options.chunk_long_text)
+        return prepared
+    prepared.ids = [batch[i].item_id for i in keep]
+    prepared.has_image, prepared.has_text = has_image[keep], has_text[keep]
+    if prepared.has_image.any():
+        prepared.pixels = np.stack([images[i] for i in keep if has_image[i]])
+    prepared.tokens = encoder.tokenize([v for i in keep for v in spec.build(batch[i].fields)],
+                                       chunk=options.chunk_long_text)
+    prepared.truncated_items = int(
+        prepared.tokens.truncated.reshape(len(keep), -1).any(1).sum())
+    return prepared
+
+
+def encode_batch(prepared: PreparedBatch, encoder: Encoder, options: EmbedOptions
+                 ) -> dict[str, np.ndarray] | None:
+    """The graphs on one prepared batch (the device thread's work): the arrays to store."""
+    if not prepared.ids:
+        return None
+    image = np.zeros((len(prepared.ids), encoder.dim), dtype=np.float32)
+    if prepared.pixels is not None:
+        image[prepared.has_image] = encoder.encode_images(prepared.pixels)
     fused, scores, image, views = encoder.encode_views(
-        tokens, image, has_image, has_text, fusion_mode(options.fusion).extracted_as,
-        options.tau)
-    shard.truncated_items += int(tokens.truncated.reshape(len(batch), -1).any(1).sum())
-    shard.ids += [item.item_id for item in batch]
-    shard.add("image", image)
-    shard.add("text", fused)
+        prepared.tokens, image, prepared.has_image, prepared.has_text,
+        fusion_mode(options.fusion).extracted_as, options.tau)
+    arrays = {"image": image, "text": fused}
     if options.save_views:
-        shard.add("views", views)
-        shard.add("scores", scores)
+        arrays |= {"views": views, "scores": scores}
+    return arrays
+
+
+def store_batch(prepared: PreparedBatch, arrays: dict[str, np.ndarray] | None, shard: Shard,
+                options: EmbedOptions) -> None:
+    """File one encoded batch into ``shard`` (in catalog order: the driver calls this)."""
+    shard.read_ids += prepared.read_ids
+    if arrays is None:
+        return
+    shard.truncated_items += prepared.truncated_items
+    shard.ids += prepared.ids
+    for name, values in arrays.items():
+        shard.add(name, values)
+
+
+def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
+                options: EmbedOptions, shard: Shard, errors: ItemErrors) -> None:
+    """Prepare, encode and file one batch in the calling thread (Ray actors, serving)."""
+    prepared = prepare_batch(batch, images, encoder, options, errors)
+    store_batch(prepared, encode_batch(prepared, encoder, options), shard, options)
 
 
 def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: EmbedOptions,
@@ -334,6 +427,7 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
         "max_tokens": encoder.max_tokens, "dim": dim, "fusion": options.fusion,
         "tau": options.tau, "views": list(options.views.names),
         "view_spec": asdict(options.views), "out_format": options.out_format,
+        "image_decode": DECODE_SUMMARY[options.decode],
     }
     if options.out_format == "parquet":
         from cliper_prod.features.feature_table import write_feature_table

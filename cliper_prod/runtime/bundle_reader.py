@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cliper_prod.bundle_format import (FOLD_IN, FUSED, PLAIN, TOPK_GRAPH, VARIANTS, file_key,
-                                       read_manifest)
+                                       read_manifest, uint8_key)
 from cliper_prod.errors import BundleError, DataError, RuntimeSetupError
 from cliper_prod.ids import read_ids
 from cliper_prod.runtime.providers import choose_providers
@@ -49,8 +49,24 @@ def check_values(folder: Path, manifest: dict[str, Any]) -> None:
     describe: the top-K record's counts, width and K against the tables (its K against the
     graph's TopK constant when a session opens: :meth:`Bundle.graph`), the training-item
     tables against the counts, each fold-in array against the catalog, ``knn_k`` against the
-    catalog's size, and each measured variant choice against the variants present."""
-    topk = manifest["graphs"][TOPK_GRAPH]
+    catalog's size, and each measured variant choice against the variants present. (A folder
+    of CLIP graphs alone, as the embed benchmarks write, has no top-K part to check.)"""
+    topk = manifest["graphs"].get(TOPK_GRAPH)
+    problems = [] if topk is None else _topk_problems(folder, manifest, topk)
+    for name, record in manifest["graphs"].items():
+        for provider, choice in record.get(FUSED, {}).get("preferred", {}).items():
+            for precision, variant in choice.items():
+                if variant not in VARIANTS or file_key(precision, variant) not in record["files"]:
+                    problems.append(f"{name}: preferred {variant!r} {precision} variant on "
+                                    f"{provider} is not in the bundle")
+    if problems:
+        raise BundleError(f"{folder}: the bundle does not hold what its manifest says "
+                          f"({'; '.join(problems)}); re-export it")
+
+
+def _topk_problems(folder: Path, manifest: dict[str, Any], topk: dict[str, Any]) -> list[str]:
+    """What :func:`check_values` finds wrong in the top-K record, its tables and the fold-in
+    arrays."""
     tables = manifest["tables"]
     n_users, n_items, dim = topk["n_users"], topk["n_items"], topk["dim"]
     found = {"users": _shape(folder, tables["users"]), "items": _shape(folder, tables["items"]),
@@ -78,15 +94,7 @@ def check_values(folder: Path, manifest: dict[str, Any]) -> None:
     knn_k = fold_in.get("params", {}).get("knn_k")
     if knn_k is not None and not (isinstance(knn_k, int) and 1 <= knn_k <= n_items):
         problems.append(f"fold-in knn_k {knn_k!r} is not between 1 and the {n_items} items")
-    for name, record in manifest["graphs"].items():
-        for provider, choice in record.get(FUSED, {}).get("preferred", {}).items():
-            for precision, variant in choice.items():
-                if variant not in VARIANTS or file_key(precision, variant) not in record["files"]:
-                    problems.append(f"{name}: preferred {variant!r} {precision} variant on "
-                                    f"{provider} is not in the bundle")
-    if problems:
-        raise BundleError(f"{folder}: the bundle does not hold what its manifest says "
-                          f"({'; '.join(problems)}); re-export it")
+    return problems
 
 
 class Bundle:
@@ -103,13 +111,15 @@ class Bundle:
         self.provider = provider
         self.providers = choose_providers(provider)
         check_values(folder, self.manifest)
-        self.user_ids, self.item_ids  # read at open: ids and rows must pair one to one
+        if TOPK_GRAPH in self.manifest["graphs"]:
+            self.user_ids, self.item_ids  # read at open: ids and rows must pair one to one
 
-    def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Graph:
+    def graph(self, name: str, precision: str = "fp32", variant: str = PLAIN,
+              uint8: bool = False) -> Graph:
         """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU.
         Its output shapes must be those its manifest record gives (the top-K graph's K is
         its TopK constant, a CLIP graph's width its projection)."""
-        graph = Graph(self.graph_file(name, precision, variant), self.providers)
+        graph = Graph(self.graph_file(name, precision, variant, uint8), self.providers)
         for spec, output in zip(self._record(name)["outputs"], graph.session.get_outputs()):
             if len(spec["shape"]) != len(output.shape) or any(
                     isinstance(a, int) and isinstance(b, int) and a != b
@@ -131,14 +141,20 @@ class Bundle:
         log.debug("%s %s: %s graph on %s", name, precision, chosen, self.providers[0])
         return chosen
 
-    def graph_file(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> Path:
-        record = self._record(name)
-        file = record["files"].get(file_key(precision, variant))
-        if file is None:
-            raise BundleError(f"{self.folder}: no {file_key(precision, variant)} variant of "
-                              f"{name} (has "
-                              f"{sorted(k for k in record['files'] if k != 'torchscript')})")
-        return self.folder / file
+    def has_uint8(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> bool:
+        """Whether the export wrote a uint8-pixel twin of this graph (bundles before it did
+        not)."""
+        return uint8_key(precision, variant) in self._record(name)["files"]
+
+    def graph_file(self, name: str, precision: str = "fp32", variant: str = PLAIN,
+                   uint8: bool = False) -> Path:
+        """The file of one variant; ``uint8``: its twin taking uint8 pixels (image graph)."""
+        key = uint8_key(precision, variant) if uint8 else file_key(precision, variant)
+        files = self._record(name)["files"]
+        if key not in files:
+            raise BundleError(f"{self.folder}: no {key} variant of {name} (has "
+                              f"{sorted(k for k in files if k != 'torchscript')})")
+        return self.folder / files[key]
 
     def _record(self, name: str) -> dict[str, Any]:
         record = self.manifest["graphs"].get(name)

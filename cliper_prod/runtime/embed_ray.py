@@ -33,7 +33,8 @@ from typing import Any, Iterator
 
 from cliper_prod.errors import CliperError, ConfigError
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
-                                        embed_batch, load_image, resume_point, shard_batches)
+                                        embed_batch, load_image, pipeline_preprocess,
+                                        resume_point, shard_batches)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.catalog import Catalog, is_parquet, read_catalog
 from cliper_prod.features.items import Item, ItemLimits, reread_items
@@ -190,7 +191,7 @@ def _stream(ray, units: list[dict], items_path: Path, encoder, options: EmbedOpt
     ctx.execution_options.preserve_order = True  # shards must be cut in input order
     ctx.enable_progress_bars = False  # the driver's own bar counts items
     logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
-    preprocess = replace(encoder.preprocess, max_pixels=options.max_image_pixels)
+    preprocess = pipeline_preprocess(encoder, options)
     dataset = (ray.data.from_items(units)
                .flat_map(_read, fn_kwargs={"items_path": str(items_path.resolve()),
                                            "limits": options.limits}, num_cpus=READ_CPUS)

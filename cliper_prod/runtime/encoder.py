@@ -4,6 +4,9 @@ Same interface as :class:`~cliper_prod.features.clip_towers.ClipTowers`, so ``em
 runs the exact pipeline and per-item policy of the PyTorch path. Token ids come from the
 bundle's ``tokenizer.json`` via the ``tokenizers`` library (no transformers, no torch). Each
 graph runs the variant (plain or fused) :meth:`Bundle.variant` picks for the session's provider.
+uint8 pixels go to the image graph's uint8 twin where the bundle has one (normalisation in the
+graph; on the CPU its outputs equal the float graph's bit for bit, tests/test_decode_paths.py),
+and are normalised on the host for bundles exported before the twins.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER
+from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER, UINT8_INPUT
 from cliper_prod.errors import BundleError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
@@ -41,9 +44,8 @@ class OnnxEncoder:
         self.tau = float(info["tau"])
         self.views = ViewSpec.from_dict(info["view_spec"])
         self.special = SpecialTokens(**info["special_tokens"])
-        pre = info["preprocess"]
-        self.preprocess = ClipImagePreprocessor(**{**pre, "mean": tuple(pre["mean"]),
-                                                   "std": tuple(pre["std"])})
+        self.preprocess = ClipImagePreprocessor.from_dict(info["preprocess"])
+        self.uint8_pixels = bundle.has_uint8(IMAGE_GRAPH, precision, self.variants[IMAGE_GRAPH])
         self.tokenizer = Tokenizer.from_file(str(bundle.folder / TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
@@ -53,6 +55,11 @@ class OnnxEncoder:
     @cached_property
     def image_graph(self) -> Graph:
         return self.bundle.graph(IMAGE_GRAPH, self.precision, self.variants[IMAGE_GRAPH])
+
+    @cached_property
+    def uint8_image_graph(self) -> Graph:
+        return self.bundle.graph(IMAGE_GRAPH, self.precision, self.variants[IMAGE_GRAPH],
+                                 uint8=True)
 
     @cached_property
     def text_graph(self) -> Graph:
@@ -68,7 +75,12 @@ class OnnxEncoder:
         return pack_tokens(self.token_ids(texts), self.special, self.max_tokens)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.image_graph(pixel_values=pixel_values.astype(np.float32))[0]
+        """uint8 pixels or normalised float32 [B, 3, H, W] -> image embeddings [B, D]."""
+        if pixel_values.dtype == np.uint8:
+            if self.uint8_pixels:
+                return self.uint8_image_graph(**{UINT8_INPUT: pixel_values})[0]
+            pixel_values = self.preprocess.normalise(pixel_values)
+        return self.image_graph(pixel_values=np.asarray(pixel_values, dtype=np.float32))[0]
 
     def encode_views(self, tokens: TokenizedViews, image: np.ndarray, has_image: np.ndarray,
                      has_text: np.ndarray, mode: str, tau: float

@@ -1,0 +1,228 @@
+"""The image decode paths and the uint8 image graph, each against an independent reference:
+the exact path against CLIPImageProcessor's steps written out with PIL and numpy, and through
+the CLI against the previous pipeline (float graph, host normalisation, one decoder, no
+read-ahead); the draft path within its stated cosine bound; the uint8 twins against the float
+graphs and PyTorch; bundles exported before the twins; the driver's options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from cliper_prod.bundle_format import UINT8_INPUT, read_manifest, sha256_file
+from cliper_prod.commands import cli
+from cliper_prod.data.synthetic import photo_like_jpeg
+from cliper_prod.errors import ConfigError
+from cliper_prod.features.clip_towers import ClipTowers
+from cliper_prod.features.embed import EmbedOptions, available_cpus
+from cliper_prod.features.image_preprocess import DRAFT_MIN_COSINE, ClipImagePreprocessor
+from cliper_prod.features.tiny_clip import build_tiny_clip
+from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.encoder import OnnxEncoder
+from cliper_prod.runtime.sessions import session_options
+from tests.test_export import FP16, FP32, assert_parity, unit
+
+OUTPUTS = ("image_feat.npy", "text_feat.npy", "view_feat.npy", "similarity.npy", "item_ids.txt",
+           "errors.jsonl")
+
+
+def naive_clip_pixels(path: Path, pre: ClipImagePreprocessor) -> np.ndarray:
+    """CLIPImageProcessor's steps written out again, after EXIF orientation: bicubic resize of
+    the shortest edge, centre crop, scale, normalise, channels first (float32 throughout)."""
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    w, h = img.size
+    new = (pre.size, int(pre.size * h / w)) if w <= h else (int(pre.size * w / h), pre.size)
+    arr = np.asarray(img.resize(new, Image.Resampling.BICUBIC), np.float32)
+    top, left = (new[1] - pre.crop) // 2, (new[0] - pre.crop) // 2
+    arr = arr[top:top + pre.crop, left:left + pre.crop]
+    arr = (arr * np.float32(1 / 255) - np.asarray(pre.mean, np.float32)) \
+        / np.asarray(pre.std, np.float32)
+    return arr.transpose(2, 0, 1)
+
+
+def write_jpegs(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        paths.append(folder / f"j{i}.jpg")
+        paths[-1].write_bytes(photo_like_jpeg(rng, w, h))
+    return paths
+
+
+def test_exact_path_equals_the_processor_steps_bit_for_bit(tmp_path: Path) -> None:
+    pre = ClipImagePreprocessor()
+    draft = ClipImagePreprocessor(draft=True)
+    paths = write_jpegs(tmp_path, [(640, 480), (480, 640), (300, 200), (447, 300)])
+    Image.open(paths[0]).save(tmp_path / "p.png")
+    rotated = Image.open(paths[0])
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: stored on its side, shown upright (portrait)
+    rotated.save(tmp_path / "exif.jpg", exif=exif.tobytes(), quality=90)
+    assert ImageOps.exif_transpose(Image.open(tmp_path / "exif.jpg")).size == (480, 640)
+    for path in paths + [tmp_path / "p.png", tmp_path / "exif.jpg"]:
+        reference = naive_clip_pixels(path, pre)
+        assert np.array_equal(pre.load(path), reference), path
+        pixels = pre.load(path, uint8=True)
+        assert pixels.dtype == np.uint8 and pixels.shape == (3, 224, 224)
+        assert np.array_equal(pre.normalise(pixels), reference), path
+        # draft only changes JPEGs at least twice the size: not the PNG, not a 300x200 JPEG
+        same = path.suffix == ".png" or min(Image.open(path).size) < 2 * pre.size
+        assert np.array_equal(draft.load(path), reference) == same, path
+
+
+@pytest.fixture(scope="module")
+def clip224(tmp_path_factory) -> ClipTowers:
+    """A tiny random CLIP at CLIP's own 224-pixel input (patch 8: 784 patches)."""
+    return ClipTowers(build_tiny_clip(tmp_path_factory.mktemp("clip224") / "c", ["a b"],
+                                      image_size=224))
+
+
+def test_draft_path_stays_within_its_bound(clip224: ClipTowers, tmp_path: Path) -> None:
+    paths = write_jpegs(tmp_path, [(640, 480)] * 10 + [(480, 640)] * 2, seed=1)
+    exact = np.stack([clip224.preprocess.load(p) for p in paths])
+    draft = ClipImagePreprocessor(**{**clip224.preprocess.as_dict(), "draft": True})
+    fast = np.stack([draft.load(p, uint8=True) for p in paths])
+    a, b = clip224.encode_images(exact), clip224.encode_images(fast)
+    assert (unit(a) * unit(b)).sum(1).min() >= DRAFT_MIN_COSINE
+    # raw cosines of random-weight embeddings sit close to 1 for any two images; centred on
+    # the mean embedding the difference is still small against the spread between images
+    centred = (unit(a - a.mean(0)) * unit(b - a.mean(0))).sum(1)
+    assert centred.min() >= 0.99
+    assert not np.array_equal(a, b)
+
+
+def uint8_twins(record: dict) -> dict[str, str]:
+    return {k.removeprefix("uint8."): f for k, f in record["files"].items()
+            if k.startswith("uint8.")}
+
+
+def test_uint8_twins_equal_the_float_graphs_and_pytorch(exported: dict[str, Path]) -> None:
+    bundle = exported["bundle"]
+    record = read_manifest(bundle)["graphs"]["image_encoder"]
+    twins = uint8_twins(record)
+    assert set(twins) == {"fp32", "fp16", "fused.fp32", "fused.fp16"}
+    assert record["uint8"]["input"] == UINT8_INPUT
+    towers = ClipTowers(exported["clip"])
+    pre = towers.preprocess
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 3, pre.crop, pre.crop), np.uint8)
+    reference = towers.encode_images(pre.normalise(pixels))
+    for key, twin in twins.items():
+        assert record["parity"][f"onnx_uint8_{key.replace('.', '_')}"]["min_cosine"] > 0.999
+        got = ort.InferenceSession(str(bundle / twin)).run(None, {UINT8_INPUT: pixels})[0]
+        floats = ort.InferenceSession(str(bundle / record["files"][key])).run(
+            None, {"pixel_values": pre.normalise(pixels)})[0]
+        assert np.array_equal(got, floats), key  # same float32 ops, then the same graph
+        assert_parity(reference, got, FP16 if key.endswith("fp16") else FP32)
+
+
+def without_uint8(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` as exported before the uint8 twins existed."""
+    shutil.copytree(bundle, out)
+    data = json.loads((out / "manifest.json").read_text())
+    record = data["graphs"]["image_encoder"]
+    record.pop("uint8")
+    for key in [k for k in record["files"] if k.startswith("uint8.")]:
+        name = record["files"].pop(key)
+        del record["parity"][f"onnx_{key.replace('.', '_')}"]
+        (out / name).unlink()
+        del data["files"][name]
+    del data["manifest_sha256"]  # format 2, as bundles before the twins were written
+    data["format_version"] = 2
+    (out / "manifest.json").write_text(json.dumps(data))
+    assert all(sha256_file(out / n) == d for n, d in data["files"].items())
+    return out
+
+
+@pytest.fixture(scope="module")
+def jpeg_catalog(exported: dict[str, Path], tmp_path_factory) -> Path:
+    """The synthetic policy items (PNG images, a missing one, bad lines, a long text) and six
+    items with photo-like 640x480 JPEGs."""
+    folder = tmp_path_factory.mktemp("jpeg_catalog")
+    shutil.copytree(exported["catalog"] / "images", folder / "images")
+    write_jpegs(folder / "images", [(640, 480)] * 5 + [(480, 640)], seed=3)
+    lines = exported["policy_items"].read_text().splitlines()
+    lines += [json.dumps({"item_id": f"J{i}", "title": f"photo {i}", "image": f"images/j{i}.jpg"})
+              for i in range(6)]
+    (folder / "items.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "items.jsonl"
+
+
+def embed(items: Path, bundle: Path, out: Path, *args: str) -> dict:
+    res = CliRunner().invoke(cli, ["embed", str(items), "--bundle", str(bundle), "--out",
+                                   str(out), "--quiet", "--save-views", "--batch-size", "3",
+                                   *args])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "embed_summary.json").read_text())
+
+
+def test_exact_path_outputs_equal_the_previous_pipeline(exported: dict[str, Path],
+                                                        jpeg_catalog: Path,
+                                                        tmp_path: Path) -> None:
+    """Previous pipeline: float graph with host normalisation (a bundle without twins), one
+    decoder, nothing read ahead. Every output byte must match under the new driver."""
+    old_bundle = without_uint8(exported["bundle"], tmp_path / "old_bundle")
+    assert not OnnxEncoder(Bundle(old_bundle, "cpu")).uint8_pixels
+    assert OnnxEncoder(Bundle(exported["bundle"], "cpu")).uint8_pixels
+    reference = tmp_path / "reference"
+    embed(jpeg_catalog, old_bundle, reference, "--workers", "1", "--prefetch", "0")
+    for name, args in [("default", ()), ("threads", ("--workers", "2", "--prefetch", "0")),
+                       ("deep", ("--workers", "3", "--prefetch", "4"))]:
+        summary = embed(jpeg_catalog, exported["bundle"], tmp_path / name, *args)
+        assert summary["image_decode"]["path"] == "exact"
+        for file in OUTPUTS:
+            assert (tmp_path / name / file).read_bytes() == (reference / file).read_bytes(), \
+                (name, file)
+
+
+def test_draft_path_through_the_cli(exported: dict[str, Path], jpeg_catalog: Path,
+                                    tmp_path: Path) -> None:
+    exact, draft = tmp_path / "exact", tmp_path / "draft"
+    embed(jpeg_catalog, exported["bundle"], exact)
+    summary = embed(jpeg_catalog, exported["bundle"], draft, "--decode", "draft")
+    assert summary["image_decode"] == {**summary["image_decode"], "path": "draft",
+                                       "min_image_cosine_vs_exact": DRAFT_MIN_COSINE}
+    for file in ("item_ids.txt", "errors.jsonl"):
+        assert (exact / file).read_text() == (draft / file).read_text()
+    ids = (exact / "item_ids.txt").read_text().split()
+    a, b = np.load(exact / "image_feat.npy"), np.load(draft / "image_feat.npy")
+    jpeg = np.array([i.startswith("J") for i in ids])
+    assert (unit(a) * unit(b)).sum(1).min() >= DRAFT_MIN_COSINE
+    assert np.array_equal(a[~jpeg], b[~jpeg]) and not np.array_equal(a[jpeg], b[jpeg])
+
+
+def test_device_inputs_give_the_host_path_outputs(exported: dict[str, Path]) -> None:
+    """The CUDA input path (each input copied into an OrtValue of its own, bound as such), run
+    on a CPU session: the same outputs as host arrays, batch after batch."""
+    bundle = Bundle(exported["bundle"], "cpu")
+    host = bundle.graph("image_encoder", uint8=True)
+    device = bundle.graph("image_encoder", uint8=True)
+    device.device_inputs = True
+    crop = OnnxEncoder(bundle).preprocess.crop
+    rng = np.random.default_rng(4)
+    for n in (3, 3, 2):
+        pixels = rng.integers(0, 256, (n, 3, crop, crop), np.uint8)
+        assert np.array_equal(device(pixels=pixels)[0], host(pixels=pixels)[0])
+
+
+def test_driver_settings() -> None:
+    import os
+
+    assert EmbedOptions().workers == available_cpus() == len(os.sched_getaffinity(0))
+    cuda = session_options(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert cuda.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    cpu = session_options(["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="does not have"):  # unset: ORT default, spinning
+        cpu.get_session_config_entry("session.intra_op.allow_spinning")
+    with pytest.raises(ConfigError, match="decode must be one of"):
+        EmbedOptions(decode="fast")
+    # a run started exact is not resumed as draft
+    assert EmbedOptions(decode="draft").fingerprint() != EmbedOptions().fingerprint()
