@@ -102,7 +102,7 @@ class ItemEmbedder:
             except (binascii.Error, ValueError):
                 return "'image_base64' is not valid base64"
             try:
-                return self.preprocess.decode(io.BytesIO(raw), "image_base64")
+                return self.preprocess.decode(io.BytesIO(raw), "image_base64", uint8=True)
             except ImageDecodeError as exc:
                 return str(exc)
         if item.image is None:
