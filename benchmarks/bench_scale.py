@@ -13,7 +13,16 @@ same 512 clusters for both). Stages: load + validate; the item kNN graph (faiss-
 where the catalog has at most 100k items); FREEDOM and LightGCN model build + one epoch of
 ``steps_per_epoch`` steps (``--steps``); a full evaluation (valid split, all users, or a sample
 with the full time extrapolated where ``--eval-users`` caps it); ``export_tables`` of the
-LightGCN tables; ``cliper-prod topk`` for 100k users. Each result is one run.
+LightGCN tables; ``cliper-prod topk`` for 100k users. ``--lean`` adds the training stages again
+with ``train.memory_lean`` (``freedom_lean``, ``lightgcn_lean``), each in its own process too,
+so their peak RSS compares with the plain stages'. Each result is one run.
+
+On a GPU (``--device cuda``) the model, its graphs, the epoch and the evaluation run there and
+each training stage also reports its peak GPU memory; the data is generated on the machine
+itself (``--work`` on its disk), so nothing large is carried to it:
+
+    python benchmarks/bench_scale.py --device cuda --sizes 1m 5m --work /tmp/scale --lean \
+        --eval-users 10000000 --out benchmarks/results/scale_cuda
 """
 
 from __future__ import annotations
@@ -85,9 +94,18 @@ def generate(folder: Path, users: int, items: int, interactions: int, seed: int 
             "heavy_users": heavy_users.tolist()}
 
 
-def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) -> dict:
-    """Run one stage in this process; its figures."""
+def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int,
+          device_name: str = "cpu") -> dict:
+    """Run one stage in this process on ``device_name``; its figures (seconds measured after
+    the device finished)."""
     import torch
+
+    device = torch.device(device_name)
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     from cliper_prod.config import load_config
     from cliper_prod.data.mmrec import load_dataset
@@ -112,24 +130,27 @@ def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) ->
         out["hnsw_recall@10_image"] = sampled_recall(normed, knn_neighbours(
             torch.from_numpy(data.features["image"]), 10, "faiss-hnsw"), 10)
         return out
-    if name in ("freedom", "lightgcn", "tables"):
+    backbone, _, variant = name.partition("_")  # "lightgcn_lean": memory_lean on
+    if backbone in ("freedom", "lightgcn", "tables"):
         from cliper_prod.training import Trainer, evaluate_model, ranking_tasks
 
-        backbone = "lightgcn" if name == "tables" else name
-        model = {"knn_method": "faiss-hnsw"} if name == "freedom" else {}
-        config = load_config(backbone, overrides={"train": {"steps_per_epoch": steps},
-                                                  "model": model})
-        start = time.perf_counter()
-        trainer = Trainer(backbone, data, config, progress=False)
-        out["init_s"] = time.perf_counter() - start
+        backbone = "lightgcn" if backbone == "tables" else backbone
+        model = {"knn_method": "faiss-hnsw"} if backbone == "freedom" else {}
+        config = load_config(backbone, overrides={"train": {
+            "steps_per_epoch": steps, "memory_lean": variant == "lean"}, "model": model})
+        start = clock()
+        trainer = Trainer(backbone, data, config, progress=False, device=device)
+        out["init_s"] = clock() - start
         print(f"built {backbone} in {out['init_s']:.0f} s, RSS {peak_rss_gib()} GiB", file=sys.stderr,
               flush=True)
         if name != "tables":  # "tables": the untrained model's tables, for eval/export/topk
-            start = time.perf_counter()
+            start = clock()
             trainer.train_epoch(0)
-            out["epoch_s"] = time.perf_counter() - start
+            out["epoch_s"] = clock() - start
             out["batch"] = trainer.sampler.batch_size
-        if name == "freedom":
+            if device.type == "cuda":
+                out["epoch_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if backbone == "freedom":
             return out
         task = ranking_tasks(data)["valid"]
         full = len(task.users)
@@ -141,17 +162,20 @@ def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) ->
             task = RankingTask.build(valid[np.isin(valid[:, 0], keep)], [data.train],
                                      data.n_users, data.n_items)
         with torch.no_grad():
-            start = time.perf_counter()
+            start = clock()
             evaluate_model(trainer.model, task, trainer.settings)
-            took = time.perf_counter() - start
+            took = clock() - start
         out.update(eval_s=took * full / len(task.users), eval_users=len(task.users),
                    eval_users_total=full, eval_extrapolated=len(task.users) < full)
+        if device.type == "cuda":
+            out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
         from cliper_prod.export.bundle_writer import EmbeddingTables, GraphOptions, export_tables
 
         users, items = trainer.model.embedding_tables()
         bundle = work / "bundle"
         start = time.perf_counter()
-        export_tables(EmbeddingTables(users, items, data.train), bundle, backbone="lightgcn",
+        export_tables(EmbeddingTables(users.cpu(), items.cpu(), data.train), bundle,
+                      backbone="lightgcn",
                       dataset=data.name, options=GraphOptions(torchscript=False, fp16=False,
                                                               fused=False))
         out["export_s"] = time.perf_counter() - start
@@ -160,7 +184,7 @@ def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int) ->
     raise SystemExit(f"unknown stage {name}")
 
 
-def topk_stage(work: Path, n_users: int) -> dict:
+def topk_stage(work: Path, n_users: int, provider: str = "cpu") -> dict:
     """`cliper-prod topk` on ``n_users`` users of the stage's bundle, its own peak RSS."""
     ids = (work / "bundle" / "user_ids.txt").read_text().split()
     chosen = np.random.default_rng(0).choice(len(ids), min(n_users, len(ids)), replace=False)
@@ -168,7 +192,7 @@ def topk_stage(work: Path, n_users: int) -> dict:
     users_file.write_text("".join(f"{ids[u]}\n" for u in chosen))
     cmd = [sys.executable, *MEASURED_CLI,
            "topk", "--users", str(users_file), "--bundle", str(work / "bundle"), "-k", "20",
-           "--out", str(work / "topk.jsonl"), "--device", "cpu"]
+           "--out", str(work / "topk.jsonl"), "--provider", provider]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -180,9 +204,9 @@ def topk_stage(work: Path, n_users: int) -> dict:
 
 
 def run_child(args: list[str]) -> dict:
+    path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(Path(__file__)), *args], capture_output=True,
-                          text=True, cwd=HERE.parent, env={**os.environ, "PYTHONPATH": str(HERE)
-                                                           + os.pathsep + str(HERE.parent)})
+                          text=True, cwd=HERE.parent, env={**os.environ, "PYTHONPATH": path})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -212,12 +236,18 @@ STAGES = [  # table row, (stage, key) of its figure; "tables" stands in where tr
     ("item graph exact", ("item_graph", "exact_s")),
     ("FREEDOM build", ("freedom", "init_s")),
     ("FREEDOM epoch", ("freedom", "epoch_s")),
+    ("FREEDOM epoch, memory_lean", ("freedom_lean", "epoch_s")),
     ("LightGCN epoch", ("lightgcn", "epoch_s")),
+    ("LightGCN epoch, memory_lean", ("lightgcn_lean", "epoch_s")),
     ("evaluation", ("lightgcn", "eval_s")),
+    ("evaluation, memory_lean", ("lightgcn_lean", "eval_s")),
     ("export", ("lightgcn", "export_s")),
     ("topk, 100k users (all at 20k)", ("topk", "topk_s")),
 ]
 UNTRAINED = "tables"
+#: stages in the order they run; the ``_lean`` ones only with ``--lean``
+STAGE_ORDER = ("load", "item_graph", "freedom", "freedom_lean", "lightgcn", "lightgcn_lean",
+               "tables", "topk")
 
 
 def figure(stages: dict, stage_name: str, key: str) -> tuple[float | None, str]:
@@ -260,6 +290,11 @@ def table(results: dict) -> str:
         "MMRec FREEDOM": [_mmrec_cell(results[n].get("mmrec"), results[n]["data"]["items"])
                           for n in names],
     }
+    for st in STAGE_ORDER:  # each stage's own process: its peak RSS (and GPU memory)
+        for key, label in (("peak_rss_gib", "peak RSS (GiB)"), ("peak_gpu_gib", "peak GPU (GiB)")):
+            cells = [results[n]["stages"].get(st, {}).get(key) for n in names]
+            if any(c is not None for c in cells):
+                rows[f"{label}: {st}"] = ["-" if c is None else f"{c:.2f}" for c in cells]
     for label, cells in rows.items():
         lines.append(f"| {label} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
@@ -279,6 +314,14 @@ def _mmrec_cell(res: dict | None, items: int) -> str:
         return (f"fails at {res.get('stage', '?')}: {int(asked.group(1)) / 1e9:.1f} GB asked "
                 f"(items^2 x 4 B: its dense item-item similarity)")
     return f"fails at {res.get('stage', '?')}: {res.get('error', '')[:90]}"
+
+
+def _gpu_name(device: str) -> str | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -317,6 +360,10 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="stages not to run, per size: "
                         "SIZE:STAGE (e.g. 5m:freedom); a stage measured by an earlier run "
                         "(same --out) is kept")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where training, evaluation and top-K run")
+    parser.add_argument("--lean", action="store_true",
+                        help="also run the training stages with train.memory_lean")
     parser.add_argument("--mmrec-cmd", help="prints MMRec's FREEDOM timing as JSON")
     parser.add_argument("--mmrec-max-items", type=int, default=150_000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale_cpu"))
@@ -324,7 +371,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:  # child: one stage, one JSON line
-        res = stage(args.stage, args.data, args.work, args.steps, args.eval_users)
+        res = stage(args.stage, args.data, args.work, args.steps, args.eval_users, args.device)
         print(json.dumps({**res, "peak_rss_gib": peak_rss_gib()}))
         return
     previous = args.out.with_suffix(".json")
@@ -343,18 +390,19 @@ def main() -> None:
             made.write_text(json.dumps(info))
         print(f"[{name}] data {info}", flush=True)
         entry = {"data": info, "stages": dict(results.get(name, {}).get("stages", {}))}
-        for st in ("load", "item_graph", "freedom", "lightgcn", "tables", "topk"):
-            if f"{name}:{st}" in args.skip:
+        for st in STAGE_ORDER:
+            if f"{name}:{st}" in args.skip or (st.endswith("_lean") and not args.lean):
                 continue
             if st == "tables" and "error" not in entry["stages"].get("lightgcn", {"error": 1}):
                 continue  # only where training failed: export and top-K still get measured
             if st == "topk":
-                res = topk_stage(work, args.topk_users) if (work / "bundle").exists() else \
+                res = topk_stage(work, args.topk_users, args.device) \
+                    if (work / "bundle").exists() else \
                     {"error": "no bundle"}
             else:
                 res = run_child(["--stage", st, "--data", str(data_dir), "--work", str(work),
                                  "--steps", str(args.steps), "--eval-users",
-                                 str(args.eval_users)])
+                                 str(args.eval_users), "--device", args.device])
             entry["stages"][st] = res
             print(f"[{name}] {st}: {res}", flush=True)
         if args.mmrec_cmd and items <= args.mmrec_max_items:
@@ -367,6 +415,7 @@ def main() -> None:
         result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
                   "command": " ".join(["python", *sys.argv]), "steps_per_epoch": args.steps,
+                  "device": args.device, "gpu": _gpu_name(args.device),
                   "sizes": ordered}
         report(args.out, result, table(ordered))
         plot(ordered, args.out.with_suffix(".png"))

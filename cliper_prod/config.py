@@ -17,6 +17,8 @@ from typing import Any
 from cliper_prod.errors import ConfigError
 
 SECTIONS = ("model", "train")
+#: ``train.lr_scaling`` -> the power p of the rate's factor (batch / batch_size) ** p
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,26 @@ class TrainSettings:
         lr_decay (float): The learning rate is ``learning_rate * lr_decay ** (epoch /
             lr_decay_epochs)`` (MMRec's scheduler); 1 keeps it constant.
         lr_decay_epochs (int): Epochs over which the rate falls by one factor ``lr_decay``.
+        lr_warmup_steps (int): Optimiser steps over which the rate climbs linearly to its full
+            value (step s trains at ``(s + 1) / lr_warmup_steps`` of it); 0: none. Large batches
+            diverge or stall without it once ``lr_scaling`` raises the rate.
+        lr_scaling (str): How the rate follows the batch of :meth:`epoch_batch_size` against
+            ``batch_size``, the batch it was tuned for: ``none``, ``sqrt`` (x sqrt(batch /
+            batch_size)) or ``linear`` (x batch / batch_size). Only ``steps_per_epoch`` runs
+            train with another batch.
         weight_decay (float): Adam's L2 weight decay.
         batch_size (int): BPR triples per optimiser step.
         steps_per_epoch (int): 0: batches of ``batch_size``; N: N batches per epoch whatever the
             data, the batch growing with it (:meth:`epoch_batch_size`).
         eval_batch_size (int): Users ranked at a time by the full evaluation.
+        eval_users (int): 0: every epoch validates on all valid users; N: on the same seeded
+            sample of N of them, and only the selected epoch gets the full validation, so
+            validating costs in proportion to N once epochs are cheap (large catalogs, large
+            batches).
+        memory_lean (bool): Propagate with a running sum of the layers instead of stacking them,
+            so training and evaluation hold about three [nodes, d] tables instead of
+            2 x (layers + 1); same arithmetic up to float rounding order, hence off by default
+            (the default keeps the parity figures bit for bit).
         epochs (int): The most epochs trained.
         patience (int): Epochs without a better ``valid_metric`` before training stops.
         valid_metric (str): The validation metric that selects the epoch, e.g. ``recall@20``;
@@ -45,10 +62,14 @@ class TrainSettings:
     learning_rate: float
     lr_decay: float
     lr_decay_epochs: int
+    lr_warmup_steps: int
+    lr_scaling: str
     weight_decay: float
     batch_size: int
     steps_per_epoch: int
     eval_batch_size: int
+    eval_users: int
+    memory_lean: bool
     epochs: int
     patience: int
     valid_metric: str
@@ -66,9 +87,13 @@ class TrainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "topk", tuple(self.topk))
         if min(self.batch_size, self.eval_batch_size, self.epochs, self.lr_decay_epochs) < 1 \
-                or min(self.patience, self.steps_per_epoch) < 0:
+                or min(self.patience, self.steps_per_epoch, self.eval_users,
+                       self.lr_warmup_steps) < 0:
             raise ConfigError("batch sizes, epochs and lr_decay_epochs must be >= 1 and "
-                              "patience and steps_per_epoch >= 0")
+                              "patience, steps_per_epoch, eval_users and lr_warmup_steps >= 0")
+        if self.lr_scaling not in LR_SCALING:
+            raise ConfigError(f"lr_scaling must be one of {sorted(LR_SCALING)}, got "
+                              f"{self.lr_scaling!r}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         name, _, k = self.valid_metric.partition("@")

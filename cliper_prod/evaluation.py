@@ -9,7 +9,7 @@ positive in the evaluated split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -69,6 +69,15 @@ class RankingTask:
         pos_indptr, pos_items = training_csr(positives, n_users)
         return cls(np.unique(positives[:, 0]), mask_indptr, mask_items, pos_indptr, pos_items,
                    n_items)
+
+    def sample(self, n_users: int, seed: int) -> "RankingTask":
+        """The same task on ``n_users`` of its users drawn without replacement by
+        ``default_rng(seed)`` (a generator of its own: the caller's draws are untouched); this
+        task itself when ``n_users`` is 0 or not below its count."""
+        if n_users == 0 or n_users >= len(self.users):
+            return self
+        chosen = np.random.default_rng(seed).choice(self.users, n_users, replace=False)
+        return replace(self, users=np.sort(chosen))
 
     def top_items(self, users: np.ndarray, queries: Tensor, item_emb: Tensor, max_k: int,
                   chunk_items: int) -> Tensor:

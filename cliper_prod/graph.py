@@ -52,9 +52,22 @@ def propagation_layers(adj: Propagation, ego: Tensor, n_layers: int) -> list[Ten
     return layers
 
 
-def light_propagate(adj: Propagation, ego: Tensor, n_layers: int) -> Tensor:
-    """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation."""
-    return torch.stack(propagation_layers(adj, ego, n_layers)).mean(0)
+def light_propagate(adj: Propagation, ego: Tensor, n_layers: int, lean: bool = False) -> Tensor:
+    """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation.
+
+    ``lean`` sums the layers as they come instead of stacking them: about three [nodes, d]
+    tables are alive at once instead of 2 x (n_layers + 1) (the stack copies every layer), in
+    training and evaluation alike. The propagation itself keeps no layer for the backward pass
+    (A^T @ grad needs none), so nothing is gained by recomputing layers (checkpointing). The
+    sum adds in another order than the stack's mean: equal up to float rounding.
+    """
+    if not lean:
+        return torch.stack(propagation_layers(adj, ego, n_layers)).mean(0)
+    total, layer = ego, ego
+    for _ in range(n_layers):
+        layer = adj(layer)
+        total = total + layer
+    return total / (n_layers + 1)
 
 
 def _csr(adj: Tensor) -> Tensor:

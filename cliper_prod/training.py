@@ -26,6 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ import torch
 from cliper_prod.device import CPU
 from cliper_prod.backbones import Backbone, create_model
 from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
-from cliper_prod.config import TrainSettings, build
+from cliper_prod.config import LR_SCALING, TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.data.sampling import BPRSampler
 from cliper_prod.errors import ConfigError, TrainingDiverged
@@ -132,6 +133,24 @@ def ranking_tasks(data: InteractionData, mask_valid_in_test: bool = False
     }
 
 
+def learning_rate_factor(settings: TrainSettings, batch: int, epoch_steps: int
+                         ) -> Callable[[int], float]:
+    """The factor of ``learning_rate`` at each optimiser step (0-based), for a run of ``batch``
+    triples per step and ``epoch_steps`` steps per epoch: (batch / batch_size) ** p of
+    ``lr_scaling``, times the linear warm-up (s + 1) / lr_warmup_steps while it lasts, times
+    MMRec's per-epoch decay. The defaults give exactly 1.0 (times the decay), so default runs
+    keep their rates bit for bit."""
+    scale = (batch / settings.batch_size) ** LR_SCALING[settings.lr_scaling]
+    warmup = settings.lr_warmup_steps
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        decay = settings.lr_decay ** (step // epoch_steps / settings.lr_decay_epochs)
+        return scale * warm * decay
+
+    return factor
+
+
 def evaluate_model(model: Backbone, task: RankingTask, settings: TrainSettings
                    ) -> dict[str, float]:
     """Rank with the model's tables on the device they are on."""
@@ -183,19 +202,24 @@ class Trainer:
         self.config, self.settings, self.progress = config, settings, progress
         self.device = device
         self.model = create_model(backbone, data, config["model"], self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate,
-                                          weight_decay=settings.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda e: settings.lr_decay ** (e / settings.lr_decay_epochs))
+        self.model.lean_propagation = settings.memory_lean
         self.sampler_rng = np.random.default_rng(settings.seed)
         # on the device: a generator samples only tensors on its own device
         self.graph_rng = torch.Generator(device=self.device).manual_seed(settings.seed)
         self.sampler = BPRSampler(data.train, data.n_items,
                                   settings.epoch_batch_size(len(data.train)), self.sampler_rng)
-        self.valid_task = ranking_tasks(data)["valid"]
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate,
+                                          weight_decay=settings.weight_decay)
+        # stepped after every optimiser step (warm-up is counted in steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, learning_rate_factor(
+            settings, self.sampler.batch_size, len(self.sampler)))
+        self.full_valid_task = ranking_tasks(data)["valid"]
+        # every epoch validates on this (the same users each epoch, from the seed alone)
+        self.valid_task = self.full_valid_task.sample(settings.eval_users, settings.seed)
 
     def train_epoch(self, epoch: int) -> float:
-        """One pass over freshly sampled BPR batches and a scheduler step; the mean loss."""
+        """One pass over freshly sampled BPR batches, a scheduler step after each; the mean
+        loss."""
         self.model.train()
         self.model.pre_epoch(self.graph_rng)
         total = 0.0
@@ -207,10 +231,10 @@ class Trainer:
             loss = self.model.loss(users, pos, neg)
             loss.backward()
             self.optimizer.step()
+            self.scheduler.step()
             value = loss.item()
             total += value
             bar.set_postfix(loss=f"{value:.4f}")
-        self.scheduler.step()
         mean_loss = total / len(self.sampler)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
@@ -218,8 +242,21 @@ class Trainer:
         return mean_loss
 
     def valid_epoch(self) -> dict[str, float]:
-        """The current weights' metrics on the validation split (never test)."""
+        """The current weights' metrics on the validation split (never test), on the sampled
+        users where ``eval_users`` samples them."""
         return evaluate_model(self.model, self.valid_task, self.settings)
+
+    def selected_valid(self, state: TrainState) -> dict[str, float]:
+        """The selected epoch's valid metrics over every valid user: recorded, or computed now
+        (with its weights loaded) where the epochs validated on a sample."""
+        if self.valid_task is self.full_valid_task:
+            return state.history[state.best_epoch]["valid"]
+        valid = evaluate_model(self.model, self.full_valid_task, self.settings)
+        if self.progress:
+            log.info(f"epoch {state.best_epoch} on all {len(self.full_valid_task.users)} valid "
+                     f"users (epochs validated on {len(self.valid_task.users)}): "
+                     f"{self.settings.valid_metric} {valid[self.settings.valid_metric]:.4f}")
+        return valid
 
     def run_epoch(self, state: TrainState) -> None:
         """Train and validate the epoch after ``state.epoch`` and record it in ``state``."""
@@ -272,8 +309,8 @@ class Trainer:
             if state_path is not None:
                 self.save(state_path, state)
         self.model.load_state_dict(state.best_state)
-        return FitResult(self.model, state.best_epoch, state.history[state.best_epoch]["valid"],
-                         state.history, self.config)
+        return FitResult(self.model, state.best_epoch, self.selected_valid(state), state.history,
+                         self.config)
 
 
 def fit(backbone: str, data: InteractionData, config: dict, progress: bool = True,

@@ -123,6 +123,9 @@ class Backbone(nn.Module, ABC):
         self.device = device
         self.features: Mapping[str, Tensor] = {}  # modality -> [n_items, d], as the model keeps it
         self.text_fusion: nn.Module | None = None  # CLIPER's trained fusion of the text views
+        # light_propagate's lean mode (train.memory_lean): a training choice, not a
+        # hyper-parameter of the saved model, so the trainer sets it after building the model
+        self.lean_propagation = False
 
     def init_id_embeddings(self, data: InteractionData, dim: int) -> None:
         """User and item ID embeddings, Xavier-uniform as MMRec initialises them."""

@@ -139,7 +139,7 @@ class Freedom(Backbone):
         for _ in range(self.config.n_mm_layers):
             h = self.item_graph(h)
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(adj, ego, self.config.n_ui_layers)
+        out = light_propagate(adj, ego, self.config.n_ui_layers, self.lean_propagation)
         return out[:self.n_users], out[self.n_users:] + h
 
     def propagate(self) -> tuple[Tensor, Tensor]:

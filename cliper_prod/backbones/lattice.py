@@ -174,7 +174,8 @@ class Lattice(Backbone):
         for _ in range(self.config.n_layers):
             h = item_graph(h)
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(self.ui_adj, ego, self.config.n_ui_layers)
+        out = light_propagate(self.ui_adj, ego, self.config.n_ui_layers,
+                              self.lean_propagation)
         return out[:self.n_users], out[self.n_users:] + F.normalize(h, dim=1)
 
     def propagate(self) -> tuple[Tensor, Tensor]:

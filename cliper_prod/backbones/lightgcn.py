@@ -62,7 +62,7 @@ class LightGCN(Backbone):
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(self.adj, ego, self.config.n_layers)
+        out = light_propagate(self.adj, ego, self.config.n_layers, self.lean_propagation)
         return out[:self.n_users], out[self.n_users:]
 
     @torch.no_grad()

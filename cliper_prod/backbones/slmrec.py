@@ -158,8 +158,8 @@ class SLMRec(Backbone):
         """(user rows, item rows) of each propagated view: ID, then the modalities."""
         users = self.user_embedding.weight
         items = [self.item_embedding.weight] + [self._view(m) for m in MODALITIES]
-        out = [light_propagate(self.adj, torch.cat([users, view]), self.config.n_layers)
-               for view in items]
+        out = [light_propagate(self.adj, torch.cat([users, view]), self.config.n_layers,
+                               self.lean_propagation) for view in items]
         return [(o[:self.n_users], o[self.n_users:]) for o in out]
 
     def propagate(self) -> tuple[Tensor, Tensor]:

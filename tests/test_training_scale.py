@@ -1,0 +1,150 @@
+"""Training at scale: the large-batch learning-rate schedule, validation on a user sample, and
+the memory-lean propagation (same gradients, same training, across a resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cliper_prod.training as training
+from cliper_prod.commands import cli
+from cliper_prod.config import TrainSettings, build, load_config
+from cliper_prod.data.mmrec import load_dataset
+from cliper_prod.evaluation import evaluate_ranking
+from cliper_prod.graph import fixed_propagation, light_propagate
+
+FAST = {"train": {"epochs": 5, "patience": 10, "batch_size": 64, "topk": [5, 10],
+                  "valid_metric": "recall@10", "learning_rate": 0.01}}
+
+
+def settings(**train) -> TrainSettings:
+    return build(TrainSettings, {**load_config("lightgcn")["train"], **train}, "train")
+
+
+def test_learning_rate_factor_per_step_against_hand_computed_values() -> None:
+    # batch 8192 = 4 x 2048: sqrt scaling x2; warm-up over 4 steps; 3 steps per epoch; the
+    # rate halves every 2 epochs (x 0.5 ** (epoch / 2))
+    factor = training.learning_rate_factor(
+        settings(lr_scaling="sqrt", lr_warmup_steps=4, lr_decay=0.5, lr_decay_epochs=2),
+        batch=8192, epoch_steps=3)
+    expected = [2 * 0.25, 2 * 0.5, 2 * 0.75,  # epoch 0, warming up
+                2 * 0.70710678, 2 * 0.70710678, 2 * 0.70710678,  # epoch 1: 0.5 ** 0.5
+                2 * 0.5]  # epoch 2
+    assert [factor(s) for s in range(7)] == pytest.approx(expected, rel=1e-8)
+    linear = training.learning_rate_factor(settings(lr_scaling="linear"), 8192, 3)
+    assert [linear(s) for s in (0, 5, 100)] == [4.0, 4.0, 4.0]
+    default = training.learning_rate_factor(settings(), 2048, 59)  # exactly today's: 1.0
+    assert all(default(s) == 1.0 for s in range(0, 5000, 7))
+
+
+def test_the_trainer_steps_the_schedule_after_every_optimiser_step(toy_dataset: Path) -> None:
+    data = load_dataset(toy_dataset)
+    config = load_config("lightgcn", overrides={"train": {
+        **FAST["train"], "epochs": 2, "steps_per_epoch": 3, "lr_scaling": "sqrt",
+        "lr_warmup_steps": 4}})
+    trainer = training.Trainer("lightgcn", data, config, progress=False)
+    rates = []
+    loss = trainer.model.loss
+    trainer.model.loss = lambda *a: (rates.append(trainer.optimizer.param_groups[0]["lr"]),
+                                     loss(*a))[1]
+    trainer.train_epoch(0)
+    trainer.train_epoch(1)
+    batch = math.ceil(len(data.train) / 3)
+    full = 0.01 * math.sqrt(batch / 64)
+    assert rates == pytest.approx([full * 0.25, full * 0.5, full * 0.75, full, full, full])
+
+
+def test_a_user_sample_is_drawn_once_from_the_seed(toy_dataset: Path) -> None:
+    data = load_dataset(toy_dataset)
+    task = training.ranking_tasks(data)["valid"]
+    a, b, other = task.sample(10, 999), task.sample(10, 999), task.sample(10, 1)
+    assert np.array_equal(a.users, b.users) and not np.array_equal(a.users, other.users)
+    assert len(a.users) == 10 and set(a.users) <= set(task.users)
+    assert np.array_equal(a.users, np.sort(a.users))
+    assert task.sample(0, 999) is task and task.sample(len(task.users), 999) is task
+
+
+def test_epochs_validate_on_the_sample_and_the_selected_one_on_every_user(
+        toy_dataset: Path, monkeypatch) -> None:
+    data = load_dataset(toy_dataset)
+    ranked = []
+    real = training.evaluate_model
+
+    def spy(model, task, train_settings):
+        ranked.append(task.users.copy())
+        return real(model, task, train_settings)
+
+    monkeypatch.setattr(training, "evaluate_model", spy)
+    config = load_config("lightgcn", overrides={"train": {**FAST["train"], "eval_users": 12}})
+    first = training.fit("lightgcn", data, config, progress=False)
+    epochs = ranked[:-1]
+    assert len(epochs) == 5 and all(np.array_equal(u, epochs[0]) for u in epochs)
+    assert len(epochs[0]) == 12
+    all_users = np.unique(data.splits["valid"][:, 0])
+    assert np.array_equal(ranked[-1], all_users)  # the selected epoch, on every valid user
+    # independent reference: the returned model's tables ranked over all valid users
+    users, items = first.model.embedding_tables()
+    assert first.valid == evaluate_ranking(users, items, training.ranking_tasks(data)["valid"],
+                                           (5, 10))
+    second = training.fit("lightgcn", data, config, progress=False)
+    assert [h["valid"] for h in second.history] == [h["valid"] for h in first.history]
+    assert second.valid == first.valid
+
+
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_lean_and_plain_propagation_give_the_float64_reference_gradients(n_layers: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 9
+    dense = torch.rand(n, n, generator=gen, dtype=torch.float64)
+    dense[dense < 0.6] = 0  # a sparse, asymmetric graph: the backward pass needs A^T
+    edges = dense.nonzero().T
+    adj = fixed_propagation(edges, dense[edges[0], edges[1]], n)
+    ego = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    weight = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    # d/d ego of sum(weight * mean_l A^l ego) = mean_l (A^T)^l weight, by dense float64 powers
+    reference = sum(torch.linalg.matrix_power(dense.T, k) @ weight
+                    for k in range(n_layers + 1)) / (n_layers + 1)
+    for lean in (False, True):
+        x = ego.clone().requires_grad_(True)
+        (light_propagate(adj, x, n_layers, lean) * weight).sum().backward()
+        assert torch.allclose(x.grad, reference, rtol=1e-12, atol=1e-12), lean
+
+
+def test_memory_lean_training_matches_plain_on_the_synthetic_catalog_across_a_resume(
+        tmp_path: Path, monkeypatch) -> None:
+    runner = CliRunner()
+    catalog = tmp_path / "catalog"
+    assert runner.invoke(cli, ["synthetic", str(catalog), "--users", "120", "--items", "80"]
+                         ).exit_code == 0
+    common = ["train", "--backbone", "lightgcn", "--data", str(catalog), "--quiet",
+              "--set", "train.epochs=4", "--set", "train.batch_size=256",
+              "--set", "train.topk=[5, 10]", "--set", "train.valid_metric=\"recall@10\""]
+    plain = runner.invoke(cli, [*common, "--out", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    lean_args = [*common, "--out", str(tmp_path / "lean"), "--set", "train.memory_lean=true"]
+    real = training.save_torch
+
+    def save_then_stop(path: Path, state: dict) -> None:
+        real(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "save_torch", save_then_stop)
+        killed = runner.invoke(cli, lean_args)
+    assert killed.exit_code != 0 and (tmp_path / "lean" / training.STATE_DIR).exists()
+    resumed = runner.invoke(cli, [*lean_args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    want, got = (json.loads((tmp_path / d / "metrics.json").read_text())
+                 for d in ("plain", "lean"))
+    assert got["config"]["train"]["memory_lean"] and not want["config"]["train"]["memory_lean"]
+    assert got["best_epoch"] == want["best_epoch"]
+    # the same arithmetic summed in another order: equal up to float32 rounding
+    assert got["test"] == pytest.approx(want["test"], abs=1e-6)
+    assert got["valid"] == pytest.approx(want["valid"], abs=1e-6)
