@@ -443,9 +443,9 @@ def leftovers(place: Path, out: Path) -> list[str]:
     return sorted(p.name for p in place.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_during_add_items_leaves_nothing_behind(exported, tmp_path, sig,
-                                                         code) -> None:
+def add_items_at_work(exported, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """`add-items` of a large catalog started into ``place/b2``, once it is embedding (its work
+    folder exists): the process, ``place`` and the output path."""
     catalog = big_catalog(tmp_path / "cat")
     place = tmp_path / "place"
     place.mkdir()
@@ -453,6 +453,13 @@ def test_a_signal_during_add_items_leaves_nothing_behind(exported, tmp_path, sig
     proc = start("add-items", "--bundle", exported["bundle"], "--items", catalog, "--out", out,
                  "--quiet", cwd=tmp_path)
     wait_for(".b2.*.work.*.tmp/.embed-work", place, proc)
+    return proc, place, out
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_add_items_leaves_nothing_behind(exported, tmp_path, sig,
+                                                         code) -> None:
+    proc, place, out = add_items_at_work(exported, tmp_path)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
@@ -462,13 +469,7 @@ def test_a_signal_during_add_items_leaves_nothing_behind(exported, tmp_path, sig
 
 def test_a_sigkilled_add_items_is_cleaned_up_by_the_next_run(exported, inputs,
                                                              tmp_path) -> None:
-    catalog = big_catalog(tmp_path / "cat")
-    place = tmp_path / "place"
-    place.mkdir()
-    out = place / "b2"
-    proc = start("add-items", "--bundle", exported["bundle"], "--items", catalog, "--out", out,
-                 "--quiet", cwd=tmp_path)
-    wait_for(".b2.*.work.*.tmp/.embed-work", place, proc)
+    proc, place, out = add_items_at_work(exported, tmp_path)
     proc.kill()
     proc.wait()
     left = leftovers(place, out)
