@@ -252,7 +252,7 @@ def test_a_replica_whose_session_broke_is_replaced_by_serve(service, exported) -
 
     class BreakableService(CliperService.func_or_class):
         def break_session(self) -> None:
-            self.service.ranker.graph = None  # as if ONNX Runtime's sessions died
+            self.service.live.ranker.graph = None  # as if ONNX Runtime's sessions died
 
     deployment = serve.deployment(BreakableService, name="BreakableService",
                                   health_check_period_s=1, health_check_timeout_s=30)

@@ -76,3 +76,95 @@ def test_embed_answers_as_the_cli(exported, tmp_path: Path) -> None:
                                np.load(tmp_path / "o" / "text_feat.npy"), atol=1e-6)
     np.testing.assert_allclose([i["image_embedding"] for i in answer["items"]],
                                np.load(tmp_path / "o" / "image_feat.npy"), atol=1e-6)
+
+
+def naive_masked(ckpt: Path, catalog: Path, users: list[int], exclude: list[list[int]],
+                 allowed: list[int] | None, filter_seen: bool) -> np.ndarray:
+    """Every user-item score (float64) with the masks of ``recommend`` as -inf."""
+    scores = np.load(ckpt / "user_embeddings.npy").astype(np.float64)[users] @ \
+        np.load(ckpt / "item_embeddings.npy").astype(np.float64).T
+    if filter_seen:
+        for line in (catalog / "synthetic.inter").read_text().splitlines()[1:]:
+            u, i, label = (int(x) for x in line.split("\t")[:3])
+            if label == 0 and u in users:
+                scores[users.index(u), i] = -np.inf
+    for n, items in enumerate(exclude):
+        scores[n, items] = -np.inf
+    if allowed is not None:
+        scores[:, np.setdiff1d(np.arange(scores.shape[1]), allowed)] = -np.inf
+    return scores
+
+
+def assert_ranked(ids: np.ndarray, scores: np.ndarray, naive: np.ndarray,
+                  item_ids: list[str]) -> None:
+    """``(ids, scores)`` are the best columns of ``naive`` (the order of tied scores left
+    open), padded with None / -inf where fewer than k are finite."""
+    k = ids.shape[1]
+    order = np.argsort(-naive, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(naive, order, 1)
+    assert ids.shape == scores.shape == (len(naive), k) and scores.dtype == np.float32
+    for row in range(len(naive)):
+        finite = np.isfinite(best[row])
+        assert list(ids[row][~finite]) == [None] * int((~finite).sum())
+        assert np.all(np.isneginf(scores[row][~finite]))
+        np.testing.assert_allclose(scores[row][finite], best[row][finite], rtol=1e-5, atol=1e-6)
+        tied = np.isclose(best[row][:, None], best[row][None, :], rtol=1e-5).sum(1) > 1
+        assert all(t or ids[row, c] == item_ids[order[row, c]]
+                   for c, t in enumerate(tied) if finite[c])
+
+
+@pytest.mark.parametrize("filter_seen", [True, False])
+@pytest.mark.parametrize("allow", [False, True])
+def test_recommend_equals_a_full_naive_scoring_with_its_masks(exported, filter_seen,
+                                                              allow) -> None:
+    """Per-user exclusions, the training items and an allowlist, in batches of 2 users (the
+    allowlist keeps fewer items than k for some users: padding)."""
+    rec = Recommender(exported["bundle"], provider="cpu", batch_size=2)
+    user_ids, item_ids = rec.bundle.user_ids, rec.bundle.item_ids
+    users = [3, 0, 17, 41, 8]
+    exclude = [[5, 9], [], [1], [2, 3, 4, 5, 6, 7], [59]]
+    allowed = list(range(0, 60, 5)) if allow else None  # 12 items, item 5 excluded
+    ids, scores = rec.recommend([user_ids[u] for u in users], 12,
+                                exclude=[[item_ids[i] for i in e] for e in exclude],
+                                items=None if allowed is None else [item_ids[i] for i in allowed],
+                                filter_seen=filter_seen)
+    naive = naive_masked(exported["ckpt"], exported["catalog"], users, exclude, allowed,
+                         filter_seen)
+    assert_ranked(ids, scores, naive, item_ids)
+    if allow:
+        assert any(None in row for row in ids)  # the padding is exercised
+
+
+def test_recommend_answers_as_topk(exported) -> None:
+    rec = Recommender(exported["bundle"], provider="cpu")
+    users = rec.bundle.user_ids[:7]
+    ids, scores = rec.recommend(users, 10, exclude=[[]] * 7)
+    for row, got in zip(zip(ids, scores), rec.topk(users, k=10)):
+        assert list(row[0]) == got["items"]
+        np.testing.assert_array_equal(row[1], np.float32(got["scores"]))
+
+
+def test_similar_items_is_cosine_on_the_item_table_without_the_item(exported) -> None:
+    rec = Recommender(exported["bundle"], provider="cpu", batch_size=2)
+    item_ids = rec.bundle.item_ids
+    table = np.load(exported["ckpt"] / "item_embeddings.npy").astype(np.float64)
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    rows = [0, 13, 59]
+    naive = unit[rows] @ unit.T
+    naive[np.arange(3), rows] = -np.inf
+    ids, scores = rec.similar_items([item_ids[r] for r in rows], 7)
+    assert_ranked(ids, scores, naive, item_ids)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda rec, u: rec.recommend(u[:2], 5, exclude=[[]]), "one sequence of item ids per user"),
+    (lambda rec, u: rec.recommend(u[:2], 5, exclude=[[], ["nope"]]), "exclude of user 2"),
+    (lambda rec, u: rec.recommend(u[:2], 5, items=["nope"]), "items: unknown item id"),
+    (lambda rec, u: rec.recommend(u[:2], 0), "k=0"),
+    (lambda rec, u: rec.similar_items(["nope"], 5), "unknown item id"),
+    (lambda rec, u: rec.similar_items([rec.bundle.item_ids[0]], 60), "1 to 59")])
+def test_recommend_and_similar_items_refuse_what_they_cannot_answer(exported, call,
+                                                                     message) -> None:
+    rec = Recommender(exported["bundle"], provider="cpu")
+    with pytest.raises(QueryError, match=message):
+        call(rec, rec.bundle.user_ids)

@@ -146,12 +146,14 @@ def test_embed_health_and_schema_as_the_python_api(local_service, exported) -> N
                if line.startswith("{\"")]
     status, body = call(local_service, "/embed", {"items": records})
     assert status == 200, body
+    bundle = body.pop("bundle")
     assert body == Recommender(exported["bundle"], provider="cpu",
                                image_root=exported["catalog"]).embed(records)
     assert body["errors"] and body["items"]
     assert call(local_service, "/healthz") == (200, {"status": "ok"})
     status, meta = call(local_service, "/metadata")
     assert meta["manifest"] == served_manifest(exported["bundle"])
+    assert bundle == meta["bundle"]["id"] == meta["manifest"]["manifest_sha256"][:12]
     status, schema = call(local_service, "/openapi.json")
     assert {"/topk", "/embed", "/healthz", "/metadata"} <= set(schema["paths"])
     assert {"TopKRequest", "TopKResponse", "EmbedResponse"} <= set(schema["components"]["schemas"])

@@ -67,6 +67,9 @@ ENGINE_ONLY = {"local": ("workers",),
 @click.option("--print-config", is_flag=True,
               help="[ray] Print the Ray Serve config file (YAML) equivalent to these options, "
                    "for `serve run` / `serve deploy`, and exit without serving.")
+@click.option("--reload-poll-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How often each worker or replica looks for a new bundle at --bundle (a "
+                   "link switched to a new folder) and swaps it in; 0: never.")
 @click.option("--startup-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0,
               show_default=True,
               help="Time for the workers (local) or Ray Serve's proxy and the replicas (ray) to "
@@ -75,7 +78,7 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
             address: str | None, provider: str, image_root: Path | None, no_batching: bool,
             max_batch_size: int, batch_wait_ms: float | None, max_request_bytes: int,
             gpus_per_replica: float | None, read_timeout_s: float, metrics_port: int | None,
-            print_config: bool, startup_timeout_s: float) -> None:
+            print_config: bool, reload_poll_s: float, startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP: POST /topk, POST /embed, GET /healthz, GET /metadata (OpenAPI
     schema at /openapi.json; GET /metrics with --engine local). Stops cleanly on Ctrl-C or
     SIGTERM, draining the requests in flight."""
@@ -90,13 +93,15 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
         gpus_per_replica = 1.0 if provider == "cuda" else 0.0
     if batch_wait_ms is None:
         batch_wait_ms = BATCH_WAIT_MS[engine]
-    settings = ServeSettings(bundle=str(bundle_dir.resolve()), provider=provider,
+    # absolute, not resolved: a link at --bundle is followed anew when it switches
+    settings = ServeSettings(bundle=str(bundle_dir.absolute()), provider=provider,
                              image_root=str(image_root.resolve()) if image_root else None,
                              batching=not no_batching, max_batch_size=max_batch_size,
                              batch_wait_timeout_s=batch_wait_ms / 1000,
                              max_request_bytes=max_request_bytes,
                              read_timeout_s=read_timeout_s,
-                             gpus_per_replica=gpus_per_replica or 0.0)
+                             gpus_per_replica=gpus_per_replica or 0.0,
+                             reload_poll_s=reload_poll_s)
     if engine == "local":
         _serve_locally(settings, bundle_dir, workers=workers, host=host, port=port,
                        startup_timeout_s=startup_timeout_s)

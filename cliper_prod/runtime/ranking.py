@@ -23,6 +23,10 @@ from cliper_prod.runtime.fold_in import FoldIn
 from cliper_prod.runtime.topk_forms import TopKGraph
 
 
+Pairs = tuple[np.ndarray, np.ndarray]  # (position in a batch, item row), int64 each
+NO_PAIRS: Pairs = (np.empty(0, np.int64), np.empty(0, np.int64))
+
+
 class QueryError(ValueError):
     """A query the bundle cannot answer as asked: unknown or repeated ids, ``k`` out of range,
     an unusable history."""
@@ -114,12 +118,25 @@ class TopKRanker:
         self.check_k(k)
         return self.rows(user_ids), self.exclusions(exclude, k)
 
-    def rank(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The graph's padded top rows of the users ``rows``, their training items excluded
-        (the unit the service batches across requests)."""
-        positions, seen = history_pairs(self.indptr, self.history, rows)
+    def rank(self, rows: np.ndarray, extra: Pairs = NO_PAIRS, filter_seen: bool = True
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's padded top rows of the users ``rows``, their training items (unless
+        not ``filter_seen``) and the ``extra`` (position, item) pairs excluded (the unit the
+        service batches across requests)."""
+        positions, items = self.pairs(rows, extra, filter_seen)
         return self.graph(queries=self.queries[rows], exclude_rows=positions,
-                          exclude_items=seen)
+                          exclude_items=items)
+
+    def pairs(self, rows: np.ndarray, extra: Pairs = NO_PAIRS, filter_seen: bool = True
+              ) -> Pairs:
+        """(position in ``rows``, item row) pairs to mask: the users' training items when
+        ``filter_seen``, then ``extra``."""
+        if not filter_seen:
+            return extra
+        positions, seen = history_pairs(self.indptr, self.history, rows)
+        if not len(extra[0]):
+            return positions, seen
+        return np.concatenate([positions, extra[0]]), np.concatenate([seen, extra[1]])
 
     def answer(self, user_ids: list[str], top: tuple[np.ndarray, np.ndarray], k: int,
                exclude: set[int]) -> list[dict]:

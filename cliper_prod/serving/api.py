@@ -1,7 +1,9 @@
 """The HTTP API of ``cliper-prod serve``, the same under both engines (no Ray in it).
 
-Endpoints: ``POST /topk``, ``POST /embed``, ``GET /healthz``, ``GET /metadata``; the OpenAPI
-schema is at ``/openapi.json`` (``/docs`` renders it). Each answers through the
+Endpoints: ``POST /topk``, ``POST /similar``, ``POST /embed``, ``GET /healthz``,
+``GET /metadata``; the OpenAPI schema is at ``/openapi.json``, and ``/docs`` renders it as one
+self-contained page (:mod:`~cliper_prod.serving.docs_page`: no CDN). Every /topk, /similar and
+/embed answer names the ``bundle`` (id) that answered it. Each answers through the
 :class:`~cliper_prod.serving.service.Service` of the process, which the engine's
 ``app.state.service()`` finds: the Ray engine wraps this app in a deployment
 (:mod:`cliper_prod.serving.ray_engine`), the local one runs it under uvicorn
@@ -19,19 +21,21 @@ by orjson and not validated again against their models, which only document them
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime.
 import asyncio
 import logging
-from typing import Callable
+from typing import Annotated, Callable
 
 import orjson
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema,
+                      model_validator)
 
 from cliper_prod import __version__
 from cliper_prod.features.items import StrictJSONError, loads_strict
 from cliper_prod.messages import shorten
 from cliper_prod.runtime.ranking import QueryError, UnsupportedQuery
+from cliper_prod.serving.docs_page import docs_html
 from cliper_prod.serving.middleware import CatchAll, LimitBody, RecordMetrics
 from cliper_prod.serving.service import RequestError, Service
 
@@ -51,11 +55,23 @@ class TopKRequest(BaseModel):
     exclude: list[str] = Field(default_factory=list,
                                description="Item ids to leave out for every user of the "
                                            "request, besides their training items.")
+    exclude_per_user: list[list[str]] | None = Field(
+        None, description="With users: one list of item ids per user (same order and length "
+        "as users), left out of that user's ranking inside the graph, exactly.")
+    items: list[str] | None = Field(
+        None, min_length=1, description="With users: an allowlist; each user is ranked among "
+        "these items only (scored exactly from the item table).")
 
     @model_validator(mode="after")
     def one_way_to_name_users(self) -> "TopKRequest":
         if (self.users is None) == (self.history is None):
             raise ValueError("give exactly one of 'users' and 'history'")
+        if self.history is not None and (self.exclude_per_user is not None
+                                         or self.items is not None):
+            raise ValueError("'exclude_per_user' and 'items' go with 'users', not 'history'")
+        if self.exclude_per_user is not None and len(self.exclude_per_user) != len(self.users):
+            raise ValueError(f"'exclude_per_user' has {len(self.exclude_per_user)} lists for "
+                             f"{len(self.users)} users")
         return self
 
 
@@ -67,15 +83,56 @@ class Ranking(BaseModel):
                                                               "(only when it had some).")
 
 
+BUNDLE_ID = Field(description="The id of the bundle that answered (its manifest_sha256, "
+                             "first 12 hex digits; /metadata's bundle.id).")
+
+
 class TopKResponse(BaseModel):
+    bundle: str = BUNDLE_ID
     results: list[Ranking]
+
+
+class SimilarRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[str] = Field(min_length=1, description="Item ids (item_ids.txt).")
+    k: StrictInt = Field(20, ge=1, description="Similar items per item (at most the catalog "
+                         "less one).")
+
+
+class Similar(BaseModel):
+    item_id: str
+    items: list[str] = Field(description="Most similar first: cosine on the served item "
+                                         "embeddings, the item itself left out.")
+    scores: list[float]
+
+
+class SimilarResponse(BaseModel):
+    bundle: str = BUNDLE_ID
+    results: list[Similar]
+
+
+class EmbedItem(BaseModel):
+    """One item in the JSONL schema of ``cliper-prod embed``; other keys are ignored."""
+
+    item_id: str
+    title: str | None = None
+    brand: str | None = None
+    description: str | None = None
+    categories: str | list[str] | list[list[str]] | None = None
+    image: str | None = Field(None, description="A path under the server's --image-root.")
+    image_base64: str | None = Field(None, description="Or the image file itself, base64.")
+
+
+#: An /embed item as the OpenAPI schema types it, received as a plain object: a record that
+#: does not fit is that item's entry in ``errors`` (the CLI's per-item policy), not a 422.
+ItemRecord = Annotated[dict, WithJsonSchema(EmbedItem.model_json_schema())]
 
 
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    items: list[dict] = Field(min_length=1, description="Items in the JSONL schema (item_id, "
-                              "title, brand, categories, description, image); an image may be a "
-                              "path under the server's --image-root or 'image_base64'.")
+    items: list[ItemRecord] = Field(
+        min_length=1, description="Items in the JSONL schema (EmbedItem); an item that does "
+        "not fit it is reported in the answer's errors, the others embedded.")
 
 
 class EmbeddedItem(BaseModel):
@@ -92,6 +149,7 @@ class ItemProblem(BaseModel):
 
 
 class EmbedResponse(BaseModel):
+    bundle: str = BUNDLE_ID
     items: list[EmbeddedItem]
     errors: list[ItemProblem]
 
@@ -162,11 +220,18 @@ def _service(request: Request) -> Service:
 
 
 async def topk(body: TopKRequest, request: Request) -> Response:
-    """Top-k items per user, their training items and ``exclude`` left out; or of one user
+    """Top-k items per user, their training items, ``exclude`` and their
+    ``exclude_per_user`` left out, among the ``items`` allowlist when given; or of one user
     given by a history, the history and ``exclude`` left out."""
     if body.history is not None:
         return _json(await _service(request).topk_history(body.history, body.k, body.exclude))
-    return _json(await _service(request).topk(body.users, body.k, body.exclude))
+    return _json(await _service(request).topk(body.users, body.k, body.exclude,
+                                              body.exclude_per_user, body.items))
+
+
+async def similar(body: SimilarRequest, request: Request) -> Response:
+    """The k items most similar to each item (cosine on the served item embeddings)."""
+    return _json(await _service(request).similar(body.items, body.k))
 
 
 async def embed(body: EmbedRequest, request: Request) -> Response:
@@ -187,9 +252,14 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def docs(request: Request) -> HTMLResponse:
+    """The schema as a page that loads nothing from elsewhere."""
+    return HTMLResponse(docs_html(request.app.openapi()))
+
+
 async def metadata(request: Request) -> dict:
-    """The bundle's manifest (backbone, dimensions, model versions, file hashes) and how this
-    process runs it (``providers``: each live session's; ``engine``: local or ray, and whether
+    """The bundle serving (``id``, folder name, manifest hash), its manifest (backbone,
+    dimensions, model versions, file hashes) and how this process runs it (``providers``: each live session's; ``engine``: local or ray, and whether
     Ray is loaded; ``replica``: the replica or worker that answered)."""
     return _service(request).metadata()
 
@@ -197,7 +267,7 @@ async def metadata(request: Request) -> dict:
 def create_app(service: Callable[[], Service]) -> FastAPI:
     """The API, answering through ``service()``: the engine's way to the service of the
     process answering (kept in ``app.state.service``)."""
-    app = FastAPI(title="cliper-prod", version=__version__,
+    app = FastAPI(title="cliper-prod", version=__version__, docs_url=None, redoc_url=None,
                   description="CLIPER top-K recommendations and item features from an exported "
                               "bundle on ONNX Runtime.")
     app.router.route_class = StrictJSONRoute
@@ -208,7 +278,9 @@ def create_app(service: Callable[[], Service]) -> FastAPI:
     for middleware in (CatchAll, LimitBody, RecordMetrics):  # the last added is outermost
         app.add_middleware(middleware)
     app.add_api_route("/topk", topk, methods=["POST"], response_model=TopKResponse)
+    app.add_api_route("/similar", similar, methods=["POST"], response_model=SimilarResponse)
     app.add_api_route("/embed", embed, methods=["POST"], response_model=EmbedResponse)
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/metadata", metadata, methods=["GET"])
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
     return app

@@ -5,7 +5,13 @@
 - ``cliper_topk_batch_requests``: how many /topk requests each ONNX run merged;
 - ``cliper_items_embedded``: items /embed answered; ``cliper_item_errors``: its per-item
   problems by action, ``skipped`` (not embedded) or ``kept`` (embedded with a fallback, such
-  as no image).
+  as no image);
+- ``cliper_queue_ms`` and ``cliper_compute_ms``: histograms of the time a request waited for
+  its computation (the batcher's queue, a free thread) and of that computation (for a merged
+  /topk batch, the batch's ONNX run), by endpoint and ``bundle`` (the id of the bundle that
+  answered);
+- ``cliper_bundle_loads``: bundles loaded by ``bundle`` id and ``result`` (``loaded``, or
+  ``refused``: a new bundle that failed to load while the old one kept serving).
 
 :class:`RayMetrics` (``--engine ray``) records through Ray Serve's metrics API: Ray's metrics
 agent exports them on each node's Prometheus endpoint as ``ray_cliper_*``, with the replica,
@@ -40,7 +46,13 @@ BATCH_REQUESTS = Metric("cliper_topk_batch_requests", "/topk requests merged int
                         buckets=BATCH)
 EMBEDDED = Metric("cliper_items_embedded", "items /embed answered")
 ITEM_ERRORS = Metric("cliper_item_errors", "per-item problems of /embed", ("action",))
-METRICS = (REQUESTS, LATENCY, BATCH_REQUESTS, EMBEDDED, ITEM_ERRORS)
+QUEUE = Metric("cliper_queue_ms", "time waiting for the computation", ("endpoint", "bundle"),
+               LATENCY_MS)
+COMPUTE = Metric("cliper_compute_ms", "time of the computation (a merged batch's run)",
+                 ("endpoint", "bundle"), LATENCY_MS)
+BUNDLE_LOADS = Metric("cliper_bundle_loads", "bundles loaded or refused", ("bundle", "result"))
+METRICS = (REQUESTS, LATENCY, BATCH_REQUESTS, EMBEDDED, ITEM_ERRORS, QUEUE, COMPUTE,
+           BUNDLE_LOADS)
 
 
 class ServiceMetrics(ABC):
@@ -61,6 +73,15 @@ class ServiceMetrics(ABC):
         """One answer of ``endpoint`` (a route's path, or ``other``)."""
         self.add(REQUESTS, 1, {"endpoint": endpoint, "status": str(status)})
         self.add(LATENCY, seconds * 1e3, {"endpoint": endpoint})
+
+    def timing(self, endpoint: str, bundle: str, queue_s: float, compute_s: float) -> None:
+        """One request's wait for its computation and the computation's time."""
+        labels = {"endpoint": endpoint, "bundle": bundle}
+        self.add(QUEUE, queue_s * 1e3, labels)
+        self.add(COMPUTE, compute_s * 1e3, labels)
+
+    def bundle_loaded(self, bundle: str, result: str) -> None:
+        self.add(BUNDLE_LOADS, 1, {"bundle": bundle, "result": result})
 
     def merged(self, requests: int) -> None:
         self.add(BATCH_REQUESTS, requests, {})

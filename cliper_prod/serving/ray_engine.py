@@ -52,7 +52,7 @@ class CliperService:
     def check_health(self) -> None:
         """Ray Serve's periodic replica check: the readiness probe; raising makes Serve replace
         the replica."""
-        self.service.readiness.check()
+        self.service.live.readiness.check()
 
 
 def connect(address: str | None = None, metrics_port: int | None = None) -> None:

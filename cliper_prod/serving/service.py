@@ -13,26 +13,35 @@ raise :class:`RequestError` with their HTTP status, or the runtime's
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from cliper_prod import __version__
-from cliper_prod.bundle_format import MANIFEST_HASH
+from cliper_prod.bundle_format import MANIFEST, MANIFEST_HASH
+from cliper_prod.messages import first_line
 from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.ranking import NO_PAIRS, Pairs, TopKRanker
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.serving.metrics import ServiceMetrics
 from cliper_prod.serving.readiness import ReadinessProbe
 
+logger = logging.getLogger(__name__)
+R = TypeVar("R")
 Top = tuple[np.ndarray, np.ndarray]  # the graph's padded top items and scores of some users
-Merged = Callable[[list[np.ndarray]], Awaitable[list[Top]]]
+Merged = Callable[[list["RankQuery"]], Awaitable[list[Top]]]
 #: ``serve.batch`` or :func:`~cliper_prod.serving.batching.batch`: given ``max_batch_size`` and
 #: ``batch_wait_timeout_s``, a decorator that makes a merged run callable once per request
-Batcher = Callable[..., Callable[[Merged], Callable[[np.ndarray], Awaitable[Top]]]]
+Batcher = Callable[..., Callable[[Merged], Callable[["RankQuery"], Awaitable[Top]]]]
 
 
 class RequestError(Exception):
@@ -71,59 +80,180 @@ class ServeSettings(BaseModel):
     embed_batch_size: int = Field(64, ge=1, description="As `cliper-prod embed --batch-size`.")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray's num_gpus per replica (Ray "
                                     "hides GPUs from the others).")
+    reload_poll_s: float = Field(2.0, ge=0, description="How often to look for a new bundle "
+                                 "at the bundle path (a link switched, a folder renamed) and "
+                                 "swap it in; 0: never.")
+
+
+@dataclass(frozen=True)
+class LiveBundle:
+    """One bundle loaded for answering: what a request holds from its start to its answer, so
+    that a swap never changes the bundle under it (:meth:`Service.swap_if_changed`)."""
+
+    id: str  # the manifest's hash, first 12 hex digits: in /metadata, /topk answers, metrics
+    key: tuple[str, str]  # (resolved folder, sha256 of manifest.json): what a change changes
+    recommender: Recommender
+    providers: dict[str, list[str]]
+    readiness: ReadinessProbe
+
+    @property
+    def ranker(self) -> TopKRanker:
+        return self.recommender.ranker
+
+    @property
+    def manifest(self) -> dict:
+        return self.recommender.bundle.manifest
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    """The rows of one /topk request waiting for a merged run, on the bundle it started on."""
+
+    live: LiveBundle
+    rows: np.ndarray
+    pairs: Pairs  # per-user exclusions, positions within ``rows``
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def bundle_key(folder: Path) -> tuple[str, str]:
+    """The folder ``folder`` resolves to now, and the hash of its manifest.json (bytes):
+    different when a new bundle is in place, by a link switched or a folder renamed."""
+    resolved = folder.resolve()
+    return str(resolved), hashlib.sha256((resolved / MANIFEST).read_bytes()).hexdigest()
 
 
 class Service:
     """The bundle loaded for answering, with the engine's metrics and batcher.
 
     ``engine`` names the engine (reported by /metadata); ``replica`` names this process among
-    the engine's replicas or workers.
+    the engine's replicas or workers. With ``reload_poll_s``, a thread checks the bundle path
+    that often and swaps in a new bundle found there (:meth:`swap_if_changed`).
     """
 
     def __init__(self, settings: ServeSettings, metrics: ServiceMetrics, batch: Batcher, *,
                  engine: dict, replica: str) -> None:
         self.settings, self.metrics, self.engine, self.replica = settings, metrics, engine, replica
-        bundle = Bundle(Path(settings.bundle), settings.provider)
-        self.manifest = bundle.manifest
-        self.recommender = Recommender(
-            bundle, image_root=Path(settings.image_root) if settings.image_root else None,
-            embed_batch_size=settings.embed_batch_size)
-        self.ranker = self.recommender.ranker
-        self.providers = self._live_providers()  # with cuda, Bundle.graph refused CPU ones
-        self.readiness = ReadinessProbe(self.ranker.rank)
+        self.live = self.load()
+        self.metrics.bundle_loaded(self.live.id, "loaded")
+        self.refused: tuple[str, str] | None = None  # the key of the last bundle refused
+        self.swap_lock = threading.Lock()
 
-        async def merged(requests: list[np.ndarray]) -> list[Top]:
+        async def merged(requests: list[RankQuery]) -> list[Top]:
             return await self.rank_merged(requests)  # a function: serve.batch sets attributes
         self.rank_batched = batch(max_batch_size=settings.max_batch_size,
                                   batch_wait_timeout_s=settings.batch_wait_timeout_s)(merged)
+        if settings.reload_poll_s > 0:
+            threading.Thread(target=self._watch, name="cliper-bundle-watch", daemon=True).start()
 
-    def _live_providers(self) -> dict[str, list[str]]:
-        """The execution providers each ONNX Runtime session of this process really runs on
-        (the CUDA provider may be asked for and not given)."""
-        graphs = {"topk": self.ranker.graph}
-        if self.recommender.has_features:
-            encoder = self.recommender.embedder.encoder
-            graphs |= {"image_encoder": encoder.image_graph, "text_fusion": encoder.text_graph}
-        return {name: graph.session.get_providers() for name, graph in graphs.items()}
+    def load(self) -> LiveBundle:
+        """The bundle now at the settings' path, opened (hashes checked), every session made
+        and one user ranked: what fails here never serves."""
+        folder = Path(self.settings.bundle).resolve()
+        bundle = Bundle(folder, self.settings.provider)
+        key = bundle_key(folder)
+        image_root = self.settings.image_root
+        recommender = Recommender(bundle, image_root=Path(image_root) if image_root else None,
+                                  embed_batch_size=self.settings.embed_batch_size)
+        readiness = ReadinessProbe(recommender.ranker.rank)
+        readiness.check()
+        bundle_id = str(bundle.manifest.get(MANIFEST_HASH) or key[1])[:12]
+        return LiveBundle(bundle_id, key, recommender, _live_providers(recommender), readiness)
 
-    async def rank_merged(self, requests: list[np.ndarray]) -> list[Top]:
-        """One ONNX run for the rows of every request of a batch, split back per request."""
+    def swap_if_changed(self) -> bool:
+        """Load the bundle at the settings' path if it is not the one serving, and serve it
+        from the next request on (requests already started finish on theirs). A bundle that
+        fails to load is refused once (logged, counted) and the old one keeps serving; it is
+        tried again only when the path changes again. True when a new bundle now serves."""
+        with self.swap_lock:
+            try:
+                key = bundle_key(Path(self.settings.bundle))
+            except OSError as exc:
+                return self._refuse(None, f"{type(exc).__name__}: {exc}")
+            if key in (self.live.key, self.refused):
+                return False
+            try:
+                live = self.load()
+            except Exception as exc:  # noqa: BLE001 - any failure refuses the new bundle
+                return self._refuse(key, f"{type(exc).__name__}: {first_line(exc)}")
+            old, self.live = self.live, live
+            self.refused = None
+            self.metrics.bundle_loaded(live.id, "loaded")
+            logger.warning("serving bundle %s (was %s)", live.id, old.id)
+            return True
+
+    def _refuse(self, key: tuple[str, str] | None, reason: str) -> bool:
+        if key is None or key != self.refused:
+            logger.error("new bundle refused, still serving %s: %s", self.live.id, reason)
+            self.metrics.bundle_loaded(key[1][:12] if key else "unreadable", "refused")
+        self.refused = key
+        return False
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.settings.reload_poll_s)
+            try:
+                self.swap_if_changed()
+            except Exception:  # noqa: BLE001 - the watch must outlive any one check
+                logger.exception("bundle check failed")
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        return self.live.providers
+
+    async def timed(self, endpoint: str, live: LiveBundle, work: Callable[[], R]) -> R:
+        """``work()`` off the event loop, its wait for a thread and its run recorded as the
+        request's queue and compute time."""
+        enqueued = time.perf_counter()
+
+        def run() -> tuple[R, float, float]:
+            started = time.perf_counter()
+            return work(), started, time.perf_counter()
+        result, started, ended = await asyncio.to_thread(run)
+        self.metrics.timing(endpoint, live.id, started - enqueued, ended - started)
+        return result
+
+    async def rank_merged(self, requests: list[RankQuery]) -> list[Top]:
+        """One ONNX run for the rows of every request of a batch on the same bundle, split
+        back per request (a batch that straddles a swap runs once per bundle)."""
         self.metrics.merged(len(requests))
-        items, scores = await asyncio.to_thread(self.ranker.rank, np.concatenate(requests))
-        bounds = np.cumsum([0] + [len(r) for r in requests])
-        return [(items[a:b], scores[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        out: list[Top | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for n, request in enumerate(requests):
+            groups.setdefault(id(request.live), []).append(n)
+        for members in groups.values():
+            mine = [requests[n] for n in members]
+            started = time.perf_counter()
+            items, scores = await asyncio.to_thread(_rank_group, mine)
+            compute = time.perf_counter() - started
+            bounds = np.cumsum([0] + [len(r.rows) for r in mine])
+            for n, request, a, b in zip(members, mine, bounds[:-1], bounds[1:]):
+                out[n] = (items[a:b], scores[a:b])
+                self.metrics.timing("/topk", request.live.id, started - request.enqueued,
+                                    compute)
+        return out
 
-    async def topk(self, users: list[str], k: int, exclude: list[str]) -> dict:
-        """Top-k items per user, their training items and ``exclude`` left out."""
+    async def topk(self, users: list[str], k: int, exclude: list[str],
+                   exclude_per_user: list[list[str]] | None = None,
+                   items: list[str] | None = None) -> dict:
+        """Top-k items per user, their training items, ``exclude`` and their own
+        ``exclude_per_user`` left out, among ``items`` when given (an allowlist)."""
         if len(users) > self.settings.max_users:
             raise RequestError(f"{len(users)} users; at most {self.settings.max_users} per "
                                f"request", 413)
-        rows, excluded = self.ranker.prepare(users, k, exclude)
+        live = self.live
+        rows, excluded = live.ranker.prepare(users, k, exclude)
+        if items is not None:
+            per_user = [list(e) + exclude for e in exclude_per_user or [[]] * len(users)]
+            ids, scores = await self.timed("/topk", live, lambda: live.recommender.recommend(
+                users, k, exclude=per_user, items=items))
+            return {"bundle": live.id, "results": _array_rankings(users, ids, scores)}
+        query = RankQuery(live, rows, live.recommender.arrays.exclusion_pairs(
+            exclude_per_user, len(users)) if exclude_per_user is not None else NO_PAIRS)
         if self.settings.batching:
-            top = await self.rank_batched(rows)
+            top = await self.rank_batched(query)
         else:
-            top = await asyncio.to_thread(self.ranker.rank, rows)
-        return {"results": self.ranker.answer(users, top, k, excluded)}
+            top = await self.timed("/topk", live, lambda: _rank_group([query]))
+        return {"bundle": live.id, "results": live.ranker.answer(users, top, k, excluded)}
 
     async def topk_history(self, history: list[str], k: int, exclude: list[str]) -> dict:
         """Top-k items of one user folded in from ``history`` (run alone: it is not a row of
@@ -131,28 +261,43 @@ class Service:
         if len(history) > self.settings.max_history:
             raise RequestError(f"a history of {len(history)} items; at most "
                                f"{self.settings.max_history} per request", 413)
+        live = self.live
 
         def rank() -> list[dict]:  # folding in reads the tables: off the event loop
-            prepared, excluded = self.ranker.prepare_histories([history], k, exclude)
-            return self.ranker.answer_histories([None], prepared, k, excluded)
-        return {"results": await asyncio.to_thread(rank)}
+            prepared, excluded = live.ranker.prepare_histories([history], k, exclude)
+            return live.ranker.answer_histories([None], prepared, k, excluded)
+        return {"bundle": live.id, "results": await self.timed("/topk", live, rank)}
+
+    async def similar(self, items: list[str], k: int) -> dict:
+        """Each item's ``k`` most similar items (cosine on the item table), itself left out."""
+        if len(items) > self.settings.max_users:
+            raise RequestError(f"{len(items)} items; at most {self.settings.max_users} per "
+                               f"request", 413)
+        live = self.live
+        ids, scores = await self.timed("/similar", live,
+                                       lambda: live.recommender.similar_items(items, k))
+        results = _array_rankings(items, ids, scores)
+        for record in results:
+            record["item_id"] = record.pop("user_id")
+        return {"bundle": live.id, "results": results}
 
     async def embed(self, items: list[dict]) -> dict:
         """CLIPER features of each item, with the CLI's per-item error policy."""
-        if not self.recommender.has_features:
+        live = self.live
+        if not live.recommender.has_features:
             raise RequestError("this bundle has no CLIP feature graphs (exported without "
                                "--clip)", 404)
         if len(items) > self.settings.max_items:
             raise RequestError(f"{len(items)} items; at most {self.settings.max_items} per "
                                f"request", 413)
-        answer = await asyncio.to_thread(self.recommender.embed, items)
+        answer = await self.timed("/embed", live, lambda: live.recommender.embed(items))
         self.metrics.embed(answer)
-        return answer
+        return {"bundle": live.id, **answer}
 
     async def check_ready(self) -> None:
         """Return when the loaded graph ranks a user (:class:`ReadinessProbe`); raise what
         ranking raised."""
-        await asyncio.to_thread(self.readiness.check)
+        await asyncio.to_thread(self.live.readiness.check)
 
     def metadata(self) -> dict:
         """The manifest, how this process runs it, and whether Ray is loaded in it (the local
@@ -161,16 +306,43 @@ class Service:
         settings = self.settings.model_dump()
         for name in PATH_SETTINGS:
             settings[name] = _name(settings[name])
-        manifest = self.manifest
+        live = self.live
+        manifest = live.manifest
         if manifest.get("features"):
             manifest = {**manifest, "features": {**manifest["features"],
                                                  "clip": _name(manifest["features"]["clip"])}}
-        return {"bundle": {"name": _name(self.settings.bundle),
-                           MANIFEST_HASH: self.manifest[MANIFEST_HASH]},
-                "manifest": manifest, "providers": self.providers,
+        return {"bundle": {"id": live.id, "name": Path(live.key[0]).name,
+                           MANIFEST_HASH: manifest.get(MANIFEST_HASH)},
+                "manifest": manifest, "providers": live.providers,
                 "cliper_prod": __version__, "settings": settings,
                 "engine": {**self.engine, "ray_imported": "ray" in sys.modules},
                 "replica": self.replica}
+
+
+def _live_providers(recommender: Recommender) -> dict[str, list[str]]:
+    """The execution providers each ONNX Runtime session of a bundle really runs on (the CUDA
+    provider may be asked for and not given); every session is made here."""
+    graphs = {"topk": recommender.ranker.graph}
+    if recommender.has_features:
+        encoder = recommender.embedder.encoder
+        graphs |= {"image_encoder": encoder.image_graph, "text_fusion": encoder.text_graph}
+    return {name: graph.session.get_providers() for name, graph in graphs.items()}
+
+
+def _rank_group(requests: list[RankQuery]) -> Top:
+    """One graph run for requests on one bundle: their rows concatenated, each request's
+    pairs moved to its rows' positions."""
+    offsets = np.cumsum([0] + [len(r.rows) for r in requests[:-1]])
+    extra = (np.concatenate([r.pairs[0] + o for r, o in zip(requests, offsets)]),
+             np.concatenate([r.pairs[1] for r in requests]))
+    return requests[0].live.ranker.rank(np.concatenate([r.rows for r in requests]), extra)
+
+
+def _array_rankings(labels: list[str], ids: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """``recommend``'s arrays as /topk results, padding dropped."""
+    return [{"user_id": label, "items": [i for i in row if i is not None],
+             "scores": score[np.isfinite(score)].tolist()}
+            for label, row, score in zip(labels, ids, scores)]
 
 
 #: settings that name a path on the server: /metadata shows their last component only
