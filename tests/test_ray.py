@@ -274,3 +274,31 @@ def test_a_replica_whose_session_broke_is_replaced_by_serve(service, exported) -
         assert status == 200 and len(body["results"]) == 2
     finally:
         serve.delete("breakable")
+
+
+def test_a_bundle_swapped_under_load_on_ray_answers_from_one_bundle(service, exported,
+                                                                    tmp_path) -> None:
+    """The Ray engine's replicas swap too: a second application on the running Serve, its
+    bundle link switched under 8 clients."""
+    import os
+
+    from ray import serve
+
+    from cliper_prod.serving.ray_engine import ServeSettings, service_deployment
+    from tests.test_serve_swap import (assert_one_bundle_each, expected_answers, second_bundle,
+                                       swapped_under_load)
+
+    b = second_bundle(exported["bundle"], tmp_path / "b")
+    link = tmp_path / "current"
+    os.symlink(exported["bundle"], link)
+    users = bundle_users(exported)
+    answers = dict([expected_answers(exported["bundle"], users, 5), expected_answers(b, users, 5)])
+    settings = ServeSettings(bundle=str(link), reload_poll_s=0.5)
+    serve.run(service_deployment(settings, replicas=1).options(name="Swapping").bind(settings),
+              name="swapping", route_prefix="/swapping")
+    try:
+        log, (swapped,) = swapped_under_load(service + "/swapping", link, [(1.5, b), (6.0, None)],
+                                             users)
+        assert_one_bundle_each(log, answers, *answers, swapped)
+    finally:
+        serve.delete("swapping")

@@ -67,6 +67,27 @@ def test_print_config_round_trips_through_the_serve_builder(exported) -> None:
         ServeSettings.model_validate({**app["args"], "provider": "tpu"})
 
 
+def test_serve_build_writes_a_config_of_the_bound_application(exported, tmp_path) -> None:
+    """Ray's `serve build` takes a built application, never a builder: ``application`` is the
+    deployment bound to the settings in CLIPER_SERVE_ARGS; without them, one line says so."""
+    import yaml
+
+    serve = str(Path(sys.executable).parent / "serve")
+    target = "cliper_prod.serving.ray_engine:application"
+    env = {**os.environ, "CLIPER_SERVE_ARGS": json.dumps({"bundle": str(exported["bundle"]),
+                                                          "max_batch_size": 8})}
+    proc = subprocess.run([serve, "build", target, "-o", str(tmp_path / "serve.yaml")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    app = yaml.safe_load((tmp_path / "serve.yaml").read_text())["applications"][0]
+    assert app["import_path"] == target
+    assert app["deployments"][0]["name"] == "CliperService"
+    env.pop("CLIPER_SERVE_ARGS")
+    proc = subprocess.run([serve, "build", target], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and "CLIPER_SERVE_ARGS is not set" in proc.stderr
+
+
 def test_serve_run_of_the_example_config_answers_topk(exported, tmp_path) -> None:
     """Ray Serve's own `serve run` of the packaged example config (autoscaling 1-2 replicas),
     answering as the Python API does."""

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -268,3 +269,44 @@ def test_a_failed_batch_is_every_callers_failure() -> None:
     answers = asyncio.run(main())
     assert [items for _, items in runs] == [[0, 1, 2]]
     assert all(isinstance(a, ValueError) and str(a) == "the graph failed" for a in answers)
+
+
+def test_allowlist_per_user_exclusions_and_similar_items_answer_as_the_python_api(
+        local_service, exported) -> None:
+    rec = Recommender(exported["bundle"], provider="cpu")
+    users, item_ids = bundle_users(exported)[:3], rec.bundle.item_ids
+    per_user = [[item_ids[1]], [], [item_ids[2], item_ids[3]]]
+    for allow in (None, item_ids[::3]):
+        status, body = call(local_service, "/topk", {"users": users, "k": 6,
+                                                     "exclude": [item_ids[0]],
+                                                     "exclude_per_user": per_user,
+                                                     "items": allow})
+        assert status == 200, body
+        ids, scores = rec.recommend(users, 6, exclude=[e + [item_ids[0]] for e in per_user],
+                                    items=allow)
+        assert [r["items"] for r in body["results"]] == [list(row) for row in ids]
+        for got, want in zip(body["results"], scores):
+            np.testing.assert_allclose(got["scores"], want, rtol=1e-6)
+    status, body = call(local_service, "/similar", {"items": item_ids[:2], "k": 4})
+    assert status == 200, body
+    ids, scores = rec.similar_items(item_ids[:2], 4)
+    assert [(r["item_id"], r["items"]) for r in body["results"]] == \
+        [(i, list(row)) for i, row in zip(item_ids[:2], ids)]
+    assert body["bundle"] == rec.bundle.manifest["manifest_sha256"][:12]
+    assert call(local_service, "/topk", {"users": users, "exclude_per_user": [[]]})[0] == 422
+    assert call(local_service, "/topk", {"history": item_ids[:2], "items": item_ids})[0] == 422
+    assert call(local_service, "/similar", {"items": ["nope"], "k": 4})[0] == 400
+
+
+def test_docs_load_nothing_from_elsewhere_and_embed_items_are_typed(local_service) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(local_service + "/docs", timeout=10) as response:
+        page = response.read().decode()
+    assert "/topk" in page and "/similar" in page and "EmbedRequest" in page
+    assert "<script" not in page and "cdn" not in page.lower()
+    assert "http://" not in page and "https://" not in page
+    status, schema = call(local_service, "/openapi.json")
+    item = schema["components"]["schemas"]["EmbedRequest"]["properties"]["items"]["items"]
+    assert {"item_id", "title", "categories", "image", "image_base64"} <= set(item["properties"])
+    assert item["required"] == ["item_id"]

@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cliper_prod.runtime.recommender import Recommender
 from tests.conftest import call, serve_local, stop_process
@@ -65,6 +64,47 @@ def load(url: str, users: list[str], stop: threading.Event, log: list, seed: int
         log.append((started, status, body))
 
 
+def swapped_under_load(url: str, link: Path, steps: list[tuple[float, Path | None]],
+                       users: list[str]) -> tuple[list, list[float]]:
+    """:data:`CLIENTS` clients at full load while ``link`` is switched at each step (after its
+    wait, to its target; None: only wait); the log of requests and the times of the switches."""
+    stop, log, switched = threading.Event(), [], []
+    clients = [threading.Thread(target=load, args=(url, users, stop, log, n))
+               for n in range(CLIENTS)]
+    try:
+        for client in clients:
+            client.start()
+        for wait_s, target in steps:
+            time.sleep(wait_s)
+            if target is not None:
+                switch(link, target)
+                switched.append(time.monotonic())
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    return log, switched
+
+
+def assert_one_bundle_each(log: list, answers: dict[str, dict], before: str, after: str,
+                           swapped: float, within_s: float = 5.0) -> None:
+    """No request failed; each answer is one bundle's (its id, its items and scores); those
+    started before the switch are ``before``'s, those ``within_s`` after it ``after``'s."""
+    assert [s for _, s, _ in log if s != 200] == []
+    for _, _, body in log:
+        assert body["bundle"] in answers
+        for result in body["results"]:
+            expected = answers[body["bundle"]][result["user_id"]]
+            assert result["items"] == expected["items"]
+            np.testing.assert_allclose(result["scores"], expected["scores"], rtol=1e-6)
+    ids = [(started, body["bundle"]) for started, _, body in log]
+    assert {i for t, i in ids if t < swapped} == {before}
+    assert {i for t, i in ids if t > swapped + within_s} == {after}
+    first = min(t for t, i in ids if i == after)
+    print(f"{len(log)} requests; the new bundle answered {first - swapped:.2f} s after the "
+          f"switch")
+
+
 def test_a_bundle_swapped_under_load_answers_every_request_from_one_bundle(
         exported, image_root, tmp_path: Path) -> None:
     """8 clients at full load; the link switched to a new bundle, then to a broken one: no
@@ -82,38 +122,11 @@ def test_a_bundle_swapped_under_load_answers_every_request_from_one_bundle(
     a_id, b_id = answers
     url, proc = serve_local({**exported, "bundle": link}, image_root, tmp_path, "--workers", "2",
                             "--reload-poll-s", str(POLL_S))
-    stop, log = threading.Event(), []
-    clients = [threading.Thread(target=load, args=(url, users, stop, log, n))
-               for n in range(CLIENTS)]
     try:
-        for client in clients:
-            client.start()
-        time.sleep(1.5)
-        switch(link, b)
-        swapped = time.monotonic()
-        time.sleep(5.5)
-        switch(link, broken)
-        refused = time.monotonic()
-        time.sleep(2.5)
-    finally:
-        stop.set()
-        for client in clients:
-            client.join()
-    try:
-        assert [s for _, s, _ in log if s != 200] == []
-        for started, _, body in log:
-            assert body["bundle"] in answers
-            for result in body["results"]:
-                expected = answers[body["bundle"]][result["user_id"]]
-                assert result["items"] == expected["items"]
-                np.testing.assert_allclose(result["scores"], expected["scores"], rtol=1e-6)
-        ids = [(started, body["bundle"]) for started, _, body in log]
-        assert {i for t, i in ids if t < swapped} == {a_id}
-        assert {i for t, i in ids if t > swapped + 5} == {b_id}  # broken refused, b serves
-        assert sum(t > refused for t, _ in ids) > 10
-        first_b = min(t for t, i in ids if i == b_id)
-        print(f"{len(log)} requests; the new bundle answered {first_b - swapped:.2f} s after "
-              f"the switch")
+        log, (swapped, refused) = swapped_under_load(url, link, [(1.5, b), (5.5, broken),
+                                                                 (2.5, None)], users)
+        assert_one_bundle_each(log, answers, a_id, b_id, swapped)
+        assert sum(t > refused for t, _, _ in log) > 10  # answered by b after the broken one
         assert call(url, "/metadata")[1]["bundle"]["id"] == b_id
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             metrics = response.read().decode()

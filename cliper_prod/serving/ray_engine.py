@@ -6,9 +6,12 @@ Each replica loads a :class:`~cliper_prod.serving.service.Service` with Ray Serv
 ``check_health`` runs the readiness probe, so a replica whose session broke is replaced.
 :func:`build` is the application builder of Serve config files (``import_path:
 cliper_prod.serving.ray_engine:build``; the older ``cliper_prod.serving.app:build`` still works).
+``serve build`` takes a built application, never a builder: ``application`` is the deployment
+bound to the settings in the environment variable :data:`SETTINGS_ENV` (a JSON object).
 """
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -93,6 +96,21 @@ def build(args: ServeSettings) -> Application:
     settings = ServeSettings.model_validate(args) if isinstance(args, dict) else args
     Bundle(Path(settings.bundle), settings.provider)
     return service_deployment(settings).bind(settings)
+
+
+SETTINGS_ENV = "CLIPER_SERVE_ARGS"  # the settings of ``application``, a JSON object
+
+
+def __getattr__(name: str) -> Application:
+    """``application``: :func:`build` of the settings in :data:`SETTINGS_ENV`, for
+    ``serve build cliper_prod.serving.ray_engine:application`` (and the config it writes)."""
+    if name != "application":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raw = os.environ.get(SETTINGS_ENV)
+    if raw is None:
+        raise RuntimeSetupError(f"{SETTINGS_ENV} is not set: give the serve settings as a JSON "
+                                f"object, e.g. {SETTINGS_ENV}='{{\"bundle\": \"/srv/bundle\"}}'")
+    return build(ServeSettings.model_validate_json(raw))
 
 
 def serve_config(settings: ServeSettings, *, replicas: int, host: str, port: int) -> dict:
