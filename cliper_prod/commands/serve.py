@@ -79,9 +79,10 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
             max_batch_size: int, batch_wait_ms: float | None, max_request_bytes: int,
             gpus_per_replica: float | None, read_timeout_s: float, metrics_port: int | None,
             print_config: bool, reload_poll_s: float, startup_timeout_s: float) -> None:
-    """Serve a bundle over HTTP: POST /topk, POST /embed, GET /healthz, GET /metadata (OpenAPI
-    schema at /openapi.json; GET /metrics with --engine local). Stops cleanly on Ctrl-C or
-    SIGTERM, draining the requests in flight."""
+    """Serve a bundle over HTTP: POST /topk, POST /similar, POST /embed, GET /healthz,
+    GET /metadata (OpenAPI schema at /openapi.json; GET /metrics with --engine local). Stops
+    cleanly on Ctrl-C or SIGTERM, draining the requests in flight; swaps in a new bundle found
+    at --bundle (see --reload-poll-s)."""
     _refuse_other_engines_options(click.get_current_context(), engine)
     from cliper_prod.runtime.bundle_reader import Bundle
     from cliper_prod.serving.service import ServeSettings

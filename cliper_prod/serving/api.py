@@ -259,8 +259,9 @@ async def docs(request: Request) -> HTMLResponse:
 
 async def metadata(request: Request) -> dict:
     """The bundle serving (``id``, folder name, manifest hash), its manifest (backbone,
-    dimensions, model versions, file hashes) and how this process runs it (``providers``: each live session's; ``engine``: local or ray, and whether
-    Ray is loaded; ``replica``: the replica or worker that answered)."""
+    dimensions, model versions, file hashes) and how this process runs it (``providers``:
+    each live session's; ``engine``: local or ray, and whether Ray is loaded; ``replica``: the
+    replica or worker that answered)."""
     return _service(request).metadata()
 
 

@@ -8,6 +8,15 @@ batching on, the rows of concurrent /topk requests are merged into one ONNX run 
 :meth:`Service.rank_merged` and split back per request. Requests the service cannot answer
 raise :class:`RequestError` with their HTTP status, or the runtime's
 :class:`~cliper_prod.runtime.ranking.QueryError` (a 400; 501 for an unsupported kind).
+
+Live swaps: the service answers from one :class:`LiveBundle` at a time, held in one attribute.
+A request takes it when it starts and keeps it to its answer (a merged batch groups its
+requests by bundle), so replacing the attribute swaps atomically and in-flight requests finish
+on the old bundle, which is freed after them. Every ``reload_poll_s`` a thread looks at the
+bundle path (a link to a versioned folder, switched with a rename); when it resolves to another
+folder or the manifest changed, the new bundle is opened (hashes checked), its sessions made
+and one user ranked before it serves; one that fails is refused, logged and counted, and the
+old one keeps serving. Each process (local worker, Ray replica) watches on its own.
 """
 
 from __future__ import annotations
