@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from cliper_prod.runtime.recommender import Recommender
+from cliper_prod.serving.batching import batch
+from cliper_prod.serving.metrics import ServiceMetrics
+from cliper_prod.serving.service import ServeSettings, Service
 from tests.conftest import call, serve_local, stop_process
 
 CLIENTS = 8
@@ -139,3 +142,56 @@ def test_a_bundle_swapped_under_load_answers_every_request_from_one_bundle(
     text = (tmp_path / "serve.log").read_text()
     assert text.count("new bundle refused") == 2  # once per worker
     assert "Traceback" not in text
+
+
+class RecordedMetrics(ServiceMetrics):
+    """The service's metrics, kept in a list."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+        super().__init__()
+
+    def make(self, metric) -> None:
+        return None
+
+    def add(self, metric, value: float, labels: dict[str, str]) -> None:
+        self.calls.append((metric.name, labels))
+
+
+def test_swaps_refuse_a_dangling_link_or_a_broken_bundle_once_and_keep_the_old_one(
+        exported, tmp_path: Path) -> None:
+    """Swap rules in one process: nothing changes while the link does not; a link to nothing
+    and a broken bundle are each refused once (logged, counted), the old bundle serving; a
+    good bundle swaps in, and a request holding the old one still ranks on it."""
+    b = second_bundle(exported["bundle"], tmp_path / "b")
+    broken = tmp_path / "broken"
+    shutil.copytree(b, broken)
+    (broken / "topk.onnx").write_bytes(b"not a graph")
+    link = tmp_path / "current"
+    os.symlink(exported["bundle"], link)
+    metrics = RecordedMetrics()
+    service = Service(ServeSettings(bundle=str(link), reload_poll_s=0), metrics, batch,
+                      engine={"name": "test"}, replica="test")
+    old = service.live
+    users = (exported["bundle"] / "user_ids.txt").read_text().split()[:4]
+    a_id, a_answers = expected_answers(exported["bundle"], users, 5)
+    b_id, _ = expected_answers(b, users, 5)
+    assert old.id == a_id and not service.swap_if_changed()
+    for target in (tmp_path / "missing", broken):
+        switch(link, target)
+        assert not service.swap_if_changed() and not service.swap_if_changed()
+        assert service.live is old
+    refused = [labels["bundle"] for name, labels in metrics.calls
+               if name == "cliper_bundle_loads" and labels["result"] == "refused"]
+    assert refused == ["unreadable", _manifest_hash(broken)[:12]]
+    switch(link, b)
+    assert service.swap_if_changed() and service.live.id == b_id
+    rows, _ = old.ranker.prepare(users, 5)
+    assert old.ranker.answer(users, old.ranker.rank(rows), 5, set()) == \
+        [a_answers[u] for u in users]
+
+
+def _manifest_hash(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()

@@ -16,6 +16,8 @@ graph's: numpy and ONNX Runtime sum the products in their own orders).
 ``similar_items`` is cosine similarity on the served item table: the table's dot product is the
 user-item score, and between two items it favours long (popular) vectors, so every item would
 have the same few neighbours; cosine compares directions only. The item itself is left out.
+It holds a unit-length copy of the item table (items x dim x 4 bytes) once asked, and batches
+of at most :data:`SCORE_BYTES` of similarities.
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ class ArrayRanker:
         rows = ranker.rows(list(user_ids))
         positions, excluded = self.exclusion_pairs(exclude, len(rows))
         allowed = None if items is None else self.item_rows(items, "items")
+        allowed_table = None if allowed is None else np.asarray(self.table[allowed], np.float32)
+        column = None if allowed is None else np.full(len(ranker.item_ids), -1, np.int64)
+        if column is not None:
+            column[allowed] = np.arange(len(allowed))  # item row -> column among the allowed
         step = self.batch_size if allowed is None else \
             max(1, min(self.batch_size, SCORE_BYTES // (4 * max(1, len(allowed)))))
         cols = np.full((len(rows), k), -1, np.int64)
@@ -120,18 +126,16 @@ class ArrayRanker:
                 scores[start:start + len(batch)] = top_scores[:, :k]
             else:
                 got, scores[start:start + len(batch)] = self._score_allowed(
-                    batch, allowed, ranker.pairs(batch, extra, filter_seen), k)
+                    batch, allowed_table, column, ranker.pairs(batch, extra, filter_seen), k)
                 cols[start:start + len(batch)] = np.where(got >= 0, allowed[got], -1)
         return self._ids(cols), scores
 
-    def _score_allowed(self, batch: np.ndarray, allowed: np.ndarray,
+    def _score_allowed(self, batch: np.ndarray, allowed_table: np.ndarray, column: np.ndarray,
                        pairs: Pairs, k: int) -> Ranked:
-        """Exact top ``k`` among the ``allowed`` rows (columns into ``allowed``), the pairs
-        masked."""
-        scores = np.asarray(self.ranker.queries[batch], np.float32) @ \
-            np.asarray(self.table[allowed], np.float32).T
-        column = np.full(len(self.ranker.item_ids), -1, np.int64)
-        column[allowed] = np.arange(len(allowed))
+        """Exact top ``k`` among the allowed items (``allowed_table``: their rows of the item
+        table; ``column``: each item row's column there, -1 if not allowed), the pairs masked;
+        columns into the allowed items."""
+        scores = np.asarray(self.ranker.queries[batch], np.float32) @ allowed_table.T
         cols = column[pairs[1]]
         inside = cols >= 0
         scores[pairs[0][inside], cols[inside]] = -np.inf

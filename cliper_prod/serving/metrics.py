@@ -11,7 +11,9 @@
   /topk batch, the batch's ONNX run), by endpoint and ``bundle`` (the id of the bundle that
   answered);
 - ``cliper_bundle_loads``: bundles loaded by ``bundle`` id and ``result`` (``loaded``, or
-  ``refused``: a new bundle that failed to load while the old one kept serving).
+  ``refused``: a new bundle that failed to load while the old one kept serving, named by the
+  sha256 of its manifest.json file, first 12 hex digits, since its manifest may not be
+  readable, or ``unreadable`` when there was no manifest to read).
 
 :class:`RayMetrics` (``--engine ray``) records through Ray Serve's metrics API: Ray's metrics
 agent exports them on each node's Prometheus endpoint as ``ray_cliper_*``, with the replica,

@@ -144,7 +144,7 @@ class Service:
         self.settings, self.metrics, self.engine, self.replica = settings, metrics, engine, replica
         self.live = self.load()
         self.metrics.bundle_loaded(self.live.id, "loaded")
-        self.refused: tuple[str, str] | None = None  # the key of the last bundle refused
+        self.refused: tuple[str, str] | None = None  # the key of the last refusal
         self.swap_lock = threading.Lock()
 
         async def merged(requests: list[RankQuery]) -> list[Top]:
@@ -163,8 +163,8 @@ class Service:
         image_root = self.settings.image_root
         recommender = Recommender(bundle, image_root=Path(image_root) if image_root else None,
                                   embed_batch_size=self.settings.embed_batch_size)
+        recommender.ranker.rank(np.zeros(1, dtype=np.int64))  # ranks before it serves
         readiness = ReadinessProbe(recommender.ranker.rank)
-        readiness.check()
         bundle_id = str(bundle.manifest.get(MANIFEST_HASH) or key[1])[:12]
         return LiveBundle(bundle_id, key, recommender, _live_providers(recommender), readiness)
 
@@ -176,8 +176,8 @@ class Service:
         with self.swap_lock:
             try:
                 key = bundle_key(Path(self.settings.bundle))
-            except OSError as exc:
-                return self._refuse(None, f"{type(exc).__name__}: {exc}")
+            except OSError as exc:  # no manifest there (yet): keyed by the reason
+                return self._refuse(("", str(exc)), f"{type(exc).__name__}: {exc}")
             if key in (self.live.key, self.refused):
                 return False
             try:
@@ -190,10 +190,11 @@ class Service:
             logger.warning("serving bundle %s (was %s)", live.id, old.id)
             return True
 
-    def _refuse(self, key: tuple[str, str] | None, reason: str) -> bool:
-        if key is None or key != self.refused:
+    def _refuse(self, key: tuple[str, str], reason: str) -> bool:
+        """Keep serving the bundle in place; say so once per new bundle (or reason)."""
+        if key != self.refused:
             logger.error("new bundle refused, still serving %s: %s", self.live.id, reason)
-            self.metrics.bundle_loaded(key[1][:12] if key else "unreadable", "refused")
+            self.metrics.bundle_loaded(key[1][:12] if key[0] else "unreadable", "refused")
         self.refused = key
         return False
 
