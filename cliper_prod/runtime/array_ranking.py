@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +38,15 @@ BATCH_USERS = 1024
 SCORE_BYTES = 256 << 20
 
 Ranked = tuple[np.ndarray, np.ndarray]  # ids (object, None as padding), scores (-inf padding)
+
+
+class Allowlist(NamedTuple):
+    """Items a query may rank: their rows, their rows of the item table, and the column of
+    each item row among them (-1: not allowed)."""
+
+    rows: np.ndarray
+    table: np.ndarray
+    column: np.ndarray
 
 
 def top_k(scores: np.ndarray, k: int) -> Ranked:
@@ -107,13 +117,9 @@ class ArrayRanker:
         ranker.check_k(k)
         rows = ranker.rows(list(user_ids))
         positions, excluded = self.exclusion_pairs(exclude, len(rows))
-        allowed = None if items is None else self.item_rows(items, "items")
-        allowed_table = None if allowed is None else np.asarray(self.table[allowed], np.float32)
-        column = None if allowed is None else np.full(len(ranker.item_ids), -1, np.int64)
-        if column is not None:
-            column[allowed] = np.arange(len(allowed))  # item row -> column among the allowed
+        allowed = None if items is None else self.allowlist(items)
         step = self.batch_size if allowed is None else \
-            max(1, min(self.batch_size, SCORE_BYTES // (4 * max(1, len(allowed)))))
+            max(1, min(self.batch_size, SCORE_BYTES // (4 * len(allowed.rows))))
         cols = np.full((len(rows), k), -1, np.int64)
         scores = np.full((len(rows), k), -np.inf, np.float32)
         for start in range(0, len(rows), step):
@@ -126,17 +132,22 @@ class ArrayRanker:
                 scores[start:start + len(batch)] = top_scores[:, :k]
             else:
                 got, scores[start:start + len(batch)] = self._score_allowed(
-                    batch, allowed_table, column, ranker.pairs(batch, extra, filter_seen), k)
-                cols[start:start + len(batch)] = np.where(got >= 0, allowed[got], -1)
+                    batch, allowed, ranker.pairs(batch, extra, filter_seen), k)
+                cols[start:start + len(batch)] = np.where(got >= 0, allowed.rows[got], -1)
         return self._ids(cols), scores
 
-    def _score_allowed(self, batch: np.ndarray, allowed_table: np.ndarray, column: np.ndarray,
-                       pairs: Pairs, k: int) -> Ranked:
-        """Exact top ``k`` among the allowed items (``allowed_table``: their rows of the item
-        table; ``column``: each item row's column there, -1 if not allowed), the pairs masked;
-        columns into the allowed items."""
-        scores = np.asarray(self.ranker.queries[batch], np.float32) @ allowed_table.T
-        cols = column[pairs[1]]
+    def allowlist(self, items: Sequence[str]) -> Allowlist:
+        """The allowed rows, their rows of the item table and each item row's column."""
+        rows = self.item_rows(items, "items")
+        column = np.full(len(self.ranker.item_ids), -1, np.int64)
+        column[rows] = np.arange(len(rows))
+        return Allowlist(rows, np.asarray(self.table[rows], np.float32), column)
+
+    def _score_allowed(self, batch: np.ndarray, allowed: Allowlist, pairs: Pairs, k: int
+                       ) -> Ranked:
+        """Exact top ``k`` among the allowed items (columns into them), the pairs masked."""
+        scores = np.asarray(self.ranker.queries[batch], np.float32) @ allowed.table.T
+        cols = allowed.column[pairs[1]]
         inside = cols >= 0
         scores[pairs[0][inside], cols[inside]] = -np.inf
         return top_k(scores, k)
