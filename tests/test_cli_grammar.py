@@ -236,3 +236,21 @@ def test_topk_writes_each_float32_score_in_its_shortest_exact_form(exported, tmp
             assert digits <= 9, token  # float32 never needs more than 9 significant digits
             if digits > 1:  # and no decimal one digit shorter reads back to the same float32
                 assert np.float32(f"{value.item():.{digits - 2}e}") != value, token
+
+
+def test_strict_add_items_leaves_no_folder_it_created(exported, tmp_path) -> None:
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    known = (exported["bundle"] / "item_ids.txt").read_text().split()[0]
+    (feats / "item_ids.txt").write_text(f"NEW0\n{known}\n")  # the second is in the bundle
+    source = exported["catalog"] / "cliper"
+    for name in ("image_feat.npy", "text_feat.npy"):
+        np.save(feats / name, np.load(source / name)[:2])
+    out = tmp_path / "made" / "here" / "b2"
+    res = run("add-items", "--bundle", exported["bundle"], "--features", feats, "--out", out,
+              "--strict", "-q")
+    assert res.exit_code == 3 and known in res.stderr, res.output
+    assert not (tmp_path / "made").exists()
+    ok = run("add-items", "--bundle", exported["bundle"], "--features", feats, "--out", out,
+             "--skip-bad", "-q")
+    assert ok.exit_code == 0 and "added 1 item(s)" in ok.stderr, ok.output
