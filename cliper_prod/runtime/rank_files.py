@@ -5,8 +5,8 @@ User file policy (documented in README): one external user id per line; blank li
 lines starting with ``#`` are ignored; surrounding whitespace is stripped. A line holding
 whitespace inside the id is malformed. Unknown ids, repeated ids and malformed lines stop the
 run with the file and line (nothing is written), or, with ``skip_unknown`` (``--skip-bad``),
-are skipped and reported in the returned summary. The file is streamed in batches, so its size is bounded by
-disk, not memory; output lines follow the input order.
+are skipped and reported in the returned summary. The file is streamed in batches, so its size
+is bounded by disk, not memory; output lines follow the input order.
 
 Histories file policy: one JSON object per line, ``{"user_id": "label", "history": [item ids]}``
 (the output's key; the older ``"user"`` is read too, with a deprecation warning once a file);
