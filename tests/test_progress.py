@@ -3,12 +3,15 @@ bar with its total), through the real CLI with stderr a pipe or a pseudo-termina
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
@@ -144,6 +147,8 @@ def test_on_a_terminal_embed_draws_a_bar_with_total_and_eta(exported, tmp_path) 
     items = exported["catalog"] / "items.jsonl"
     total = sum(1 for _ in items.read_text().splitlines())
     primary, secondary = pty.openpty()
+    # a terminal's size, as a real one has (tqdm sizes its bar to it; 0 columns draw nothing)
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "cliper_prod", "embed", str(items),
                              "--bundle", str(exported["bundle"]), "--out", str(tmp_path / "f")],
                             stdout=subprocess.PIPE, stderr=secondary, env={
