@@ -118,6 +118,34 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def no_empty_folders_on_failure(path: Path) -> Iterator[None]:
+    """On an exception, remove the folders up to ``path`` that did not exist before and are
+    still empty (a run that fails writes nothing, not even its output folder); a folder that
+    was there before, or holds anything (resumable work), is never touched."""
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): left as it is
+                break
+        raise
+
+
+def count_lines(path: str | os.PathLike[str]) -> int:
+    """The lines of a text file (a last one without its newline counted), read in blocks
+    without decoding: a progress total for a file that is streamed afterwards."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -17,7 +17,7 @@ from cliper_prod.device import CPU
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
-from cliper_prod.features.clip_towers import ClipTowers
+from cliper_prod.features.clip_towers import RANDOM_WEIGHTS_KEY, ClipTowers
 from cliper_prod.features.embed import embed_catalog
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.features.views import DEFAULT_TEMPLATES, GLOBAL_TEMPLATE
@@ -45,7 +45,9 @@ def run_demo(workdir: Path, progress: bool = True, max_epochs: int | None = None
     log.info(f"[1/5] catalog: {load_dataset(catalog).summary()} ({catalog})")
 
     clip_dir = workdir / "tiny-clip"
-    if not (clip_dir / "config.json").exists():
+    config = clip_dir / "config.json"
+    # rebuilt (the same seed: the same weights) where an older demo left it unmarked as random
+    if not config.exists() or RANDOM_WEIGHTS_KEY not in json.loads(config.read_text()):
         build_tiny_clip(clip_dir, catalog_texts(catalog))
     summary = embed_catalog(catalog / "items.jsonl", ClipTowers(clip_dir), catalog / "cliper",
                             progress=progress)

@@ -64,6 +64,12 @@ def served_manifest(bundle: Path) -> dict:
     return manifest
 
 
+def widened(record: dict) -> dict:
+    """A `topk` output line with its scores (float32 in their shortest decimal form) widened
+    to float64 as the Python and HTTP APIs give them: equal exactly when the float32 values are."""
+    return {**record, "scores": [float(np.float32(s)) for s in record["scores"]]}
+
+
 def model_config(backbone: str, **model) -> dict:
     """The packaged [model] defaults of ``backbone`` with ``model``'s keys changed."""
     return {**load_config(backbone)["model"], **model}

@@ -22,7 +22,7 @@ from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.runtime.topk_forms import TopKGraph
-from conftest import serve_local, stop_process
+from conftest import serve_local, stop_process, widened
 
 N_NEW = 4
 
@@ -198,11 +198,11 @@ def test_the_new_bundle_verifies_and_serves_unchanged(trained, exported, tmp_pat
         assert record["items"] == item_ids[order].tolist()
         new_ranked += sum(i.startswith("NEW") for i in record["items"])
     assert new_ranked > 0  # the added items do reach rankings
-    assert Recommender(tmp_path / "b2").topk([user_ids[0]], k=10)[0] == got[0]
+    assert Recommender(tmp_path / "b2").topk([user_ids[0]], k=10)[0] == widened(got[0])
     ranker = TopKRanker(Bundle(tmp_path / "b2"))  # add-items re-exported the GPU form too
     ranker.graph = TopKGraph(ranker.bundle, GPU_FORM)
     gpu = ranker.answer(user_ids, ranker.rank(np.arange(len(user_ids))), 10, set())
-    assert gpu == [{k: r[k] for k in ("user_id", "items", "scores")} for r in got]
+    assert gpu == [widened({k: r[k] for k in ("user_id", "items", "scores")}) for r in got]
 
 
 def test_add_items_from_jsonl_equals_embed_then_add_features(trained, exported,

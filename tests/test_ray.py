@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cliper_prod.commands import cli
-from tests.conftest import bundle_users, call, served_manifest
+from tests.conftest import bundle_users, call, served_manifest, widened
 
 
 def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:
@@ -24,7 +24,7 @@ def cli_topk(exported, tmp_path: Path, users: list[str], k: int) -> list[dict]:
     res = CliRunner().invoke(cli, ["topk", "--users", str(users_file), "--bundle",
                                    str(exported["bundle"]), "-k", str(k), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return [widened(json.loads(line)) for line in out.read_text().splitlines()]
 
 
 def test_topk_answers_as_the_cli(service, exported, tmp_path) -> None:

@@ -102,6 +102,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "freedom-cliper" / "item_embeddings.npy").is_file()
     assert (tmp_path / "catalog" / "cliper" / "text_feat.npy").is_file()
     assert (tmp_path / "bundle" / "manifest.json").is_file()
+    # its CLIP has random weights (saved, then loaded): said so, and exported as saved (below)
+    summary = json.loads((tmp_path / "catalog" / "cliper" / "embed_summary.json").read_text())
+    features = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["features"]
+    assert summary["random_weights"] is features["random_weights"] is True
+    assert summary["built_from_config"] is features["built_from_config"] is False
     # the ONNX Runtime features equal the PyTorch ones; the recommendations are 10 unseen items
     for name in ("image_feat.npy", "text_feat.npy"):
         np.testing.assert_allclose(np.load(tmp_path / "features-onnx" / name),

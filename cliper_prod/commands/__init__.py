@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from cliper_prod import __version__
+from cliper_prod.commands.common import warn_old_spellings
 from cliper_prod.errors import (INTERRUPTED, TERMINATED, CliperError, Terminated,
                                 interruption)
 
@@ -52,6 +53,13 @@ class CliperGroup(click.Group):
         finally:
             if previous is not None:  # None: a handler not installed from Python
                 signal.signal(signal.SIGTERM, previous)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            warn_old_spellings(command, rest)
+        return name, command, rest
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [self.commands[name.replace("_", "-")].name for name in COMMANDS]

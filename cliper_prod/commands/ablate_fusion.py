@@ -12,16 +12,21 @@ from cliper_prod.fusion_modes import EXTRACTION_FUSIONS, FUSION_NAMES
 
 @click.command("ablate-fusion")
 @click.option("--items", type=click.Path(path_type=Path, exists=True), required=True,
+              metavar="FILE",
               help="Items JSONL of the dataset's items.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="MMRec-format folder (its i_id_mapping.csv names the items).")
-@click.option("--clip", "clip_source", required=True, help="CLIP checkpoint folder or hub id.")
-@click.option("--random-init", is_flag=True, help="RANDOM weights from the folder's config.")
+@click.option("--clip", "clip_source", required=True, metavar="DIR|HUB_ID",
+              help="CLIP checkpoint folder or hub id.")
+@click.option("--random-init", is_flag=True,
+              help="Build the CLIP from its config with RANDOM weights (plumbing only).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/ablate-fusion"),
-              show_default=True)
+              show_default=True, metavar="DIR",
+              help="Where each mode's features and checkpoint and ablation.json go.")
 @click.option("--modes", default=",".join(EXTRACTION_FUSIONS), show_default=True,
               help=f"Comma-separated fusion modes, of {', '.join(FUSION_NAMES)}.")
-@click.option("--backbone", type=click.Choice(["freedom"]), default="freedom", show_default=True)
+@click.option("--backbone", type=click.Choice(["freedom"]), default="freedom", show_default=True,
+              help="Recommender trained on each mode's features.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Cap on training epochs.")
 @click.option("--reg-weight", type=click.FloatRange(min=0), default=None,
               help="FREEDOM's modality-loss weight for every mode (mlp needs > 0).")

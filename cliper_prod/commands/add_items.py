@@ -6,31 +6,33 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import provider_option, quiet_option
+from cliper_prod.commands.common import provider_option, quiet_option, strict_option
 
 
 @click.command("add-items")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True,
+              metavar="DIR",
               help="Bundle written by `cliper-prod export` (FREEDOM or LATTICE); it is not "
                    "changed.")
-@click.option("--items", "items_path", type=click.Path(path_type=Path),
+@click.option("--items", "items_path", type=click.Path(path_type=Path), metavar="PATH",
               help="The new items, a JSON Lines file or folder as `embed` reads, embedded with "
                    "the bundle's CLIP graphs.")
-@click.option("--features", "features_dir", type=click.Path(path_type=Path),
+@click.option("--features", "features_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Or their features: a folder as `embed` writes (item_ids.txt, "
                    "image_feat.npy, text_feat.npy), in the space the model was trained on.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="Folder of the new bundle (written atomically).")
-@click.option("--errors", "errors_file", type=click.Path(path_type=Path),
+@click.option("--errors", "errors_file", type=click.Path(path_type=Path), metavar="FILE",
               help="JSON Lines record of each item not added (file, line or row, item_id, "
                    "action, reason) [default: OUT.errors.jsonl beside OUT].")
 @provider_option()
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which CLIP graphs embed --items.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--strict", is_flag=True,
-              help="Fail (exit 3) at the first item that cannot be added; nothing is written.")
-@quiet_option("No progress bar.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Items encoded per model call (--items).")
+@strict_option(False, "fail (exit 3) at the first item that cannot be added; nothing is "
+                      "written.", "list each item not added in the errors file and add the rest.")
+@quiet_option("No progress (bar or log lines).")
 def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None,
             out_dir: Path, errors_file: Path | None, provider: str, precision: str,
             batch_size: int, strict: bool, quiet: bool) -> None:
@@ -41,16 +43,18 @@ def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None
     row) is listed in the errors file and the rest are added, as `embed` does; --strict
     refuses the batch instead."""
     from cliper_prod.export.add_items import add_items, errors_file_for
+    from cliper_prod.io import no_empty_folders_on_failure
 
     def report(error: dict) -> None:
         at = f"{error['file']}:{error['line']}" if "line" in error else \
             f"{error['file']}: row {error['row']}" if "row" in error else error["file"]
         click.echo(f"{at}: {error['action']}: {error['reason']}", err=True)
 
-    added = add_items(bundle_dir, out_dir, items=items_path, features=features_dir,
-                      errors_file=errors_file, provider=provider, precision=precision,
-                      batch_size=batch_size, strict=strict, progress=not quiet,
-                      on_item_error=report)
+    with no_empty_folders_on_failure(out_dir.parent):
+        added = add_items(bundle_dir, out_dir, items=items_path, features=features_dir,
+                          errors_file=errors_file, provider=provider, precision=precision,
+                          batch_size=batch_size, strict=strict, progress=not quiet,
+                          on_item_error=report)
     listed = f"; {len(added.errors)} item error(s) in {errors_file or errors_file_for(out_dir)}" \
         if added.errors else ""
     click.echo(f"added {added.added} item(s) to {added.before} -> {out_dir}{listed}", err=True)

@@ -1,4 +1,5 @@
-"""What several commands share: option parsers, the metrics table, and repeated options."""
+"""What several commands share: option parsers, the metrics table, and the repeated options
+that make the CLI's one grammar (README, "Command-line conventions")."""
 
 from __future__ import annotations
 
@@ -79,8 +80,73 @@ def format_metrics(metrics: dict[str, float], topk: tuple[int, ...] | list[int])
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+class GrammarOption(click.Option):
+    """An option whose ``old_names`` (spellings kept for one release after the CLI grammar
+    changed) still parse, are marked deprecated in ``--help`` and warn on stderr when used
+    (:func:`warn_old_spellings`)."""
+
+    def __init__(self, *decls: Any, old_names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*decls, **kwargs)
+        self.old_names = old_names
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        names = self.opts, self.secondary_opts
+        self.opts = [o for o in names[0] if o not in self.old_names]
+        self.secondary_opts = [o for o in names[1] if o not in self.old_names]
+        try:
+            record = super().get_help_record(ctx)
+        finally:
+            self.opts, self.secondary_opts = names
+        if record is None or not self.old_names:
+            return record
+        return record[0], f"{record[1]}  [deprecated spelling: {', '.join(self.old_names)}]"
+
+    def new_name(self, old: str) -> str:
+        """The grammar's spelling of the old name ``old``."""
+        return self.secondary_opts[0] if old in self.secondary_opts else self.opts[0]
+
+
+def grammar_option(*decls: str, old_names: tuple[str, ...] = (), **kwargs: Any) -> Decorator:
+    """``click.option`` with old spellings kept as deprecated aliases (listed in ``decls`` and
+    named again in ``old_names``)."""
+    return click.option(*decls, cls=GrammarOption, old_names=old_names, **kwargs)
+
+
+def warn_old_spellings(command: click.Command, args: list[str]) -> None:
+    """One line on stderr for each deprecated spelling in ``args`` (up to ``--``)."""
+    old = {name: param for param in command.params if isinstance(param, GrammarOption)
+           for name in param.old_names}
+    for arg in args:
+        if arg == "--":
+            break
+        name = arg.partition("=")[0]
+        param = old.get(name)
+        if param is not None:
+            click.echo(f"warning: {name} is deprecated and goes in the next release; use "
+                       f"{param.new_name(name)}", err=True)
+
+
 def quiet_option(what: str = "No progress bars or per-epoch lines.") -> Decorator:
-    return click.option("--quiet", is_flag=True, help=what)
+    """``-q/--quiet``: off, long work reports progress (a bar on a terminal, a line every
+    CLIPER_PROGRESS_INTERVAL seconds elsewhere)."""
+    return click.option("-q", "--quiet", is_flag=True, help=what)
+
+
+def strict_option(default: bool, strict: str, skip: str,
+                  old_names: tuple[str, ...] = ()) -> Decorator:
+    """``--strict/--skip-bad``: the first bad record stops the run, or bad records are skipped
+    and reported; each command keeps its own default."""
+    decls = ("--strict/--skip-bad",) + tuple(f" /{name}" for name in old_names)
+    return grammar_option(*decls, "strict", old_names=old_names, default=default,
+                          show_default=True, help=f"--strict: {strict} --skip-bad: {skip}")
+
+
+def argument_or_option(argument: Path | None, option: Path | None, argument_name: str,
+                       flag: str) -> Path:
+    """A command's main path, given as its first argument or as ``flag`` (one of them)."""
+    if (argument is None) == (option is None):
+        raise ConfigError(f"pass {argument_name} (or {flag} {argument_name}), once")
+    return argument if argument is not None else option  # type: ignore[return-value]
 
 
 def device_option(what: str = "auto: the GPU when one is usable.") -> Decorator:
@@ -93,10 +159,10 @@ def device_option(what: str = "auto: the GPU when one is usable.") -> Decorator:
 def provider_option() -> Decorator:
     """``--provider auto|cpu|cuda``: the ONNX Runtime execution provider of the bundle's
     sessions (:mod:`cliper_prod.runtime.providers`); ``--device`` is kept as its old spelling."""
-    return click.option("--provider", "--device", "provider", type=click.Choice(PROVIDERS),
-                        default="auto", show_default=True,
-                        help="ONNX Runtime provider; auto: CUDA when onnxruntime-gpu sees a GPU "
-                             "(--device: the old name, deprecated).")
+    return grammar_option("--provider", "--device", "provider", type=click.Choice(PROVIDERS),
+                          old_names=("--device",), default="auto", show_default=True,
+                          help="ONNX Runtime provider; auto: CUDA when onnxruntime-gpu sees a "
+                               "GPU.")
 
 
 def backbone_option(**kwargs: Any) -> Decorator:

@@ -14,19 +14,20 @@ PAPER_BACKBONES = "lattice,mmgcn,dualgnn,slmrec,freedom"  # the paper's Table 2
 
 
 @click.command("compare")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="MMRec-format dataset folder.")
-@click.option("--features-vanilla", type=click.Path(path_type=Path),
+@click.option("--features-vanilla", type=click.Path(path_type=Path), metavar="DIR",
               help="Folder of the vanilla features [default: the data folder's *_feat.npy].")
-@click.option("--features-cliper", type=click.Path(path_type=Path),
+@click.option("--features-cliper", type=click.Path(path_type=Path), metavar="DIR",
               help="Folder written by `cliper-prod embed` [default: DATA/cliper].")
 @click.option("--backbones", default=PAPER_BACKBONES, show_default=True,
               help="Comma-separated backbones to train.")
 @click.option("--seeds", default="999,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a setting of every backbone, e.g. --set train.epochs=50.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              default=Path("runs") / "compare", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
+              default=Path("runs") / "compare", show_default=True,
+              help="Report folder (compare.md, compare.json, compare.png).")
 @device_option("Where every run trains and ranks; auto: the GPU when torch sees one.")
 @quiet_option()
 def command(data_dir: Path, features_vanilla: Path | None, features_cliper: Path | None,

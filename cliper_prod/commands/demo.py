@@ -11,6 +11,7 @@ from cliper_prod.commands.common import quiet_option
 
 @click.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("runs/demo"),
+              metavar="DIR",
               show_default=True, help="Where the catalog and checkpoints go.")
 @click.option("--epochs", type=click.IntRange(min=1),
               help="Cap on training epochs [default: models/freedom.toml's, with early stopping].")

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cliper_prod.commands.common import PROVIDERS, device_option, quiet_option
+from cliper_prod.commands.common import (PROVIDERS, argument_or_option, device_option,
+                                         quiet_option, strict_option)
 from cliper_prod.errors import ConfigError
 from cliper_prod.fusion_modes import FUSION_MODES, FUSION_NAMES
 
@@ -146,13 +147,17 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 
 
 @click.command("embed")
-@click.argument("items", type=click.Path(path_type=Path))
-@click.option("--clip", "clip_source",
+@click.argument("items_argument", metavar="[ITEMS]", required=False,
+                type=click.Path(path_type=Path))
+@click.option("--items", type=click.Path(path_type=Path), metavar="PATH",
+              help="The catalog: a JSON Lines or Parquet file, or a folder of them (or give it "
+                   "as the first argument, ITEMS).")
+@click.option("--clip", "clip_source", metavar="DIR|HUB_ID",
               help="PyTorch path: CLIP or Long-CLIP checkpoint, a local folder or a hub id.")
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="ONNX Runtime path: a bundle written by `cliper-prod export` (its views, "
                    "fusion and tau are fixed at export).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="Output folder (image_feat.npy, text_feat.npy, item_ids.txt, errors.jsonl).")
 @click.option("--out-format", type=click.Choice(["npy", "parquet"]), default="npy",
               show_default=True,
@@ -173,15 +178,16 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
               help="Embed over-long text in windows and sum them, instead of truncating "
                    "(PyTorch path only).")
 @click.option("--save-views", is_flag=True, help="Also write view_feat.npy and similarity.npy.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Items encoded per model call.")
 @device_option("Where --clip runs (a torch device); with --bundle, the old spelling of "
                "--provider. auto: the GPU when one is usable.")
 @click.option("--provider", type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider of --bundle's sessions [default: --device].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
               show_default=True, help="Which exported graphs to run (--bundle only).")
-@click.option("--strict", is_flag=True,
-              help="Fail (exit 3) at the first item error instead of listing it and going on.")
+@strict_option(False, "fail (exit 3) at the first item error; nothing is written.",
+               "list each bad item in errors.jsonl and go on.")
 @click.option("--resume", is_flag=True,
               help="Continue a run that was interrupted (same input and options).")
 @click.option("--shard-items", type=click.IntRange(min=1), default=8192, show_default=True,
@@ -212,9 +218,9 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
 @click.option("--gpus-per-actor", type=click.FloatRange(min=0),
               help="GPUs Ray gives each encode actor with --ray [default: 1 when the cluster "
                    "has GPUs, else 0].")
-@quiet_option("No progress bar.")
+@quiet_option("No progress (bar or log lines).")
 @click.pass_context
-def command(ctx: click.Context, **params: Any) -> None:
+def command(ctx: click.Context, items_argument: Path | None, **params: Any) -> None:
     """Embed the items of a JSON Lines or Parquet file, or of a folder of *.jsonl or *.parquet
     shards read in path order as one catalog, into CLIPER features.
 
@@ -224,16 +230,20 @@ def command(ctx: click.Context, **params: Any) -> None:
     with the reason; see README for the per-item policy.
     """
     from cliper_prod.features.embed import embed_catalog
+    from cliper_prod.io import no_empty_folders_on_failure
 
+    params["items"] = argument_or_option(items_argument, params["items"], "ITEMS", "--items")
     args = EmbedArgs(**params)
     args.check({f.name for f in fields(EmbedArgs)
                 if ctx.get_parameter_source(f.name) is click.core.ParameterSource.COMMANDLINE})
     encoder, options = args.encoder_and_options()
-    if encoder.random_init:
-        click.echo("note: CLIP built from its config with RANDOM weights: the features prove "
-                   "the plumbing, not semantic quality.", err=True)
-    summary = embed_catalog(args.items, encoder, args.out_dir, options, progress=not args.quiet,
-                            resume=args.resume, runner=args.runner())
+    with no_empty_folders_on_failure(args.out_dir):
+        summary = embed_catalog(args.items, encoder, args.out_dir, options,
+                                progress=not args.quiet, resume=args.resume,
+                                runner=args.runner())
     click.echo(f"embedded {summary['embedded']} item(s), skipped {summary['skipped']}, kept with "
                f"a fallback {summary['kept_with_fallback']}, text cut at {encoder.max_tokens} "
                f"tokens for {summary['truncated_items']} -> {args.out_dir}")
+    if encoder.random_weights:  # after the work: a run that fails says only why
+        click.echo("note: the CLIP has RANDOM weights: the features prove the plumbing, not "
+                   "semantic quality.", err=True)

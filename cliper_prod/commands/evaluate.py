@@ -11,11 +11,12 @@ from cliper_prod.commands.common import device_option, format_metrics
 
 
 @click.command("evaluate")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="Folder written by `cliper-prod train`.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Dataset folder [default: the one the model was trained on].")
-@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
+              help="The split ranked.")
 @click.option("--mask-valid-in-test", is_flag=True,
               help="Also hide validation items when ranking for test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")

@@ -6,21 +6,22 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option
+from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option, quiet_option
 
 
 @click.command("export")
 @backbone_option(default="freedom", show_default=True,
                  help="Backbone of the checkpoint (checked).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="Folder written by `cliper-prod train`.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="The training data, if it moved since training.")
-@click.option("--clip", "clip_source",
+@click.option("--clip", "clip_source", metavar="DIR|HUB_ID",
               help="CLIP checkpoint for the feature graphs [default: the one the model's "
                    "CLIPER features were embedded with; none for vanilla features].")
-@click.option("--random-init", is_flag=True, help="CLIP with RANDOM weights from its config.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+@click.option("--random-init", is_flag=True,
+              help="Build the CLIP from its config with RANDOM weights (plumbing only).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
               help=f"Bundle folder [default: {DEFAULT_EXPORTS}/<backbone>].")
 @click.option("--max-k", type=click.IntRange(min=1), default=100, show_default=True,
               help="Most items per user the top-K graph returns (topk -k may ask for fewer).")
@@ -35,16 +36,18 @@ from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option
                    "a two-level TopK with more parallel work for a GPU (slower on a CPU).")
 @click.option("--no-gpu-form", is_flag=True,
               help="Skip the top-K graph's GPU form (topk.gpu.onnx).")
-@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True,
+              help="ONNX opset of every graph.")
 @click.option("--no-fp16", is_flag=True, help="Skip the fp16 variants of the CLIP graphs.")
 @click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
 @click.option("--no-fused", is_flag=True,
               help="Skip the ONNX Runtime-optimized (fused attention) CLIP graphs.")
+@quiet_option("No progress (bar or log lines).")
 def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
             candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
             no_fp16: bool,
-            no_torchscript: bool, no_fused: bool) -> None:
+            no_torchscript: bool, no_fused: bool, quiet: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
     The bundle holds the top-K graph over the final embedding tables (training items
@@ -62,7 +65,8 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
                            gpu_form=not no_gpu_form, candidates=candidates,
                            candidate_blocks=candidate_blocks)
     manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip_source=clip_source,
-                             random_init=random_init, data_dir=data_dir, options=options)
+                             random_init=random_init, data_dir=data_dir, options=options,
+                             progress=not quiet)
     for name, graph in manifest["graphs"].items():
         figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"
                             for variant, p in graph["parity"].items())

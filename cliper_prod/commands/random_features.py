@@ -8,11 +8,11 @@ import click
 
 
 @click.command("random-features")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="MMRec-format folder whose .inter defines the items.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="New folder: links to the .inter and id maps plus the generated features.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 def command(data_dir: Path, out_dir: Path, seed: int) -> None:
     """Add standard-normal stand-in features (4096-d image, 384-d text) to a dataset without any.
 

@@ -27,7 +27,7 @@ ENGINE_ONLY = {"local": ("workers",),
 
 
 @click.command("serve")
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), metavar="DIR",
               default=DEFAULT_BUNDLE, show_default=True,
               help="Bundle folder written by `cliper-prod export`.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
@@ -39,10 +39,11 @@ ENGINE_ONLY = {"local": ("workers",),
               help="[ray] Replicas of the deployment.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 for every interface).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port to listen on.")
 @click.option("--address", help="[ray] Ray cluster to deploy on (default: start a local Ray).")
 @provider_option()
-@click.option("--image-root", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--image-root", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
               help="Folder that /embed image paths resolve under (default: paths refused, "
                    "base64 images only).")
 @click.option("--no-batching", is_flag=True, help="Run each /topk request alone.")
@@ -53,7 +54,7 @@ ENGINE_ONLY = {"local": ("workers",),
                    "with --engine local: a batch is what queued while the previous run ran, so "
                    "a lone request never waits; 2 with --engine ray].")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=16 << 20,
-              show_default=True)
+              show_default=True, help="Larger request bodies get a 413.")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0),
               help="[ray] GPUs Ray gives each replica (fractions share one) [default: 1 with "
                    "--provider cuda, else 0; Ray hides GPUs from a replica that asks for none].")

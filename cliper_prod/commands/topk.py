@@ -7,30 +7,35 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import DEFAULT_BUNDLE, backbone_option, provider_option
+from cliper_prod.commands.common import (DEFAULT_BUNDLE, backbone_option, provider_option,
+                                         quiet_option, strict_option)
 from cliper_prod.errors import BundleError, ConfigError
 
 
 @click.command("topk")
-@click.option("--users", "users_file", type=click.Path(path_type=Path),
+@click.option("--users", "users_file", type=click.Path(path_type=Path), metavar="FILE",
               help="One user id per line (the dataset's ids); # comments, blank lines allowed.")
-@click.option("--histories", "histories_file", type=click.Path(path_type=Path),
-              help="Or users absent from training, one JSON line each: {\"user\": label, "
+@click.option("--histories", "histories_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Or users absent from training, one JSON line each: {\"user_id\": label, "
                    "\"history\": [item ids]}, folded in by the backbone's user rule.")
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
-              default=DEFAULT_BUNDLE, show_default=True)
-@click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--out", "out_file", type=click.Path(path_type=Path),
-              help="JSON Lines output [default: stdout].")
-@click.option("--skip-unknown", is_flag=True,
-              help="Skip unknown, duplicate and malformed lines (reported on stderr) instead "
-                   "of stopping at the first.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), metavar="DIR",
+              default=DEFAULT_BUNDLE, show_default=True,
+              help="Bundle written by `cliper-prod export`.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Items per user (at most the bundle's max-k).")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="JSON Lines output file [default: stdout].")
+@strict_option(True, "stop at the first unknown, duplicate or malformed line; nothing is "
+                     "written.", "skip such lines (each reported on stderr) and go on.",
+               old_names=("--skip-unknown",))
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Users ranked per ONNX Runtime call.")
 @provider_option()
 @backbone_option(help="Refuse a bundle of another backbone (a guard for deployment scripts).")
+@quiet_option("No progress (bar or log lines).")
 def command(users_file: Path | None, histories_file: Path | None, bundle_dir: Path, k: int,
-            out_file: Path | None, skip_unknown: bool, batch_size: int, provider: str,
-            backbone: str | None) -> None:
+            out_file: Path | None, strict: bool, batch_size: int, provider: str,
+            backbone: str | None, quiet: bool) -> None:
     """Top-K items for each user of a file, training items excluded, as JSON Lines
     ({"user_id", "items", "scores"}), from an exported bundle on ONNX Runtime. With
     --histories, for users the model never saw: each is folded in from the items of their
@@ -59,7 +64,8 @@ def command(users_file: Path | None, histories_file: Path | None, bundle_dir: Pa
         if problem:
             raise BundleError(f"{bundle.folder}: {problem}")
     write = rank_files.rank_users if users_file is not None else rank_files.rank_histories
-    options = {"k": k, "skip_unknown": skip_unknown, "batch_size": batch_size}
+    options = {"k": k, "skip_unknown": not strict, "batch_size": batch_size,
+               "progress": not quiet}
     if out_file is None:
         summary = write(ranker, path, sys.stdout, **options)
     else:

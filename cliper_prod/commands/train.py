@@ -14,14 +14,14 @@ from cliper_prod.errors import ConfigError
 
 @click.command("train")
 @backbone_option(default="freedom", show_default=True, help="Recommender to train.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True,
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), required=True, metavar="DIR",
               help="MMRec-format dataset folder (<name>.inter, optional *_feat.npy).")
 @click.option("--features", type=click.Choice(["vanilla", "cliper"]), default="vanilla",
               show_default=True, help="vanilla: the data folder's *_feat.npy as given; cliper: "
                                       "the output of `cliper-prod embed` (see --features-dir).")
-@click.option("--features-dir", type=click.Path(path_type=Path),
+@click.option("--features-dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Folder written by `cliper-prod embed` [default: DATA/cliper].")
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
+@click.option("--config", "config_file", type=click.Path(path_type=Path), metavar="FILE",
               help="TOML file overriding the backbone's defaults (models/<backbone>.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one setting, e.g. --set model.dropout=0.5 (repeatable).")
@@ -30,7 +30,7 @@ from cliper_prod.errors import ConfigError
                    "--grid model.reg_weight=0,1e-5,1e-4,1e-3 (repeatable). Test is ranked "
                    "once, for the selected point only.")
 @click.option("--seed", type=int, help="Random seed (overrides [train] seed).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), metavar="DIR",
               help=f"Checkpoint folder [default: {DEFAULT_CHECKPOINTS}/<backbone>-<dataset>].")
 @click.option("--mask-valid-in-test", is_flag=True,
               help="Also hide validation items when ranking for test (MMRec does not).")

@@ -157,7 +157,8 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
             arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
             extend_bundle(bundle_dir, bundle.manifest, item_ids=found.ids,
                           items=placed.vectors, out=out, fold_in=FoldInState(
-                              fold.user_rule, fold.item_rule, fold.params, arrays))
+                              fold.user_rule, fold.item_rule, fold.params, arrays),
+                          progress=progress)
         write_text(errors_file, "".join(json.dumps(e) + "\n" for e in errors))
         if not found.ids:
             raise DataError(items or features, f"no item to add ({len(errors)} item error(s), "

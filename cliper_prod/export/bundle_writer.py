@@ -49,6 +49,7 @@ from cliper_prod.export.verified_graph import (CPU, GraphOptions, export_graph, 
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.ids import read_ids, write_ids
 from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_json, write_npy
+from cliper_prod.progress import Progress, progress_bar
 from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
 
 def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: str | None = None,
                   random_init: bool = False, data_dir: Path | None = None,
-                  options: GraphOptions = GraphOptions()) -> dict[str, Any]:
+                  options: GraphOptions = GraphOptions(), progress: bool = False
+                  ) -> dict[str, Any]:
     """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically).
 
     ``clip_source`` overrides the CLIP checkpoint the model's features were embedded with (``None``
@@ -151,7 +153,7 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: st
     return _write_atomically(out, lambda folder: _build(
         folder, tables, options, payload["backbone"], data.name,
         features=lambda: export_features(settings, folder, options) if settings else None,
-        fold_in=fold_in))
+        fold_in=fold_in, progress=progress))
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = 
 
 
 def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[str],
-                  items: np.ndarray, fold_in: FoldInState, out: Path) -> dict[str, Any]:
+                  items: np.ndarray, fold_in: FoldInState, out: Path, progress: bool = False
+                  ) -> dict[str, Any]:
     """A new bundle at ``out``: ``source`` (``manifest``: its manifest, as
     :func:`~cliper_prod.bundle_format.read_manifest` checked it when the bundle was opened) with
     the items ``item_ids`` (embeddings ``items``, placed by ``fold_in``, which holds the arrays
@@ -214,7 +217,8 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
 
     return _write_atomically(out, lambda folder: _build(
         folder, embedding, options, manifest["backbone"], manifest["dataset"],
-        features=lambda: copy_features(folder), fold_in=fold_in, lineage=lineage))
+        features=lambda: copy_features(folder), fold_in=fold_in, lineage=lineage,
+        progress=progress))
 
 
 def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -240,11 +244,22 @@ FeatureGraphs = Callable[[], "tuple[dict[str, Any], dict[str, Any]] | None"]
 
 def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbone: str | None,
            dataset: str | None, *, features: FeatureGraphs = lambda: None,
-           fold_in: FoldInState | None = None, lineage: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
+           fold_in: FoldInState | None = None, lineage: dict[str, Any] | None = None,
+           progress: bool = False) -> dict[str, Any]:
     """Write every file of a bundle into ``folder``: the top-K graph and tables, the CLIP graphs
     ``features`` writes (their records and the feature settings, or None), the fold-in arrays,
-    then the manifest."""
+    then the manifest; ``progress`` reports these steps."""
+    with progress_bar(desc="export", unit="step", total=3 + options.gpu_form,
+                      enabled=progress) as bar:
+        return _build_steps(folder, tables, options, backbone, dataset, features, fold_in,
+                            lineage, bar)
+
+
+def _build_steps(folder: Path, tables: EmbeddingTables, options: GraphOptions,
+                 backbone: str | None, dataset: str | None, features: FeatureGraphs,
+                 fold_in: FoldInState | None, lineage: dict[str, Any] | None, bar: Progress
+                 ) -> dict[str, Any]:
+    """:func:`_build`'s steps, each counted on ``bar`` when done."""
     graphs: dict[str, Any] = {}
     users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
     spec, topk_info, (indptr, history) = _topk_graph(users, items, tables.train, options.max_k,
@@ -255,9 +270,11 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
     graphs[spec.name] = {**export_graph(spec, folder, options, fp16=False,
                                          extra_check=_same_topk(ref_items, ref_scores)),
                          **topk_info}
+    bar.update(1)
     if options.gpu_form:
         _export_gpu_form(spec, items, folder, options, [ref_items, ref_scores],
                          graphs[spec.name])
+        bar.update(1)
     write_npy(folder / USER_TABLE, users.numpy())
     write_npy(folder / ITEM_TABLE, items.numpy())
     write_npy(folder / HISTORY_INDPTR, indptr)
@@ -269,6 +286,7 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
     if feature_graphs is not None:
         records, feature_info = feature_graphs
         graphs.update(records)
+    bar.update(1)
     extra: dict[str, Any] = {"lineage": lineage} if lineage else {}
     if fold_in is not None:
         for name, array in fold_in.arrays.items():
@@ -276,8 +294,10 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
         extra[FOLD_IN] = {"user_rule": fold_in.user_rule, "item_rule": fold_in.item_rule,
                           "params": fold_in.params,
                           "arrays": {name: fold_in_file(name) for name in fold_in.arrays}}
-    return write_manifest(folder, graphs, feature_info, options.opset, backbone=backbone,
-                          dataset=dataset, extra=extra)
+    manifest = write_manifest(folder, graphs, feature_info, options.opset, backbone=backbone,
+                              dataset=dataset, extra=extra)
+    bar.update(1)
+    return manifest
 
 
 def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any] | None,

@@ -38,7 +38,7 @@ class FeatureSettings:
     """How the item features were (or will be) extracted: fixed in the bundle."""
 
     clip_source: str
-    random_init: bool
+    random_init: bool  # build the CLIP from its config (as `embed --random-init` did)
     fusion: str
     tau: float
     views: ViewSpec
@@ -48,7 +48,9 @@ def feature_settings(features_dir: Path | None, clip_source: str | None, random_
                      ) -> FeatureSettings | None:
     """From the embed summary the model was trained on, with ``clip_source`` overriding its
     CLIP checkpoint; with no summary, defaults for ``clip_source``; with neither, no feature
-    graphs."""
+    graphs. The CLIP is rebuilt from its config only where the features were embedded so
+    (``built_from_config``; summaries older than that key meant it by ``random_weights``): a
+    checkpoint saved with random weights is loaded as saved, never re-randomised."""
     summary_path = features_dir / "embed_summary.json" if features_dir else None
     if summary_path is not None and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -58,7 +60,8 @@ def feature_settings(features_dir: Path | None, clip_source: str | None, random_
                               f"re-embed with truncation to export")
         views = ViewSpec.from_dict(summary["view_spec"])
         return FeatureSettings(clip_source or summary["clip"],
-                               random_init or bool(summary["random_weights"]),
+                               random_init or bool(summary.get("built_from_config",
+                                                               summary["random_weights"])),
                                summary["fusion"], float(summary["tau"]), views)
     if clip_source is None:
         return None
@@ -104,7 +107,8 @@ def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
                  TEXT_GRAPH: eager.view_encoder(ViewFusion(extracted_as, settings.tau))}
     towers.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
     special = towers.special
-    info = {"clip": settings.clip_source, "random_weights": settings.random_init,
+    info = {"clip": settings.clip_source, "random_weights": towers.random_weights,
+            "built_from_config": settings.random_init,
             "fusion": settings.fusion, "graph_fusion": extracted_as,
             "tau": settings.tau, "views": list(settings.views.names),
             "view_spec": asdict(settings.views), "max_tokens": towers.max_tokens,
@@ -123,7 +127,7 @@ def export_features(settings: FeatureSettings, folder: Path,
     records = {}
     for spec in specs:
         log.info("exporting %s (CLIP %s%s)", spec.name, settings.clip_source,
-                 ", RANDOM weights" if settings.random_init else "")
+                 ", RANDOM weights" if info["random_weights"] else "")
         records[spec.name] = export_graph(spec, folder, options, fp16=options.fp16,
                                           fused=twins.get(spec.name))
     if options.uint8:

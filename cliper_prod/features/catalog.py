@@ -17,6 +17,7 @@ from typing import Iterator
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.items import Item, ItemError, ItemLimits, read_items
 from cliper_prod.features.parquet_catalog import arrow, read_parquet_items
+from cliper_prod.io import count_lines
 
 FORMATS = (".jsonl", ".parquet")  # the shard suffixes a catalog folder is searched for
 
@@ -59,10 +60,19 @@ class Catalog:
             arrow()  # a missing pyarrow is an option error now, not a crash mid-run
         return catalog
 
+    def record_count(self) -> int:
+        """About how many records the catalog holds, for a progress total: its JSONL lines
+        (blank ones included) and its Parquet rows (from the footers), without parsing."""
+        return sum(_parquet_rows(f) if is_parquet(f) else count_lines(f) for f in self.files)
+
     def shard_name(self, file: Path) -> str | None:
         """How records name their shard: the path under the catalog folder (None for one
         file)."""
         return None if file == self.root else file.relative_to(self.root).as_posix()
+
+
+def _parquet_rows(path: Path) -> int:
+    return arrow()[1].ParquetFile(path).metadata.num_rows
 
 
 def _shards(folder: Path, suffix: str) -> list[Path]:

@@ -21,6 +21,9 @@ from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
 from cliper_prod.messages import first_line
 
+#: a key of a checkpoint's config.json saying that its saved weights are random
+RANDOM_WEIGHTS_KEY = "cliper_random_weights"
+
 
 class ImageTower(nn.Module):
     """pixel_values [B, 3, H, W] -> image embedding [B, D]."""
@@ -99,7 +102,7 @@ class ClipTowers:
         hf_logging.disable_progress_bar()  # this package draws its own progress
         hf_logging.set_verbosity_error()
         self.source = str(source)
-        self.random_init = random_init
+        self.random_init = random_init  # built from the config here (seed 0), not loaded
         try:
             if random_init:  # a config-only folder: realistic shapes, random weights
                 torch.manual_seed(0)
@@ -119,6 +122,11 @@ class ClipTowers:
                                                       crop=model.config.vision_config.image_size))
         self.max_tokens = int(model.config.text_config.max_position_embeddings)
         self.dim = int(model.config.projection_dim)
+        #: the weights are random: built here, or a checkpoint saved with random weights (the
+        #: demo's tiny CLIP, marked in its config by :func:`~cliper_prod.features.tiny_clip.
+        #: build_tiny_clip`)
+        self.random_weights = random_init or bool(getattr(model.config, RANDOM_WEIGHTS_KEY,
+                                                          False))
         self.device = torch.device(device)
         self.image_tower = ImageTower(model).eval().to(self.device)
         self.text_tower = TextTower(model).eval().to(self.device)

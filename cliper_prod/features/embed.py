@@ -80,7 +80,8 @@ class Encoder(Protocol):
     """What the pipeline needs from a CLIP backend (PyTorch towers or an ONNX bundle)."""
 
     source: str
-    random_init: bool
+    random_init: bool  # built from a config at load (PyTorch only): export rebuilds it so
+    random_weights: bool  # the weights are random (built so, or saved so): the features are not
     max_tokens: int
     dim: int
     preprocess: ClipImagePreprocessor
@@ -289,7 +290,8 @@ def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: Shard
     preprocess = pipeline_preprocess(encoder, options)
     errors = ItemErrors(catalog.root, options.strict)
     writer = ShardWriter(store, errors, options)
-    bar = progress_bar(desc="embed", unit="item", enabled=progress, initial=len(seen))
+    bar = progress_bar(desc="embed", unit="item", enabled=progress, initial=len(seen),
+                       total=catalog.record_count() if progress else None)
     decoding: deque[tuple[list[Item], list[Future]]] = deque()
     running: deque[tuple[PreparedBatch, Future]] = deque()
 
@@ -423,7 +425,8 @@ def write_outputs(out_dir: Path, store: ShardStore, encoder: Encoder, options: E
         "kept_with_fallback": len(totals["errors"]) - skipped,
         "truncated_items": totals["truncated_items"],
         "long_text": "chunk-and-sum" if options.chunk_long_text else "truncate",
-        "clip": encoder.source, "random_weights": encoder.random_init,
+        "clip": encoder.source, "random_weights": encoder.random_weights,
+        "built_from_config": encoder.random_init,
         "max_tokens": encoder.max_tokens, "dim": dim, "fusion": options.fusion,
         "tau": options.tau, "views": list(options.views.names),
         "view_spec": asdict(options.views), "out_format": options.out_format,

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from cliper_prod.features.clip_towers import RANDOM_WEIGHTS_KEY
 from cliper_prod.features.image_preprocess import CLIP_MEAN, CLIP_STD
 
 SPECIALS = ["<|startoftext|>", "<|endoftext|>", "[UNK]"]
@@ -49,7 +50,7 @@ def build_tiny_clip(folder: Path, texts: Iterable[str], image_size: int = 32, di
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **layers),
         vision_config=dict(image_size=image_size, patch_size=8, **layers),
-        projection_dim=dim)
+        projection_dim=dim, **{RANDOM_WEIGHTS_KEY: True})
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     CLIPModel(config).save_pretrained(folder)

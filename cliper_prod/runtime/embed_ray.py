@@ -151,7 +151,8 @@ def ray_runner(bundle_dir: Path, settings: RaySettings):
             ray.init(address=settings.address, include_dashboard=False, log_to_driver=False)
         try:
             bar = progress_bar(desc="embed (ray)", unit="item", enabled=progress,
-                               initial=len(resume_point(store)[1]), total=None)
+                               initial=len(resume_point(store)[1]),
+                               total=catalog.record_count() if progress else None)
             stream = _stream(ray, units, catalog.root, encoder, options, bundle_dir, settings,
                              progress)
             try:

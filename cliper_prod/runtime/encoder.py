@@ -36,7 +36,8 @@ class OnnxEncoder:
             bundle.graph_file(name, precision, chosen)
         self.source = (f"{bundle.folder} ({info['clip']}, {precision}, "
                        f"{'/'.join(sorted(set(self.variants.values())))})")
-        self.random_init = bool(info["random_weights"])
+        self.random_weights = bool(info["random_weights"])
+        self.random_init = False  # the graphs hold their weights; nothing is built at load
         self.max_tokens = int(info["max_tokens"])
         self.dim = int(info["dim"])
         self.fusion = info["fusion"]
