@@ -25,6 +25,7 @@ from cliper_prod import __version__
 from cliper_prod.bundle_format import MANIFEST_HASH
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.recommender import Recommender
+from cliper_prod.runtime.sessions import OrtThreads
 from cliper_prod.serving.metrics import ServiceMetrics
 from cliper_prod.serving.readiness import ReadinessProbe
 
@@ -71,6 +72,13 @@ class ServeSettings(BaseModel):
     embed_batch_size: int = Field(64, ge=1, description="As `cliper-prod embed --batch-size`.")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray's num_gpus per replica (Ray "
                                     "hides GPUs from the others).")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="CLIP graphs /embed runs (auto: int8 on the CPU where the export "
+                            "measured it faster, else fp32).")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of each "
+                                  "session of this process (0: ORT's default, every core).")
+    inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: "
+                                  "ORT's default).")
 
 
 class Service:
@@ -83,11 +91,12 @@ class Service:
     def __init__(self, settings: ServeSettings, metrics: ServiceMetrics, batch: Batcher, *,
                  engine: dict, replica: str) -> None:
         self.settings, self.metrics, self.engine, self.replica = settings, metrics, engine, replica
-        bundle = Bundle(Path(settings.bundle), settings.provider)
+        bundle = Bundle(Path(settings.bundle), settings.provider,
+                        threads=OrtThreads(settings.intra_op_threads, settings.inter_op_threads))
         self.manifest = bundle.manifest
         self.recommender = Recommender(
             bundle, image_root=Path(settings.image_root) if settings.image_root else None,
-            embed_batch_size=settings.embed_batch_size)
+            embed_batch_size=settings.embed_batch_size, precision=settings.precision)
         self.ranker = self.recommender.ranker
         self.providers = self._live_providers()  # with cuda, Bundle.graph refused CPU ones
         self.readiness = ReadinessProbe(self.ranker.rank)
