@@ -20,12 +20,9 @@ import torch
 from torch import nn
 
 from cliper_prod.errors import ExportError
+from cliper_prod.export.parity import parity, within
 from cliper_prod.messages import first_line
 
-FP32_BOUND = {"min_cosine": 0.99999, "max_abs": 1e-4}
-FP16_BOUND = {"min_cosine": 0.999, "max_abs": None}
-INT8_BOUND = {"min_cosine": 0.99, "max_abs": None}
-BOUNDS = {"fp32": FP32_BOUND, "fp16": FP16_BOUND, "int8": INT8_BOUND}
 #: How the int8 twins are quantised (recorded in the manifest): weights int8 per output
 #: channel, activations quantised per run (no calibration data needed); MatMul/Gemm are every
 #: projection and MLP. The fused graphs' Attention op is left in fp32: its quantised form
@@ -188,30 +185,6 @@ def export_torchscript(spec: GraphSpec, path: Path) -> None:
         module = (torch.jit.script(spec.module) if spec.script else
                   torch.jit.trace(spec.module, spec.sample, check_trace=False))
         module.save(str(path))
-
-
-def parity(reference: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> dict[str, float]:
-    """Worst row over all float outputs: cosine and max abs error after unit-normalising rows."""
-    cosines, errors = [1.0], [0.0]
-    for ref, out in zip(reference, got):
-        if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        ref = ref.reshape(len(ref), -1).astype(np.float64)
-        out = out.reshape(len(out), -1).astype(np.float64)
-        finite = np.isfinite(ref)
-        if not np.array_equal(finite, np.isfinite(out)):
-            return {"min_cosine": -1.0, "max_abs": float("inf")}
-        ref, out = np.where(finite, ref, 0.0), np.where(finite, out, 0.0)
-        ref_n = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)
-        out_n = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        cosines.append(float((ref_n * out_n).sum(1).min()))
-        errors.append(float(np.abs(ref_n - out_n).max()))
-    return {"min_cosine": min(cosines), "max_abs": max(errors)}
-
-
-def within(stats: dict[str, float], bound: dict[str, Any]) -> bool:
-    return stats["min_cosine"] >= bound["min_cosine"] and (
-        bound["max_abs"] is None or stats["max_abs"] <= bound["max_abs"])
 
 
 def verify(name: str, reference: Sequence[np.ndarray], run: Callable[[], Sequence[np.ndarray]],

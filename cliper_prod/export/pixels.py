@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from cliper_prod.bundle_format import UINT8, UINT8_INPUT, uint8_key
-from cliper_prod.export.graphs import BOUNDS, GraphSpec, torch_outputs, verify
+from cliper_prod.export.graphs import GraphSpec, torch_outputs, verify
+from cliper_prod.export.parity import BOUNDS
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 
 PARITY_IMAGES = 5  # random uint8 images the twins are verified on

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from cliper_prod.bundle_format import FUSED, INT8, PLAIN, file_key, graph_file
-from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, INT8_BOUND,
-                                       INT8_QUANTIZATION, GraphSpec, export_onnx,
-                                       export_torchscript, feeds, optimize_clip, parity, to_fp16,
-                                       to_int8, torch_outputs, verify, within)
+from cliper_prod.export.graphs import (DEFAULT_OPSET, INT8_QUANTIZATION, GraphSpec,
+                                       export_onnx, export_torchscript, feeds, optimize_clip,
+                                       to_fp16, to_int8, torch_outputs, verify)
+from cliper_prod.export.parity import FP16_BOUND, FP32_BOUND, INT8_BOUND, parity, within
 
 log = logging.getLogger(__name__)
 
