@@ -161,7 +161,7 @@ def jpeg_catalog(exported: dict[str, Path], tmp_path_factory) -> Path:
 def embed(items: Path, bundle: Path, out: Path, *args: str) -> dict:
     res = CliRunner().invoke(cli, ["embed", str(items), "--bundle", str(bundle), "--out",
                                    str(out), "--quiet", "--save-views", "--batch-size", "3",
-                                   *args])
+                                   "--precision", "fp32", *args])
     assert res.exit_code == 0, res.output
     return json.loads((out / "embed_summary.json").read_text())
 

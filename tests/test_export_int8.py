@@ -197,3 +197,35 @@ def test_serve_gives_each_local_worker_a_share_of_the_cores(exported: dict[str, 
         assert (seen[-1].intra_op_threads, seen[-1].inter_op_threads) == (intra, inter), extra
     assert seen[-1].precision == "int8"
     assert cores_per_worker(1) == 0 and cores_per_worker(10 * cores) == 1
+
+
+@pytest.mark.parametrize("bound, written", [(0.99, True), (1.01, False)])
+def test_an_int8_twin_missing_its_bound_is_left_out(tmp_path: Path, monkeypatch,
+                                                    bound: float, written: bool) -> None:
+    """A small MLP through export_graph: int8 kept within the bound, deleted (and recorded as
+    missed, the fp32 graph kept) past it."""
+    import torch
+
+    import cliper_prod.export.verified_graph as verified_graph
+    from cliper_prod.export.graphs import GraphSpec
+    from cliper_prod.export.verified_graph import GraphOptions, export_graph
+
+    monkeypatch.setattr(verified_graph, "INT8_BOUND", {"min_cosine": bound, "max_abs": None})
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
+                                 torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(8, 32)
+    spec = GraphSpec("mlp", module, (x[:2],), (x,), ["x"], ["y"])
+    record = export_graph(spec, tmp_path, GraphOptions(torchscript=False), fp16=False,
+                          int8=True)
+    assert record["int8"]["written"] is written
+    assert ("int8" in record["files"]) is written
+    assert (tmp_path / "mlp.int8.onnx").exists() is written
+    assert (tmp_path / "mlp.onnx").exists() and "fp32" in record["files"]
+    if written:
+        got = ort.InferenceSession(str(tmp_path / "mlp.int8.onnx")).run(None, {"x": x.numpy()})
+        assert_parity(module(x).detach().numpy(), got[0], INT8)
+        assert set(record["int8"]["preferred"][CPU]) == {"plain"}
+    else:
+        assert record["int8"]["missed"]["plain"]["min_cosine"] < 1.01
+        assert "onnx_int8" not in record["parity"]
