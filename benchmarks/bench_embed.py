@@ -28,7 +28,7 @@ from PIL import Image
 from _report import report
 
 from cliper_prod import __version__
-from cliper_prod.export.bundle_writer import write_manifest
+from cliper_prod.export.bundle_files import write_manifest
 from cliper_prod.export.feature_graphs import FeatureSettings, export_features
 from cliper_prod.export.verified_graph import GraphOptions
 from cliper_prod.features.clip_towers import ClipTowers

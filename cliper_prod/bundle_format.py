@@ -50,6 +50,12 @@ GPU_FORM = "gpu"
 #: (a quarter of the bytes to move to a GPU); one per plain/fused graph and precision.
 UINT8 = "uint8"
 UINT8_INPUT = "pixels"
+#: Dynamically quantised int8 twins of the CLIP graphs (files key ``int8``, ``fused.int8``;
+#: record ``int8`` with the quantiser settings, the parity bound and the CPU latency against
+#: fp32 that makes ``auto`` pick them). Optional: bundles before them, or ``--no-int8``.
+INT8 = "int8"
+#: The precisions a CLIP graph may be written in (``auto`` at run time picks one).
+PRECISIONS = ("fp32", "fp16", INT8)
 
 
 def sha256_file(path: Path) -> str:

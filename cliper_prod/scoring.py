@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-#: Score of padding items: below every real score, above the -inf of excluded items.
-FLOOR = -3.0e38
+from cliper_prod.topk_layout import FLOOR, chunked_table
 
 
 class TopKScorer(nn.Module):
@@ -36,15 +35,9 @@ class TopKScorer(nn.Module):
         self.chunk = int(min(chunk_items, n_items))
         self.per_chunk = min(self.k, self.chunk + 1)  # spare column: ranks last, dropped
         self.floor = FLOOR
-        n_chunks = -(-n_items // self.chunk)
-        rows = torch.zeros(n_chunks * self.chunk, dim + 1)
-        rows[:n_items, :dim] = item_emb.detach().float()
-        rows[n_items:, dim] = FLOOR  # padding items
-        spare = torch.zeros(n_chunks, 1, dim + 1)
-        spare[..., dim] = FLOOR  # the column exclusions outside the chunk land in
-        table = torch.cat([rows.reshape(n_chunks, self.chunk, dim + 1), spare], dim=1)
-        self.register_buffer("chunks", table.transpose(1, 2).contiguous())
-        self.register_buffer("firsts", torch.arange(n_chunks) * self.chunk)
+        table = chunked_table(item_emb.detach().float().cpu().numpy(), self.chunk)
+        for name, array in table.items():  # "chunks", "firsts": names the graph keeps
+            self.register_buffer(name, torch.from_numpy(array))
 
     def forward(self, queries: Tensor, exclude_rows: Tensor, exclude_items: Tensor
                 ) -> tuple[Tensor, Tensor]:

@@ -54,7 +54,8 @@ def test_fused_graphs_hold_one_attention_node_per_layer(exported: dict[str, Path
     for key, bound in (("onnx_fused_fp32", FP32), ("onnx_fused_fp16", FP16)):
         assert record["parity"][key]["min_cosine"] >= bound["min_cosine"]
     cpu = record["fused"]["latency_ms"]["CPUExecutionProvider"]
-    assert set(cpu) == {"fp32", "fp16"} and all(set(v) == {"plain", "fused"} for v in cpu.values())
+    assert set(cpu) == {"fp32", "fp16", "int8"} and all(set(v) == {"plain", "fused"}
+                                                        for v in cpu.values())
     preferred = record["fused"]["preferred"]["CPUExecutionProvider"]
     assert preferred == {p: min(ms, key=ms.get) for p, ms in cpu.items()}
 
@@ -122,7 +123,7 @@ def test_runtime_picks_the_variant(record: dict, provider: str, precision: str, 
 def test_encoder_follows_the_manifest_and_can_be_overridden(exported: dict[str, Path]) -> None:
     bundle = Bundle(exported["bundle"], "cpu")
     graphs = bundle.manifest["graphs"]
-    encoder = OnnxEncoder(bundle)
+    encoder = OnnxEncoder(bundle, "fp32")
     assert encoder.variants == {
         name: graphs[name]["fused"]["preferred"]["CPUExecutionProvider"]["fp32"]
         for name in TOWERS}
@@ -136,13 +137,15 @@ def test_encoder_follows_the_manifest_and_can_be_overridden(exported: dict[str, 
 
 def test_bundle_without_fused_graphs_still_loads(exported: dict[str, Path],
                                                  tmp_path: Path) -> None:
-    """A bundle written before the fused graphs existed runs its plain graphs."""
+    """A bundle written before the fused graphs (and the int8 ones) existed runs its plain
+    graphs."""
     old = tmp_path / "bundle"
     shutil.copytree(exported["bundle"], old)
     data = manifest(old)
     for record in data["graphs"].values():
         record.pop("fused", None)
-        for key in [k for k in record["files"] if k.startswith("fused.")]:
+        record.pop("int8", None)
+        for key in [k for k in record["files"] if k.startswith("fused.") or "int8" in k]:
             name = record["files"].pop(key)
             (old / name).unlink()
             del data["files"][name]

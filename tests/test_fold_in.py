@@ -218,7 +218,7 @@ def test_add_items_from_jsonl_equals_embed_then_add_features(trained, exported,
     assert res.exit_code == 0, res.output
     assert "skipped" in res.output  # the bad line is reported as embed reports it
     res = run("embed", items, "--bundle", trained["freedom"], "--out", tmp_path / "feats",
-              "--quiet")
+              "--quiet", "--precision", "fp32")  # add-items embeds in fp32
     assert res.exit_code == 0, res.output
     res = run("add-items", "--bundle", trained["freedom"], "--features", tmp_path / "feats",
               "--out", tmp_path / "via-features")

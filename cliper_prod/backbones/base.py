@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from cliper_prod.device import CPU
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.errors import ConfigError
+from cliper_prod.fold_in_state import FoldInState  # noqa: F401  (the backbones import it from here)
 from cliper_prod.features.fusion import TRAINED_FUSIONS
 
 
@@ -70,19 +70,6 @@ def trained_features(data: InteractionData, names: Iterable[str] | None = None
     # pairs, not a dict: ParameterDict sorts a plain dict's keys
     return nn.ParameterDict([(m, nn.Parameter(t.clone()))
                              for m, t in feature_tensors(data, names).items()])
-
-
-@dataclass(frozen=True)
-class FoldInState:
-    """What a bundle needs to place new users and items without retraining: the rules'
-    names (:mod:`cliper_prod.runtime.fold_in`, where they are defined), their parameters and
-    the arrays they read. A rule of ``None`` is refused with ``params['no_user_rule']`` /
-    ``params['no_item_rule']`` as the reason."""
-
-    user_rule: str | None
-    item_rule: str | None
-    params: dict[str, Any] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 NO_ITEM_GRAPH = ("it has no item graph, so an item without interactions has no "

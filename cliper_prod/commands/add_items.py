@@ -26,7 +26,7 @@ from cliper_prod.commands.common import provider_option, quiet_option, strict_op
               help="JSON Lines record of each item not added (file, line or row, item_id, "
                    "action, reason) [default: OUT.errors.jsonl beside OUT].")
 @provider_option()
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which CLIP graphs embed --items.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Items encoded per model call (--items).")

@@ -15,6 +15,7 @@ from cliper_prod.fusion_modes import FUSION_MODES, FUSION_NAMES
 
 if TYPE_CHECKING:  # the command imports its work only when it runs
     from cliper_prod.features.embed import EmbedOptions, Encoder, Runner
+    from cliper_prod.runtime.sessions import OrtThreads
     from cliper_prod.features.views import ViewSpec
 
 #: Options a bundle fixes at export: giving one with --bundle is an error, not ignored.
@@ -42,6 +43,8 @@ class EmbedArgs:
     device: str
     provider: str | None
     precision: str
+    intra_op_threads: int
+    inter_op_threads: int
     strict: bool
     resume: bool
     shard_items: int
@@ -78,6 +81,11 @@ class EmbedArgs:
         if self.provider is not None and self.bundle_dir is None:
             raise ConfigError("--provider chooses ONNX Runtime's provider for --bundle; with "
                               "--clip the model runs on --device")
+        onnx_only = [f"--{name.replace('_', '-')}" for name in
+                     ("precision", "intra_op_threads", "inter_op_threads") if name in given]
+        if onnx_only and self.bundle_dir is None:
+            raise ConfigError(f"{', '.join(onnx_only)}: for --bundle's ONNX Runtime sessions; "
+                              f"--clip runs PyTorch")
         if self.use_ray and self.bundle_dir is None:
             raise ConfigError("--ray runs the exported ONNX graphs: export a bundle "
                               "(`cliper-prod export --clip ...`) and pass --bundle")
@@ -95,7 +103,8 @@ class EmbedArgs:
             from cliper_prod.runtime.bundle_reader import Bundle
             from cliper_prod.runtime.encoder import OnnxEncoder
 
-            encoder = OnnxEncoder(Bundle(self.bundle_dir, self.onnx_provider), self.precision)
+            encoder = OnnxEncoder(Bundle(self.bundle_dir, self.onnx_provider,
+                                         threads=self.threads), self.precision)
             views, fusion, tau = encoder.views, encoder.fusion, encoder.tau
         else:
             from cliper_prod.device import resolve_device
@@ -132,6 +141,12 @@ class EmbedArgs:
         there)."""
         return self.provider or self.device
 
+    @property
+    def threads(self) -> OrtThreads:
+        from cliper_prod.runtime.sessions import OrtThreads
+
+        return OrtThreads(self.intra_op_threads, self.inter_op_threads)
+
     def runner(self) -> Runner | None:
         """The Ray Data runner with --ray; None runs in this process."""
         if not self.use_ray:
@@ -140,7 +155,7 @@ class EmbedArgs:
 
         return ray_runner(self.bundle_dir, RaySettings(self.address, self.ray_actors,
                                                        self.onnx_provider, self.precision,
-                                                       self.gpus_per_actor))
+                                                       self.gpus_per_actor, self.threads))
 
 
 _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
@@ -184,8 +199,17 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
                "--provider. auto: the GPU when one is usable.")
 @click.option("--provider", type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider of --bundle's sessions [default: --device].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32",
-              show_default=True, help="Which exported graphs to run (--bundle only).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+              default="auto", show_default=True,
+              help="Which exported CLIP graphs to run (--bundle only). auto: int8 on the CPU "
+                   "where the export measured it faster than fp32, else fp32; a precision the "
+                   "bundle lacks is refused.")
+@click.option("--intra-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime threads per operator of --bundle's sessions (per Ray actor "
+                   "with --ray); 0: ORT's own, every core.")
+@click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime threads running independent operators side by side (--bundle "
+                   "only); 0: ORT's own.")
 @strict_option(False, "fail (exit 3) at the first item error; nothing is written.",
                "list each bad item in errors.jsonl and go on.")
 @click.option("--resume", is_flag=True,

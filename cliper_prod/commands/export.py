@@ -42,16 +42,20 @@ from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option, quiet_
 @click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
 @click.option("--no-fused", is_flag=True,
               help="Skip the ONNX Runtime-optimized (fused attention) CLIP graphs.")
+@click.option("--no-int8", is_flag=True,
+              help="Skip the dynamically quantised int8 CLIP graphs (kept where they are within "
+                   "cosine 0.99 of PyTorch; run on the CPU by default where they measured "
+                   "faster).")
 @quiet_option("No progress (bar or log lines).")
 def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
             candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
             no_fp16: bool,
-            no_torchscript: bool, no_fused: bool, quiet: bool) -> None:
+            no_torchscript: bool, no_fused: bool, no_int8: bool, quiet: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
     The bundle holds the top-K graph over the final embedding tables (training items
-    excluded), the CLIP image tower and the text+fusion graph (fp32 and fp16), the tokenizer,
+    excluded), the CLIP image tower and the text+fusion graph (fp32, fp16, int8), the tokenizer,
     the id maps, and manifest.json with versions, hashes and the parity measured against
     PyTorch. Export fails if any graph misses the parity bounds.
     """
@@ -63,7 +67,7 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,
                            torchscript=not no_torchscript, fused=not no_fused,
                            gpu_form=not no_gpu_form, candidates=candidates,
-                           candidate_blocks=candidate_blocks)
+                           candidate_blocks=candidate_blocks, int8=not no_int8)
     manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip_source=clip_source,
                              random_init=random_init, data_dir=data_dir, options=options,
                              progress=not quiet)

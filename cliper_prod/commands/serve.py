@@ -71,6 +71,17 @@ ENGINE_ONLY = {"local": ("workers",),
 @click.option("--reload-poll-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="How often each worker or replica looks for a new bundle at --bundle (a "
                    "link switched to a new folder) and swaps it in; 0: never.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]),
+              default="auto", show_default=True,
+              help="CLIP graphs /embed runs. auto: int8 on the CPU where the export measured it "
+                   "faster than fp32, else fp32; a precision the bundle lacks is refused.")
+@click.option("--intra-op-threads", type=click.IntRange(min=0),
+              help="ONNX Runtime threads per operator in each worker (replica) [default: the "
+                   "CPUs // --workers with several local workers, else ORT's own: every core; "
+                   "0: ORT's own].")
+@click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ONNX Runtime threads running independent operators side by side in each "
+                   "worker (0: ORT's own).")
 @click.option("--startup-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0,
               show_default=True,
               help="Time for the workers (local) or Ray Serve's proxy and the replicas (ray) to "
@@ -79,7 +90,8 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
             address: str | None, provider: str, image_root: Path | None, no_batching: bool,
             max_batch_size: int, batch_wait_ms: float | None, max_request_bytes: int,
             gpus_per_replica: float | None, read_timeout_s: float, metrics_port: int | None,
-            print_config: bool, reload_poll_s: float, startup_timeout_s: float) -> None:
+            print_config: bool, reload_poll_s: float, precision: str,
+            intra_op_threads: int | None, inter_op_threads: int, startup_timeout_s: float) -> None:
     """Serve a bundle over HTTP: POST /topk, POST /similar, POST /embed, GET /healthz,
     GET /metadata (OpenAPI schema at /openapi.json; GET /metrics with --engine local). Stops
     cleanly on Ctrl-C or SIGTERM, draining the requests in flight; swaps in a new bundle found
@@ -88,7 +100,12 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
     from cliper_prod.runtime.bundle_reader import Bundle
     from cliper_prod.serving.service import ServeSettings
 
-    Bundle(bundle_dir, provider)  # a broken bundle fails here, with its exit code
+    from cliper_prod.runtime.sessions import cores_per_worker
+
+    # a broken bundle, or one without the --precision asked for, fails here, with its exit code
+    Bundle(bundle_dir, provider).check_precision(precision)
+    if intra_op_threads is None:
+        intra_op_threads = cores_per_worker(workers) if engine == "local" else 0
     if image_root is not None and not image_root.is_dir():
         raise ConfigError(f"--image-root {image_root}: not a folder")
     if engine == "ray" and gpus_per_replica is None:
@@ -103,7 +120,9 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
                              max_request_bytes=max_request_bytes,
                              read_timeout_s=read_timeout_s,
                              gpus_per_replica=gpus_per_replica or 0.0,
-                             reload_poll_s=reload_poll_s)
+                             reload_poll_s=reload_poll_s, precision=precision,
+                             intra_op_threads=intra_op_threads,
+                             inter_op_threads=inter_op_threads)
     if engine == "local":
         _serve_locally(settings, bundle_dir, workers=workers, host=host, port=port,
                        startup_timeout_s=startup_timeout_s)

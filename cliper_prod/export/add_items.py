@@ -3,7 +3,8 @@
 Each new item is embedded with the bundle's own CLIP graphs (or its features are read from an
 ``embed`` folder), placed in the model's item graph by the backbone's fold-in rule
 (:mod:`cliper_prod.runtime.fold_in`), and a new verified bundle is written by
-:func:`~cliper_prod.export.bundle_writer.extend_bundle`; the source bundle is never changed.
+:func:`~cliper_prod.export.extended_bundle.extend_bundle` (with torch or without: embedding runs
+the bundle's ONNX graphs, placing is numpy); the source bundle is never changed.
 An item that cannot be added is that item's record, naming the user's own file and line (row),
 as in ``embed``; the others are added (see :func:`add_items`).
 """
@@ -17,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliper_prod.backbones.base import FoldInState
+from cliper_prod.fold_in_state import FoldInState
 from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
-from cliper_prod.export.bundle_writer import extend_bundle
+from cliper_prod.export.extended_bundle import check_writable, extend_bundle
 from cliper_prod.features.catalog import Catalog, read_catalog
 from cliper_prod.features.embed import EmbedOptions, check_catalog, embed_catalog
 from cliper_prod.features.feature_folder import IDS_FILE, ItemProblem, read_feature_folder
@@ -127,6 +128,7 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     errors_file = errors_file or errors_file_for(out)
     check_out(bundle_dir, out)
     check_output(errors_file, "file", "--errors")
+    check_writable()
     if items is not None:
         check_catalog(items, out)  # the work folder beside --out must not be read as a shard
     bundle = Bundle(bundle_dir, provider)

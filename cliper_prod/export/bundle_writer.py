@@ -8,8 +8,9 @@ Contents (see export/README.md for the format):
   text_fusion[.fp16].onnx / .pt      views [B, V, L] + image embedding -> fused text, similarity,
                                      image feature, view embeddings
   <clip graph>.fused[.fp16].onnx     the same, rewritten by ONNX Runtime's transformer optimizer
-  image_encoder.uint8[.fused][.fp16].onnx  each image graph taking uint8 pixels [B, 3, H, W],
-                                     normalised inside the graph (export/pixels.py)
+  <clip graph>[.fused].int8.onnx     the same, dynamically quantised to int8 (MatMul weights)
+  image_encoder.uint8[.fused][.fp16|.int8].onnx  each image graph taking uint8 pixels
+                                     [B, 3, H, W], normalised inside the graph (export/pixels.py)
   tokenizer.json                     the CLIP tokenizer (read by the `tokenizers` library)
   manifest.json                      versions, IO specs, view settings, hashes, parity figures
 Each graph is written and verified by :func:`~.verified_graph.export_graph`, the CLIP graphs by
@@ -19,36 +20,28 @@ Each graph is written and verified by :func:`~.verified_graph.export_graph`, the
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from functools import partial
 from itertools import takewhile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from cliper_prod import __version__
-from cliper_prod.backbones.base import FoldInState
-from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, GPU_FORM, HISTORY_INDPTR,
-                                       HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
-                                       MANIFEST_HASH, PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH,
-                                       USER_IDS, USER_TABLE, fold_in_file, graph_file,
-                                       manifest_hash, sha256_file)
+from cliper_prod.bundle_format import GPU_FORM, PLAIN, TOPK_GRAPH, graph_file
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
+from cliper_prod.export.bundle_files import (FeatureGraphs, ServedTables, copied_feature_graphs,
+                                             write_atomically, write_bundle_files)
+from cliper_prod.export.extended_bundle import Extension
 from cliper_prod.export.feature_graphs import export_features, feature_settings
 from cliper_prod.export.graphs import GraphSpec, export_onnx, feeds, torch_outputs
+from cliper_prod.export.parity import same_topk
 from cliper_prod.export.verified_graph import (CPU, GraphOptions, export_graph, preference,
                                                verified_onnx)
+from cliper_prod.fold_in_state import FoldInState
 from cliper_prod.histories import history_pairs, training_csr
-from cliper_prod.ids import read_ids, write_ids
-from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_json, write_npy
 from cliper_prod.progress import Progress, progress_bar
 from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
 
@@ -102,7 +95,7 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
     spec = topk_spec(scorer, cpu.check)
     path = folder / graph_file(TOPK_GRAPH, variant=GPU_FORM)
     export_onnx(spec, path, options.opset)
-    verified_onnx(spec, path, GPU_FORM, reference, False, _same_topk(*reference), record)
+    verified_onnx(spec, path, GPU_FORM, reference, False, same_topk(*reference), record)
     queries, rows, seen = cpu.check
     batches = {size: replace(cpu, check=(queries[:size], rows[rows < size], seen[rows < size]))
                for size in sorted({1, min(8, len(queries)), len(queries)})}
@@ -117,20 +110,6 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
                         "coarse": "fp16", "external_data": f"{path.name}.data", **measured,
                         "cpu_max_batch": max(takewhile(lambda size: preferred[str(size)] ==
                                                        GPU_FORM, sorted(batches)), default=0)}
-
-
-def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
-    """Indices must match wherever the reference scores are not tied."""
-    def check(outs) -> str | None:
-        items = outs[0]
-        differ = items != reference_items
-        if not differ.any():
-            return None
-        rows, cols = np.nonzero(differ)
-        tied = np.isclose(reference_scores[rows, cols], outs[1][rows, cols], rtol=1e-5,
-                          atol=1e-6)
-        return None if tied.all() else f"{int((~tied).sum())} top-K entries differ"
-    return check
 
 
 def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: str | None = None,
@@ -150,7 +129,7 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: st
     settings = feature_settings(data.features_dir, clip_source, random_init)
     tables = EmbeddingTables(*model.embedding_tables(), data.train, data.user_ids, data.item_ids)
     fold_in = model.fold_in_state(data)
-    return _write_atomically(out, lambda folder: _build(
+    return write_atomically(out, lambda folder: _build(
         folder, tables, options, payload["backbone"], data.name,
         features=lambda: export_features(settings, folder, options) if settings else None,
         fold_in=fold_in, progress=progress))
@@ -173,73 +152,31 @@ def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = 
                   ) -> dict[str, Any]:
     """A top-K bundle (no feature graphs) straight from embedding tables, no checkpoint: for
     tables trained elsewhere, and for catalogs too large to train here (benchmarks)."""
-    return _write_atomically(out, lambda folder: _build(folder, tables, options, backbone,
+    return write_atomically(out, lambda folder: _build(folder, tables, options, backbone,
                                                         dataset))
 
 
-def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[str],
-                  items: np.ndarray, fold_in: FoldInState, out: Path, progress: bool = False
-                  ) -> dict[str, Any]:
-    """A new bundle at ``out``: ``source`` (``manifest``: its manifest, as
-    :func:`~cliper_prod.bundle_format.read_manifest` checked it when the bundle was opened) with
-    the items ``item_ids`` (embeddings ``items``, placed by ``fold_in``, which holds the arrays
-    with them appended) added to its catalog, exported and verified as :func:`export_bundle`
-    does; ``source`` is not touched. The CLIP graphs and the tokenizer are copied with their
-    verified records. The top-K graph keeps the source's forms (the GPU form and its candidate
-    count only if the source has one)."""
-    topk = manifest["graphs"][TOPK_GRAPH]
-    tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
-    old_ids = read_ids(source / manifest["ids"]["items"], len(tables["items"]))
-    counts = np.diff(tables["history_indptr"])
+def extend_with_torch(extension: Extension, out: Path, progress: bool = False
+                      ) -> dict[str, Any]:
+    """``extension`` written to ``out`` as :func:`export_bundle` writes a bundle: the top-K
+    graph re-exported in the source's forms (the GPU form, its candidate count and the
+    TorchScript twin only if the source has them) and verified against PyTorch."""
+    manifest, topk = extension.manifest, extension.manifest["graphs"][TOPK_GRAPH]
+    tables = extension.tables
+    counts = np.diff(tables.history_indptr)
     train = np.stack([np.repeat(np.arange(len(counts)), counts),
-                      tables["history_items"].astype(np.int64)], 1)
-    user_ids = read_ids(source / manifest["ids"]["users"], len(tables["users"]))
-    embedding = EmbeddingTables(torch.from_numpy(tables["users"]),
-                                torch.from_numpy(np.concatenate([tables["items"], items])),
-                                train, user_ids, old_ids + list(item_ids))
+                      tables.history_items.astype(np.int64)], 1)
+    embedding = EmbeddingTables(torch.from_numpy(tables.users), torch.from_numpy(tables.items),
+                                train, tables.user_ids, tables.item_ids)
     options = GraphOptions(max_k=topk["k"], chunk_items=topk["chunk_items"],
                            opset=manifest["opset"], torchscript="torchscript" in topk["files"],
                            gpu_form=GPU_FORM in topk,
                            candidates=topk.get(GPU_FORM, {}).get("candidates_option"),
                            candidate_blocks=topk.get(GPU_FORM, {}).get("blocks_option", 1))
-    lineage = {"extended_from": {"created": manifest["created"],
-                                 "manifest_sha256": sha256_file(source / MANIFEST)},
-               "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}
-
-    def copy_features(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        if manifest.get("features") is None:
-            return None
-        records = {name: manifest["graphs"][name] for name in (IMAGE_GRAPH, TEXT_GRAPH)}
-        names = [f for r in records.values() for f in r["files"].values()] + [TOKENIZER]
-        for name in names:
-            shutil.copy2(source / name, folder / name)
-        return records, manifest["features"]
-
-    return _write_atomically(out, lambda folder: _build(
+    return write_atomically(out, lambda folder: _build(
         folder, embedding, options, manifest["backbone"], manifest["dataset"],
-        features=lambda: copy_features(folder), fold_in=fold_in, lineage=lineage,
-        progress=progress))
-
-
-def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``build`` in a temporary sibling of ``out`` (named as :mod:`cliper_prod.io` names
-    temporaries, so a killed run's is found), then swap it into place."""
-    check_output(out, "bundle")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=TEMP_SUFFIX, dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)  # mkdtemp makes it private; the bundle is an ordinary folder
-    try:
-        manifest = build(folder)
-        _replace_dir(folder, out)
-    finally:
-        if folder.exists():
-            shutil.rmtree(folder)
-    return manifest
-
-
-FeatureGraphs = Callable[[], "tuple[dict[str, Any], dict[str, Any]] | None"]
+        features=lambda: copied_feature_graphs(extension.source, manifest, folder),
+        fold_in=extension.fold_in, lineage=extension.lineage, progress=progress))
 
 
 def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbone: str | None,
@@ -268,70 +205,14 @@ def _build_steps(folder: Path, tables: EmbeddingTables, options: GraphOptions,
     log.info("exporting %s (%d users x %d items, K=%d)", spec.name, len(users), len(items),
              topk_info["k"])
     graphs[spec.name] = {**export_graph(spec, folder, options, fp16=False,
-                                         extra_check=_same_topk(ref_items, ref_scores)),
+                                         extra_check=same_topk(ref_items, ref_scores)),
                          **topk_info}
     bar.update(1)
     if options.gpu_form:
         _export_gpu_form(spec, items, folder, options, [ref_items, ref_scores],
                          graphs[spec.name])
         bar.update(1)
-    write_npy(folder / USER_TABLE, users.numpy())
-    write_npy(folder / ITEM_TABLE, items.numpy())
-    write_npy(folder / HISTORY_INDPTR, indptr)
-    write_npy(folder / HISTORY_ITEMS, history)
-    write_ids(folder / USER_IDS, tables.user_ids or range(len(users)))
-    write_ids(folder / ITEM_IDS, tables.item_ids or range(len(items)))
-    feature_graphs = features()
-    feature_info = None
-    if feature_graphs is not None:
-        records, feature_info = feature_graphs
-        graphs.update(records)
-    bar.update(1)
-    extra: dict[str, Any] = {"lineage": lineage} if lineage else {}
-    if fold_in is not None:
-        for name, array in fold_in.arrays.items():
-            write_npy(folder / fold_in_file(name), np.ascontiguousarray(array))
-        extra[FOLD_IN] = {"user_rule": fold_in.user_rule, "item_rule": fold_in.item_rule,
-                          "params": fold_in.params,
-                          "arrays": {name: fold_in_file(name) for name in fold_in.arrays}}
-    manifest = write_manifest(folder, graphs, feature_info, options.opset, backbone=backbone,
-                              dataset=dataset, extra=extra)
-    bar.update(1)
-    return manifest
-
-
-def write_manifest(folder: Path, graphs: dict[str, Any], features: dict[str, Any] | None,
-                   opset: int, backbone: str | None, dataset: str | None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Hash every file of ``folder`` and write ``manifest.json`` (last, once all is verified)."""
-    import onnx
-    import onnxruntime
-
-    files = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
-    manifest = {
-        "format_version": FORMAT_VERSION, "cliper_prod": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": backbone, "dataset": dataset,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
-        "opset": opset, "graphs": graphs, "features": features,
-        "ids": {"users": USER_IDS, "items": ITEM_IDS},
-        "tables": {"users": USER_TABLE, "items": ITEM_TABLE,
-                   "history_indptr": HISTORY_INDPTR, "history_items": HISTORY_ITEMS},
-        **(extra or {}),
-        "files": {name: sha256_file(folder / name) for name in files},
-    }
-    manifest[MANIFEST_HASH] = manifest_hash(manifest)
-    write_json(folder / MANIFEST, manifest)
-    return manifest
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Swap ``new`` into ``final``: readers see the old bundle or the new one, never a mix."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = final.with_name(f"{temp_prefix(final)}old{TEMP_SUFFIX}")
-    os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old)
+    return write_bundle_files(folder, graphs, ServedTables(
+        users.numpy(), items.numpy(), indptr, history, tables.user_ids, tables.item_ids),
+        options.opset, backbone, dataset, features=features, fold_in=fold_in, lineage=lineage,
+        bar=bar)

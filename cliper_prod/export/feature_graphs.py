@@ -129,7 +129,7 @@ def export_features(settings: FeatureSettings, folder: Path,
         log.info("exporting %s (CLIP %s%s)", spec.name, settings.clip_source,
                  ", RANDOM weights" if info["random_weights"] else "")
         records[spec.name] = export_graph(spec, folder, options, fp16=options.fp16,
-                                          fused=twins.get(spec.name))
+                                          fused=twins.get(spec.name), int8=options.int8)
     if options.uint8:
         add_uint8_twins(specs[0], folder, records[IMAGE_GRAPH],
                         ClipImagePreprocessor.from_dict(info["preprocess"]))

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from cliper_prod.bundle_format import UINT8, UINT8_INPUT, uint8_key
-from cliper_prod.export.graphs import FP16_BOUND, FP32_BOUND, GraphSpec, torch_outputs, verify
+from cliper_prod.export.graphs import GraphSpec, torch_outputs, verify
+from cliper_prod.export.parity import BOUNDS
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 
 PARITY_IMAGES = 5  # random uint8 images the twins are verified on
@@ -76,7 +77,7 @@ def add_uint8_twins(spec: GraphSpec, folder: Path, record: dict[str, Any],
         twin = folder / f"{spec.name}.{UINT8}.{name.removeprefix(spec.name + '.')}"
         with_uint8_input(folder / name, twin, preprocess.mean, preprocess.std)
         session = ort.InferenceSession(str(twin), providers=["CPUExecutionProvider"])
-        bound = FP16_BOUND if precision == "fp16" else FP32_BOUND
+        bound = BOUNDS[precision]
         twin_key = uint8_key(precision, variant)
         record["files"][twin_key] = twin.name
         record["parity"][f"onnx_{twin_key.replace('.', '_')}"] = verify(

@@ -1,8 +1,9 @@
-"""One module -> its ONNX graph (fp32, fp16, the optimizer's fused variant) and TorchScript
-twin, each verified against PyTorch before the bundle lists it.
+"""One module -> its ONNX graph (fp32, fp16, int8, the optimizer's fused variant) and
+TorchScript twin, each verified against PyTorch before the bundle lists it.
 
 Every graph of a bundle goes through :func:`export_graph`; its manifest record holds the files,
-their IO specs, the parity figures and, for a fused variant, the CPU latency that picks it.
+their IO specs, the parity figures and, for a fused variant and the int8 twins, the CPU latency
+that picks them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cliper_prod.bundle_format import FUSED, PLAIN, file_key, graph_file
-from cliper_prod.export.graphs import (DEFAULT_OPSET, FP16_BOUND, FP32_BOUND, GraphSpec,
+from cliper_prod.bundle_format import FUSED, INT8, PLAIN, file_key, graph_file
+from cliper_prod.export.graphs import (DEFAULT_OPSET, INT8_QUANTIZATION, GraphSpec,
                                        export_onnx, export_torchscript, feeds, optimize_clip,
-                                       to_fp16, torch_outputs, verify)
+                                       to_fp16, to_int8, torch_outputs, verify)
+from cliper_prod.export.parity import FP16_BOUND, FP32_BOUND, INT8_BOUND, parity, within
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ class GraphOptions:
         uint8: also write a uint8-pixel twin of each image graph file (export/pixels.py); each
             twin holds a full copy of its graph's weights, so the image graphs take twice the
             disk.
+        int8: also write dynamically quantised int8 twins of the CLIP graphs (each variant),
+            kept only within :data:`~.graphs.INT8_BOUND` of PyTorch, with their CPU latency
+            beside fp32's (``auto`` runs them on the CPU only where they measured faster).
     """
 
     max_k: int = 100
@@ -60,6 +65,7 @@ class GraphOptions:
     candidates: int | None = None
     candidate_blocks: int = 1
     uint8: bool = True
+    int8: bool = True
 
 
 def _io_spec(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -103,12 +109,13 @@ LATENCY_RUNS = 5  # timed runs of the verification batch per graph (after one wa
 
 
 def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: bool,
-                  extra_check=lambda outs: None, fused: nn.Module | None = None
-                  ) -> dict[str, Any]:
+                  extra_check=lambda outs: None, fused: nn.Module | None = None,
+                  int8: bool = False) -> dict[str, Any]:
     """Export one module in every requested form and verify each against PyTorch.
 
     ``fused``: the same module with eager attention, exported and optimized for the fused
     variant, which is verified against the same reference and timed against the plain one.
+    ``int8``: int8 twins of each variant (:func:`verified_onnx`), timed against fp32.
     """
     reference = torch_outputs(spec)
     fp32 = folder / graph_file(spec.name)
@@ -116,6 +123,8 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
     record: dict[str, Any] = {**_io_spec(fp32), "files": {}, "parity": {}}
     if spec.external_data:  # the exporter's name for it; hashed with every other file
         record["external_data"] = f"{fp32.name}.data"
+    if int8:
+        record[INT8] = {**INT8_QUANTIZATION, "bound": INT8_BOUND, "written": True}
     runs = {PLAIN: verified_onnx(spec, fp32, PLAIN, reference, fp16, extra_check, record)}
     if fused is not None:
         path = folder / graph_file(spec.name, variant=FUSED)
@@ -130,6 +139,12 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
                          "optimize_model(model_type='clip', opt_level=0)",
                          "layers": config.num_hidden_layers, "ops": ops, **preference(runs)}
         log.info("%s: fused %s; CPU prefers %s", spec.name, ops, record[FUSED]["preferred"][CPU])
+    if record.get(INT8, {}).get("written"):
+        record[INT8] |= preference({precision: {variant: by_precision[precision]
+                                                for variant, by_precision in runs.items()}
+                                    for precision in ("fp32", INT8)})
+        log.info("%s: int8 worst cosine %s; CPU prefers %s", spec.name,
+                 record["parity"]["onnx_int8"]["min_cosine"], record[INT8]["preferred"][CPU])
     if options.torchscript:
         script = folder / graph_file(spec.name, kind="pt")
         export_torchscript(spec, script)
@@ -142,7 +157,10 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
 
 def verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: bool,
                    extra_check, record: dict[str, Any]) -> dict[str, Callable]:
-    """Verify ``fp32`` (and its fp16 twin, written here), list both in ``record``; their runs."""
+    """Verify ``fp32`` (and its fp16 twin, written here), list both in ``record``; their runs.
+    With ``record[INT8]`` written so far (:func:`export_graph`), an int8 twin too: one that
+    misses :data:`INT8_BOUND` is deleted and its graph's int8 record says so (int8 is a speed
+    option; the export goes on without it)."""
     runs = {"fp32": _ort_run(fp32, spec)}
     checks = [("fp32", fp32, FP32_BOUND, extra_check)]
     if fp16:
@@ -150,6 +168,22 @@ def verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: bo
         to_fp16(fp32, half)
         runs["fp16"] = _ort_run(half, spec)
         checks.append(("fp16", half, FP16_BOUND, lambda outs: None))
+    if record.get(INT8, {}).get("written"):
+        quantized = fp32.with_name(graph_file(spec.name, INT8, variant=variant))
+        to_int8(fp32, quantized)
+        runs[INT8] = _ort_run(quantized, spec)
+        stats = parity(reference, runs[INT8]())
+        if within(stats, INT8_BOUND):
+            checks.append((INT8, quantized, INT8_BOUND, lambda outs: None))
+        else:
+            log.warning("%s: int8 %s misses its bound (%s, bound %s): no int8 twins", spec.name,
+                        variant, stats, INT8_BOUND)
+            record[INT8] = {**record[INT8], "written": False, "missed": {variant: stats}}
+            for key in [k for k in record["files"] if k.endswith(INT8)]:
+                (fp32.parent / record["files"].pop(key)).unlink()
+                record["parity"].pop(f"onnx_{key.replace('.', '_')}")
+            quantized.unlink()
+            del runs[INT8]
     for precision, path, bound, check in checks:
         key = file_key(precision, variant)
         record["files"][key] = path.name
@@ -160,9 +194,11 @@ def verified_onnx(spec: GraphSpec, fp32: Path, variant: str, reference, fp16: bo
 
 def preference(runs: dict[str, dict[str, Callable]]) -> dict[str, Any]:
     """Median CPU latency of each variant per precision (or any other key: the top-K forms are
-    keyed by batch size), interleaved; the faster is preferred."""
+    keyed by batch size, the int8 record's precisions by variant), interleaved; the faster is
+    preferred."""
     latency: dict[str, dict[str, float]] = {}
-    for precision in runs[PLAIN]:
+    for precision in [p for p in next(iter(runs.values()))
+                      if all(p in by_key for by_key in runs.values())]:
         variants = {variant: by_precision[precision] for variant, by_precision in runs.items()}
         times: dict[str, list[float]] = {variant: [] for variant in variants}
         for run in variants.values():

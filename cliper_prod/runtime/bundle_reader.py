@@ -4,6 +4,9 @@ A CLIP graph may come in two variants (plain, and fused by ONNX Runtime's optimi
 runs the one the manifest measured faster on the session's provider, fused on a provider the
 export did not measure (CUDA: the fused attention kernels are what the fusions are for), and
 plain for bundles written before fused graphs existed.
+
+A CLIP graph may also come in several precisions (fp32, fp16, int8); ``auto`` runs int8 on a
+provider where the export measured it faster than fp32 (only the CPU is measured), else fp32.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from cliper_prod.bundle_format import (FOLD_IN, FUSED, PLAIN, TOPK_GRAPH, VARIANTS, file_key,
-                                       read_manifest, uint8_key)
+from cliper_prod.bundle_format import (FOLD_IN, FUSED, IMAGE_GRAPH, INT8, PLAIN, PRECISIONS,
+                                       TEXT_GRAPH, TOPK_GRAPH, VARIANTS, file_key, read_manifest,
+                                       uint8_key)
 from cliper_prod.errors import BundleError, DataError, RuntimeSetupError
 from cliper_prod.ids import read_ids
 from cliper_prod.runtime.providers import choose_providers
-from cliper_prod.runtime.sessions import Graph
+from cliper_prod.runtime.sessions import Graph, OrtThreads
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,17 @@ def pick_variant(record: dict[str, Any], provider: str, precision: str = "fp32",
         return PLAIN
     measured = record.get(FUSED, {}).get("preferred", {}).get(provider, {})
     return measured.get(precision, FUSED)
+
+
+def pick_precision(record: dict[str, Any], provider: str, requested: str = "auto") -> str:
+    """The precision of one CLIP graph to run (see the module docstring); ``requested``
+    overrides."""
+    if requested not in ("auto", *PRECISIONS):
+        raise BundleError(f"precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested != "auto":
+        return requested
+    faster = record.get(INT8, {}).get("preferred", {}).get(provider, {})
+    return INT8 if faster.get(pick_variant(record, provider)) == INT8 else "fp32"
 
 
 def _shape(folder: Path, file: str) -> tuple[int, ...]:
@@ -59,6 +74,12 @@ def check_values(folder: Path, manifest: dict[str, Any]) -> None:
                 if variant not in VARIANTS or file_key(precision, variant) not in record["files"]:
                     problems.append(f"{name}: preferred {variant!r} {precision} variant on "
                                     f"{provider} is not in the bundle")
+        for provider, choice in record.get(INT8, {}).get("preferred", {}).items():
+            for variant, precision in choice.items():
+                if precision not in ("fp32", INT8) or variant not in VARIANTS or \
+                        file_key(precision, variant) not in record["files"]:
+                    problems.append(f"{name}: preferred {precision!r} precision of the "
+                                    f"{variant!r} variant on {provider} is not in the bundle")
     if problems:
         raise BundleError(f"{folder}: the bundle does not hold what its manifest says "
                           f"({'; '.join(problems)}); re-export it")
@@ -99,11 +120,13 @@ def _topk_problems(folder: Path, manifest: dict[str, Any], topk: dict[str, Any])
 
 class Bundle:
     """A bundle folder opened on one provider choice (:data:`~.providers.PROVIDERS`);
-    ``backbone``, when given, must be the one the bundle holds."""
+    ``backbone``, when given, must be the one the bundle holds; every session it opens has
+    ``threads``."""
 
-    def __init__(self, folder: Path, provider: str = "auto", backbone: str | None = None
-                 ) -> None:
+    def __init__(self, folder: Path, provider: str = "auto", backbone: str | None = None,
+                 threads: OrtThreads = OrtThreads()) -> None:
         self.folder = folder
+        self.threads = threads
         self.manifest: dict[str, Any] = read_manifest(folder)
         if backbone is not None and self.manifest["backbone"] != backbone:
             raise BundleError(f"{folder}: holds a {self.manifest['backbone']} model, not "
@@ -119,7 +142,8 @@ class Bundle:
         """A session of one graph; with ``cuda`` asked for, one that really runs on the GPU.
         Its output shapes must be those its manifest record gives (the top-K graph's K is
         its TopK constant, a CLIP graph's width its projection)."""
-        graph = Graph(self.graph_file(name, precision, variant, uint8), self.providers)
+        graph = Graph(self.graph_file(name, precision, variant, uint8), self.providers,
+                      self.threads)
         for spec, output in zip(self._record(name)["outputs"], graph.session.get_outputs()):
             if len(spec["shape"]) != len(output.shape) or any(
                     isinstance(a, int) and isinstance(b, int) and a != b
@@ -141,6 +165,22 @@ class Bundle:
         log.debug("%s %s: %s graph on %s", name, precision, chosen, self.providers[0])
         return chosen
 
+    def precision(self, name: str, requested: str = "auto") -> str:
+        """Which precision of ``name`` this bundle's provider runs (:func:`pick_precision`)."""
+        return pick_precision(self._record(name), self.providers[0], requested)
+
+    def check_precision(self, requested: str) -> None:
+        """Refuse a precision the bundle's CLIP graphs lack (or asked of a bundle without
+        them) before any session opens; ``auto`` always has one."""
+        if self.manifest.get("features") is None:
+            if requested != "auto":
+                raise BundleError(f"{self.folder}: precision {requested}: the bundle has no CLIP "
+                                  f"graphs (exported without --clip)")
+            return
+        for name in (IMAGE_GRAPH, TEXT_GRAPH):
+            precision = self.precision(name, requested)
+            self.graph_file(name, precision, self.variant(name, precision))
+
     def has_uint8(self, name: str, precision: str = "fp32", variant: str = PLAIN) -> bool:
         """Whether the export wrote a uint8-pixel twin of this graph (bundles before it did
         not)."""
@@ -152,8 +192,10 @@ class Bundle:
         key = uint8_key(precision, variant) if uint8 else file_key(precision, variant)
         files = self._record(name)["files"]
         if key not in files:
+            why = {INT8: "; the export writes int8 unless --no-int8 or its parity missed, "
+                         "see the manifest's int8 record"}.get(precision, "")
             raise BundleError(f"{self.folder}: no {key} variant of {name} (has "
-                              f"{sorted(k for k in files if k != 'torchscript')})")
+                              f"{sorted(k for k in files if k != 'torchscript')}){why}")
         return self.folder / files[key]
 
     def _record(self, name: str) -> dict[str, Any]:

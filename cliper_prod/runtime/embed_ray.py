@@ -40,6 +40,7 @@ from cliper_prod.features.catalog import Catalog, is_parquet, read_catalog
 from cliper_prod.features.items import Item, ItemLimits, reread_items
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.progress import progress_bar
+from cliper_prod.runtime.sessions import OrtThreads
 
 
 # Distinct CPU requests keep Ray Data from fusing the stages into one operator, so each stage
@@ -52,8 +53,9 @@ class RaySettings:
     address: str | None = None  # None: start a local Ray instance (or use the one running)
     actors: int | None = None  # encode actors; default: one per GPU, else one
     provider: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     gpus_per_actor: float | None = None  # Ray's num_gpus per encode actor; default: 1 with GPUs
+    threads: OrtThreads = OrtThreads()  # of each encode actor's sessions
 
     def actor_gpus(self, cluster_gpus: float) -> float:
         """What each encode actor asks Ray for: Ray hides GPUs from an actor asking for none."""
@@ -121,7 +123,8 @@ class _Encode:
         from cliper_prod.runtime.bundle_reader import Bundle
         from cliper_prod.runtime.encoder import OnnxEncoder
 
-        self.encoder = OnnxEncoder(Bundle(Path(bundle_dir), settings.provider), settings.precision)
+        self.encoder = OnnxEncoder(Bundle(Path(bundle_dir), settings.provider,
+                                          threads=settings.threads), settings.precision)
         self.options = options
 
     def __call__(self, row: dict) -> dict:

@@ -3,7 +3,9 @@
 Same interface as :class:`~cliper_prod.features.clip_towers.ClipTowers`, so ``embed --bundle``
 runs the exact pipeline and per-item policy of the PyTorch path. Token ids come from the
 bundle's ``tokenizer.json`` via the ``tokenizers`` library (no transformers, no torch). Each
-graph runs the variant (plain or fused) :meth:`Bundle.variant` picks for the session's provider.
+graph runs the precision (:meth:`Bundle.precision`: ``auto`` is int8 on the CPU where the export
+measured it faster, else fp32) and the variant (plain or fused, :meth:`Bundle.variant`) picked
+for the session's provider.
 uint8 pixels go to the image graph's uint8 twin where the bundle has one (normalisation in the
 graph; on the CPU its outputs equal the float graph's bit for bit, tests/test_decode_paths.py),
 and are normalised on the host for bundles exported before the twins.
@@ -25,16 +27,19 @@ from cliper_prod.runtime.sessions import Graph
 
 
 class OnnxEncoder:
-    def __init__(self, bundle: Bundle, precision: str = "fp32", variant: str = "auto") -> None:
+    def __init__(self, bundle: Bundle, precision: str = "auto", variant: str = "auto") -> None:
         from tokenizers import Tokenizer
 
         info = bundle.features
         # a bundle that lacks a graph fails here, before any work
-        self.variants = {name: bundle.variant(name, precision, variant)
-                         for name in (IMAGE_GRAPH, TEXT_GRAPH)}
+        self.precisions = {name: bundle.precision(name, precision)
+                           for name in (IMAGE_GRAPH, TEXT_GRAPH)}
+        self.variants = {name: bundle.variant(name, chosen, variant)
+                         for name, chosen in self.precisions.items()}
         for name, chosen in self.variants.items():
-            bundle.graph_file(name, precision, chosen)
-        self.source = (f"{bundle.folder} ({info['clip']}, {precision}, "
+            bundle.graph_file(name, self.precisions[name], chosen)
+        self.source = (f"{bundle.folder} ({info['clip']}, "
+                       f"{'/'.join(sorted(set(self.precisions.values())))}, "
                        f"{'/'.join(sorted(set(self.variants.values())))})")
         self.random_weights = bool(info["random_weights"])
         self.random_init = False  # the graphs hold their weights; nothing is built at load
@@ -46,25 +51,28 @@ class OnnxEncoder:
         self.views = ViewSpec.from_dict(info["view_spec"])
         self.special = SpecialTokens(**info["special_tokens"])
         self.preprocess = ClipImagePreprocessor.from_dict(info["preprocess"])
-        self.uint8_pixels = bundle.has_uint8(IMAGE_GRAPH, precision, self.variants[IMAGE_GRAPH])
+        self.uint8_pixels = bundle.has_uint8(IMAGE_GRAPH, self.precisions[IMAGE_GRAPH],
+                                             self.variants[IMAGE_GRAPH])
         self.tokenizer = Tokenizer.from_file(str(bundle.folder / TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         # sessions open on first use (a Ray driver only needs the metadata)
-        self.bundle, self.precision = bundle, precision
+        self.bundle = bundle
+
+    def _graph(self, name: str, uint8: bool = False) -> Graph:
+        return self.bundle.graph(name, self.precisions[name], self.variants[name], uint8)
 
     @cached_property
     def image_graph(self) -> Graph:
-        return self.bundle.graph(IMAGE_GRAPH, self.precision, self.variants[IMAGE_GRAPH])
+        return self._graph(IMAGE_GRAPH)
 
     @cached_property
     def uint8_image_graph(self) -> Graph:
-        return self.bundle.graph(IMAGE_GRAPH, self.precision, self.variants[IMAGE_GRAPH],
-                                 uint8=True)
+        return self._graph(IMAGE_GRAPH, uint8=True)
 
     @cached_property
     def text_graph(self) -> Graph:
-        return self.bundle.graph(TEXT_GRAPH, self.precision, self.variants[TEXT_GRAPH])
+        return self._graph(TEXT_GRAPH)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

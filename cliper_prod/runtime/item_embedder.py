@@ -31,11 +31,13 @@ logger = logging.getLogger(__name__)
 
 class ItemEmbedder:
     """Posted items (the JSONL schema, images as paths under ``image_root`` or base64) ->
-    fused text feature and image embedding per item, with the CLI's per-item policy."""
+    fused text feature and image embedding per item, with the CLI's per-item policy;
+    ``precision`` chooses the CLIP graphs as ``embed --bundle --precision`` does."""
 
     def __init__(self, bundle: Bundle, image_root: Path | None, batch_size: int = 64,
-                 limits: ItemLimits = ItemLimits(), max_image_pixels: int = 64_000_000) -> None:
-        self.encoder = OnnxEncoder(bundle)
+                 limits: ItemLimits = ItemLimits(), max_image_pixels: int = 64_000_000,
+                 precision: str = "auto") -> None:
+        self.encoder = OnnxEncoder(bundle, precision)
         self.options = EmbedOptions(views=self.encoder.views, fusion=self.encoder.fusion,
                                     tau=self.encoder.tau, batch_size=batch_size, limits=limits,
                                     max_image_pixels=max_image_pixels)

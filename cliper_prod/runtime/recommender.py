@@ -17,6 +17,7 @@ from cliper_prod.runtime.array_ranking import BATCH_USERS, ArrayRanker, Ranked
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.item_embedder import ItemEmbedder
 from cliper_prod.runtime.ranking import TopKRanker
+from cliper_prod.runtime.sessions import OrtThreads
 
 
 class Recommender:
@@ -36,21 +37,29 @@ class Recommender:
     and return arrays, in batches of ``batch_size`` users (memory bound:
     :mod:`~.array_ranking`). ``provider`` is the ONNX Runtime
     provider choice (``auto``, ``cpu``, ``cuda``); ``device`` is its old, deprecated name.
+    ``precision`` picks the CLIP graphs :meth:`embed` runs (``auto``: int8 on the CPU where the
+    export measured it faster, else fp32; ``fp32``, ``fp16``, ``int8``: that one, refused here
+    when the bundle lacks it). ``intra_op_threads`` / ``inter_op_threads`` size every ONNX
+    Runtime session's thread pools (0: ORT's default, every core); ignored when ``bundle`` is
+    an opened :class:`Bundle`, which has its own.
     """
 
     def __init__(self, bundle: str | Path | Bundle, *, provider: str = "auto",
                  backbone: str | None = None, image_root: Path | None = None,
                  embed_batch_size: int = 64, batch_size: int = BATCH_USERS,
-                 device: str | None = None) -> None:
+                 device: str | None = None, precision: str = "auto", intra_op_threads: int = 0,
+                 inter_op_threads: int = 0) -> None:
         if device is not None:
             warnings.warn("Recommender(device=...) is deprecated: use provider=...",
                           DeprecationWarning, stacklevel=2)
             provider = device
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(Path(bundle), provider,
-                                                                       backbone)
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(
+            Path(bundle), provider, backbone, OrtThreads(intra_op_threads, inter_op_threads))
+        self.bundle.check_precision(precision)
         self.ranker = TopKRanker(self.bundle)
         self.arrays = ArrayRanker(self.ranker, batch_size)
         self.image_root, self.embed_batch_size = image_root, embed_batch_size
+        self.precision = precision
 
     @property
     def has_features(self) -> bool:
@@ -62,7 +71,8 @@ class Recommender:
         if not self.has_features:
             raise BundleError(f"{self.bundle.folder}: no CLIP feature graphs (exported without "
                               f"--clip)")
-        return ItemEmbedder(self.bundle, self.image_root, self.embed_batch_size)
+        return ItemEmbedder(self.bundle, self.image_root, self.embed_batch_size,
+                            precision=self.precision)
 
     def topk(self, user_ids: Sequence[str], k: int = 20, exclude: Sequence[str] = ()
              ) -> list[dict]:

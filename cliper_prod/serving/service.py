@@ -41,6 +41,7 @@ from cliper_prod.messages import first_line
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.ranking import NO_PAIRS, Pairs, TopKRanker
 from cliper_prod.runtime.recommender import Recommender
+from cliper_prod.runtime.sessions import OrtThreads
 from cliper_prod.serving.metrics import ServiceMetrics
 from cliper_prod.serving.readiness import ReadinessProbe
 
@@ -92,6 +93,13 @@ class ServeSettings(BaseModel):
     reload_poll_s: float = Field(2.0, ge=0, description="How often to look for a new bundle "
                                  "at the bundle path (a link switched, a folder renamed) and "
                                  "swap it in; 0: never.")
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="CLIP graphs /embed runs (auto: int8 on the CPU where the export "
+                            "measured it faster, else fp32).")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of each "
+                                  "session of this process (0: ORT's default, every core).")
+    inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: "
+                                  "ORT's default).")
 
 
 @dataclass(frozen=True)
@@ -158,11 +166,13 @@ class Service:
         """The bundle now at the settings' path, opened (hashes checked), every session made
         and one user ranked: what fails here never serves."""
         folder = Path(self.settings.bundle).resolve()
-        bundle = Bundle(folder, self.settings.provider)
+        settings = self.settings
+        bundle = Bundle(folder, settings.provider,
+                        threads=OrtThreads(settings.intra_op_threads, settings.inter_op_threads))
         key = bundle_key(folder)
-        image_root = self.settings.image_root
-        recommender = Recommender(bundle, image_root=Path(image_root) if image_root else None,
-                                  embed_batch_size=self.settings.embed_batch_size)
+        recommender = Recommender(
+            bundle, image_root=Path(settings.image_root) if settings.image_root else None,
+            embed_batch_size=settings.embed_batch_size, precision=settings.precision)
         recommender.ranker.rank(np.zeros(1, dtype=np.int64))  # ranks before it serves
         readiness = ReadinessProbe(recommender.ranker.rank)
         bundle_id = str(bundle.manifest.get(MANIFEST_HASH) or key[1])[:12]
