@@ -345,12 +345,13 @@ def test_the_service_serves_an_add_items_bundle_and_history_users(trained, expor
     try:
         api = Recommender(tmp_path / "b2")
         user = api.bundle.user_ids[3]
+        bundle_id = api.bundle.manifest["manifest_sha256"][:12]  # each answer names its bundle
         assert post(url + "/topk", {"users": [user], "k": 10}) == \
-            (200, {"results": api.topk([user], k=10)})
+            (200, {"bundle": bundle_id, "results": api.topk([user], k=10)})
         history = [api.bundle.item_ids[i] for i in (1, 4, 9)] + ["NEW2", "ghost"]
         status, body = post(url + "/topk", {"history": history, "k": 10, "exclude": ["NEW0"]})
         expected = api.topk_histories([history], k=10, exclude=["NEW0"])
-        assert status == 200 and body == {"results": expected}
+        assert status == 200 and body == {"bundle": bundle_id, "results": expected}
         assert body["results"][0]["unknown_items"] == ["ghost"]
         assert not set(history + ["NEW0"]) & set(body["results"][0]["items"])
         status, body = post(url + "/topk", {"history": ["ghost"], "k": 10})
