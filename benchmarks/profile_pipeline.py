@@ -3,15 +3,16 @@
     python benchmarks/profile_pipeline.py [--items 1024] [--catalog /tmp/pipecat]
 
 Each stage runs alone over the same catalog as ``bench_pipeline.py`` (its items and 640x480
-photo-like JPEGs), timed with ``time.thread_time`` (this thread's CPU, so other processes on a
-shared machine disturb it little): parsing the catalog, reading the JPEG bytes, decoding
-(``Image.open`` + ``draft`` + ``load``), EXIF orientation, the bicubic resize, crop to uint8
-channels-first, host normalisation to float32 (what a bundle without a uint8 graph needs),
-building the view prompts, tokenising, packing the tokens, stacking a batch, filing it
-(``store_batch``) and writing the shard (``np.savez``). Then the whole pipeline,
-``embed_catalog`` with no-op graphs at 1 worker, with the CPU time of each of its threads (read
-from ``/proc``), so the sum of the stages can be set against what the pipeline spends and the
-difference (thread hand-offs, the interpreter lock, futures) shows.
+photo-like JPEGs), timed in CPU time of the process (the tokenizer's own threads count; other
+processes on a shared machine disturb it little): parsing the catalog, reading the JPEG bytes,
+decoding (``Image.open`` + ``draft`` + ``load``), EXIF orientation, the bicubic resize and crop
+to uint8 channels-first (the draft path resizes the crop's region only), host normalisation to
+float32 (what a bundle without a uint8 graph needs), building the view prompts, tokenising,
+packing the tokens, stacking a batch, filing the outputs and writing the shard. Then the whole pipeline,
+``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker process), with the CPU
+time of each of its threads (read from ``/proc``) and of the worker process, so the sum of the
+stages can be set against what the pipeline spends and the difference (thread hand-offs, the
+interpreter lock, futures, pipes) shows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import tempfile
 import threading
 import time
@@ -69,18 +71,14 @@ def image_stages(paths: list[Path], draft: bool) -> dict[str, float]:
         return out
 
     loaded = opened()
-    sized = [img.resize((int(pre.size * img.width / img.height), pre.size),
-                        resample=pre.resample) for img in loaded]
-    uint8 = [pre.pixels(img) for img in sized]
+    uint8 = [pre.pixels(img, crop_only=draft) for img in loaded]
     return {
         "read file": per_item_ms(lambda: [p.read_bytes() for p in paths], n),
         "decode (open, draft, load)": per_item_ms(opened, n),
         "EXIF orientation": per_item_ms(
             lambda: [ImageOps.exif_transpose(img, in_place=True) for img in loaded], n),
-        "resize (bicubic)": per_item_ms(
-            lambda: [img.resize((int(pre.size * img.width / img.height), pre.size),
-                                resample=pre.resample) for img in loaded], n),
-        "crop to uint8 [3,H,W]": per_item_ms(lambda: [pre.pixels(img) for img in sized], n),
+        "resize (bicubic) + crop to uint8 [3,H,W]": per_item_ms(
+            lambda: [pre.pixels(img, crop_only=draft) for img in loaded], n),
         "normalise to float32 (host)": per_item_ms(
             lambda: [pre.normalise(p) for p in uint8], n),
         "stack a batch (uint8)": per_item_ms(lambda: np.stack(uint8), n),
@@ -142,9 +140,11 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def pipeline_threads(items_file: Path, n: int, decode: str, out: Path) -> dict[str, float]:
+def pipeline_threads(items_file: Path, n: int, decode: str, decoders: str, out: Path
+                     ) -> dict[str, float]:
     """CPU ms per item of each thread of one embed_catalog run at 1 worker, sampled just before
-    its pools shut down (a monitor thread keeps the last reading of every thread)."""
+    its pools shut down (a monitor thread keeps the last reading of every thread), and of the
+    decode worker process with ``decoders="processes"``."""
     seen: dict[str, float] = {}
     stop = threading.Event()
 
@@ -156,16 +156,19 @@ def pipeline_threads(items_file: Path, n: int, decode: str, out: Path) -> dict[s
     before = thread_cpu()
     watcher = threading.Thread(target=monitor, name="monitor")
     watcher.start()
-    start = time.process_time()
-    embed_catalog(items_file, NoOpGraphs(), out, EmbedOptions(workers=1, decode=decode),
-                  progress=False)
+    start, kids = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    embed_catalog(items_file, NoOpGraphs(), out,
+                  EmbedOptions(workers=1, decode=decode, decoders=decoders), progress=False)
     total = time.process_time() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers = (after.ru_utime + after.ru_stime) - (kids.ru_utime + kids.ru_stime)
     stop.set()
     watcher.join()
     per_thread = {k.split("_")[0] if k.startswith("ThreadPoolExecutor") else k:
                   1000 * (v - before.get(k, 0.0)) / n for k, v in seen.items() if k != "monitor"}
     return {**{f"thread {k}": round(v, 3) for k, v in sorted(per_thread.items())},
-            "process total": 1000 * total / n}
+            "this process": 1000 * total / n, "decode worker process": 1000 * workers / n,
+            "total": 1000 * (total + workers) / n}
 
 
 def main() -> None:
@@ -184,12 +187,15 @@ def main() -> None:
         result: dict = {"text": text_stages(items_file, args.items, 64)}
         for decode in ("exact", "draft"):
             result[decode] = image_stages(paths, decode == "draft")
-            result[f"pipeline {decode}"] = pipeline_threads(items_file, args.items, decode,
-                                                            Path(tmp) / f"out-{decode}")
+            for kind in ("threads", "processes"):
+                result[f"pipeline {decode} {kind}"] = pipeline_threads(
+                    items_file, args.items, decode, kind, Path(tmp) / f"out-{decode}-{kind}")
         load.append(os.getloadavg()[0])
     result["load_1min"] = load
     lines = ["| stage | CPU ms per item |", "| --- | --- |"]
-    for section in ("text", "exact", "draft", "pipeline exact", "pipeline draft"):
+    for section in ("text", "exact", "draft", "pipeline exact threads",
+                    "pipeline exact processes", "pipeline draft threads",
+                    "pipeline draft processes"):
         lines.append(f"| **{section}** | |")
         lines += [f"| {k} | {v:.3f} |" for k, v in result[section].items()]
     lines.append(f"\n{args.items} items, {args.images} distinct 640x480 JPEGs, batch 64; one "

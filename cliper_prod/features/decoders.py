@@ -199,8 +199,10 @@ class ProcessDecoders:
         with self.lock:
             if self.failure is not None:
                 raise RuntimeError("the decode workers stopped") from self.failure
+            idle = not self.pending  # else the dispatcher feeds it with the next result
             self.pending.append(_Task(ImageSource.of(item), future))
-        os.write(self.wake_w, b"x")
+        if idle:
+            os.write(self.wake_w, b"x")
         return future
 
     def _dispatch(self) -> None:
