@@ -165,8 +165,12 @@ class ProcessDecoders:
         self.preprocess = preprocess
         self.context = multiprocessing.get_context("spawn")
         self.shape = (workers, SLOTS_PER_WORKER, 3, preprocess.crop, preprocess.crop)
-        self.shm = SharedMemory(create=True, size=int(np.prod(self.shape)),
-                                name=f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            self.shm = SharedMemory(create=True, size=int(np.prod(self.shape)),
+                                    name=f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        except OSError as exc:
+            raise CliperError(f"no shared memory for the decode workers ({exc.strerror}); run "
+                              f"with --decoders threads") from None
         self.slots = np.ndarray(self.shape, np.uint8, buffer=self.shm.buf)
         self.pending: deque[_Task] = deque()
         self.lock = threading.Lock()
@@ -176,7 +180,8 @@ class ProcessDecoders:
         self.wake_r, self.wake_w = os.pipe()
         self.workers: list[_Worker] = []
         try:
-            self.workers = [self._start(w) for w in range(workers)]
+            for index in range(workers):  # one by one: a failure stops those already started
+                self.workers.append(self._start(index))
         except BaseException:
             self._stop_workers()
             self._release()
