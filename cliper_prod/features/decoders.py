@@ -289,7 +289,7 @@ class ProcessDecoders:
                               f"error is above); run with --decoders threads")
         again = []
         for task in dead.held.values():
-            task.attempts += 1
+            task.attempts += dead.started  # a worker that never started decoded nothing
             name = shorten(task.source.name or str(task.source.path))
             if task.attempts < ATTEMPTS:
                 again.append(task)
