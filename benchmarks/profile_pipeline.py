@@ -8,11 +8,11 @@ processes on a shared machine disturb it little): parsing the catalog, reading t
 decoding (``Image.open`` + ``draft`` + ``load``), EXIF orientation, the bicubic resize and crop
 to uint8 channels-first (the draft path resizes the crop's region only), host normalisation to
 float32 (what a bundle without a uint8 graph needs), building the view prompts, tokenising,
-packing the tokens, stacking a batch, filing the outputs and writing the shard. Then the whole pipeline,
-``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker process), with the CPU
-time of each of its threads (read from ``/proc``) and of the worker process, so the sum of the
-stages can be set against what the pipeline spends and the difference (thread hand-offs, the
-interpreter lock, futures, pipes) shows.
+packing the tokens, stacking a batch, filing the outputs and writing the shard. Then the
+whole pipeline, ``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker
+process), with the CPU time of each of its threads (read from ``/proc``) and of the worker
+process, so the sum of the stages can be set against what the pipeline spends and the
+difference (thread hand-offs, the interpreter lock, futures, pipes) shows.
 """
 
 from __future__ import annotations

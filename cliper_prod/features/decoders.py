@@ -9,12 +9,13 @@ busy driver).
 
 Worker processes (started with ``spawn``: the parent may already run ONNX Runtime, torch or
 tokenizer threads, which ``fork`` would copy mid-state) write the pixels into a block of shared
-memory, a few slots per worker, so images are never pickled; only the file name (or a Parquet
-row's encoded bytes) goes to the worker and a slot number comes back. One dispatcher thread in
-the parent feeds the workers and resolves the futures. A worker that dies (killed, or a decoder
-crash) is reported in the log and replaced; the images it held are decoded again by another,
-and an image whose second attempt kills a worker too gets the death as its decode error, so the
-per-item policy lists it in ``errors.jsonl``: nothing is lost silently. On any exit (the end,
+memory, a few slots per worker, so images are never pickled; only the file names (or a Parquet
+row's encoded bytes) go to the worker, a few at a time, and slot numbers come back. One
+dispatcher thread in the parent feeds the workers and resolves the futures. A worker that dies
+(killed, or a decoder crash) is reported in the log and replaced; the images it held are
+decoded again by another, and an image whose second attempt kills a worker too gets the death
+as its decode error, so the per-item policy lists it in ``errors.jsonl``: nothing is lost
+silently. On any exit (the end,
 an error, Ctrl-C, SIGTERM turned into an exception by the CLI) the workers are stopped and the
 shared block is unlinked; a parent killed outright leaves workers that exit at the end of
 their pipe, and the block to ``multiprocessing``'s resource tracker, which unlinks it.
@@ -51,7 +52,8 @@ from cliper_prod.messages import shorten
 logger = logging.getLogger(__name__)
 
 DECODER_KINDS = ("threads", "processes")
-SLOTS_PER_WORKER = 4  # images a worker holds: it never waits for the dispatcher between two
+GROUP = 4  # images per message to a worker, and per answer: fewer messages, fewer wake-ups
+SLOTS_PER_WORKER = 2 * GROUP  # a worker decodes one group while the next waits in its pipe
 ATTEMPTS = 2  # an image whose decoding killed a worker is tried once more, then reported
 FAILED_STARTS = 3  # workers in a row that die before they are ready: the run stops
 SHM_PREFIX = "cliper-decode-"  # names of the shared blocks (/dev/shm on Linux)
@@ -110,9 +112,9 @@ def open_decoders(kind: str, preprocess: ClipImagePreprocessor, workers: int
 
 def _worker_main(conn: Connection, shm_name: str, shape: tuple[int, ...], index: int,
                  preprocess: ClipImagePreprocessor) -> None:
-    """Decode worker ``index``: (slot, source) in, pixels into that slot of its part of the
-    shared block (``shape``: slots, 3, H, W), (slot, None | reason | exception) out; stops at
-    None or when the parent's end of the pipe closes."""
+    """Decode worker ``index``: a group of (slot, source) in, pixels into those slots of its
+    part of the shared block (``shape``: slots, 3, H, W), the group's (slot, None | reason |
+    exception) out; stops at None or when the parent's end of the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     shm = SharedMemory(shm_name)
     slots = np.ndarray(shape, np.uint8, buffer=shm.buf, offset=index * int(np.prod(shape)))
@@ -125,16 +127,18 @@ def _worker_main(conn: Connection, shm_name: str, shape: tuple[int, ...], index:
                 break
             if task is None:
                 break
-            slot, source = task
+            answers = []
+            for slot, source in task:
+                try:
+                    got = decode_source(preprocess, source)
+                    if not isinstance(got, str):
+                        slots[slot] = got
+                        got = None
+                except Exception as exc:  # a bug, not a bad image: the driver raises it
+                    got = RuntimeError(f"decode worker: {type(exc).__name__}: {exc}")
+                answers.append((slot, got))
             try:
-                got = decode_source(preprocess, source)
-                if not isinstance(got, str):
-                    slots[slot] = got
-                    got = None
-            except Exception as exc:  # a bug, not a bad image: the driver raises it
-                got = RuntimeError(f"decode worker: {type(exc).__name__}: {exc}")
-            try:
-                conn.send((slot, got))
+                conn.send(answers)
             except OSError:  # the parent is gone
                 break
     finally:
@@ -233,22 +237,24 @@ class ProcessDecoders:
                     task.future.set_exception(exc)
 
     def _feed(self) -> None:
-        """Give pending images to the workers with free slots, the emptiest first."""
+        """Give pending images to the workers with free slots, the emptiest first, a group
+        at a time."""
         with self.lock:
             while self.pending:
                 open_ = [w for w in self.workers if not w.broken]
                 worker = min(open_, key=lambda w: len(w.held), default=None)
                 if worker is None or len(worker.held) == SLOTS_PER_WORKER:
                     return
-                slot = next(s for s in range(SLOTS_PER_WORKER) if s not in worker.held)
-                task = self.pending.popleft()
+                free = [s for s in range(SLOTS_PER_WORKER) if s not in worker.held]
+                group = [(slot, self.pending.popleft())
+                         for slot in free[:min(GROUP, len(self.pending))]]
                 try:
-                    worker.conn.send((slot, task.source))
-                except OSError:  # it died: the task was never given, it keeps its attempts
+                    worker.conn.send([(slot, task.source) for slot, task in group])
+                except OSError:  # it died: the group was never given, it keeps its attempts
                     worker.broken = True
-                    self.pending.appendleft(task)
+                    self.pending.extendleft(reversed([task for _, task in group]))
                     continue
-                worker.held[slot] = task
+                worker.held.update(group)
 
     def _receive(self, worker: _Worker) -> None:
         """Results ready on ``worker``'s pipe, or its death."""
@@ -260,13 +266,13 @@ class ProcessDecoders:
                     worker.started = True
                     self.failed_starts = 0
                     continue
-                slot, got = message
-                task = worker.held.pop(slot)
-                if isinstance(got, BaseException):
-                    task.future.set_exception(got)
-                else:
-                    task.future.set_result(self.slots[index, slot].copy() if got is None
-                                           else got)
+                for slot, got in message:
+                    task = worker.held.pop(slot)
+                    if isinstance(got, BaseException):
+                        task.future.set_exception(got)
+                    else:
+                        task.future.set_result(self.slots[index, slot].copy() if got is None
+                                               else got)
             if worker.process.is_alive():
                 return
         except (EOFError, OSError):  # its end of the pipe closed: it is exiting
