@@ -182,7 +182,7 @@ def test_interrupted_or_killed_runs_leave_nothing_behind_and_resume(
 def test_an_image_that_kills_its_worker_twice_is_reported_not_retried_forever(
         tmp_path: Path) -> None:
     """The second death on one image makes the death its decode error (the per-item policy
-    then lists it); the workers go on with the next image."""
+    then lists it); the workers go on with the next images, from a path or from bytes."""
     path = write_jpegs(tmp_path, [(3000, 2000)], seed=9)[0]  # long enough to kill it at work
     item = Item("I1", {}, path, 1, image_name="j0.jpg")
     pool = ProcessDecoders(ClipImagePreprocessor(size=32, crop=32), workers=1)
@@ -197,9 +197,11 @@ def test_an_image_that_kills_its_worker_twice_is_reported_not_retried_forever(
         got = future.result(timeout=60)
         assert got == "image decoder process died (killed by signal 9) on it twice: j0.jpg"
         small = write_jpegs(tmp_path / "s", [(64, 48)], seed=1)[0]
-        pixels = pool.submit(Item("I2", {}, small, 2)).result(timeout=60)
-        assert np.array_equal(pixels, ClipImagePreprocessor(size=32, crop=32).load(small,
-                                                                                   uint8=True))
+        expected = ClipImagePreprocessor(size=32, crop=32).load(small, uint8=True)
+        assert np.array_equal(pool.submit(Item("I2", {}, small, 2)).result(timeout=60), expected)
+        # a Parquet row's encoded bytes travel to the worker instead of a path
+        row = Item("I3", {}, None, 3, image_name="row 3", image_bytes=small.read_bytes())
+        assert np.array_equal(pool.submit(row).result(timeout=60), expected)
     finally:
         pool.close()
     assert not blocks(os.getpid())
