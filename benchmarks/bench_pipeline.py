@@ -1,17 +1,21 @@
 """The embed pipeline's CPU side alone: `embed_catalog` with both graphs replaced by no-ops.
 
     python benchmarks/bench_pipeline.py [--items 2048] [--workers 1 2] [--decode exact draft]
+        [--decoders threads processes]
 
 Items carry the usual text fields (real CLIP tokenizer, 5 views) and a 640x480 photo-like JPEG
 (generated on the fly, ``--images`` distinct files shared round-robin). What is timed: catalog
-parsing, decoding and preprocessing in the decode threads, the per-item policy, tokenising,
-stacking and filing the outputs; the graphs return zeros at once. For each decode path and
-worker count: items/s (median of ``--repeats`` runs), items/s per decode worker, the scaling
-from the first worker count, and items per CPU-second of the process (all its threads; the
-per-core cost, which a machine shared with other work disturbs less than the wall clock). The
-1-minute load average before and after each row is recorded with it. It runs on any checkout whose ``embed_catalog`` takes
-``EmbedOptions(workers=...)`` (``--decode exact`` only before the draft path existed), so old
-and new code can be measured side by side on one machine.
+parsing, decoding and preprocessing in the decoders (threads or worker processes), the
+per-item policy, tokenising, stacking and filing the outputs; the graphs return zeros at once.
+The configurations (decode path x decoders x worker count) run interleaved, round after round,
+so a change in the machine's load falls on all of them alike. For each: items/s (median of
+``--repeats`` rounds), items/s per decode worker, the scaling from the first worker count, and
+CPU milliseconds per item of the process and the worker processes it waited for (user +
+system; the per-core cost, which a machine shared with other work disturbs less than the wall
+clock). The 1-minute load average before and after each round is recorded. It runs on any
+checkout whose ``embed_catalog`` takes ``EmbedOptions(workers=...)`` (``--decode exact`` and
+``--decoders threads`` only before those options existed), so old and new code can be measured
+side by side on one machine.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -88,6 +93,13 @@ def write_catalog(root: Path, n_items: int, n_images: int) -> Path:
     return root / "items.jsonl"
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of the children it has waited for."""
+    own, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                     resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,52 +108,57 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--decode", nargs="+", default=["exact", "draft"])
+    parser.add_argument("--decoders", nargs="+", default=["threads", "processes"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--catalog", type=Path, help="keep the generated catalog here (reused "
                                                      "when present) [default: a temporary one]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_cpu"))
     args = parser.parse_args()
     encoder = NoOpGraphs()
-    rows = []
+    configs = [(d, k, w) for d in args.decode for k in args.decoders for w in args.workers]
+    runs: dict[tuple, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in configs}
+    loads = []
     with tempfile.TemporaryDirectory() as tmp:
         items = write_catalog(args.catalog or Path(tmp) / "catalog", args.items, args.images)
-        for decode in args.decode:
-            first = None
-            for workers in args.workers:
-                extra = {} if decode == "exact" else {"decode": decode}
+        for r in range(args.repeats):
+            loads.append([os.getloadavg()[0]])
+            for decode, decoders, workers in configs:
+                extra = {"decode": decode} if decode != "exact" else {}
+                extra |= {"decoders": decoders} if decoders != "threads" else {}
                 options = EmbedOptions(views=ViewSpec(), batch_size=args.batch_size,
                                        workers=workers, **extra)
-                times, cpu = [], []
-                load = os.getloadavg()[0]
-                for r in range(args.repeats):
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    embed_catalog(items, encoder, Path(tmp) / f"out-{decode}-{workers}-{r}",
-                                  options, progress=False)
-                    times.append(time.perf_counter() - start)
-                    cpu.append(time.process_time() - start_cpu)
-                rate = args.items / statistics.median(times)
-                first = first or rate
-                rows.append({"decode": decode, "workers": workers, "items_per_s": rate,
-                             "items_per_s_per_worker": rate / workers,
-                             "scaling": rate / first,
-                             "items_per_cpu_s": args.items / statistics.median(cpu),
-                             "runs_s": times, "cpu_s": cpu,
-                             "load_1min": [load, os.getloadavg()[0]]})
-                print(rows[-1], flush=True)
+                start, start_cpu = time.perf_counter(), cpu_seconds()
+                embed_catalog(items, encoder,
+                              Path(tmp) / f"out-{decode}-{decoders}-{workers}-{r}", options,
+                              progress=False)
+                runs[decode, decoders, workers]["wall"].append(time.perf_counter() - start)
+                runs[decode, decoders, workers]["cpu"].append(cpu_seconds() - start_cpu)
+            loads[-1].append(os.getloadavg()[0])
+            print(f"round {r + 1}: load {loads[-1]}", flush=True)
+    rows = []
+    for decode, decoders, workers in configs:
+        wall, cpu = runs[decode, decoders, workers]["wall"], runs[decode, decoders, workers]["cpu"]
+        rate = args.items / statistics.median(wall)
+        first = args.items / statistics.median(runs[decode, decoders, args.workers[0]]["wall"])
+        rows.append({"decode": decode, "decoders": decoders, "workers": workers,
+                     "items_per_s": rate, "items_per_s_per_worker": rate / workers,
+                     "scaling": rate / first,
+                     "cpu_ms_per_item": 1000 * statistics.median(cpu) / args.items,
+                     "runs_s": wall, "cpu_s": cpu})
     result = {"machine": f"{platform.machine()} {platform.processor()}, "
                          f"{len(os.sched_getaffinity(0))} CPUs in affinity, "
                          f"{platform.platform()}",
               "items": args.items, "distinct_images": args.images,
-              "batch_size": args.batch_size, "rows": rows}
-    lines = ["| decode | workers | items/s | per worker | vs first worker count | "
-             "items per CPU-s | load avg (before, after) |", "| --- " * 7 + "|"]
-    lines += [f"| {r['decode']} | {r['workers']} | {r['items_per_s']:.0f} | "
+              "batch_size": args.batch_size, "rounds_load_1min": loads, "rows": rows}
+    lines = ["| decode | decoders | workers | items/s | per worker | vs first worker count | "
+             "CPU ms per item |", "| --- " * 7 + "|"]
+    lines += [f"| {r['decode']} | {r['decoders']} | {r['workers']} | {r['items_per_s']:.0f} | "
               f"{r['items_per_s_per_worker']:.0f} | {r['scaling']:.2f}x | "
-              f"{r['items_per_cpu_s']:.0f} | {r['load_1min'][0]:.1f}, {r['load_1min'][1]:.1f} |"
-              for r in rows]
+              f"{r['cpu_ms_per_item']:.2f} |" for r in rows]
     lines.append(f"\n{args.items} items, {args.images} distinct 640x480 JPEGs, batch "
-                 f"{args.batch_size}, no-op graphs; median of {args.repeats} runs. "
-                 f"{result['machine']}.")
+                 f"{args.batch_size}, no-op graphs; median of {args.repeats} interleaved rounds; "
+                 f"1-minute load average before/after each round: "
+                 f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in loads)}. {result['machine']}.")
     report(args.out, result, "\n".join(lines))
 
 

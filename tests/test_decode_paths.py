@@ -177,7 +177,8 @@ def test_exact_path_outputs_equal_the_previous_pipeline(exported: dict[str, Path
     reference = tmp_path / "reference"
     embed(jpeg_catalog, old_bundle, reference, "--workers", "1", "--prefetch", "0")
     for name, args in [("default", ()), ("threads", ("--workers", "2", "--prefetch", "0")),
-                       ("deep", ("--workers", "3", "--prefetch", "4"))]:
+                       ("deep", ("--workers", "3", "--prefetch", "4")),
+                       ("processes", ("--workers", "2", "--decoders", "processes"))]:
         summary = embed(jpeg_catalog, exported["bundle"], tmp_path / name, *args)
         assert summary["image_decode"]["path"] == "exact"
         for file in OUTPUTS:
@@ -190,6 +191,10 @@ def test_draft_path_through_the_cli(exported: dict[str, Path], jpeg_catalog: Pat
     exact, draft = tmp_path / "exact", tmp_path / "draft"
     embed(jpeg_catalog, exported["bundle"], exact)
     summary = embed(jpeg_catalog, exported["bundle"], draft, "--decode", "draft")
+    embed(jpeg_catalog, exported["bundle"], tmp_path / "processes", "--decode", "draft",
+          "--decoders", "processes", "--workers", "2")
+    for file in OUTPUTS:  # the draft path is the same in a worker process
+        assert (draft / file).read_bytes() == (tmp_path / "processes" / file).read_bytes()
     assert summary["image_decode"] == {**summary["image_decode"], "path": "draft",
                                        "min_image_cosine_vs_exact": DRAFT_MIN_COSINE}
     for file in ("item_ids.txt", "errors.jsonl"):

@@ -53,6 +53,7 @@ class EmbedArgs:
     max_line_bytes: int
     decode: str
     workers: int | None
+    decoders: str
     prefetch: int
     out_format: str
     use_ray: bool
@@ -86,6 +87,9 @@ class EmbedArgs:
         if onnx_only and self.bundle_dir is None:
             raise ConfigError(f"{', '.join(onnx_only)}: for --bundle's ONNX Runtime sessions; "
                               f"--clip runs PyTorch")
+        if self.use_ray and "decoders" in given:
+            raise ConfigError("--decoders chooses this process's image decoders; with --ray the "
+                              "Ray workers decode")
         if self.use_ray and self.bundle_dir is None:
             raise ConfigError("--ray runs the exported ONNX graphs: export a bundle "
                               "(`cliper-prod export --clip ...`) and pass --bundle")
@@ -118,7 +122,7 @@ class EmbedArgs:
             chunk_long_text=self.chunk_long_text, save_views=self.save_views,
             strict=self.strict, shard_items=self.shard_items,
             max_image_pixels=self.max_image_pixels, out_format=self.out_format,
-            decode=self.decode, prefetch=self.prefetch,
+            decode=self.decode, prefetch=self.prefetch, decoders=self.decoders,
             **({"workers": self.workers} if self.workers else {}),
             limits=ItemLimits(max_line_bytes=self.max_line_bytes,
                               max_text_chars=self.max_text_chars))
@@ -230,7 +234,13 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
                    "twice the model's size are first downscaled while decoding (faster, not "
                    "bit-equal; the path and its cosine bound are named in embed_summary.json).")
 @click.option("--workers", type=click.IntRange(min=1),
-              help="Image decoding threads [default: the CPUs this process may use].")
+              help="Image decoders [default: the CPUs this process may use].")
+@click.option("--decoders", type=click.Choice(["threads", "processes"]), default="threads",
+              show_default=True,
+              help="Where images are decoded: threads of this process, or worker processes that "
+                   "write the pixels into shared memory (no interpreter lock shared with the "
+                   "driver; a worker that dies is reported and its images decoded again). Same "
+                   "outputs either way.")
 @click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
               help="Batches decoded ahead of the one being prepared for the graphs.")
 @click.option("--ray", "use_ray", is_flag=True,

@@ -3,12 +3,11 @@ CLIPER features in MMRec layout.
 
 One pipeline for both encoders: :class:`~cliper_prod.features.clip_towers.ClipTowers` (PyTorch)
 and the ONNX Runtime encoder of an exported bundle. Three stages overlap: image decoding and
-preprocessing run in a thread pool ``prefetch`` batches ahead; the driver thread reads the
+preprocessing run in a pool of decoders ``prefetch`` batches ahead; the driver thread reads the
 catalog, applies the per-item policy, stacks the uint8 pixels and tokenises the views of batch
 i+1 while a device thread runs the graphs on batch i; the driver then files batch i in order.
-Decoders are threads, not processes: Pillow releases the interpreter lock while it decodes and
-resizes, and two threads ran 1.8x one on a quiet 2-core box (issue 34); whether threads still
-scale at 16 cores beside a busy driver is unmeasured (BENCHMARKS.md, "embed pipeline").
+The decoders are threads or worker processes (``decoders``; :mod:`cliper_prod.features.decoders`,
+measured side by side in BENCHMARKS.md, "embed pipeline"); either gives the same output bytes.
 
 Per-item policy (every case is written to ``errors.jsonl`` with its reason; nothing is dropped
 silently):
@@ -34,7 +33,6 @@ concatenation and leaves the trained fusion to the recommender); with ``save_vie
 
 from __future__ import annotations
 
-import io
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,15 +45,14 @@ import numpy as np
 
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.features.catalog import Catalog, read_catalog
-from cliper_prod.features.image_preprocess import (DRAFT_MIN_COSINE, ClipImagePreprocessor,
-                                                   ImageDecodeError)
+from cliper_prod.features.decoders import DECODER_KINDS, open_decoders
+from cliper_prod.features.image_preprocess import DRAFT_MIN_COSINE, ClipImagePreprocessor
 from cliper_prod.features.items import Item, ItemError, ItemLimits
 from cliper_prod.features.shards import Shard, ShardStore
 from cliper_prod.features.tokenize import TokenizedViews
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.fusion_modes import fusion_mode
 from cliper_prod.io import write_json
-from cliper_prod.messages import shorten
 from cliper_prod.progress import progress_bar
 
 DECODE_PATHS = ("exact", "draft")  # see ClipImagePreprocessor.draft
@@ -110,7 +107,8 @@ class EmbedOptions:
     limits: ItemLimits = field(default_factory=ItemLimits)
     max_image_pixels: int = 64_000_000
     decode: str = "exact"  # "draft": JPEG DCT-domain downscale first (ClipImagePreprocessor)
-    workers: int = field(default_factory=available_cpus)  # decode threads
+    workers: int = field(default_factory=available_cpus)  # image decoders
+    decoders: str = "threads"  # or "processes" (cliper_prod.features.decoders)
     prefetch: int = 2  # batches decoded ahead of the one the driver prepares
     out_format: str = "npy"  # "parquet": features.parquet as well, written from the .npy files
 
@@ -125,6 +123,8 @@ class EmbedOptions:
     def __post_init__(self) -> None:
         if self.decode not in DECODE_PATHS:
             raise ConfigError(f"decode must be one of {DECODE_PATHS}, got {self.decode!r}")
+        if self.decoders not in DECODER_KINDS:
+            raise ConfigError(f"decoders must be one of {DECODER_KINDS}, got {self.decoders!r}")
         if self.workers < 1 or self.prefetch < 0:
             raise ConfigError(f"workers must be >= 1 and prefetch >= 0, got {self.workers} and "
                               f"{self.prefetch}")
@@ -186,21 +186,6 @@ def pipeline_preprocess(encoder: Encoder, options: EmbedOptions) -> ClipImagePre
     uses this one)."""
     return replace(encoder.preprocess, max_pixels=options.max_image_pixels,
                    draft=options.decode == "draft")
-
-
-def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | str:
-    """uint8 pixels [3, H, W], or the reason there are none, naming the image as the item gives
-    it (a served request's path, never the server's; bytes from Parquet by their file and
-    row)."""
-    try:
-        if item.image_bytes is not None:
-            return preprocess.decode(io.BytesIO(item.image_bytes), shorten(item.image_name),
-                                     uint8=True)
-        if item.image is None:
-            return "no 'image' field"
-        return preprocess.load(item.image, shorten(item.image_name or str(item.image)), uint8=True)
-    except ImageDecodeError as exc:
-        return str(exc)
 
 
 def run_fingerprint(catalog: Catalog, encoder: Encoder, options: EmbedOptions) -> dict:
@@ -309,11 +294,10 @@ def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: Shard
             file_oldest()
 
     records = read_catalog(catalog, options.limits, start, seen)
-    with ThreadPoolExecutor(options.workers) as pool, \
+    with open_decoders(options.decoders, preprocess, options.workers) as decode, \
             ThreadPoolExecutor(1, thread_name_prefix="embed-device") as device:
         for batch in batches(records, options.batch_size, errors):
-            decoding.append((batch, [pool.submit(load_image, preprocess, item)
-                                     for item in batch]))
+            decoding.append((batch, [decode(item) for item in batch]))
             if len(decoding) > options.prefetch:
                 launch_oldest()
         while decoding:

@@ -3,10 +3,12 @@
 scale to [0, 1], normalise with the model's mean and std, channels first.
 
 ``draft`` (opt-in) lets a JPEG decoder downscale in the DCT domain by 2, 4 or 8 while the
-result keeps at least ``size`` pixels on its shortest edge, before the same bicubic resize: about
-twice as fast on a 640x480 photo, not bit-equal to the processor (its embedding cosine against
-the exact path is bounded in tests/test_decode_paths.py, and ``embed_summary.json`` names the
-path). Without it the output is the processor's.
+result keeps at least ``size`` pixels on its shortest edge, before the same bicubic resize, which
+then computes only the centre crop's pixels (Pillow's ``box``): about twice as fast on a 640x480
+photo, not bit-equal to the processor (its embedding cosine against the exact path is bounded
+in tests/test_decode_paths.py, and ``embed_summary.json`` names the path). An image the decoder
+did not downscale (not a JPEG, or under twice the size) takes the exact path. Without ``draft``
+the output is the processor's.
 
 Beyond the processor: EXIF orientation is applied first (a phone photo stands upright), and
 images larger than ``max_pixels`` are refused before decoding (decompression bombs). Every
@@ -98,18 +100,25 @@ class ClipImagePreprocessor:
         """float32 [3, crop, crop]."""
         return self.normalise(self.pixels(image))
 
-    def pixels(self, image: Image.Image) -> np.ndarray:
+    def pixels(self, image: Image.Image, crop_only: bool = False) -> np.ndarray:
         """uint8 [3, crop, crop]: resized and cropped, before normalisation (the bytes a
-        graph with normalisation inside takes; a quarter of the float32 array)."""
+        graph with normalisation inside takes; a quarter of the float32 array).
+        ``crop_only``: resize just the crop's part of the image (faster; not bit-equal, since
+        the filter positions are computed from the crop box: the draft path only)."""
         if image.mode != "RGB":  # convert() would copy an RGB image for nothing
             image = image.convert("RGB")
         w, h = image.size
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.size, int(self.size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        image = image.resize((new_w, new_h), resample=self.resample)
         top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2
-        arr = np.asarray(image)[top:top + self.crop, left:left + self.crop]
+        if crop_only:
+            sx, sy = w / new_w, h / new_h
+            box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+            arr = np.asarray(image.resize((self.crop, self.crop), self.resample, box=box))
+        else:
+            image = image.resize((new_w, new_h), resample=self.resample)
+            arr = np.asarray(image)[top:top + self.crop, left:left + self.crop]
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
@@ -148,8 +157,7 @@ class ClipImagePreprocessor:
                     if img.width * img.height > self.max_pixels:
                         raise ImageDecodeError(f"image has {img.width}x{img.height} pixels, over "
                                                f"the limit of {self.max_pixels:,}: {label}")
-                    if self.draft:
-                        self._draft(img)
+                    reduced = self.draft and self._draft(img)
                     img.load()
                     ImageOps.exif_transpose(img, in_place=True)  # no full-size copy
                     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -157,7 +165,8 @@ class ClipImagePreprocessor:
                     elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and
                                                             "transparency" in img.info):
                         img = _on_white(img)
-                    return self.pixels(img) if uint8 else self(img)
+                    pixels = self.pixels(img, crop_only=reduced)
+                    return pixels if uint8 else self.normalise(pixels)
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -165,12 +174,13 @@ class ClipImagePreprocessor:
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageDecodeError(f"not a readable image ({problem(exc)}): {label}") from exc
 
-    def _draft(self, img: Image.Image) -> None:
+    def _draft(self, img: Image.Image) -> bool:
         """Ask the decoder (JPEG only; others ignore it) for the strongest reduction (1/2, 1/4
-        or 1/8) whose shortest edge still holds ``size`` pixels."""
+        or 1/8) whose shortest edge still holds ``size`` pixels; whether it reduced."""
         w, h = img.size
         short = min(w, h)
         img.draft(None, (-(-w * self.size // short), -(-h * self.size // short)))
+        return img.size != (w, h)
 
 
 def _on_white(img: Image.Image) -> Image.Image:

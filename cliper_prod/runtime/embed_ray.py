@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cliper_prod.errors import CliperError, ConfigError
+from cliper_prod.features.decoders import load_image
 from cliper_prod.features.embed import (EmbedOptions, ItemErrors, ShardWriter, batches,
-                                        embed_batch, load_image, pipeline_preprocess,
-                                        resume_point, shard_batches)
+                                        embed_batch, pipeline_preprocess, resume_point,
+                                        shard_batches)
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.catalog import Catalog, is_parquet, read_catalog
 from cliper_prod.features.items import Item, ItemLimits, reread_items

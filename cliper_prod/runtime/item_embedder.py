@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from cliper_prod.errors import incident_id
-from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch, load_image
+from cliper_prod.features.decoders import load_image
+from cliper_prod.features.embed import EmbedOptions, ItemErrors, embed_batch
 from cliper_prod.features.image_preprocess import ImageDecodeError, unusable
 from cliper_prod.features.items import Item, ItemError, ItemLimits, parse_item
 from cliper_prod.features.shards import Shard
