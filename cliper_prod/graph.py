@@ -39,6 +39,13 @@ class Propagation:
     def __call__(self, x: Tensor) -> Tensor:
         return _CachedTransposeMatmul.apply(self.adj, self.adj_t, x)
 
+    def transposed(self) -> Propagation:
+        """A^T as a Propagation, from the cached transpose (no copy): a gradient taken by hand
+        propagates through it."""
+        out = Propagation.__new__(Propagation)
+        out.adj, out.adj_t = self.adj_t, self.adj
+        return out
+
     def to_dense(self) -> Tensor:
         return self.adj.to_dense()
 
@@ -52,22 +59,26 @@ def propagation_layers(adj: Propagation, ego: Tensor, n_layers: int) -> list[Ten
     return layers
 
 
-def light_propagate(adj: Propagation, ego: Tensor, n_layers: int, lean: bool = False) -> Tensor:
+def light_propagate(adj: Propagation, ego: Tensor, n_layers: int, lean: bool = False,
+                    owned: bool = False) -> Tensor:
     """Mean of the layer outputs 0..n_layers of repeated normalised-adjacency propagation.
 
     ``lean`` sums the layers as they come instead of stacking them: about three [nodes, d]
     tables are alive at once instead of 2 x (n_layers + 1) (the stack copies every layer), in
     training and evaluation alike. The propagation itself keeps no layer for the backward pass
     (A^T @ grad needs none), so nothing is gained by recomputing layers (checkpointing). The
-    sum adds in another order than the stack's mean: equal up to float rounding.
+    sum adds in another order than the stack's mean: equal up to float rounding. ``owned``
+    (the caller gives ``ego`` up) with ``lean`` and no gradient recorded sums into ``ego``
+    itself, one table fewer: ego, the layer and the next one.
     """
     if not lean:
         return torch.stack(propagation_layers(adj, ego, n_layers)).mean(0)
+    in_place = owned and not (torch.is_grad_enabled() and ego.requires_grad)
     total, layer = ego, ego
     for _ in range(n_layers):
         layer = adj(layer)
-        total = total + layer
-    return total / (n_layers + 1)
+        total = total.add_(layer) if in_place else total + layer
+    return total.div_(n_layers + 1) if in_place else total / (n_layers + 1)
 
 
 def _csr(adj: Tensor) -> Tensor:

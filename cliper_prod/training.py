@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cliper_prod.device import CPU
-from cliper_prod.backbones import Backbone, create_model
+from cliper_prod.backbones import Backbone, create_model, model_class
 from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
 from cliper_prod.config import LR_SCALING, TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
@@ -123,6 +123,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def lean_loading(backbone: str, memory_lean: bool) -> dict:
+    """:func:`~cliper_prod.data.mmrec.load_dataset`'s options for a run: a memory-lean run of a
+    backbone that reads no features loads none (gigabytes at a million items)."""
+    return {"feature_files": {}} if memory_lean and not model_class(backbone).reads_features \
+        else {}
+
+
 def ranking_tasks(data: InteractionData, mask_valid_in_test: bool = False
                   ) -> dict[str, RankingTask]:
     """Valid ranks with train items hidden; test likewise (MMRec), plus valid items if asked."""
@@ -149,6 +156,36 @@ def learning_rate_factor(settings: TrainSettings, batch: int, epoch_steps: int
         return scale * warm * decay
 
     return factor
+
+
+#: triples per chunk of a memory-lean step: the gathered rows and their gradients take about
+#: 6 x LOSS_CHUNK x embedding_size floats, whatever the batch
+LOSS_CHUNK = 1 << 19
+
+
+def chunked_backward(model: Backbone, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                     chunk: int) -> float:
+    """Back-propagate the batch loss ``chunk`` triples at a time; its value.
+
+    The propagated tables are built once without a graph (autograd would keep its temporaries);
+    each chunk's share of the loss back-propagates into them, and their summed gradients then go
+    back through the propagation by hand (:meth:`~Backbone.backward_tables`). The gradients
+    equal the whole batch's up to rounding; a chunk's gathered rows are alive at a time instead
+    of the whole batch's (gigabytes at millions of triples per step), and about four [nodes, d]
+    tables at the step's peak instead of eight."""
+    with torch.no_grad():
+        leaves = [t.detach().requires_grad_() for t in model.train_tables()]
+    context = model.batch_context(users, pos, neg)
+    total = 0.0
+    for start in range(0, len(users), chunk):
+        part = slice(start, start + chunk)
+        loss = model.chunk_loss(leaves, users[part], pos[part], neg[part], len(users), context)
+        loss.backward()
+        total += loss.item()
+    grads = [leaf.grad for leaf in leaves]
+    del leaves, loss  # the tables: their values are no longer needed
+    model.backward_tables(grads)
+    return total
 
 
 def evaluate_model(model: Backbone, task: RankingTask, settings: TrainSettings
@@ -226,13 +263,7 @@ class Trainer:
         bar = progress_bar(self.sampler.epoch(), enabled=self.progress, total=len(self.sampler),
                            desc=f"epoch {epoch}", leave=False, unit="batch")
         for batch in bar:
-            users, pos, neg = (t.to(self.device, non_blocking=True) for t in batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.model.loss(users, pos, neg)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            value = loss.item()
+            value = self.train_step(*batch)
             total += value
             bar.set_postfix(loss=f"{value:.4f}")
         mean_loss = total / len(self.sampler)
@@ -240,6 +271,22 @@ class Trainer:
             raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
                                    f"learning rate")
         return mean_loss
+
+    def train_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+        """One optimiser step (and scheduler step) on a batch of triples; its loss. With
+        ``memory_lean`` a backbone with a chunked loss takes the batch :data:`LOSS_CHUNK`
+        triples at a time (:func:`chunked_backward`)."""
+        users, pos, neg = (t.to(self.device, non_blocking=True) for t in (users, pos, neg))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.settings.memory_lean and self.model.chunked_loss:
+            value = chunked_backward(self.model, users, pos, neg, LOSS_CHUNK)
+        else:
+            loss = self.model.loss(users, pos, neg)
+            loss.backward()
+            value = loss.item()
+        self.optimizer.step()
+        self.scheduler.step()
+        return value
 
     def valid_epoch(self) -> dict[str, float]:
         """The current weights' metrics on the validation split (never test), on the sampled

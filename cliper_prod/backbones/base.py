@@ -31,6 +31,23 @@ def bpr_loss(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
     return -F.logsigmoid((users * pos).sum(1) - (users * neg).sum(1)).mean()
 
 
+def norm_share(rows: Tensor, norm: Tensor) -> Tensor:
+    """The share of ``||R||_2`` owed to ``rows``, a chunk of the rows of a matrix R whose whole
+    norm is ``norm`` (computed beforehand without gradient): the shares of all chunks add up to
+    ``||R||`` and each one's gradient is ``rows / ||R||``, the norm's own gradient there, so a
+    norm penalty of a batch can be taken chunk by chunk."""
+    half = rows.pow(2).sum() / (2 * norm)
+    return half + half.detach()
+
+
+def add_grad(param: Tensor, grad: Tensor) -> None:
+    """Accumulate ``grad`` (no graph) into ``param.grad`` as backward would."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
 def require_features(data: InteractionData, backbone: str) -> None:
     """Multi-modal backbones cannot train on interactions alone: say which files are missing."""
     if not data.features:
@@ -117,6 +134,10 @@ class Backbone(nn.Module, ABC):
     """
 
     config_class: ClassVar[type]
+    #: the loss splits into chunks of triples (:meth:`train_tables`, :meth:`chunk_loss`)
+    chunked_loss: ClassVar[bool] = False
+    #: the model reads the modality features (False: a memory-lean run loads none)
+    reads_features: ClassVar[bool] = True
 
     def __init__(self, device: torch.device = CPU) -> None:
         super().__init__()
@@ -166,6 +187,31 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         """Training loss of one batch of (user, positive item, negative item) triples."""
+
+    def train_tables(self) -> tuple[Tensor, ...]:
+        """Where :attr:`chunked_loss`: the propagated tables a training batch reads, with their
+        graph, built once per step whatever the number of chunks."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
+
+    def batch_context(self, users: Tensor, pos: Tensor, neg: Tensor) -> Any:
+        """Where :attr:`chunked_loss`: what :meth:`chunk_loss` needs of the whole batch (e.g. a
+        norm over all of it), computed without gradient; None when nothing."""
+        return None
+
+    def backward_tables(self, grads: list[Tensor]) -> None:
+        """Where :attr:`chunked_loss`: add to the parameters' gradients those of
+        ``sum_k <tables[k], grads[k]>`` for the tables of :meth:`train_tables` (built without a
+        graph), computed by hand so that no layer of the propagation is kept. Empties
+        ``grads``, so that they are freed as soon as they are merged."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
+
+    def chunk_loss(self, tables: tuple[Tensor, ...], users: Tensor, pos: Tensor, neg: Tensor,
+                   batch: int, context: Any) -> Tensor:
+        """Where :attr:`chunked_loss`: the share of one chunk of the triples in the loss of a
+        batch of ``batch`` triples, read from ``tables`` (:meth:`train_tables`); the shares of
+        the chunks add up to :meth:`loss` of the batch, in value and gradient (up to
+        rounding)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
 
     @abstractmethod
     def propagate(self) -> tuple[Tensor, Tensor]:

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from cliper_prod.device import CPU
-from cliper_prod.backbones.base import (NO_ITEM_GRAPH, FoldInState, Backbone, bpr_loss,
-                                        train_edges, user_fold_in_arrays)
+from cliper_prod.backbones.base import (NO_ITEM_GRAPH, FoldInState, Backbone, add_grad,
+                                        bpr_loss, norm_share, train_edges, user_fold_in_arrays)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.graph import (bipartite_edge_index, light_propagate, normalized_adjacency,
                                propagation_layers)
@@ -49,6 +49,8 @@ class LightGCN(Backbone):
     """
 
     config_class = LightGCNConfig
+    chunked_loss = True
+    reads_features = False
 
     def __init__(self, data: InteractionData, config: LightGCNConfig,
                  device: torch.device = CPU) -> None:
@@ -62,7 +64,8 @@ class LightGCN(Backbone):
 
     def propagate(self) -> tuple[Tensor, Tensor]:
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(self.adj, ego, self.config.n_layers, self.lean_propagation)
+        out = light_propagate(self.adj, ego, self.config.n_layers, self.lean_propagation,
+                              owned=True)
         return out[:self.n_users], out[self.n_users:]
 
     @torch.no_grad()
@@ -78,6 +81,42 @@ class LightGCN(Backbone):
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         u, i = self.propagate()
         mf = bpr_loss(u[users], i[pos], i[neg])
-        ego = (self.user_embedding(users), self.item_embedding(pos), self.item_embedding(neg))
-        reg = sum(e.norm(p=2) for e in ego) / len(users)  # MMRec's EmbLoss
+        reg = sum(e.norm(p=2) for e in self._ego(users, pos, neg)) / len(users)  # MMRec's EmbLoss
+        return mf + self.config.reg_weight * reg
+
+    def _ego(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The ID embeddings of a batch's users, positives and negatives."""
+        return self.user_embedding(users), self.item_embedding(pos), self.item_embedding(neg)
+
+    def train_tables(self) -> tuple[Tensor, Tensor]:
+        return self.propagate()
+
+    @torch.no_grad()
+    def backward_tables(self, grads: list[Tensor]) -> None:
+        """The propagation is linear, mean_l A^l x, with A symmetric: its gradient is the same
+        propagation of the tables' gradients."""
+        grad = torch.cat(grads)
+        grads.clear()
+        ego = light_propagate(self.adj.transposed(), grad, self.config.n_layers, lean=True,
+                              owned=True)
+        add_grad(self.user_embedding.weight, ego[:self.n_users])
+        add_grad(self.item_embedding.weight, ego[self.n_users:])
+
+    @torch.no_grad()
+    def batch_context(self, users: Tensor, pos: Tensor, neg: Tensor,
+                      chunk: int = 1 << 19) -> Tensor:
+        """The L2 norms of the batch's three ego matrices (the regulariser), ``chunk`` rows of
+        them at a time."""
+        squares = torch.zeros(3, dtype=self.user_embedding.weight.dtype, device=self.device)
+        for start in range(0, len(users), chunk):
+            part = slice(start, start + chunk)
+            squares += torch.stack([e.pow(2).sum() for e in
+                                    self._ego(users[part], pos[part], neg[part])])
+        return squares.sqrt()
+
+    def chunk_loss(self, tables: tuple[Tensor, Tensor], users: Tensor, pos: Tensor, neg: Tensor,
+                   batch: int, context: Tensor) -> Tensor:
+        u, i = tables
+        mf = bpr_loss(u[users], i[pos], i[neg]) * (len(users) / batch)
+        reg = sum(norm_share(e, n) for e, n in zip(self._ego(users, pos, neg), context)) / batch
         return mf + self.config.reg_weight * reg
