@@ -18,6 +18,7 @@ from cliper_prod.config import TrainSettings, build, load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.evaluation import evaluate_ranking
 from cliper_prod.backbones import create_model
+from cliper_prod import graph
 from cliper_prod.graph import Propagation, fixed_propagation, light_propagate
 
 FAST = {"train": {"epochs": 5, "patience": 10, "batch_size": 64, "topk": [5, 10],
@@ -172,7 +173,8 @@ def _float64(model) -> None:
     ("freedom", {"n_mm_layers": 0, "dropout": 0.0}),
 ])
 def test_chunked_backward_gives_the_whole_batch_gradients_in_float64(
-        toy_dataset: Path, backbone: str, model: dict) -> None:
+        toy_dataset: Path, backbone: str, model: dict, monkeypatch) -> None:
+    monkeypatch.setattr(graph, "BLOCK_ROWS", 6)  # products by blocks of rows, as at scale
     data = load_dataset(toy_dataset)
     torch.manual_seed(0)
     net = create_model(backbone, data, {**load_config(backbone)["model"], **model})
@@ -198,3 +200,20 @@ def test_a_memory_lean_run_of_a_backbone_without_features_loads_none(toy_dataset
     assert training.lean_loading("lightgcn", False) == training.lean_loading("freedom", True) == {}
     assert load_dataset(toy_dataset, **training.lean_loading("lightgcn", True)).features == {}
     assert set(load_dataset(toy_dataset).features) == {"image", "text"}
+
+
+def test_a_blocked_product_gives_the_products_values_and_gradient(monkeypatch) -> None:
+    monkeypatch.setattr(graph, "BLOCK_ROWS", 4)
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.rand(11, 11, generator=gen, dtype=torch.float64)
+    dense[dense < 0.5] = 0
+    dense[5:9] = 0  # a block of empty rows
+    edges = dense.nonzero().T
+    adj = fixed_propagation(edges, dense[edges[0], edges[1]], 11)
+    x = torch.randn(11, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    out = adj(x, blocked=True)
+    assert torch.allclose(out, dense @ x, rtol=1e-14, atol=1e-14)
+    assert torch.equal(out, adj(x))  # row by row the same arithmetic
+    (out * weight).sum().backward()
+    assert torch.allclose(x.grad, dense.T @ weight, rtol=1e-14, atol=1e-14)
