@@ -144,6 +144,9 @@ def stage(name: str, data_dir: Path, work: Path, steps: int, eval_users: int,
         start = clock()
         trainer = Trainer(backbone, data, config, progress=False, device=device)
         out["init_s"] = clock() - start
+        if variant == "lean" and data.features and not trainer.model.features:
+            data.features.clear()  # FREEDOM at reg_weight 0 reads them only for its item graph
+            out["features_released_after_build"] = True
         print(f"built {backbone} in {out['init_s']:.0f} s, RSS {peak_rss_gib()} GiB", file=sys.stderr,
               flush=True)
         if name != "tables":  # "tables": the untrained model's tables, for eval/export/topk
