@@ -57,9 +57,8 @@ class LightGCN(Backbone):
         super().__init__(device)
         self.config = config
         self.init_id_embeddings(data, config.embedding_size)
-        users, self.train_items = train_edges(data, self.device)
-        self.adj = normalized_adjacency(bipartite_edge_index(users, self.train_items,
-                                                             self.n_users),
+        users, items = train_edges(data, self.device)  # not kept: fold-in reads data's
+        self.adj = normalized_adjacency(bipartite_edge_index(users, items, self.n_users),
                                         self.n_users + self.n_items)
 
     def propagate(self) -> tuple[Tensor, Tensor]:
@@ -73,10 +72,10 @@ class LightGCN(Backbone):
         """Users: the ``symmetric`` rule over this graph; items: none (no item graph)."""
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
         layers = propagation_layers(self.adj, ego, self.config.n_layers)
+        items = train_edges(data, self.device)[1]
         return FoldInState("symmetric", None, {"n_ui_layers": self.config.n_layers,
                                                "no_item_rule": NO_ITEM_GRAPH},
-                           user_fold_in_arrays(layers, self.n_users, self.train_items,
-                                               self.n_items))
+                           user_fold_in_arrays(layers, self.n_users, items, self.n_items))
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         u, i = self.propagate()

@@ -16,11 +16,9 @@ class BPRSampler:
 
     def __init__(self, train: np.ndarray, n_items: int, batch_size: int,
                  rng: np.random.Generator) -> None:
-        # the smallest integer type that holds the ids (int32 halves them at millions of
-        # interactions); batches are int64, so the draws are those of int64 columns
-        ids = np.int32 if max(n_items, int(train.max(initial=0))) < 2**31 else np.int64
-        self.users = train[:, 0].astype(ids)
-        self.items = train[:, 1].astype(ids)
+        # views of the columns, no copy (gigabytes at tens of millions of interactions);
+        # batches are int64 copies of their rows
+        self.users, self.items = train[:, 0], train[:, 1]
         self.n_items = n_items
         self.batch_size = batch_size
         self.rng = rng
