@@ -33,6 +33,7 @@ import torch
 
 from cliper_prod.device import CPU
 from cliper_prod.backbones import Backbone, create_model, model_class
+from cliper_prod.backbones.base import LOSS_CHUNK, chunks
 from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
 from cliper_prod.config import LR_SCALING, TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
@@ -158,33 +159,33 @@ def learning_rate_factor(settings: TrainSettings, batch: int, epoch_steps: int
     return factor
 
 
-#: triples per chunk of a memory-lean step: the gathered rows and their gradients take about
-#: 6 x LOSS_CHUNK x embedding_size floats, whatever the batch
-LOSS_CHUNK = 1 << 19
-
-
 def chunked_backward(model: Backbone, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                     chunk: int) -> float:
+                     chunk: int = LOSS_CHUNK) -> float:
     """Back-propagate the batch loss ``chunk`` triples at a time; its value.
 
-    The propagated tables are built once without a graph (autograd would keep its temporaries);
-    each chunk's share of the loss back-propagates into them, and their summed gradients then go
-    back through the propagation by hand (:meth:`~Backbone.backward_tables`). The gradients
-    equal the whole batch's up to rounding; a chunk's gathered rows are alive at a time instead
-    of the whole batch's (gigabytes at millions of triples per step), and about four [nodes, d]
-    tables at the step's peak instead of eight."""
+    The propagated tables are built once without a graph (autograd would keep its
+    temporaries). Each chunk's rows of them are leaves of the chunk's loss, whose gradients are
+    added into one [nodes, d] buffer; that buffer then goes back through the propagation by
+    hand (:meth:`~Backbone.backward_tables`). The gradients equal the whole batch's up to
+    rounding, with a chunk's rows alive at a time instead of the whole batch's (gigabytes at
+    millions of triples per step) and three [nodes, d] tables at the step's peak."""
     with torch.no_grad():
-        leaves = [t.detach().requires_grad_() for t in model.train_tables()]
+        user_table, item_table = model.train_tables()
+    n_users = len(user_table)
+    grad = user_table.new_zeros(n_users + len(item_table), user_table.shape[1])
     context = model.batch_context(users, pos, neg)
     total = 0.0
-    for start in range(0, len(users), chunk):
-        part = slice(start, start + chunk)
-        loss = model.chunk_loss(leaves, users[part], pos[part], neg[part], len(users), context)
+    for part in chunks(len(users), chunk):
+        ids = ((users[part], user_table, grad[:n_users]), (pos[part], item_table, grad[n_users:]),
+               (neg[part], item_table, grad[n_users:]))
+        rows = tuple(table[i].requires_grad_() for i, table, _ in ids)
+        loss = model.chunk_loss(rows, users[part], pos[part], neg[part], len(users), context)
         loss.backward()
+        for (i, _, out), row in zip(ids, rows):
+            out.index_add_(0, i, row.grad)
         total += loss.item()
-    grads = [leaf.grad for leaf in leaves]
-    del leaves, loss  # the tables: their values are no longer needed
-    model.backward_tables(grads)
+    del user_table, item_table, ids, rows, loss  # the tables: their values are no longer needed
+    model.backward_tables(grad, context)
     return total
 
 
@@ -274,12 +275,12 @@ class Trainer:
 
     def train_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
         """One optimiser step (and scheduler step) on a batch of triples; its loss. With
-        ``memory_lean`` a backbone with a chunked loss takes the batch :data:`LOSS_CHUNK`
-        triples at a time (:func:`chunked_backward`)."""
+        ``memory_lean`` a backbone with a chunked loss takes the batch in chunks of triples
+        (:func:`chunked_backward`)."""
         users, pos, neg = (t.to(self.device, non_blocking=True) for t in (users, pos, neg))
         self.optimizer.zero_grad(set_to_none=True)
         if self.settings.memory_lean and self.model.chunked_loss:
-            value = chunked_backward(self.model, users, pos, neg, LOSS_CHUNK)
+            value = chunked_backward(self.model, users, pos, neg)
         else:
             loss = self.model.loss(users, pos, neg)
             loss.backward()

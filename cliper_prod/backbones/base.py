@@ -31,13 +31,15 @@ def bpr_loss(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
     return -F.logsigmoid((users * pos).sum(1) - (users * neg).sum(1)).mean()
 
 
-def norm_share(rows: Tensor, norm: Tensor) -> Tensor:
-    """The share of ``||R||_2`` owed to ``rows``, a chunk of the rows of a matrix R whose whole
-    norm is ``norm`` (computed beforehand without gradient): the shares of all chunks add up to
-    ``||R||`` and each one's gradient is ``rows / ||R||``, the norm's own gradient there, so a
-    norm penalty of a batch can be taken chunk by chunk."""
-    half = rows.pow(2).sum() / (2 * norm)
-    return half + half.detach()
+#: triples per chunk of a chunked step: its gathered rows and their gradients take about
+#: 6 x LOSS_CHUNK x d floats, whatever the batch
+LOSS_CHUNK = 1 << 19
+
+
+def chunks(n: int, size: int | None = None) -> list[slice]:
+    """Consecutive slices of ``size`` (default :data:`LOSS_CHUNK`) covering ``range(n)``."""
+    size = size or LOSS_CHUNK
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def add_grad(param: Tensor, grad: Tensor) -> None:
@@ -188,29 +190,29 @@ class Backbone(nn.Module, ABC):
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         """Training loss of one batch of (user, positive item, negative item) triples."""
 
-    def train_tables(self) -> tuple[Tensor, ...]:
-        """Where :attr:`chunked_loss`: the propagated tables a training batch reads, with their
-        graph, built once per step whatever the number of chunks."""
+    def train_tables(self) -> tuple[Tensor, Tensor]:
+        """Where :attr:`chunked_loss`: the propagated user and item tables a training batch
+        reads, built once per step (without a graph) whatever the number of chunks."""
         raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
 
     def batch_context(self, users: Tensor, pos: Tensor, neg: Tensor) -> Any:
-        """Where :attr:`chunked_loss`: what :meth:`chunk_loss` needs of the whole batch (e.g. a
-        norm over all of it), computed without gradient; None when nothing."""
+        """Where :attr:`chunked_loss`: what :meth:`chunk_loss` and :meth:`backward_tables` need
+        of the whole batch (e.g. a norm over all of it), without gradient; None when nothing."""
         return None
 
-    def backward_tables(self, grads: list[Tensor]) -> None:
-        """Where :attr:`chunked_loss`: add to the parameters' gradients those of
-        ``sum_k <tables[k], grads[k]>`` for the tables of :meth:`train_tables` (built without a
-        graph), computed by hand so that no layer of the propagation is kept. Empties
-        ``grads``, so that they are freed as soon as they are merged."""
+    def chunk_loss(self, rows: tuple[Tensor, Tensor, Tensor], users: Tensor, pos: Tensor,
+                   neg: Tensor, batch: int, context: Any) -> Tensor:
+        """Where :attr:`chunked_loss`: the share of one chunk of the triples in the loss of a
+        batch of ``batch`` triples, from ``rows``, the chunk's rows of the tables (users[u],
+        items[pos], items[neg]); with :meth:`backward_tables` the shares add up to
+        :meth:`loss` of the batch in value and gradient (up to rounding)."""
         raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
 
-    def chunk_loss(self, tables: tuple[Tensor, ...], users: Tensor, pos: Tensor, neg: Tensor,
-                   batch: int, context: Any) -> Tensor:
-        """Where :attr:`chunked_loss`: the share of one chunk of the triples in the loss of a
-        batch of ``batch`` triples, read from ``tables`` (:meth:`train_tables`); the shares of
-        the chunks add up to :meth:`loss` of the batch, in value and gradient (up to
-        rounding)."""
+    def backward_tables(self, grad: Tensor, context: Any) -> None:
+        """Where :attr:`chunked_loss`: add to the parameters' gradients those of
+        ``<[users; items], grad>`` for the tables of :meth:`train_tables` (``grad``: [users +
+        items, d], which this may overwrite), and what the chunks' losses left out of their
+        graphs; by hand, so that no layer of the propagation is kept."""
         raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
 
     @abstractmethod

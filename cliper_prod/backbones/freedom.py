@@ -170,17 +170,20 @@ class Freedom(Backbone):
         return FoldInState("symmetric", "freedom", params, arrays)
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        return self._batch_loss(self.train_tables(), users, pos, neg)
+        u_all, i_all = self.train_tables()
+        return self._rows_loss((u_all[users], i_all[pos], i_all[neg]), pos, neg)
 
     def train_tables(self) -> tuple[Tensor, Tensor]:
         return self._embed(self.train_adj)
 
+    def chunk_loss(self, rows: tuple[Tensor, Tensor, Tensor], users: Tensor, pos: Tensor,
+                   neg: Tensor, batch: int, context: None) -> Tensor:
+        return self._rows_loss(rows, pos, neg) * (len(users) / batch)
+
     @torch.no_grad()
-    def backward_tables(self, grads: list[Tensor]) -> None:
+    def backward_tables(self, grad: Tensor, context: None) -> None:
         """Users and items: the user-item propagation's gradient, mean_l (A^T)^l of the tables'
         gradients; items also (S^T)^{L_m} of theirs, through the item graph."""
-        grad = torch.cat(grads)
-        grads.clear()
         item_graph_t = self.item_graph.transposed()
         h = grad[self.n_users:]
         for _ in range(self.config.n_mm_layers):
@@ -192,16 +195,12 @@ class Freedom(Backbone):
         add_grad(self.user_embedding.weight, ego[:self.n_users])
         add_grad(self.item_embedding.weight, ego[self.n_users:].add_(h))
 
-    def chunk_loss(self, tables: tuple[Tensor, Tensor], users: Tensor, pos: Tensor, neg: Tensor,
-                   batch: int, context: None) -> Tensor:
-        return self._batch_loss(tables, users, pos, neg) * (len(users) / batch)
-
-    def _batch_loss(self, tables: tuple[Tensor, Tensor], users: Tensor, pos: Tensor, neg: Tensor
-                    ) -> Tensor:
-        """BPR plus the modality terms, every one a mean over the triples."""
-        u_all, i_all = tables
-        u = u_all[users]
-        loss = bpr_loss(u, i_all[pos], i_all[neg])
+    def _rows_loss(self, rows: tuple[Tensor, Tensor, Tensor], pos: Tensor, neg: Tensor
+                   ) -> Tensor:
+        """BPR on the gathered user, positive and negative rows plus the modality terms, every
+        one a mean over the triples."""
+        u = rows[0]
+        loss = bpr_loss(*rows)
         for modality, proj in self.projections.items():
             pos_f, neg_f = self.modality(modality, pos), self.modality(modality, neg)
             loss = loss + self.config.reg_weight * bpr_loss(u, proj(pos_f), proj(neg_f))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from cliper_prod.device import CPU
 from cliper_prod.backbones.base import (NO_ITEM_GRAPH, FoldInState, Backbone, add_grad,
-                                        bpr_loss, norm_share, train_edges, user_fold_in_arrays)
+                                        bpr_loss, chunks, train_edges, user_fold_in_arrays)
 from cliper_prod.data.mmrec import InteractionData
 from cliper_prod.graph import (bipartite_edge_index, light_propagate, normalized_adjacency,
                                propagation_layers)
@@ -30,6 +30,15 @@ class LightGCNConfig:
     embedding_size: int
     n_layers: int
     reg_weight: float
+
+
+@dataclass(frozen=True)
+class RegContext:
+    """What a chunked step needs of the whole batch for the regulariser: the L2 norms of its
+    user, positive and negative ego matrices, and those ids."""
+
+    norms: Tensor
+    ids: tuple[Tensor, Tensor, Tensor]
 
 
 class LightGCN(Backbone):
@@ -91,31 +100,38 @@ class LightGCN(Backbone):
         return self.propagate()
 
     @torch.no_grad()
-    def backward_tables(self, grads: list[Tensor]) -> None:
-        """The propagation is linear, mean_l A^l x, with A symmetric: its gradient is the same
-        propagation of the tables' gradients."""
-        grad = torch.cat(grads)
-        grads.clear()
-        ego = light_propagate(self.adj.transposed(), grad, self.config.n_layers, lean=True,
-                              owned=True)
-        add_grad(self.user_embedding.weight, ego[:self.n_users])
-        add_grad(self.item_embedding.weight, ego[self.n_users:])
-
-    @torch.no_grad()
-    def batch_context(self, users: Tensor, pos: Tensor, neg: Tensor,
-                      chunk: int = 1 << 19) -> Tensor:
-        """The L2 norms of the batch's three ego matrices (the regulariser), ``chunk`` rows of
-        them at a time."""
+    def batch_context(self, users: Tensor, pos: Tensor, neg: Tensor) -> RegContext:
+        """The L2 norms of the batch's three ego matrices (the regulariser), chunk by chunk."""
         squares = torch.zeros(3, dtype=self.user_embedding.weight.dtype, device=self.device)
-        for start in range(0, len(users), chunk):
-            part = slice(start, start + chunk)
+        for part in chunks(len(users)):
             squares += torch.stack([e.pow(2).sum() for e in
                                     self._ego(users[part], pos[part], neg[part])])
-        return squares.sqrt()
+        return RegContext(squares.sqrt(), (users, pos, neg))
 
-    def chunk_loss(self, tables: tuple[Tensor, Tensor], users: Tensor, pos: Tensor, neg: Tensor,
-                   batch: int, context: Tensor) -> Tensor:
-        u, i = tables
-        mf = bpr_loss(u[users], i[pos], i[neg]) * (len(users) / batch)
-        reg = sum(norm_share(e, n) for e, n in zip(self._ego(users, pos, neg), context)) / batch
+    def chunk_loss(self, rows: tuple[Tensor, Tensor, Tensor], users: Tensor, pos: Tensor,
+                   neg: Tensor, batch: int, context: RegContext) -> Tensor:
+        """BPR's share; the regulariser's value share only (its gradient goes straight onto
+        the ID embeddings in :meth:`backward_tables`, no [nodes, d] buffer of its own)."""
+        mf = bpr_loss(*rows) * (len(users) / batch)
+        with torch.no_grad():
+            reg = sum(e.pow(2).sum() / n for e, n in zip(self._ego(users, pos, neg),
+                                                           context.norms)) / batch
         return mf + self.config.reg_weight * reg
+
+    @torch.no_grad()
+    def backward_tables(self, grad: Tensor, context: RegContext) -> None:
+        """The propagation is linear, mean_l A^l x, with A symmetric: its gradient is the same
+        propagation of the tables' gradients. The regulariser's, reg_weight * E[rows] /
+        (||E|| batch) for each ego matrix E, is added to it row by row."""
+        ego = light_propagate(self.adj.transposed(), grad, self.config.n_layers, lean=True,
+                              owned=True)
+        batch = len(context.ids[0])
+        targets = ((ego[:self.n_users], self.user_embedding.weight),
+                   (ego[self.n_users:], self.item_embedding.weight),
+                   (ego[self.n_users:], self.item_embedding.weight))
+        for (out, weight), ids, norm in zip(targets, context.ids, context.norms):
+            scale = self.config.reg_weight / (norm * batch)
+            for part in chunks(batch):
+                out.index_add_(0, ids[part], weight[ids[part]] * scale)
+        add_grad(self.user_embedding.weight, ego[:self.n_users])
+        add_grad(self.item_embedding.weight, ego[self.n_users:])
