@@ -118,13 +118,14 @@ def test_lean_and_plain_propagation_give_the_float64_reference_gradients(n_layer
         assert torch.allclose(x.grad, reference, rtol=1e-12, atol=1e-12), lean
 
 
+@pytest.mark.parametrize("backbone", ["lightgcn", "freedom"])
 def test_memory_lean_training_matches_plain_on_the_synthetic_catalog_across_a_resume(
-        tmp_path: Path, monkeypatch) -> None:
+        tmp_path: Path, monkeypatch, backbone: str) -> None:
     runner = CliRunner()
     catalog = tmp_path / "catalog"
     assert runner.invoke(cli, ["synthetic", str(catalog), "--users", "120", "--items", "80"]
                          ).exit_code == 0
-    common = ["train", "--backbone", "lightgcn", "--data", str(catalog), "--quiet",
+    common = ["train", "--backbone", backbone, "--data", str(catalog), "--quiet",
               "--set", "train.epochs=4", "--set", "train.batch_size=256",
               "--set", "train.topk=[5, 10]", "--set", "train.valid_metric=\"recall@10\""]
     plain = runner.invoke(cli, [*common, "--out", str(tmp_path / "plain")])
