@@ -42,7 +42,8 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             s = _status_kib("VmRSS", "RssAnon")
-            self.peak, self.peak_anon = max(self.peak, s["VmRSS"]), max(self.peak_anon, s["RssAnon"])
+            self.peak = max(self.peak, s["VmRSS"])
+            self.peak_anon = max(self.peak_anon, s["RssAnon"])
             time.sleep(self.interval)
 
     def reset(self) -> None:
@@ -96,8 +97,6 @@ def main() -> None:
     parser.add_argument("--eval-users", type=int, default=4096,
                         help="users ranked once after the steps (one score block)")
     args = parser.parse_args()
-
-    import torch
 
     from cliper_prod.commands.common import parse_overrides
     from cliper_prod.config import load_config
