@@ -47,10 +47,14 @@ class TrainSettings:
             sample of N of them, and only the selected epoch gets the full validation, so
             validating costs in proportion to N once epochs are cheap (large catalogs, large
             batches).
-        memory_lean (bool): Propagate with a running sum of the layers instead of stacking them,
-            so training and evaluation hold about three [nodes, d] tables instead of
-            2 x (layers + 1); same arithmetic up to float rounding order, hence off by default
-            (the default keeps the parity figures bit for bit).
+        memory_lean (bool): Propagate with a running sum of the layers instead of stacking them
+            (in place where nothing records a gradient, by blocks of rows), so training and
+            evaluation hold about three [nodes, d] tables instead of 2 x (layers + 1); LightGCN
+            and FREEDOM also take each batch's loss in chunks of triples over tables built
+            without a graph and propagate the gradient back by hand (memory independent of the
+            batch; about four tables at a step's peak), and a backbone that reads no features
+            (LightGCN) loads none. Same arithmetic up to float rounding order, hence off by
+            default (the default keeps the parity figures bit for bit).
         epochs (int): The most epochs trained.
         patience (int): Epochs without a better ``valid_metric`` before training stops.
         valid_metric (str): The validation metric that selects the epoch, e.g. ``recall@20``;

@@ -18,6 +18,7 @@ user graph sample there), so CPU runs are those of a build without devices.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import logging
 import math
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 
 from cliper_prod.device import CPU
-from cliper_prod.backbones import Backbone, create_model
+from cliper_prod.backbones import Backbone, create_model, model_class
+from cliper_prod.backbones.base import LOSS_CHUNK, chunks
 from cliper_prod.checkpoint import save_embeddings, save_model, save_torch
 from cliper_prod.config import LR_SCALING, TrainSettings, build
 from cliper_prod.data.mmrec import InteractionData
@@ -123,6 +125,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def trim_heap() -> None:
+    """Hand the C heap's freed pages back to the system (glibc's ``malloc_trim``): building a
+    graph of tens of millions of edges leaves gigabytes freed but still resident. A no-op
+    where the C library has none."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def lean_loading(backbone: str, memory_lean: bool) -> dict:
+    """:func:`~cliper_prod.data.mmrec.load_dataset`'s options for a run: a memory-lean run of a
+    backbone that reads no features loads none (gigabytes at a million items)."""
+    return {"feature_files": {}} if memory_lean and not model_class(backbone).reads_features \
+        else {}
+
+
 def ranking_tasks(data: InteractionData, mask_valid_in_test: bool = False
                   ) -> dict[str, RankingTask]:
     """Valid ranks with train items hidden; test likewise (MMRec), plus valid items if asked."""
@@ -149,6 +168,36 @@ def learning_rate_factor(settings: TrainSettings, batch: int, epoch_steps: int
         return scale * warm * decay
 
     return factor
+
+
+def chunked_backward(model: Backbone, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                     chunk: int = LOSS_CHUNK) -> float:
+    """Back-propagate the batch loss ``chunk`` triples at a time; its value.
+
+    The propagated tables are built once without a graph (autograd would keep its
+    temporaries). Each chunk's rows of them are leaves of the chunk's loss, whose gradients are
+    added into one [nodes, d] buffer; that buffer then goes back through the propagation by
+    hand (:meth:`~Backbone.backward_tables`). The gradients equal the whole batch's up to
+    rounding, with a chunk's rows alive at a time instead of the whole batch's (gigabytes at
+    millions of triples per step) and three [nodes, d] tables at the step's peak."""
+    with torch.no_grad():
+        user_table, item_table = model.train_tables()
+    n_users = len(user_table)
+    grad = user_table.new_zeros(n_users + len(item_table), user_table.shape[1])
+    context = model.batch_context(users, pos, neg)
+    total = 0.0
+    for part in chunks(len(users), chunk):
+        ids = ((users[part], user_table, grad[:n_users]), (pos[part], item_table, grad[n_users:]),
+               (neg[part], item_table, grad[n_users:]))
+        rows = tuple(table[i].requires_grad_() for i, table, _ in ids)
+        loss = model.chunk_loss(rows, users[part], pos[part], neg[part], len(users), context)
+        loss.backward()
+        for (i, _, out), row in zip(ids, rows):
+            out.index_add_(0, i, row.grad)
+        total += loss.item()
+    del user_table, item_table, ids, rows, loss  # the tables: their values are no longer needed
+    model.backward_tables(grad, context)
+    return total
 
 
 def evaluate_model(model: Backbone, task: RankingTask, settings: TrainSettings
@@ -216,6 +265,8 @@ class Trainer:
         self.full_valid_task = ranking_tasks(data)["valid"]
         # every epoch validates on this (the same users each epoch, from the seed alone)
         self.valid_task = self.full_valid_task.sample(settings.eval_users, settings.seed)
+        if settings.memory_lean:
+            trim_heap()
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over freshly sampled BPR batches, a scheduler step after each; the mean
@@ -226,13 +277,7 @@ class Trainer:
         bar = progress_bar(self.sampler.epoch(), enabled=self.progress, total=len(self.sampler),
                            desc=f"epoch {epoch}", leave=False, unit="batch")
         for batch in bar:
-            users, pos, neg = (t.to(self.device, non_blocking=True) for t in batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.model.loss(users, pos, neg)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            value = loss.item()
+            value = self.train_step(*batch)
             total += value
             bar.set_postfix(loss=f"{value:.4f}")
         mean_loss = total / len(self.sampler)
@@ -240,6 +285,22 @@ class Trainer:
             raise TrainingDiverged(f"training loss became {mean_loss} at epoch {epoch}; lower the "
                                    f"learning rate")
         return mean_loss
+
+    def train_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+        """One optimiser step (and scheduler step) on a batch of triples; its loss. With
+        ``memory_lean`` a backbone with a chunked loss takes the batch in chunks of triples
+        (:func:`chunked_backward`)."""
+        users, pos, neg = (t.to(self.device, non_blocking=True) for t in (users, pos, neg))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.settings.memory_lean and self.model.chunked_loss:
+            value = chunked_backward(self.model, users, pos, neg)
+        else:
+            loss = self.model.loss(users, pos, neg)
+            loss.backward()
+            value = loss.item()
+        self.optimizer.step()
+        self.scheduler.step()
+        return value
 
     def valid_epoch(self) -> dict[str, float]:
         """The current weights' metrics on the validation split (never test), on the sampled

@@ -17,7 +17,9 @@ from cliper_prod.commands import cli
 from cliper_prod.config import TrainSettings, build, load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.evaluation import evaluate_ranking
-from cliper_prod.graph import fixed_propagation, light_propagate
+from cliper_prod.backbones import create_model
+from cliper_prod import graph
+from cliper_prod.graph import Propagation, fixed_propagation, light_propagate
 
 FAST = {"train": {"epochs": 5, "patience": 10, "batch_size": 64, "topk": [5, 10],
                   "valid_metric": "recall@10", "learning_rate": 0.01}}
@@ -116,13 +118,14 @@ def test_lean_and_plain_propagation_give_the_float64_reference_gradients(n_layer
         assert torch.allclose(x.grad, reference, rtol=1e-12, atol=1e-12), lean
 
 
+@pytest.mark.parametrize("backbone", ["lightgcn", "freedom"])
 def test_memory_lean_training_matches_plain_on_the_synthetic_catalog_across_a_resume(
-        tmp_path: Path, monkeypatch) -> None:
+        tmp_path: Path, monkeypatch, backbone: str) -> None:
     runner = CliRunner()
     catalog = tmp_path / "catalog"
     assert runner.invoke(cli, ["synthetic", str(catalog), "--users", "120", "--items", "80"]
                          ).exit_code == 0
-    common = ["train", "--backbone", "lightgcn", "--data", str(catalog), "--quiet",
+    common = ["train", "--backbone", backbone, "--data", str(catalog), "--quiet",
               "--set", "train.epochs=4", "--set", "train.batch_size=256",
               "--set", "train.topk=[5, 10]", "--set", "train.valid_metric=\"recall@10\""]
     plain = runner.invoke(cli, [*common, "--out", str(tmp_path / "plain")])
@@ -148,3 +151,70 @@ def test_memory_lean_training_matches_plain_on_the_synthetic_catalog_across_a_re
     # the same arithmetic summed in another order: equal up to float32 rounding
     assert got["test"] == pytest.approx(want["test"], abs=1e-6)
     assert got["valid"] == pytest.approx(want["valid"], abs=1e-6)
+
+
+def _float64(model) -> None:
+    """The model's parameters and fixed graphs in float64, a graph shared by two attributes
+    converted once."""
+    model.double()
+    done: dict[int, Propagation] = {}
+    for name, value in list(vars(model).items()):
+        if isinstance(value, Propagation):
+            if id(value) not in done:
+                symmetric = value.adj_t is value.adj
+                value.adj = value.adj.to(torch.float64)
+                value.adj_t = value.adj if symmetric else value.adj_t.to(torch.float64)
+                done[id(value)] = value
+
+
+@pytest.mark.parametrize("backbone, model", [
+    ("lightgcn", {"n_layers": 3, "reg_weight": 0.5}),
+    ("freedom", {}),  # dropout 0.8: a pruned training graph
+    ("freedom", {"reg_weight": 0.1, "n_mm_layers": 2}),  # the modality terms, trained features
+    ("freedom", {"n_mm_layers": 0, "dropout": 0.0}),
+])
+def test_chunked_backward_gives_the_whole_batch_gradients_in_float64(
+        toy_dataset: Path, backbone: str, model: dict, monkeypatch) -> None:
+    monkeypatch.setattr(graph, "BLOCK_ROWS", 6)  # products by blocks of rows, as at scale
+    data = load_dataset(toy_dataset)
+    torch.manual_seed(0)
+    net = create_model(backbone, data, {**load_config(backbone)["model"], **model})
+    net.pre_epoch(torch.Generator().manual_seed(0))
+    _float64(net)
+    train = torch.from_numpy(data.train)
+    users, pos = train[:, 0], train[:, 1]  # repeated users and items: gradients add up
+    neg = torch.randint(0, data.n_items, (len(users),), generator=torch.Generator().manual_seed(1))
+    whole = net.loss(users, pos, neg)
+    whole.backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    net.lean_propagation = True  # as a memory-lean run trains: the running sum, in place
+    value = training.chunked_backward(net, users, pos, neg, chunk=7)  # several chunks
+    assert value == pytest.approx(whole.item(), rel=1e-12)
+    for name, param in net.named_parameters():
+        assert torch.allclose(param.grad, want[name], rtol=1e-10, atol=1e-14), name
+    assert len(users) > 3 * 7
+
+
+def test_a_memory_lean_run_of_a_backbone_without_features_loads_none(toy_dataset: Path) -> None:
+    assert training.lean_loading("lightgcn", True) == {"feature_files": {}}
+    assert training.lean_loading("lightgcn", False) == training.lean_loading("freedom", True) == {}
+    assert load_dataset(toy_dataset, **training.lean_loading("lightgcn", True)).features == {}
+    assert set(load_dataset(toy_dataset).features) == {"image", "text"}
+
+
+def test_a_blocked_product_gives_the_products_values_and_gradient(monkeypatch) -> None:
+    monkeypatch.setattr(graph, "BLOCK_ROWS", 4)
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.rand(11, 11, generator=gen, dtype=torch.float64)
+    dense[dense < 0.5] = 0
+    dense[5:9] = 0  # a block of empty rows
+    edges = dense.nonzero().T
+    adj = fixed_propagation(edges, dense[edges[0], edges[1]], 11)
+    x = torch.randn(11, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    out = adj(x, blocked=True)
+    assert torch.allclose(out, dense @ x, rtol=1e-14, atol=1e-14)
+    assert torch.equal(out, adj(x))  # row by row the same arithmetic
+    (out * weight).sum().backward()
+    assert torch.allclose(x.grad, dense.T @ weight, rtol=1e-14, atol=1e-14)

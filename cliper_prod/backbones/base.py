@@ -31,6 +31,25 @@ def bpr_loss(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
     return -F.logsigmoid((users * pos).sum(1) - (users * neg).sum(1)).mean()
 
 
+#: triples per chunk of a chunked step: its gathered rows and their gradients take about
+#: 6 x LOSS_CHUNK x d floats, whatever the batch
+LOSS_CHUNK = 1 << 19
+
+
+def chunks(n: int, size: int | None = None) -> list[slice]:
+    """Consecutive slices of ``size`` (default :data:`LOSS_CHUNK`) covering ``range(n)``."""
+    size = size or LOSS_CHUNK
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
+def add_grad(param: Tensor, grad: Tensor) -> None:
+    """Accumulate ``grad`` (no graph) into ``param.grad`` as backward would."""
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
 def require_features(data: InteractionData, backbone: str) -> None:
     """Multi-modal backbones cannot train on interactions alone: say which files are missing."""
     if not data.features:
@@ -104,6 +123,10 @@ class Backbone(nn.Module, ABC):
     """
 
     config_class: ClassVar[type]
+    #: the loss splits into chunks of triples (:meth:`train_tables`, :meth:`chunk_loss`)
+    chunked_loss: ClassVar[bool] = False
+    #: the model reads the modality features (False: a memory-lean run loads none)
+    reads_features: ClassVar[bool] = True
 
     def __init__(self, device: torch.device = CPU) -> None:
         super().__init__()
@@ -153,6 +176,31 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
         """Training loss of one batch of (user, positive item, negative item) triples."""
+
+    def train_tables(self) -> tuple[Tensor, Tensor]:
+        """Where :attr:`chunked_loss`: the propagated user and item tables a training batch
+        reads, built once per step (without a graph) whatever the number of chunks."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
+
+    def batch_context(self, users: Tensor, pos: Tensor, neg: Tensor) -> Any:
+        """Where :attr:`chunked_loss`: what :meth:`chunk_loss` and :meth:`backward_tables` need
+        of the whole batch (e.g. a norm over all of it), without gradient; None when nothing."""
+        return None
+
+    def chunk_loss(self, rows: tuple[Tensor, Tensor, Tensor], users: Tensor, pos: Tensor,
+                   neg: Tensor, batch: int, context: Any) -> Tensor:
+        """Where :attr:`chunked_loss`: the share of one chunk of the triples in the loss of a
+        batch of ``batch`` triples, from ``rows``, the chunk's rows of the tables (users[u],
+        items[pos], items[neg]); with :meth:`backward_tables` the shares add up to
+        :meth:`loss` of the batch in value and gradient (up to rounding)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
+
+    def backward_tables(self, grad: Tensor, context: Any) -> None:
+        """Where :attr:`chunked_loss`: add to the parameters' gradients those of
+        ``<[users; items], grad>`` for the tables of :meth:`train_tables` (``grad``: [users +
+        items, d], which this may overwrite), and what the chunks' losses left out of their
+        graphs; by hand, so that no layer of the propagation is kept."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked loss")
 
     @abstractmethod
     def propagate(self) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cliper_prod.device import CPU
-from cliper_prod.backbones.base import (FoldInState, Backbone, bpr_loss, check_knn_k,
+from cliper_prod.backbones.base import (FoldInState, Backbone, add_grad, bpr_loss, check_knn_k,
                                         feature_tensors, require_features, train_edges,
                                         trained_features, user_fold_in_arrays)
 from cliper_prod.data.mmrec import InteractionData
@@ -91,6 +91,7 @@ class Freedom(Backbone):
     """
 
     config_class = FreedomConfig
+    chunked_loss = True
 
     def __init__(self, data: InteractionData, config: FreedomConfig,
                  device: torch.device = CPU) -> None:
@@ -139,7 +140,8 @@ class Freedom(Backbone):
         for _ in range(self.config.n_mm_layers):
             h = self.item_graph(h)
         ego = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        out = light_propagate(adj, ego, self.config.n_ui_layers, self.lean_propagation)
+        out = light_propagate(adj, ego, self.config.n_ui_layers, self.lean_propagation,
+                              owned=True)
         return out[:self.n_users], out[self.n_users:] + h
 
     def propagate(self) -> tuple[Tensor, Tensor]:
@@ -168,9 +170,37 @@ class Freedom(Backbone):
         return FoldInState("symmetric", "freedom", params, arrays)
 
     def loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        u_all, i_all = self._embed(self.train_adj)
-        u = u_all[users]
-        loss = bpr_loss(u, i_all[pos], i_all[neg])
+        u_all, i_all = self.train_tables()
+        return self._rows_loss((u_all[users], i_all[pos], i_all[neg]), pos, neg)
+
+    def train_tables(self) -> tuple[Tensor, Tensor]:
+        return self._embed(self.train_adj)
+
+    def chunk_loss(self, rows: tuple[Tensor, Tensor, Tensor], users: Tensor, pos: Tensor,
+                   neg: Tensor, batch: int, context: None) -> Tensor:
+        return self._rows_loss(rows, pos, neg) * (len(users) / batch)
+
+    @torch.no_grad()
+    def backward_tables(self, grad: Tensor, context: None) -> None:
+        """Users and items: the user-item propagation's gradient, mean_l (A^T)^l of the tables'
+        gradients; items also (S^T)^{L_m} of theirs, through the item graph."""
+        item_graph_t = self.item_graph.transposed()
+        h = grad[self.n_users:]
+        for _ in range(self.config.n_mm_layers):
+            h = item_graph_t(h)
+        if not self.config.n_mm_layers:
+            h = h.clone()  # a view of grad, which the propagation below overwrites
+        ego = light_propagate(self.train_adj.transposed(), grad, self.config.n_ui_layers,
+                              lean=True, owned=True)
+        add_grad(self.user_embedding.weight, ego[:self.n_users])
+        add_grad(self.item_embedding.weight, ego[self.n_users:].add_(h))
+
+    def _rows_loss(self, rows: tuple[Tensor, Tensor, Tensor], pos: Tensor, neg: Tensor
+                   ) -> Tensor:
+        """BPR on the gathered user, positive and negative rows plus the modality terms, every
+        one a mean over the triples."""
+        u = rows[0]
+        loss = bpr_loss(*rows)
         for modality, proj in self.projections.items():
             pos_f, neg_f = self.modality(modality, pos), self.modality(modality, neg)
             loss = loss + self.config.reg_weight * bpr_loss(u, proj(pos_f), proj(neg_f))

@@ -52,7 +52,7 @@ def command(backbone: str, data_dir: Path, features: str, features_dir: Path | N
     from cliper_prod.data.mmrec import load_dataset
     from cliper_prod.device import resolve_device
     from cliper_prod.io import check_output
-    from cliper_prod.training import train_model
+    from cliper_prod.training import lean_loading, train_model
 
     if out_dir is not None:
         check_output(out_dir, "folder")
@@ -66,7 +66,8 @@ def command(backbone: str, data_dir: Path, features: str, features_dir: Path | N
         features_dir = features_dir or data_dir / "cliper"
     elif features_dir is not None:
         raise ConfigError("--features-dir needs --features cliper")
-    data = load_dataset(data_dir, features_dir=features_dir)
+    data = load_dataset(data_dir, features_dir=features_dir,
+                        **lean_loading(backbone, config["train"]["memory_lean"]))
     click.echo(data.summary(), err=True)
     if out_dir is None:
         out_dir = DEFAULT_CHECKPOINTS / f"{backbone}-{data.name}"

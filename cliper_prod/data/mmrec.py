@@ -250,8 +250,9 @@ def read_embedded_features(folder: Path, item_ids: list[str] | None, n_items: in
 
 def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
                  features_dir: Path | None = None) -> InteractionData:
-    """Load an MMRec-format folder; ``feature_files`` maps modality -> file name (default both);
-    ``features_dir`` takes the features from an embed output folder instead."""
+    """Load an MMRec-format folder; ``feature_files`` maps modality -> file name (default both;
+    ``{}``: none, for a model that reads none); ``features_dir`` takes the features from an
+    embed output folder instead."""
     root = Path(root)
     inter_path = find_inter_file(root)
     rows = read_inter(inter_path)
@@ -281,7 +282,8 @@ def load_dataset(root: str | Path, feature_files: dict[str, str] | None = None,
         features, trained_fusion = read_embedded_features(Path(features_dir), item_ids, n_items)
     else:
         features = {}
-        for modality, fname in (feature_files or FEATURE_FILES).items():
+        for modality, fname in (FEATURE_FILES if feature_files is None else feature_files
+                                ).items():
             fpath = root / fname
             if fpath.exists():
                 features[modality] = read_features(fpath, n_items)

@@ -16,12 +16,14 @@ class BPRSampler:
 
     def __init__(self, train: np.ndarray, n_items: int, batch_size: int,
                  rng: np.random.Generator) -> None:
-        self.users = train[:, 0].astype(np.int64)
-        self.items = train[:, 1].astype(np.int64)
+        # views of the columns, no copy (gigabytes at tens of millions of interactions);
+        # batches are int64 copies of their rows
+        self.users, self.items = train[:, 0], train[:, 1]
         self.n_items = n_items
         self.batch_size = batch_size
         self.rng = rng
-        self._seen = np.unique(self.users * n_items + self.items)  # sorted keys for membership
+        # sorted keys for membership
+        self._seen = np.unique(self.users.astype(np.int64) * n_items + self.items)
         full = np.flatnonzero(np.bincount(self.users) >= n_items)
         if len(full):
             raise DataError("train split", f"user {full[0]} interacted with all {n_items} items; "
@@ -49,6 +51,6 @@ class BPRSampler:
         order = self.rng.permutation(len(self.users))
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            users, pos = self.users[idx], self.items[idx]
+            users, pos = self.users[idx].astype(np.int64), self.items[idx].astype(np.int64)
             neg = self.negatives(users)
             yield torch.from_numpy(users), torch.from_numpy(pos), torch.from_numpy(neg)
