@@ -86,7 +86,8 @@ class FoldInState:
 
 
 NO_ITEM_GRAPH = ("it has no item graph, so an item without interactions has no "
-                 "representation; add items to a FREEDOM or LATTICE model")
+                 "representation; add items to a FREEDOM or LATTICE model, or export "
+                 "this one with --cold-student")
 
 
 def user_fold_in_arrays(layers: list[Tensor], n_users: int, items: Tensor, n_items: int

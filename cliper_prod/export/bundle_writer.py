@@ -35,6 +35,7 @@ import torch
 
 from cliper_prod import __version__
 from cliper_prod.backbones.base import FoldInState
+from cliper_prod.backbones.cold_student import StudentConfig
 from cliper_prod.bundle_format import (FOLD_IN, FORMAT_VERSION, GPU_FORM, HISTORY_INDPTR,
                                        HISTORY_ITEMS, IMAGE_GRAPH, ITEM_IDS, ITEM_TABLE, MANIFEST,
                                        MANIFEST_HASH, PLAIN, TEXT_GRAPH, TOKENIZER, TOPK_GRAPH,
@@ -44,12 +45,14 @@ from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
 from cliper_prod.export.feature_graphs import export_features, feature_settings
 from cliper_prod.export.graphs import GraphSpec, export_onnx, feeds, torch_outputs
+from cliper_prod.export.student_fit import fit_student
 from cliper_prod.export.verified_graph import (CPU, GraphOptions, export_graph, preference,
                                                verified_onnx)
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.ids import read_ids, write_ids
 from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_json, write_npy
 from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
+from cliper_prod.student_format import COLD_STUDENT, StudentState, student_file
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +137,13 @@ def _same_topk(reference_items: np.ndarray, reference_scores: np.ndarray):
 
 def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: str | None = None,
                   random_init: bool = False, data_dir: Path | None = None,
-                  options: GraphOptions = GraphOptions()) -> dict[str, Any]:
+                  options: GraphOptions = GraphOptions(),
+                  student: StudentConfig | None = None) -> dict[str, Any]:
     """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically).
 
     ``clip_source`` overrides the CLIP checkpoint the model's features were embedded with (``None``
-    with vanilla features: no feature graphs); ``data_dir`` is the training data if it moved.
+    with vanilla features: no feature graphs); ``data_dir`` is the training data if it moved;
+    ``student``: train the cold-start student with these settings and store it.
     """
     model, data, payload = load_model(checkpoint, data_dir)
     if payload["backbone"] != backbone:
@@ -148,10 +153,13 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: st
     settings = feature_settings(data.features_dir, clip_source, random_init)
     tables = EmbeddingTables(*model.embedding_tables(), data.train, data.user_ids, data.item_ids)
     fold_in = model.fold_in_state(data)
+    state = None if student is None else fit_student(
+        tables.users.numpy(), tables.items.numpy(), data.train, data.features, fold_in,
+        backbone, student)
     return _write_atomically(out, lambda folder: _build(
         folder, tables, options, payload["backbone"], data.name,
         features=lambda: export_features(settings, folder, options) if settings else None,
-        fold_in=fold_in))
+        fold_in=fold_in, student=state))
 
 
 @dataclass(frozen=True)
@@ -176,14 +184,17 @@ def export_tables(tables: EmbeddingTables, out: Path, *, backbone: str | None = 
 
 
 def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[str],
-                  items: np.ndarray, fold_in: FoldInState, out: Path) -> dict[str, Any]:
+                  items: np.ndarray, fold_in: FoldInState, out: Path,
+                  placement: str = "fold-in", student: StudentState | None = None
+                  ) -> dict[str, Any]:
     """A new bundle at ``out``: ``source`` (``manifest``: its manifest, as
     :func:`~cliper_prod.bundle_format.read_manifest` checked it when the bundle was opened) with
     the items ``item_ids`` (embeddings ``items``, placed by ``fold_in``, which holds the arrays
     with them appended) added to its catalog, exported and verified as :func:`export_bundle`
     does; ``source`` is not touched. The CLIP graphs and the tokenizer are copied with their
     verified records. The top-K graph keeps the source's forms (the GPU form and its candidate
-    count only if the source has one)."""
+    count only if the source has one). ``placement`` (how the new items were placed) goes
+    into the lineage; ``student``, the source's cold-start student, is kept."""
     topk = manifest["graphs"][TOPK_GRAPH]
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
     old_ids = read_ids(source / manifest["ids"]["items"], len(tables["items"]))
@@ -201,7 +212,11 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
                            candidate_blocks=topk.get(GPU_FORM, {}).get("blocks_option", 1))
     lineage = {"extended_from": {"created": manifest["created"],
                                  "manifest_sha256": sha256_file(source / MANIFEST)},
-               "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)}
+               "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids),
+               "placement": placement}
+    placements = dict(manifest.get("lineage", {}).get("placements", {}))
+    placements[placement] = placements.get(placement, 0) + len(item_ids)
+    lineage["placements"] = placements
 
     def copy_features(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
         if manifest.get("features") is None:
@@ -214,7 +229,8 @@ def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[
 
     return _write_atomically(out, lambda folder: _build(
         folder, embedding, options, manifest["backbone"], manifest["dataset"],
-        features=lambda: copy_features(folder), fold_in=fold_in, lineage=lineage))
+        features=lambda: copy_features(folder), fold_in=fold_in, lineage=lineage,
+        student=student))
 
 
 def _write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -240,11 +256,11 @@ FeatureGraphs = Callable[[], "tuple[dict[str, Any], dict[str, Any]] | None"]
 
 def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbone: str | None,
            dataset: str | None, *, features: FeatureGraphs = lambda: None,
-           fold_in: FoldInState | None = None, lineage: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
+           fold_in: FoldInState | None = None, lineage: dict[str, Any] | None = None,
+           student: StudentState | None = None) -> dict[str, Any]:
     """Write every file of a bundle into ``folder``: the top-K graph and tables, the CLIP graphs
     ``features`` writes (their records and the feature settings, or None), the fold-in arrays,
-    then the manifest."""
+    the cold-start student's, then the manifest."""
     graphs: dict[str, Any] = {}
     users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
     spec, topk_info, (indptr, history) = _topk_graph(users, items, tables.train, options.max_k,
@@ -276,6 +292,11 @@ def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbon
         extra[FOLD_IN] = {"user_rule": fold_in.user_rule, "item_rule": fold_in.item_rule,
                           "params": fold_in.params,
                           "arrays": {name: fold_in_file(name) for name in fold_in.arrays}}
+    if student is not None:
+        for name, array in student.arrays.items():
+            write_npy(folder / student_file(name), np.ascontiguousarray(array, np.float32))
+        extra[COLD_STUDENT] = {"params": student.params,
+                               "arrays": {name: student_file(name) for name in student.arrays}}
     return write_manifest(folder, graphs, feature_info, options.opset, backbone=backbone,
                           dataset=dataset, extra=extra)
 
