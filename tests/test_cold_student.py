@@ -4,6 +4,8 @@ checked against its PyTorch network, naive numpy rankings and bundles exported w
 from __future__ import annotations
 
 import json
+import signal
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ from cliper_prod.bundle_format import read_manifest
 from cliper_prod.commands import cli
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.cold_student import ContentStudent
+from cliper_prod.runtime.recommender import Recommender
+from conftest import serve_local, stop_process
 
 N_NEW = 4
 
@@ -170,3 +174,30 @@ def test_bundles_without_a_student_keep_working(exported, tmp_path: Path) -> Non
               tmp_path / "b4", "--placement", "student")
     assert res.exit_code == 7 and "no cold-start student" in res.output
     assert not (tmp_path / "b4").exists()
+
+
+def test_the_service_reports_the_placement_and_folds_history_users(bundles, exported,
+                                                                   image_root,
+                                                                   tmp_path: Path) -> None:
+    """/metadata says how the bundle places new items and placed those it holds; a /topk
+    history naming a student-placed item answers as the library does (LightGCN: a user rule,
+    no item rule)."""
+    new_features(tmp_path / "new", exported["catalog"])
+    assert run("add-items", "--bundle", bundles["lightgcn"], "--features", tmp_path / "new",
+               "--out", tmp_path / "b2").exit_code == 0
+    url, proc = serve_local({"bundle": tmp_path / "b2"}, image_root, tmp_path)
+    try:
+        with urllib.request.urlopen(url + "/metadata") as response:
+            meta = json.loads(response.read())
+        assert meta["new_items"] == {"default_placement": "student",
+                                     "last_placement": "student",
+                                     "added_by_placement": {"student": N_NEW}}
+        api = Recommender(tmp_path / "b2")
+        history = [api.bundle.item_ids[i] for i in (1, 4, 9)] + ["NEW2"]
+        request = urllib.request.Request(url + "/topk", json.dumps(
+            {"history": history, "k": 10}).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            body = json.loads(response.read())
+        assert body == {"results": api.topk_histories([history], k=10)}
+    finally:
+        stop_process(proc, signal.SIGTERM)

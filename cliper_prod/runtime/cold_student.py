@@ -74,3 +74,12 @@ def choose_placement(requested: str | None, student: ContentStudent | None, fold
     if requested == STUDENT and student is None:
         raise BundleError(f"{folder}: cannot place items with the student: {NO_STUDENT}")
     return requested or (STUDENT if student is not None else FOLD_IN_ONLY)
+
+
+def placement_summary(manifest: dict) -> dict:
+    """How this bundle places new items and placed those it holds (/metadata): the default
+    placement of add-items, the last placement used and the items added by each."""
+    lineage = manifest.get("lineage", {})
+    return {"default_placement": STUDENT if COLD_STUDENT in manifest else FOLD_IN_ONLY,
+            "last_placement": lineage.get("placement"),
+            "added_by_placement": lineage.get("placements", {})}

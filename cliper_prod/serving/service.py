@@ -24,6 +24,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from cliper_prod import __version__
 from cliper_prod.bundle_format import MANIFEST_HASH
 from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.cold_student import placement_summary
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.serving.metrics import ServiceMetrics
 from cliper_prod.serving.readiness import ReadinessProbe
@@ -167,7 +168,8 @@ class Service:
                                                  "clip": _name(manifest["features"]["clip"])}}
         return {"bundle": {"name": _name(self.settings.bundle),
                            MANIFEST_HASH: self.manifest[MANIFEST_HASH]},
-                "manifest": manifest, "providers": self.providers,
+                "manifest": manifest, "new_items": placement_summary(manifest),
+                "providers": self.providers,
                 "cliper_prod": __version__, "settings": settings,
                 "engine": {**self.engine, "ray_imported": "ray" in sys.modules},
                 "replica": self.replica}
