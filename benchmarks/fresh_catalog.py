@@ -33,6 +33,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 K = 20
 HELD_OUT = 0.10  # users
 ITEMS_HELD_OUT = 0.20  # items: half validation, half test
+EPOCHS: dict[str, int] = {}  # --epochs: a cap on every model's training epochs
 
 
 @dataclass
@@ -137,21 +139,23 @@ def write_subset(full: Full, users: np.ndarray, items: np.ndarray, folder: Path
 def train_and_export(folder: Path, out: Path, clip: Path | None, seed: int,
                      student: bool = False) -> dict:
     """FREEDOM with the packaged settings on ``folder``; the bundle at ``out`` (with the
-    cold-start student when ``student``); one written before under ``out`` is reused (an
-    interrupted run resumes with ``--work``)."""
+    cold-start student when ``student``). A model trained before under ``out`` is reused (an
+    interrupted run resumes with ``--work``); the export is always run."""
     if (out / "info.json").is_file():
-        return json.loads((out / "info.json").read_text())
-    config = load_config("freedom", overrides={"train": {"seed": seed}})
-    start = time.perf_counter()
-    result = train_model("freedom", load_dataset(folder), config, out / "ckpt", progress=False)
+        info = json.loads((out / "info.json").read_text())
+    else:
+        config = load_config("freedom", overrides={"train": {"seed": seed, **EPOCHS}})
+        start = time.perf_counter()
+        result = train_model("freedom", load_dataset(folder), config, out / "ckpt",
+                             progress=False)
+        info = {"best_epoch": result.best_epoch, "test_recall@20": result.test["recall@20"],
+                "train_s": round(time.perf_counter() - start, 1)}
+        (out / "info.json").write_text(json.dumps(info))
     args = ["export", "--checkpoint", out / "ckpt", "--out", out / "bundle", "--no-fp16",
             "--no-fused", "--no-torchscript"] + (["--clip", clip] if clip else []) + (
                 ["--cold-student"] if student else [])
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == 0, res.output
-    info = {"best_epoch": result.best_epoch, "test_recall@20": result.test["recall@20"],
-            "train_s": round(time.perf_counter() - start, 1)}
-    (out / "info.json").write_text(json.dumps(info))
     return info
 
 
@@ -199,7 +203,7 @@ def students_in_process(ckpt: Path, new_features: dict[str, np.ndarray],
             for name, config in configs.items()}
 
 
-def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | None,
+def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None,
                     work: Path, seed: int) -> dict:
     """The cold-start protocol: 20% of the items held out with all their interactions, split
     1:1 into validation and test items; the test items are added to the bundle trained
@@ -242,6 +246,7 @@ def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     vectors["ridge map"] = ridge_map(student_inputs(full.features, student["modalities"])[
         kept_items], served, student_inputs(new_feats, student["modalities"]))
     vectors |= students_in_process(work / "ckpt", new_feats, {
+        "student, ALDI's score-alignment weight 0.1": StudentConfig(gap_weight=0.1),
         "student, no score alignment (mutation)": StudentConfig(gap_weight=0.0)})
     # every method ranks the trained items and the test items; validation items are absent
     catalog = np.sort(np.concatenate([kept_items, new]))
@@ -256,7 +261,7 @@ def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     popularity = np.bincount(full.splits["train"][:, 1], minlength=n_items)[catalog]
     scores = {name: users[u_rows] @ t.T for name, t in tables.items()}
     scores |= {"popularity": np.tile(popularity.astype(np.float64), (len(eval_users), 1)),
-               "retrained": retrained["users"][eval_users] @ retrained["items"][catalog].T}
+               "retrained": retrained()["users"][eval_users] @ retrained()["items"][catalog].T}
     train_items = by_user(full.splits["train"], n_users)
     test_items = by_user(full.splits["test"], n_users)
     is_new = np.isin(catalog, new)
@@ -297,7 +302,7 @@ def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     return out
 
 
-def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | None,
+def user_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None,
                     work: Path, seed: int) -> dict:
     rng = np.random.default_rng(seed + 100)
     n_users, n_items = len(full.user_ids), len(full.item_ids)
@@ -324,7 +329,8 @@ def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     popularity = np.bincount(train[keep[train[:, 0]], 1], minlength=n_items).astype(np.float64)
     scores = {"fold-in": folded.queries @ items.T, "random placement": random.queries @ items.T,
               "popularity": np.tile(popularity[kept_items], (len(eval_users), 1)),
-              "retrained": retrained["users"][eval_users] @ retrained["items"][kept_items].T}
+              "retrained": retrained()["users"][eval_users] @
+              retrained()["items"][kept_items].T}
     out = {"held_out_users": len(held), "eval_users": len(eval_users),
            "test_interactions": int(sum(len(tests[u]) for u in eval_users)), **info,
            "all_items": {}}
@@ -389,9 +395,16 @@ def main() -> None:
                         default=["items", "users"])
     parser.add_argument("--out", type=Path, required=True,
                         help="DIR/fresh_<dataset>[_<experiment>].json/.md")
+    parser.add_argument("--epochs", type=int, help="Cap every model's training epochs (a "
+                        "reduced run) [default: the packaged settings]")
+    parser.add_argument("--retrained-from", type=Path, help="Use the model trained on all the "
+                        "data by another run (its WORK/full), waiting for it, instead of "
+                        "training it here: seeds run in parallel processes")
     parser.add_argument("--work", type=Path, help="Keep the work here (models are reused "
                         "when it is given again) [default: a temporary folder]")
     args = parser.parse_args()
+    if args.epochs:
+        EPOCHS["epochs"] = args.epochs
     result = {"dataset": args.dataset, "seeds": args.seeds, "k": K, "held_out": HELD_OUT,
               "items_held_out": ITEMS_HELD_OUT,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -400,12 +413,19 @@ def main() -> None:
         work = args.work or Path(tmp)
         full, clip = prepare(args.dataset, work)
         n_users, n_items = len(full.user_ids), len(full.item_ids)
-        write_subset(full, np.ones(n_users, bool), np.ones(n_items, bool), work / "full" / "data")
-        info = train_and_export(work / "full" / "data", work / "full", None, seed=999)
-        retrained = {"users": np.load(work / "full" / "ckpt" / "user_embeddings.npy"),
-                     "items": np.load(work / "full" / "ckpt" / "item_embeddings.npy"),
-                     **info}
-        result["retrained"] = info
+        if args.retrained_from is None:
+            write_subset(full, np.ones(n_users, bool), np.ones(n_items, bool),
+                         work / "full" / "data")
+            result["retrained"] = train_and_export(work / "full" / "data", work / "full", None,
+                                                   seed=999)
+
+        def retrained(folder: Path = args.retrained_from or work / "full") -> dict:
+            """The model trained on all the data (another run's: waited for)."""
+            while not (folder / "info.json").is_file():
+                time.sleep(10)
+            result["retrained"] = json.loads((folder / "info.json").read_text())
+            return {"users": np.load(folder / "ckpt" / "user_embeddings.npy"),
+                    "items": np.load(folder / "ckpt" / "item_embeddings.npy")}
         for seed in args.seeds:
             for exp, run in (("items", item_experiment), ("users", user_experiment)):
                 if exp not in args.experiments:
