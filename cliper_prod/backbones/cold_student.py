@@ -20,8 +20,8 @@ backbone without an item rule):
 
 plus an L2 penalty on the weights. Unlike ALDI, the users are not mapped by a second tower: new
 items are ranked by the served user vectors together with the trained items, so the student
-must speak their language. It serves through :mod:`cliper_prod.runtime.cold_student` (numpy); the exporter
-trains it (:mod:`cliper_prod.export.student_fit`).
+must speak their language. It serves through :mod:`cliper_prod.runtime.cold_student` (numpy);
+the exporter trains it (:mod:`cliper_prod.export.student_fit`).
 """
 
 from __future__ import annotations

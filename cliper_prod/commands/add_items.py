@@ -40,11 +40,11 @@ def command(bundle_dir: Path, items_path: Path | None, features_dir: Path | None
             batch_size: int, strict: bool, placement: str | None, quiet: bool) -> None:
     """Add items to a bundle without retraining: each new item is placed in the model's item
     graph by kNN over the same features the model used, its embedding is the backbone's own
-    item-graph propagation (plus the cold-start student's offset when the bundle has one,
-    so that new items compete with trained ones), and a new verified bundle is written (see
-    README, "Fresh catalogs"). An item that cannot be added (one the bundle already has, a bad record or
-    row) is listed in the errors file and the rest are added, as `embed` does; --strict
-    refuses the batch instead."""
+    item-graph propagation (plus the cold-start student's offset when the bundle has one, so
+    that new items compete with trained ones), and a new verified bundle is written (see
+    README, "Fresh catalogs"). An item that cannot be added (one the bundle already has, a
+    bad record or row) is listed in the errors file and the rest are added, as `embed` does;
+    --strict refuses the batch instead."""
     from cliper_prod.export.add_items import add_items, errors_file_for
 
     def report(error: dict) -> None:

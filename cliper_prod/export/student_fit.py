@@ -30,7 +30,7 @@ def fold_in_base(fold_in: FoldInState, backbone: str | None,
         return None
     n_items = len(fold.array(f"knn_{fold.modalities[0]}"))
     return fold.items({m: features[m] for m in fold.modalities},
-                      known=np.arange(n_items)).vectors
+                      leave_out=np.arange(n_items)).vectors
 
 
 def fit_student(users: np.ndarray, items: np.ndarray, train: np.ndarray,

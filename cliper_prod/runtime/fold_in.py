@@ -177,13 +177,13 @@ class FoldIn:
                                                     np.zeros(n_new, np.float32)])
         return arrays
 
-    def items(self, features: dict[str, np.ndarray], known: np.ndarray | None = None
+    def items(self, features: dict[str, np.ndarray], leave_out: np.ndarray | None = None
               ) -> PlacedItems:
         """Embeddings of new items from their features ({modality: [Q, d]}, the modalities of
         ``self.modalities``, in the space the model's item graph was built from).
 
-        ``known`` (training only): query q is the trained item ``known[q]``, placed as if it
-        were new, left out of its own neighbours, so a student learns what the rule gives an
+        ``leave_out`` (training only): query q is the trained item ``leave_out[q]``, placed as
+        if it were new, left out of its own neighbours, so a student learns what the rule gives an
         item it has never seen."""
         self.require_item_rule()
         missing = [m for m in self.modalities if m not in features]
@@ -195,7 +195,7 @@ class FoldIn:
             if features[m].ndim != 2 or features[m].shape[1] != expected:
                 raise ConfigError(f"the new items' {m} features have shape "
                                   f"{features[m].shape}; the model's are {expected}-d")
-        rows = ITEM_ROWS[self.item_rule](self, features, known)
+        rows = ITEM_ROWS[self.item_rule](self, features, leave_out)
         graph_layers = self.array("graph_layers")  # [L_m, n, D]: x^(0..L_m-1) of known items
         n_new, d = len(rows.self_weight), graph_layers.shape[2]
         x = np.zeros((n_new, d), dtype=np.float64)  # x^(0): no ID embedding
@@ -228,15 +228,15 @@ class NewRows:
     appended: dict[str, np.ndarray]
 
 
-def _knn_entries(table: np.ndarray, queries: np.ndarray, k: int, known: np.ndarray | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _knn_entries(table: np.ndarray, queries: np.ndarray, k: int,
+                 leave_out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each query's k-1 nearest known items (the query itself is the k-th): rows, items and
-    cosines, flat; query q's own row ``known[q]`` left out when given."""
-    if known is None:
+    cosines, flat; query q's own row ``leave_out[q]`` left out when given."""
+    if leave_out is None:
         neighbours = nearest(table, queries, k - 1)
     else:
         neighbours = nearest(table, queries, k)
-        drop = neighbours == known[:, None]
+        drop = neighbours == leave_out[:, None]
         drop[~drop.any(1), -1] = True  # not among them (a tie): drop the farthest instead
         neighbours = neighbours[~drop].reshape(len(queries), -1)
     cos = np.einsum("qd,qkd->qk", queries, np.asarray(table)[neighbours])
@@ -244,14 +244,14 @@ def _knn_entries(table: np.ndarray, queries: np.ndarray, k: int, known: np.ndarr
         cos.reshape(-1).astype(np.float64)
 
 
-def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray], known: np.ndarray | None
-                  ) -> NewRows:
+def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray],
+                  leave_out: np.ndarray | None) -> NewRows:
     """FREEDOM: per modality, itself and k-1 neighbours, each 1/k, mixed by the weights."""
     k, weights = int(fold.params["knn_k"]), fold.params["modality_weights"]
     parts, appended = [], {}
     for m in fold.modalities:
         units = unit_rows(features[m])
-        row, col, _ = _knn_entries(fold.array(f"knn_{m}"), units, k, known)
+        row, col, _ = _knn_entries(fold.array(f"knn_{m}"), units, k, leave_out)
         parts.append((row, col, np.full(len(row), weights[m] / k)))
         appended[f"knn_{m}"] = units
     n_new = len(units)
@@ -259,8 +259,8 @@ def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray], known: np.ndarr
     return NewRows(*(np.concatenate(a) for a in zip(*parts)), self_weight, appended)
 
 
-def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray], known: np.ndarray | None
-                  ) -> NewRows:
+def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray],
+                  leave_out: np.ndarray | None) -> NewRows:
     """LATTICE: (1 - lambda) x the learned graph (cosine kNN of the projected features, mixed
     by softmax(modal_weight), normalised by the weighted row sums of both ends) + lambda x the
     frozen graphs (cosine kNN of the raw features, each normalised so, then mixed); the new
@@ -271,14 +271,14 @@ def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray], known: np.ndarr
     self_weight = 0.0
     for m in fold.modalities:
         raw = unit_rows(features[m])
-        row, col, cos = _knn_entries(fold.array(f"knn_{m}"), raw, k, known)
+        row, col, cos = _knn_entries(fold.array(f"knn_{m}"), raw, k, leave_out)
         degree = 1.0 + np.bincount(row, cos, minlength=len(raw))  # the item itself: cosine 1
         known = fold.array(f"frozen_degree_{m}")[col]
         frozen.append((row, col, lam * mix[m] * cos / np.sqrt(degree[row] * known)))
         self_weight = self_weight + lam * mix[m] / degree
         projected = unit_rows(np.asarray(features[m], np.float64)
                               @ fold.array(f"proj_weight_{m}") + fold.array(f"proj_bias_{m}"))
-        row, col, cos = _knn_entries(fold.array(f"learned_{m}"), projected, k, known)
+        row, col, cos = _knn_entries(fold.array(f"learned_{m}"), projected, k, leave_out)
         learned.append((row, col, mix[m] * cos))
         learned_degree = learned_degree + mix[m] * (1.0 + np.bincount(row, cos,
                                                                       minlength=len(raw)))
