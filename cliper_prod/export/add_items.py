@@ -184,7 +184,8 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
             extend_bundle(bundle_dir, bundle.manifest, item_ids=found.ids,
                           items=placed.vectors, out=out, fold_in=FoldInState(
                               fold.user_rule, fold.item_rule, fold.params, placed.arrays),
-                          placement=placement, student=student and student.state)
+                          placement=placement,
+                          student=student.state if student else None)
         write_text(errors_file, "".join(json.dumps(e) + "\n" for e in errors))
         if not found.ids:
             raise DataError(items or features, f"no item to add ({len(errors)} item error(s), "
