@@ -33,6 +33,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,23 +42,32 @@ from click.testing import CliRunner
 
 from _report import report
 from cliper_prod import __version__
+from cliper_prod.backbones.cold_student import StudentConfig
+from cliper_prod.bundle_format import read_manifest
+from cliper_prod.checkpoint import load_model
 from cliper_prod.commands import cli
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import SPLITS, load_dataset
 from cliper_prod.data.random_features import with_random_features
 from cliper_prod.data.synthetic import SyntheticSpec, generate_catalog
 from cliper_prod.evaluation import metrics_from_hits
+from cliper_prod.export.student_fit import fit_student
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import embed_catalog
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.pipeline import catalog_texts
 from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.cold_student import ContentStudent
+from cliper_prod.runtime.fold_in import FoldIn
 from cliper_prod.runtime.ranking import TopKRanker
+from cliper_prod.student_format import student_inputs
 from cliper_prod.training import train_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 K = 20
-HELD_OUT = 0.10
+HELD_OUT = 0.10  # users
+ITEMS_HELD_OUT = 0.20  # items: half validation, half test
+EPOCHS: dict[str, int] = {}  # --epochs: a cap on every model's training epochs
 
 
 @dataclass
@@ -75,10 +85,12 @@ class Full:
 def prepare(dataset: str, work: Path) -> tuple[Full, Path | None]:
     """The dataset with its features, and the CLIP folder whose graphs embed new items."""
     if dataset == "synthetic":
-        catalog = generate_catalog(work / "catalog", SyntheticSpec(n_users=3000, n_items=1500))
-        clip = build_tiny_clip(work / "clip", catalog_texts(catalog))
-        embed_catalog(catalog / "items.jsonl", ClipTowers(clip), catalog / "cliper",
-                      progress=False)
+        catalog, clip = work / "catalog", work / "clip"
+        if not (catalog / "cliper" / "embed_summary.json").is_file():  # else: --work reused
+            generate_catalog(catalog, SyntheticSpec(n_users=3000, n_items=1500))
+            build_tiny_clip(clip, catalog_texts(catalog))
+            embed_catalog(catalog / "items.jsonl", ClipTowers(clip), catalog / "cliper",
+                          progress=False)
         data = load_dataset(catalog, features_dir=catalog / "cliper")
         lines = []
         for line in (catalog / "items.jsonl").read_text().splitlines():
@@ -111,7 +123,7 @@ def write_subset(full: Full, users: np.ndarray, items: np.ndarray, folder: Path
     rows = np.concatenate([np.column_stack([u_map[p[:, 0]], i_map[p[:, 1]],
                                             np.full(len(p), label)])
                            for label, p in enumerate(pairs.values())])
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     np.savetxt(folder / "subset.inter", rows, fmt="%d", delimiter="\t",
                header="userID\titemID\tx_label", comments="")
     (folder / "u_id_mapping.csv").write_text(
@@ -124,17 +136,27 @@ def write_subset(full: Full, users: np.ndarray, items: np.ndarray, folder: Path
     return kept_users, kept_items
 
 
-def train_and_export(folder: Path, out: Path, clip: Path | None, seed: int) -> dict:
-    """FREEDOM with the packaged settings on ``folder``; the bundle at ``out``."""
-    config = load_config("freedom", overrides={"train": {"seed": seed}})
-    start = time.perf_counter()
-    result = train_model("freedom", load_dataset(folder), config, out / "ckpt", progress=False)
+def train_and_export(folder: Path, out: Path, clip: Path | None, seed: int,
+                     student: bool = False) -> dict:
+    """FREEDOM with the packaged settings on ``folder``; the bundle at ``out`` (with the
+    cold-start student when ``student``). A model trained before under ``out`` is reused (an
+    interrupted run resumes with ``--work``); the export is always run."""
+    if (out / "info.json").is_file():
+        info = json.loads((out / "info.json").read_text())
+    else:
+        config = load_config("freedom", overrides={"train": {"seed": seed, **EPOCHS}})
+        start = time.perf_counter()
+        result = train_model("freedom", load_dataset(folder), config, out / "ckpt",
+                             progress=False)
+        info = {"best_epoch": result.best_epoch, "test_recall@20": result.test["recall@20"],
+                "train_s": round(time.perf_counter() - start, 1)}
+        (out / "info.json").write_text(json.dumps(info))
     args = ["export", "--checkpoint", out / "ckpt", "--out", out / "bundle", "--no-fp16",
-            "--no-fused", "--no-torchscript"] + (["--clip", clip] if clip else [])
+            "--no-fused", "--no-torchscript"] + (["--clip", clip] if clip else []) + (
+                ["--cold-student"] if student else [])
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == 0, res.output
-    return {"best_epoch": result.best_epoch, "test_recall@20": result.test["recall@20"],
-            "train_s": round(time.perf_counter() - start, 1)}
+    return info
 
 
 def metrics(scores: np.ndarray, positives: list[np.ndarray], new: np.ndarray | None = None
@@ -155,74 +177,132 @@ def by_user(pairs: np.ndarray, n_users: int) -> list[np.ndarray]:
     return np.split(pairs[order, 1], np.cumsum(np.bincount(pairs[:, 0], minlength=n_users))[:-1])
 
 
-def item_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | None,
+def ridge_map(inputs: np.ndarray, targets: np.ndarray, new_inputs: np.ndarray,
+              alpha: float = 1.0) -> np.ndarray:
+    """Plain regression from content to the served embedding (DeepMusic-style): ridge with an
+    intercept, fitted on the trained items, applied to the new ones."""
+    mean_x, mean_y = inputs.mean(0), targets.mean(0)
+    x = (inputs - mean_x).astype(np.float64)
+    w = np.linalg.solve(x.T @ x + alpha * np.eye(x.shape[1]), x.T @ (targets - mean_y))
+    return ((new_inputs - mean_x) @ w + mean_y).astype(np.float32)
+
+
+def students_in_process(ckpt: Path, new_features: dict[str, np.ndarray],
+                        configs: dict[str, StudentConfig]) -> dict[str, np.ndarray]:
+    """New items' vectors from students trained here (fold-in base + offset), for variants that
+    the CLI does not expose (the mutation check: no score alignment)."""
+    model, data, payload = load_model(ckpt)
+    users, items = (t.numpy() for t in model.embedding_tables())
+    state = model.fold_in_state(data)
+    fold = FoldIn.in_memory({"user_rule": state.user_rule, "item_rule": state.item_rule,
+                             "params": state.params}, state.arrays, payload["backbone"])
+    base = fold.items(new_features).vectors
+    return {name: base + ContentStudent(fit_student(users, items, data.train, data.features,
+                                                    state, payload["backbone"], config)
+                                        ).offsets(new_features)
+            for name, config in configs.items()}
+
+
+def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None,
                     work: Path, seed: int) -> dict:
+    """The cold-start protocol: 20% of the items held out with all their interactions, split
+    1:1 into validation and test items; the test items are added to the bundle trained
+    without them (each method's way) and ranked (cold: among themselves; warm and hybrid:
+    among all items)."""
     rng = np.random.default_rng(seed)
     n_users, n_items = len(full.user_ids), len(full.item_ids)
-    new = np.sort(rng.choice(n_items, int(HELD_OUT * n_items), replace=False))
+    held = rng.permutation(n_items)[:int(ITEMS_HELD_OUT * n_items)]
+    valid_new, new = np.sort(held[:len(held) // 2]), np.sort(held[len(held) // 2:])
     keep = np.ones(n_items, bool)
-    keep[new] = False
+    keep[held] = False
     kept_users, kept_items = write_subset(full, np.ones(n_users, bool), keep, work / "data")
-    info = train_and_export(work / "data", work, clip, seed=999)
+    info = train_and_export(work / "data", work, clip, seed=999, student=True)
     bundle = work / "bundle"
+    (work / "newf").mkdir(exist_ok=True)
+    new_feats = {m: feat[new] for m, feat in full.features.items()}
+    for m, feat in new_feats.items():
+        np.save(work / "newf" / f"{m}_feat.npy", feat)
+    (work / "newf" / "item_ids.txt").write_text("".join(f"{full.item_ids[i]}\n" for i in new))
     if full.items_jsonl is not None:  # the real path: JSONL + PNG through the CLIP graphs
         (work / "new.jsonl").write_text("".join(full.items_jsonl[i] + "\n" for i in new))
         source = ["--items", work / "new.jsonl", "--quiet"]
     else:
-        (work / "newf").mkdir()
-        for m, feat in full.features.items():
-            np.save(work / "newf" / f"{m}_feat.npy", feat[new])
-        (work / "newf" / "item_ids.txt").write_text("".join(f"{full.item_ids[i]}\n" for i in new))
         source = ["--features", work / "newf"]
     users = np.load(bundle / "user_embeddings.npy")
     served = np.load(bundle / "item_embeddings.npy")
-    fold = TopKRanker(Bundle(bundle, "cpu")).fold_in
-    noise = {m: rng.standard_normal((len(new), f.shape[1])).astype(np.float32)
-             for m, f in full.features.items()}
-    start = time.perf_counter()
-    res = CliRunner().invoke(cli, [str(a) for a in ["add-items", "--bundle", bundle, *source,
-                                                    "--out", work / "bundle2"]])
-    assert res.exit_code == 0, res.output
-    info["add_items_s"] = round(time.perf_counter() - start, 2)
-    ids2 = (work / "bundle2" / "item_ids.txt").read_text().splitlines()
-    assert ids2[len(kept_items):] == [full.item_ids[i] for i in new]
-    tables = {}  # the fold-in world's item tables laid out on the full ids
-    for name, vectors in (("fold-in", np.load(work / "bundle2" / "item_embeddings.npy")
-                           [len(kept_items):]), ("random placement", fold.items(noise).vectors)):
-        tables[name] = np.zeros((n_items, vectors.shape[1]), np.float32)
-        tables[name][kept_items], tables[name][new] = served, vectors
-    # evaluated: users with a test interaction on a new item (all users stay in this world)
-    test = full.splits["test"]
-    test = test[np.isin(test[:, 1], new)]
-    eval_users = np.unique(test[:, 0])
-    eval_users = eval_users[np.isin(eval_users, kept_users)]
-    by_test_user = by_user(test, n_users)
-    positives = [by_test_user[u] for u in eval_users]
-    u_rows = np.searchsorted(kept_users, eval_users)
+    vectors = {}
+    for name, placement in (("fold-in", "fold-in"), ("student", "student")):
+        start = time.perf_counter()
+        res = CliRunner().invoke(cli, [str(a) for a in ["add-items", "--bundle", bundle, *source,
+                                                        "--placement", placement, "--out",
+                                                        work / placement]])
+        assert res.exit_code == 0, res.output
+        info[f"add_items_{placement}_s"] = round(time.perf_counter() - start, 2)
+        ids2 = (work / placement / "item_ids.txt").read_text().splitlines()
+        assert ids2[len(kept_items):] == [full.item_ids[i] for i in new]
+        vectors[name] = np.load(work / placement / "item_embeddings.npy")[len(kept_items):]
+    student = read_manifest(bundle)["cold_student"]["params"]
+    info["student_train_cpu_s"] = student["train_cpu_s"]
+    vectors["ridge map"] = ridge_map(student_inputs(full.features, student["modalities"])[
+        kept_items], served, student_inputs(new_feats, student["modalities"]))
+    vectors |= students_in_process(work / "ckpt", new_feats, {
+        "student, ALDI's score-alignment weight 0.1": StudentConfig(gap_weight=0.1),
+        "student, no score alignment (mutation)": StudentConfig(gap_weight=0.0)})
+    # every method ranks the trained items and the test items; validation items are absent
+    catalog = np.sort(np.concatenate([kept_items, new]))
+    column = np.full(n_items, -1)
+    column[catalog] = np.arange(len(catalog))
+    tables = {}
+    for name, v in vectors.items():
+        tables[name] = np.zeros((len(catalog), served.shape[1]), np.float32)
+        tables[name][column[kept_items]], tables[name][column[new]] = served, v
+    eval_users = kept_users  # every user stays in this world
+    u_rows = np.arange(len(kept_users))
+    popularity = np.bincount(full.splits["train"][:, 1], minlength=n_items)[catalog]
+    scores = {name: users[u_rows] @ t.T for name, t in tables.items()}
+    scores |= {"popularity": np.tile(popularity.astype(np.float64), (len(eval_users), 1)),
+               "retrained": retrained()["users"][eval_users] @ retrained()["items"][catalog].T}
     train_items = by_user(full.splits["train"], n_users)
-    popularity = np.bincount(full.splits["train"][:, 1], minlength=n_items).astype(np.float64)
-    scores = {name: users[u_rows] @ table.T for name, table in tables.items()}
-    scores |= {"popularity": np.tile(popularity, (len(eval_users), 1)),
-               "retrained": retrained["users"][eval_users] @ retrained["items"].T}
-    out = {"held_out_items": len(new), "eval_users": len(eval_users),
-           "test_interactions": int(sum(len(p) for p in positives)), **info, "all_items": {},
-           "new_items_only": {}}
-    trained_items = np.ones(n_items, bool)
-    trained_items[new] = False
-    for name, s in scores.items():
-        s = s.astype(np.float64)
+    test_items = by_user(full.splits["test"], n_users)
+    is_new = np.isin(catalog, new)
+    positives = {"all": [column[t][column[t] >= 0] for t in (test_items[u] for u in eval_users)]}
+    positives["new"] = [p[is_new[p]] for p in positives["all"]]
+    positives["warm"] = [p[~is_new[p]] for p in positives["all"]]
+    out = {"held_out_items": len(held), "test_items": len(new), "valid_items": len(valid_new),
+           **info, "cold": {}, "warm": {}, "hybrid": {}, "hybrid_new": {}}
+    new_positive_share = sum(len(p) for p in positives["new"]) / sum(
+        len(p) for p in positives["all"])
+    out["new_positive_share"] = new_positive_share
+    has = {k: np.array([len(p) > 0 for p in v]) for k, v in positives.items()}
+    without_new = users[u_rows] @ served.T  # the bundle before add-items: warm items only
+    for name, sc in list(scores.items()) + [("bundle without new items", None)]:
+        s = np.full((len(eval_users), len(catalog)), -np.inf)
+        if sc is None:
+            s[:, column[kept_items]] = without_new
+        else:
+            s[:] = sc
         for row, u in enumerate(eval_users):
-            s[row, train_items[u]] = -np.inf
-        out["all_items"][name] = metrics(s, positives, new)
-        s[:, trained_items] = -np.inf
-        out["new_items_only"][name] = metrics(s, positives)
-    # a uniformly random order of the new items finds each positive with probability K/n
-    out["new_items_only"]["random ranking (expected)"] = {f"recall@{K}": min(K, len(new)) /
-                                                          len(new)}
+            seen = column[train_items[u]]
+            s[row, seen[seen >= 0]] = -np.inf
+        pick = has["warm"]
+        out["warm"][name] = metrics(s[pick], [p for p, h in zip(positives["warm"], pick) if h])
+        if sc is None:
+            continue
+        pick = has["all"]
+        hybrid = metrics(s[pick], [p for p, h in zip(positives["all"], pick) if h],
+                         np.flatnonzero(is_new))
+        hybrid["share_ratio"] = hybrid.pop(f"new_share@{K}") / new_positive_share
+        out["hybrid"][name] = hybrid
+        pick = has["new"]
+        out["hybrid_new"][name] = metrics(s[pick], [p for p, h in zip(positives["new"], pick)
+                                                    if h])
+        s[:, ~is_new] = -np.inf
+        out["cold"][name] = metrics(s[pick], [p for p, h in zip(positives["new"], pick) if h])
+    out["eval_users"] = {k: int(v.sum()) for k, v in has.items()}
     return out
 
 
-def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | None,
+def user_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None,
                     work: Path, seed: int) -> dict:
     rng = np.random.default_rng(seed + 100)
     n_users, n_items = len(full.user_ids), len(full.item_ids)
@@ -249,7 +329,8 @@ def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     popularity = np.bincount(train[keep[train[:, 0]], 1], minlength=n_items).astype(np.float64)
     scores = {"fold-in": folded.queries @ items.T, "random placement": random.queries @ items.T,
               "popularity": np.tile(popularity[kept_items], (len(eval_users), 1)),
-              "retrained": retrained["users"][eval_users] @ retrained["items"][kept_items].T}
+              "retrained": retrained()["users"][eval_users] @
+              retrained()["items"][kept_items].T}
     out = {"held_out_users": len(held), "eval_users": len(eval_users),
            "test_interactions": int(sum(len(tests[u]) for u in eval_users)), **info,
            "all_items": {}}
@@ -261,23 +342,48 @@ def user_experiment(full: Full, retrained: dict[str, np.ndarray], clip: Path | N
     return out
 
 
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.4f}" + (f" ± {np.std(values):.4f}" if len(values) > 1 else "")
+
+
+def item_table(runs: list[dict], seeds: list[int]) -> str:
+    """New items, one row per method: cold, warm and hybrid figures and the share ratio."""
+    lines = [f"| seeds | method | cold R@{K} | cold N@{K} | warm R@{K} | hybrid R@{K} | "
+             f"hybrid N@{K} | hybrid R@{K}, new-item positives | share / positive share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups = [[s for s in seeds if s != 7]] + ([[7]] if 7 in seeds else [])
+    for group in filter(None, groups):
+        chosen = [r for r, s in zip(runs, seeds) if s in group]
+        label = ", ".join(map(str, group))
+        for method in chosen[0]["warm"]:
+            def get(part: str, key: str) -> str:
+                if method not in chosen[0][part]:
+                    return "-"
+                return _cell([r[part][method][key] for r in chosen])
+            lines.append(f"| {label} | {method} | {get('cold', f'recall@{K}')} | "
+                         f"{get('cold', f'ndcg@{K}')} | {get('warm', f'recall@{K}')} | "
+                         f"{get('hybrid', f'recall@{K}')} | {get('hybrid', f'ndcg@{K}')} | "
+                         f"{get('hybrid_new', f'recall@{K}')} | {get('hybrid', 'share_ratio')} |")
+    return "\n".join(lines)
+
+
+def user_table(runs: list[dict]) -> str:
+    lines = [f"| ranked among | method | Recall@{K} | NDCG@{K} |", "| --- | --- | --- | --- |"]
+    for method in runs[0]["all_items"]:
+        cells = " | ".join(_cell([r["all_items"][method][f"{name}@{K}"] for r in runs])
+                           for name in ("recall", "ndcg"))
+        lines.append(f"| all items | {method} | {cells} |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
-    lines = [f"| experiment | ranked among | method | Recall@{K} | NDCG@{K} | new items' share "
-             f"of the top {K} |", "| --- | --- | --- | --- | --- | --- |"]
-    for exp in ("items", "users"):
-        runs = result[exp]
-        for among in ("all_items", "new_items_only"):
-            if among not in runs[0]:
-                continue
-            for method in runs[0][among]:
-                values = [[r[among][method].get(f"{name}@{K}") for r in runs]
-                          for name in ("recall", "ndcg", "new_share")]
-                cells = " | ".join((f"{np.mean(v):.4f}" + (f" ± {np.std(v):.4f}" if len(v) > 1
-                                                            else "")) if None not in v else "-"
-                                   for v in values)
-                lines.append(f"| new {exp} | {among.replace('_', ' ')} | {method} | {cells} |")
-    return "\n".join(lines) + (f"\n\n{result['dataset']}, seeds {result['seeds']} (mean ± std "
-                               f"over seeds), {result['machine']['platform']}.")
+    parts = []
+    if result["items"]:
+        parts.append("New items\n\n" + item_table(result["items"], result["seeds"]))
+    if result["users"]:
+        parts.append("New users\n\n" + user_table(result["users"]))
+    return "\n\n".join(parts) + (f"\n\n{result['dataset']}, seeds {result['seeds']} (mean "
+                                  f"± std over seeds), {result['machine']['platform']}.")
 
 
 def main() -> None:
@@ -285,29 +391,52 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["synthetic", "baby"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path, required=True, help="DIR/fresh_<dataset>.json/.md")
+    parser.add_argument("--experiments", nargs="+", choices=["items", "users"],
+                        default=["items", "users"])
+    parser.add_argument("--out", type=Path, required=True,
+                        help="DIR/fresh_<dataset>[_<experiment>].json/.md")
+    parser.add_argument("--epochs", type=int, help="Cap every model's training epochs (a "
+                        "reduced run) [default: the packaged settings]")
+    parser.add_argument("--retrained-from", type=Path, help="Use the model trained on all the "
+                        "data by another run (its WORK/full), waiting for it, instead of "
+                        "training it here: seeds run in parallel processes")
+    parser.add_argument("--work", type=Path, help="Keep the work here (models are reused "
+                        "when it is given again) [default: a temporary folder]")
     args = parser.parse_args()
+    if args.epochs:
+        EPOCHS["epochs"] = args.epochs
     result = {"dataset": args.dataset, "seeds": args.seeds, "k": K, "held_out": HELD_OUT,
+              "items_held_out": ITEMS_HELD_OUT,
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "cliper_prod": __version__}, "items": [], "users": []}
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
         full, clip = prepare(args.dataset, work)
         n_users, n_items = len(full.user_ids), len(full.item_ids)
-        write_subset(full, np.ones(n_users, bool), np.ones(n_items, bool), work / "full" / "data")
-        info = train_and_export(work / "full" / "data", work / "full", None, seed=999)
-        retrained = {"users": np.load(work / "full" / "ckpt" / "user_embeddings.npy"),
-                     "items": np.load(work / "full" / "ckpt" / "item_embeddings.npy"),
-                     **info}
-        result["retrained"] = info
+        if args.retrained_from is None:
+            write_subset(full, np.ones(n_users, bool), np.ones(n_items, bool),
+                         work / "full" / "data")
+            result["retrained"] = train_and_export(work / "full" / "data", work / "full", None,
+                                                   seed=999)
+
+        def retrained(folder: Path = args.retrained_from or work / "full") -> dict:
+            """The model trained on all the data (another run's: waited for)."""
+            while not (folder / "info.json").is_file():
+                time.sleep(10)
+            result["retrained"] = json.loads((folder / "info.json").read_text())
+            return {"users": np.load(folder / "ckpt" / "user_embeddings.npy"),
+                    "items": np.load(folder / "ckpt" / "item_embeddings.npy")}
         for seed in args.seeds:
             for exp, run in (("items", item_experiment), ("users", user_experiment)):
+                if exp not in args.experiments:
+                    continue
                 folder = work / f"{exp}-{seed}"
-                folder.mkdir()
+                folder.mkdir(exist_ok=True)
                 result[exp].append(run(full, retrained, clip, folder, seed))
                 print(exp, seed, json.dumps(result[exp][-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    report(args.out / f"fresh_{args.dataset}", result, table(result))
+    name = "" if len(args.experiments) == 2 else f"_{args.experiments[0]}"
+    report(args.out / f"fresh_{args.dataset}{name}", result, table(result))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -92,7 +92,8 @@ def trained_features(data: InteractionData, names: Iterable[str] | None = None
 
 
 NO_ITEM_GRAPH = ("it has no item graph, so an item without interactions has no "
-                 "representation; add items to a FREEDOM or LATTICE model")
+                 "representation; add items to a FREEDOM or LATTICE model, or export "
+                 "this one with --cold-student")
 
 
 def user_fold_in_arrays(layers: list[Tensor], n_users: int, items: Tensor, n_items: int

@@ -40,6 +40,12 @@ from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option, quiet_
               help="ONNX opset of every graph.")
 @click.option("--no-fp16", is_flag=True, help="Skip the fp16 variants of the CLIP graphs.")
 @click.option("--no-torchscript", is_flag=True, help="Skip the TorchScript twins.")
+@click.option("--cold-student", is_flag=True,
+              help="Also train the cold-start content student against the model's served "
+                   "scores (seconds to minutes on a CPU) and store it: add-items then places "
+                   "new items so that they compete with trained ones, for every backbone.")
+@click.option("--student-epochs", type=click.IntRange(min=1), default=10, show_default=True,
+              help="The student's epochs (each at most 200 batches of 1024 interactions).")
 @click.option("--no-fused", is_flag=True,
               help="Skip the ONNX Runtime-optimized (fused attention) CLIP graphs.")
 @click.option("--no-int8", is_flag=True,
@@ -51,7 +57,8 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
             candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
             no_fp16: bool,
-            no_torchscript: bool, no_fused: bool, no_int8: bool, quiet: bool) -> None:
+            no_torchscript: bool, cold_student: bool, student_epochs: int, no_fused: bool,
+            no_int8: bool, quiet: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
     The bundle holds the top-K graph over the final embedding tables (training items
@@ -59,6 +66,7 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     the id maps, and manifest.json with versions, hashes and the parity measured against
     PyTorch. Export fails if any graph misses the parity bounds.
     """
+    from cliper_prod.backbones.cold_student import StudentConfig
     from cliper_prod.export.bundle_writer import GraphOptions, export_bundle
     from cliper_prod.io import check_output
 
@@ -70,9 +78,15 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
                            candidate_blocks=candidate_blocks, int8=not no_int8)
     manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip_source=clip_source,
                              random_init=random_init, data_dir=data_dir, options=options,
-                             progress=not quiet)
+                             progress=not quiet,
+                             student=StudentConfig(epochs=student_epochs) if cold_student
+                             else None)
     for name, graph in manifest["graphs"].items():
         figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"
                             for variant, p in graph["parity"].items())
         click.echo(f"{name}: {figures}")
+    if cold_student:
+        record = manifest["cold_student"]["params"]
+        click.echo(f"cold-start student: {record['train_cpu_s']} s CPU, loss "
+                   f"{record['epoch_losses'][0]} -> {record['epoch_losses'][-1]}")
     click.echo(f"bundle -> {out_dir} ({len(manifest['files'])} files)")

@@ -2,7 +2,8 @@
 
 Each new item is embedded with the bundle's own CLIP graphs (or its features are read from an
 ``embed`` folder), placed in the model's item graph by the backbone's fold-in rule
-(:mod:`cliper_prod.runtime.fold_in`), and a new verified bundle is written by
+(:mod:`cliper_prod.runtime.fold_in`) and, where the bundle has one, moved by the cold-start
+student (:mod:`cliper_prod.runtime.cold_student`), and a new verified bundle is written by
 :func:`~cliper_prod.export.extended_bundle.extend_bundle` (with torch or without: embedding runs
 the bundle's ONNX graphs, placing is numpy); the source bundle is never changed.
 An item that cannot be added is that item's record, naming the user's own file and line (row),
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliper_prod.fold_in_state import FoldInState
+import numpy as np
+
 from cliper_prod.bundle_format import TOPK_GRAPH
 from cliper_prod.errors import ConfigError, DataError
 from cliper_prod.export.extended_bundle import check_writable, extend_bundle
@@ -26,10 +28,12 @@ from cliper_prod.features.catalog import Catalog, read_catalog
 from cliper_prod.features.embed import EmbedOptions, check_catalog, embed_catalog
 from cliper_prod.features.feature_folder import IDS_FILE, ItemProblem, read_feature_folder
 from cliper_prod.features.items import Item
+from cliper_prod.fold_in_state import FoldInState
 from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_text
 from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.cold_student import STUDENT, ContentStudent, choose_placement
 from cliper_prod.runtime.encoder import OnnxEncoder
-from cliper_prod.runtime.fold_in import FoldIn
+from cliper_prod.runtime.fold_in import FoldIn, PlacedItems
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class AddedItems:
     added: int
     before: int
     errors: list[dict]
+    placement: str
 
 
 def errors_file_for(out: Path) -> Path:
@@ -101,6 +106,20 @@ def _problem_records(problems: list[ItemProblem], items: Path | None, features: 
     return records
 
 
+def place(fold: FoldIn, student: ContentStudent | None, placement: str,
+          features: dict[str, np.ndarray]) -> PlacedItems:
+    """The new items' vectors and the fold-in arrays that go with them: the backbone's rule,
+    plus the student's offset when ``placement`` is the student (alone where the backbone has
+    no item rule)."""
+    if placement != STUDENT:
+        return fold.items(features)
+    offsets = student.offsets(features)
+    if not student.residual:
+        return PlacedItems(offsets, fold.padded_arrays(len(offsets)))
+    placed = fold.items(features)
+    return PlacedItems(placed.vectors + offsets, placed.arrays)
+
+
 def _refuse_strict(record: dict) -> None:
     """--strict: the first item that cannot be added stops the run, naming its file."""
     where = f"row {record['row']}: " if "row" in record else ""
@@ -112,7 +131,8 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
               features: Path | None = None, errors_file: Path | None = None,
               provider: str = "auto", precision: str = "fp32", batch_size: int = 64,
               strict: bool = False, progress: bool = True,
-              on_item_error: Callable[[dict], None] = lambda record: None) -> AddedItems:
+              on_item_error: Callable[[dict], None] = lambda record: None,
+              placement: str | None = None) -> AddedItems:
     """Add the items of ``items`` (a catalog, embedded here) or ``features`` (an `embed`
     folder) to the bundle at ``bundle_dir`` as a new bundle at ``out``.
 
@@ -122,7 +142,9 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     :func:`errors_file_for`, written once the new bundle is, or when no item is left) and
     given to
     ``on_item_error``; the others are added. With ``strict`` the first such item fails the run
-    and nothing is written. The embedding work folder is a temporary sibling of ``out``."""
+    and nothing is written. The embedding work folder is a temporary sibling of ``out``.
+    ``placement`` (``student`` or ``fold-in``; default the student when the bundle has one)
+    chooses how the items are placed (:func:`place`)."""
     if (items is None) == (features is None):
         raise ConfigError("pass exactly one of --items (embedded here) or --features")
     errors_file = errors_file or errors_file_for(out)
@@ -134,7 +156,12 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     bundle = Bundle(bundle_dir, provider)
     bundle.graph(TOPK_GRAPH)  # its K checked against the manifest's, which the new one keeps
     fold = FoldIn.of(bundle)
-    fold.require_item_rule()
+    student = ContentStudent.of(bundle)
+    placement = choose_placement(placement, student, bundle_dir)
+    if placement != STUDENT or student.residual:
+        fold.require_item_rule()
+    modalities = list(dict.fromkeys(fold.modalities + (
+        student.modalities if placement == STUDENT else [])))
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(out)}work.", suffix=TEMP_SUFFIX,
                                     dir=out.parent)) if items else None
@@ -143,7 +170,7 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
         if items is not None:
             errors = embed_items(bundle, items, workdir, precision=precision,
                                  batch_size=batch_size, strict=strict, progress=progress)
-        found = read_feature_folder(workdir or features, fold.modalities,
+        found = read_feature_folder(workdir or features, modalities,
                                     bundle.manifest.get("features"), set(bundle.item_ids))
         skipped = _problem_records(found.problems, items, features)
         if strict and skipped:
@@ -155,11 +182,11 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
         for record in errors:
             on_item_error(record)
         if found.ids:
-            placed = fold.items(found.features)
-            arrays = {name: fold.array(name) for name in fold.files} | placed.arrays
+            placed = place(fold, student, placement, found.features)
             extend_bundle(bundle_dir, bundle.manifest, item_ids=found.ids,
                           items=placed.vectors, out=out, fold_in=FoldInState(
-                              fold.user_rule, fold.item_rule, fold.params, arrays),
+                              fold.user_rule, fold.item_rule, fold.params, placed.arrays),
+                          placement=placement, student=student.state if student else None,
                           progress=progress)
         write_text(errors_file, "".join(json.dumps(e) + "\n" for e in errors))
         if not found.ids:
@@ -168,4 +195,4 @@ def add_items(bundle_dir: Path, out: Path, *, items: Path | None = None,
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
-    return AddedItems(len(found.ids), len(bundle.item_ids), errors)
+    return AddedItems(len(found.ids), len(bundle.item_ids), errors, placement)

@@ -25,6 +25,7 @@ from cliper_prod.fold_in_state import FoldInState
 from cliper_prod.ids import write_ids
 from cliper_prod.io import TEMP_SUFFIX, check_output, temp_prefix, write_json, write_npy
 from cliper_prod.progress import Progress
+from cliper_prod.student_format import COLD_STUDENT, StudentState, student_file
 
 FeatureGraphs = Callable[[], "tuple[dict[str, Any], dict[str, Any]] | None"]
 
@@ -65,10 +66,12 @@ def write_bundle_files(folder: Path, graphs: dict[str, Any], tables: ServedTable
                        features: FeatureGraphs = lambda: None,
                        fold_in: FoldInState | None = None,
                        lineage: dict[str, Any] | None = None,
+                       student: StudentState | None = None,
                        bar: Progress | None = None) -> dict[str, Any]:
     """Beside the top-K graph (its record in ``graphs``): the tables and ids, the CLIP graphs
     ``features`` writes (their records and the feature settings, or None), the fold-in arrays,
-    then the manifest; two steps counted on ``bar`` (the CLIP graphs, the manifest)."""
+    the cold-start student's, then the manifest; two steps counted on ``bar`` (the CLIP graphs,
+    the manifest)."""
     write_npy(folder / USER_TABLE, tables.users)
     write_npy(folder / ITEM_TABLE, tables.items)
     write_npy(folder / HISTORY_INDPTR, tables.history_indptr)
@@ -89,6 +92,11 @@ def write_bundle_files(folder: Path, graphs: dict[str, Any], tables: ServedTable
         extra[FOLD_IN] = {"user_rule": fold_in.user_rule, "item_rule": fold_in.item_rule,
                           "params": fold_in.params,
                           "arrays": {name: fold_in_file(name) for name in fold_in.arrays}}
+    if student is not None:
+        for name, array in student.arrays.items():
+            write_npy(folder / student_file(name), np.ascontiguousarray(array, np.float32))
+        extra[COLD_STUDENT] = {"params": student.params,
+                               "arrays": {name: student_file(name) for name in student.arrays}}
     manifest = write_manifest(folder, graphs, feature_info, opset, backbone=backbone,
                               dataset=dataset, extra=extra)
     if bar is not None:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from cliper_prod.backbones.cold_student import StudentConfig
 from cliper_prod.bundle_format import GPU_FORM, PLAIN, TOPK_GRAPH, graph_file
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
@@ -38,12 +39,14 @@ from cliper_prod.export.extended_bundle import Extension
 from cliper_prod.export.feature_graphs import export_features, feature_settings
 from cliper_prod.export.graphs import GraphSpec, export_onnx, feeds, torch_outputs
 from cliper_prod.export.parity import same_topk
+from cliper_prod.export.student_fit import fit_student
 from cliper_prod.export.verified_graph import (CPU, GraphOptions, export_graph, preference,
                                                verified_onnx)
 from cliper_prod.fold_in_state import FoldInState
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.progress import Progress, progress_bar
 from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
+from cliper_prod.student_format import StudentState
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +117,13 @@ def _export_gpu_form(cpu: GraphSpec, items: torch.Tensor, folder: Path, options:
 
 def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: str | None = None,
                   random_init: bool = False, data_dir: Path | None = None,
-                  options: GraphOptions = GraphOptions(), progress: bool = False
-                  ) -> dict[str, Any]:
+                  options: GraphOptions = GraphOptions(), progress: bool = False,
+                  student: StudentConfig | None = None) -> dict[str, Any]:
     """Write the bundle for ``checkpoint`` to ``out`` (replacing it atomically).
 
     ``clip_source`` overrides the CLIP checkpoint the model's features were embedded with (``None``
-    with vanilla features: no feature graphs); ``data_dir`` is the training data if it moved.
+    with vanilla features: no feature graphs); ``data_dir`` is the training data if it moved;
+    ``student``: train the cold-start student with these settings and store it.
     """
     model, data, payload = load_model(checkpoint, data_dir)
     if payload["backbone"] != backbone:
@@ -129,10 +133,13 @@ def export_bundle(checkpoint: Path, *, backbone: str, out: Path, clip_source: st
     settings = feature_settings(data.features_dir, clip_source, random_init)
     tables = EmbeddingTables(*model.embedding_tables(), data.train, data.user_ids, data.item_ids)
     fold_in = model.fold_in_state(data)
+    state = None if student is None else fit_student(
+        tables.users.numpy(), tables.items.numpy(), data.train, data.features, fold_in,
+        backbone, student)
     return write_atomically(out, lambda folder: _build(
         folder, tables, options, payload["backbone"], data.name,
         features=lambda: export_features(settings, folder, options) if settings else None,
-        fold_in=fold_in, progress=progress))
+        fold_in=fold_in, student=state, progress=progress))
 
 
 @dataclass(frozen=True)
@@ -176,26 +183,27 @@ def extend_with_torch(extension: Extension, out: Path, progress: bool = False
     return write_atomically(out, lambda folder: _build(
         folder, embedding, options, manifest["backbone"], manifest["dataset"],
         features=lambda: copied_feature_graphs(extension.source, manifest, folder),
-        fold_in=extension.fold_in, lineage=extension.lineage, progress=progress))
+        fold_in=extension.fold_in, lineage=extension.lineage, student=extension.student,
+        progress=progress))
 
 
 def _build(folder: Path, tables: EmbeddingTables, options: GraphOptions, backbone: str | None,
            dataset: str | None, *, features: FeatureGraphs = lambda: None,
            fold_in: FoldInState | None = None, lineage: dict[str, Any] | None = None,
-           progress: bool = False) -> dict[str, Any]:
+           student: StudentState | None = None, progress: bool = False) -> dict[str, Any]:
     """Write every file of a bundle into ``folder``: the top-K graph and tables, the CLIP graphs
     ``features`` writes (their records and the feature settings, or None), the fold-in arrays,
-    then the manifest; ``progress`` reports these steps."""
+    the cold-start student's, then the manifest; ``progress`` reports these steps."""
     with progress_bar(desc="export", unit="step", total=3 + options.gpu_form,
                       enabled=progress) as bar:
         return _build_steps(folder, tables, options, backbone, dataset, features, fold_in,
-                            lineage, bar)
+                            lineage, student, bar)
 
 
 def _build_steps(folder: Path, tables: EmbeddingTables, options: GraphOptions,
                  backbone: str | None, dataset: str | None, features: FeatureGraphs,
-                 fold_in: FoldInState | None, lineage: dict[str, Any] | None, bar: Progress
-                 ) -> dict[str, Any]:
+                 fold_in: FoldInState | None, lineage: dict[str, Any] | None,
+                 student: StudentState | None, bar: Progress) -> dict[str, Any]:
     """:func:`_build`'s steps, each counted on ``bar`` when done."""
     graphs: dict[str, Any] = {}
     users, items = (t.detach().float().contiguous() for t in (tables.users, tables.items))
@@ -215,4 +223,4 @@ def _build_steps(folder: Path, tables: EmbeddingTables, options: GraphOptions,
     return write_bundle_files(folder, graphs, ServedTables(
         users.numpy(), items.numpy(), indptr, history, tables.user_ids, tables.item_ids),
         options.opset, backbone, dataset, features=features, fold_in=fold_in, lineage=lineage,
-        bar=bar)
+        student=student, bar=bar)

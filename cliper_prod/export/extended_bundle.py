@@ -25,6 +25,7 @@ from cliper_prod.export.topk_table import onnx_package, retabled_topk
 from cliper_prod.fold_in_state import FoldInState
 from cliper_prod.ids import read_ids
 from cliper_prod.progress import progress_bar
+from cliper_prod.student_format import StudentState
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,15 @@ log = logging.getLogger(__name__)
 class Extension:
     """What the extended bundle holds: the source (``manifest``: its manifest, as
     :func:`~cliper_prod.bundle_format.read_manifest` checked it), its tables with the new
-    items appended, the fold-in state placing them, and the lineage."""
+    items appended, the fold-in state placing them, the lineage, and the source's cold-start
+    student."""
 
     source: Path
     manifest: dict[str, Any]
     tables: ServedTables
     fold_in: FoldInState
     lineage: dict[str, Any]
+    student: StudentState | None = None  # the source's cold-start student, kept
 
 
 def torch_available() -> bool:
@@ -59,21 +62,27 @@ def check_writable() -> None:
 
 def extend_bundle(source: Path, manifest: dict[str, Any], *, item_ids: Sequence[str],
                   items: np.ndarray, fold_in: FoldInState, out: Path,
+                  placement: str = "fold-in", student: StudentState | None = None,
                   with_torch: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """A new bundle at ``out``: ``source`` with the items ``item_ids`` (embeddings ``items``,
     placed by ``fold_in``, which holds the arrays with them appended) added to its catalog;
-    ``with_torch``: re-export the top-K graph with torch (default: when it is installed);
-    ``progress`` reports the writing's steps."""
+    ``placement`` (how the new items were placed) goes into the lineage and ``student``, the
+    source's cold-start student, is kept; ``with_torch``: re-export the top-K graph with torch
+    (default: when it is installed); ``progress`` reports the writing's steps."""
     tables = {name: np.load(source / file) for name, file in manifest["tables"].items()}
     old_ids = read_ids(source / manifest["ids"]["items"], len(tables["items"]))
     user_ids = read_ids(source / manifest["ids"]["users"], len(tables["users"]))
+    before = manifest.get("lineage", {})
+    placements = dict(before.get("placements", {}))
+    placements[placement] = placements.get(placement, 0) + len(item_ids)
     extension = Extension(source, manifest, ServedTables(
         tables["users"], np.concatenate([tables["items"], items]).astype(np.float32),
         tables["history_indptr"], tables["history_items"], user_ids,
         old_ids + list(item_ids)), fold_in, {
         "extended_from": {"created": manifest["created"],
                           "manifest_sha256": sha256_file(source / MANIFEST)},
-        "added_items": manifest.get("lineage", {}).get("added_items", 0) + len(item_ids)})
+        "added_items": before.get("added_items", 0) + len(item_ids),
+        "placement": placement, "placements": placements}, student)
     if with_torch is None:
         with_torch = torch_available()
     if with_torch:
@@ -97,4 +106,5 @@ def _write_without_torch(extension: Extension, folder: Path, progress: bool) -> 
             folder, graphs, tables, manifest["opset"], manifest["backbone"],
             manifest["dataset"],
             features=lambda: copied_feature_graphs(extension.source, manifest, folder),
-            fold_in=extension.fold_in, lineage=extension.lineage, bar=bar)
+            fold_in=extension.fold_in, lineage=extension.lineage, student=extension.student,
+            bar=bar)

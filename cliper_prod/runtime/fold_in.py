@@ -29,8 +29,9 @@ Items, from their features (the modalities the item graph was built from):
   mixed); x^(l) as for FREEDOM, and the embedding is x^(L) / ||x^(L)||.
 
 Backbones without an item graph (LightGCN, VBPR, MMGCN, DualGNN, SLMRec) cannot place an item
-that has no interactions; backbones without a stored user rule cannot fold in users. Both are
-refused with a :class:`~cliper_prod.errors.BundleError` that says so.
+that has no interactions by a rule of their own (the cold-start student can:
+:mod:`cliper_prod.runtime.cold_student`); backbones without a stored user rule cannot fold in
+users. Both are refused with a :class:`~cliper_prod.errors.BundleError` that says so.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ class FoldIn:
         manifest = bundle.manifest
         return cls(bundle.folder, manifest.get(FOLD_IN), manifest.get("backbone"))
 
+    @classmethod
+    def in_memory(cls, record: dict[str, Any], arrays: dict[str, np.ndarray],
+                  backbone: str | None) -> FoldIn:
+        """The rules of a model being exported (``record`` as the manifest will hold it, the
+        arrays not yet written): the cold-start student trains on their output."""
+        fold = cls(Path("."), {**record, "arrays": {name: name for name in arrays}}, backbone)
+        fold._arrays = dict(arrays)
+        return fold
+
     def array(self, name: str) -> np.ndarray:
         """One fold-in array, memory-mapped once: a bundle swapped in under the same folder
         later is not read, as the process's sessions are not."""
@@ -137,19 +147,44 @@ class FoldIn:
 
     # -- items --------------------------------------------------------------------------------
 
+    def item_rule_problem(self) -> str | None:
+        """Why items cannot be folded in (the backbone's reason), or None."""
+        if self.item_rule not in ITEM_ROWS:
+            return self.params.get("no_item_rule", "no item fold-in rule")
+        if len(self.array("graph_layers")) == 0:
+            return ("it propagates nothing over its item graph (n_mm_layers = 0), so a new "
+                    "item would be a zero vector")
+        return None
+
     def require_item_rule(self) -> None:
         """Refuse, with the backbone's reason, a model whose items cannot be folded in."""
-        if self.item_rule not in ITEM_ROWS:
-            raise BundleError(f"{self.folder}: cannot add items to {self.model}: "
-                              f"{self.params.get('no_item_rule', 'no item fold-in rule')}")
-        if len(self.array("graph_layers")) == 0:
-            raise BundleError(f"{self.folder}: cannot add items to {self.model}: it propagates "
-                              f"nothing over its item graph (n_mm_layers = 0), so a new item "
-                              f"would be a zero vector")
+        problem = self.item_rule_problem()
+        if problem:
+            raise BundleError(f"{self.folder}: cannot add items to {self.model}: {problem}")
 
-    def items(self, features: dict[str, np.ndarray]) -> PlacedItems:
+    def padded_arrays(self, n_new: int) -> dict[str, np.ndarray]:
+        """Every fold-in array, the user rule's per-item ones with ``n_new`` items appended
+        that have no interactions (zero layers and degree): a later history may name them
+        and folds nothing in from them. What a bundle whose backbone has no item rule (the
+        cold-start student placed its new items) stores after add-items."""
+        arrays = {name: self.array(name) for name in self.files}
+        if "item_layers" in arrays:
+            layers = arrays["item_layers"]
+            arrays["item_layers"] = np.concatenate(
+                [layers, np.zeros((layers.shape[0], n_new, layers.shape[2]), np.float32)], 1)
+        if "item_degree" in arrays:
+            arrays["item_degree"] = np.concatenate([arrays["item_degree"],
+                                                    np.zeros(n_new, np.float32)])
+        return arrays
+
+    def items(self, features: dict[str, np.ndarray], leave_out: np.ndarray | None = None
+              ) -> PlacedItems:
         """Embeddings of new items from their features ({modality: [Q, d]}, the modalities of
-        ``self.modalities``, in the space the model's item graph was built from)."""
+        ``self.modalities``, in the space the model's item graph was built from).
+
+        ``leave_out`` (training only): query q is the trained item ``leave_out[q]``, placed as
+        if it were new, left out of its own neighbours, so a student learns what the rule gives an
+        item it has never seen."""
         self.require_item_rule()
         missing = [m for m in self.modalities if m not in features]
         if missing:
@@ -160,7 +195,7 @@ class FoldIn:
             if features[m].ndim != 2 or features[m].shape[1] != expected:
                 raise ConfigError(f"the new items' {m} features have shape "
                                   f"{features[m].shape}; the model's are {expected}-d")
-        rows = ITEM_ROWS[self.item_rule](self, features)
+        rows = ITEM_ROWS[self.item_rule](self, features, leave_out)
         graph_layers = self.array("graph_layers")  # [L_m, n, D]: x^(0..L_m-1) of known items
         n_new, d = len(rows.self_weight), graph_layers.shape[2]
         x = np.zeros((n_new, d), dtype=np.float64)  # x^(0): no ID embedding
@@ -172,16 +207,10 @@ class FoldIn:
         vectors = new_layers[-1]
         if self.params.get("normalize"):  # LATTICE adds h / ||h||
             vectors = unit_rows(vectors)
-        layers = self.array("item_layers")
-        arrays = {
+        arrays = self.padded_arrays(n_new) | {
             "graph_layers": np.concatenate(
                 [graph_layers, np.asarray(new_layers[:-1], np.float32).reshape(
-                    len(graph_layers), n_new, d)], axis=1),
-            "item_layers": np.concatenate(
-                [layers, np.zeros((layers.shape[0], n_new, d), np.float32)], axis=1),
-            "item_degree": np.concatenate([self.array("item_degree"),
-                                           np.zeros(n_new, np.float32)]),
-        }
+                    len(graph_layers), n_new, d)], axis=1)}
         arrays |= {name: np.concatenate([self.array(name), appended.astype(np.float32)])
                    for name, appended in rows.appended.items()}
         return PlacedItems(vectors.astype(np.float32), arrays)
@@ -199,23 +228,30 @@ class NewRows:
     appended: dict[str, np.ndarray]
 
 
-def _knn_entries(table: np.ndarray, queries: np.ndarray, k: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _knn_entries(table: np.ndarray, queries: np.ndarray, k: int,
+                 leave_out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each query's k-1 nearest known items (the query itself is the k-th): rows, items and
-    cosines, flat."""
-    neighbours = nearest(table, queries, k - 1)
+    cosines, flat; query q's own row ``leave_out[q]`` left out when given."""
+    if leave_out is None:
+        neighbours = nearest(table, queries, k - 1)
+    else:
+        neighbours = nearest(table, queries, k)
+        drop = neighbours == leave_out[:, None]
+        drop[~drop.any(1), -1] = True  # not among them (a tie): drop the farthest instead
+        neighbours = neighbours[~drop].reshape(len(queries), -1)
     cos = np.einsum("qd,qkd->qk", queries, np.asarray(table)[neighbours])
     return np.repeat(np.arange(len(queries)), neighbours.shape[1]), neighbours.reshape(-1), \
         cos.reshape(-1).astype(np.float64)
 
 
-def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
+def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray],
+                  leave_out: np.ndarray | None) -> NewRows:
     """FREEDOM: per modality, itself and k-1 neighbours, each 1/k, mixed by the weights."""
     k, weights = int(fold.params["knn_k"]), fold.params["modality_weights"]
     parts, appended = [], {}
     for m in fold.modalities:
         units = unit_rows(features[m])
-        row, col, _ = _knn_entries(fold.array(f"knn_{m}"), units, k)
+        row, col, _ = _knn_entries(fold.array(f"knn_{m}"), units, k, leave_out)
         parts.append((row, col, np.full(len(row), weights[m] / k)))
         appended[f"knn_{m}"] = units
     n_new = len(units)
@@ -223,7 +259,8 @@ def _freedom_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
     return NewRows(*(np.concatenate(a) for a in zip(*parts)), self_weight, appended)
 
 
-def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
+def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray],
+                  leave_out: np.ndarray | None) -> NewRows:
     """LATTICE: (1 - lambda) x the learned graph (cosine kNN of the projected features, mixed
     by softmax(modal_weight), normalised by the weighted row sums of both ends) + lambda x the
     frozen graphs (cosine kNN of the raw features, each normalised so, then mixed); the new
@@ -234,14 +271,14 @@ def _lattice_rows(fold: FoldIn, features: dict[str, np.ndarray]) -> NewRows:
     self_weight = 0.0
     for m in fold.modalities:
         raw = unit_rows(features[m])
-        row, col, cos = _knn_entries(fold.array(f"knn_{m}"), raw, k)
+        row, col, cos = _knn_entries(fold.array(f"knn_{m}"), raw, k, leave_out)
         degree = 1.0 + np.bincount(row, cos, minlength=len(raw))  # the item itself: cosine 1
         known = fold.array(f"frozen_degree_{m}")[col]
         frozen.append((row, col, lam * mix[m] * cos / np.sqrt(degree[row] * known)))
         self_weight = self_weight + lam * mix[m] / degree
         projected = unit_rows(np.asarray(features[m], np.float64)
                               @ fold.array(f"proj_weight_{m}") + fold.array(f"proj_bias_{m}"))
-        row, col, cos = _knn_entries(fold.array(f"learned_{m}"), projected, k)
+        row, col, cos = _knn_entries(fold.array(f"learned_{m}"), projected, k, leave_out)
         learned.append((row, col, mix[m] * cos))
         learned_degree = learned_degree + mix[m] * (1.0 + np.bincount(row, cos,
                                                                       minlength=len(raw)))

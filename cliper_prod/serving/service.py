@@ -39,6 +39,7 @@ from cliper_prod import __version__
 from cliper_prod.bundle_format import MANIFEST, MANIFEST_HASH
 from cliper_prod.messages import first_line
 from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.cold_student import placement_summary
 from cliper_prod.runtime.ranking import NO_PAIRS, Pairs, TopKRanker
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.runtime.sessions import OrtThreads
@@ -333,7 +334,8 @@ class Service:
                                                  "clip": _name(manifest["features"]["clip"])}}
         return {"bundle": {"id": live.id, "name": Path(live.key[0]).name,
                            MANIFEST_HASH: manifest.get(MANIFEST_HASH)},
-                "manifest": manifest, "providers": live.providers,
+                "manifest": manifest, "new_items": placement_summary(manifest),
+                "providers": live.providers,
                 "cliper_prod": __version__, "settings": settings,
                 "engine": {**self.engine, "ray_imported": "ray" in sys.modules},
                 "replica": self.replica}

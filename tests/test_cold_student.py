@@ -1,0 +1,242 @@
+"""The cold-start student: trained by `export --cold-student`, run by numpy in `add-items`,
+checked against its PyTorch network, naive numpy rankings and bundles exported without it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from cliper_prod.backbones.cold_student import StudentConfig, StudentNet, train_student
+from cliper_prod.bundle_format import read_manifest
+from cliper_prod.commands import cli
+from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.cold_student import ContentStudent
+from cliper_prod.runtime.recommender import Recommender
+from conftest import serve_local, stop_process
+
+N_NEW = 4
+
+
+def run(*args: object) -> object:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def bundles(exported: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """FREEDOM (an item rule: the student is residual on it) and LightGCN (none: the student
+    alone) on the synthetic catalog's CLIPER features, each exported with its student."""
+    root = tmp_path_factory.mktemp("student")
+    out = {}
+    for backbone in ("freedom", "lightgcn"):
+        ckpt = root / f"{backbone}-ckpt"
+        res = run("train", "--backbone", backbone, "--data", exported["catalog"], "--features",
+                  "cliper", "--set", "train.epochs=2", "--out", ckpt, "--quiet")
+        assert res.exit_code == 0, res.output
+        res = run("export", "--backbone", backbone, "--checkpoint", ckpt, "--out",
+                  root / backbone, "--max-k", "30", "--chunk-items", "16", "--no-torchscript",
+                  "--no-fp16", "--no-fused", "--no-gpu-form", "--cold-student",
+                  "--student-epochs", "2")
+        assert res.exit_code == 0, res.output
+        assert "cold-start student" in res.output
+        out[backbone] = root / backbone
+    return out
+
+
+def new_features(folder: Path, catalog: Path) -> dict[str, np.ndarray]:
+    """N_NEW items near existing ones, laid out as `embed` writes them."""
+    rng = np.random.default_rng(5)
+    folder.mkdir()
+    feats = {}
+    for m in ("image", "text"):
+        base = np.load(catalog / "cliper" / f"{m}_feat.npy")[[3, 7, 11, 19]]
+        feats[m] = (base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
+        np.save(folder / f"{m}_feat.npy", feats[m])
+    (folder / "item_ids.txt").write_text("".join(f"NEW{i}\n" for i in range(N_NEW)))
+    return feats
+
+
+def test_numpy_student_equals_its_pytorch_network(bundles, exported) -> None:
+    """The runtime's two matrix products give what the PyTorch network gives, from raw
+    features (the inputs prepared by torch here, not by the shared helper)."""
+    feats = {m: np.load(exported["catalog"] / "cliper" / f"{m}_feat.npy")
+             for m in ("image", "text")}
+    for backbone in ("freedom", "lightgcn"):
+        student = ContentStudent.of(Bundle(bundles[backbone]))
+        assert student.modalities == ["image", "text"]
+        assert student.residual == (backbone == "freedom")
+        x = torch.cat([F.normalize(torch.from_numpy(feats[m]), dim=1)
+                       for m in student.modalities], 1)
+        with torch.no_grad():
+            expected = StudentNet.from_state(student.state)(x).numpy()
+        got = student.offsets(feats)
+        assert got.shape == (len(x), 64) and np.abs(got).max() > 0
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _ranked_as_naive_numpy(bundle: Path, tmp_path: Path) -> int:
+    """`topk` over ``bundle`` equals naive numpy over its tables (training items excluded);
+    how many new items reached a top 10."""
+    users = np.load(bundle / "user_embeddings.npy").astype(np.float64)
+    items = np.load(bundle / "item_embeddings.npy").astype(np.float64)
+    user_ids = (bundle / "user_ids.txt").read_text().splitlines()
+    item_ids = np.array((bundle / "item_ids.txt").read_text().splitlines())
+    (tmp_path / "u.txt").write_text("\n".join(user_ids) + "\n")
+    res = run("topk", "--bundle", bundle, "--users", tmp_path / "u.txt", "-k", "10", "--out",
+              tmp_path / "recs.jsonl")
+    assert res.exit_code == 0, res.output
+    indptr = np.load(bundle / "history_indptr.npy")
+    history = np.load(bundle / "history_items.npy")
+    got = [json.loads(line) for line in (tmp_path / "recs.jsonl").read_text().splitlines()]
+    new_ranked = 0
+    for u, record in enumerate(got):
+        scores = users[u] @ items.T
+        scores[history[indptr[u]:indptr[u + 1]]] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:10]
+        np.testing.assert_allclose(record["scores"], scores[order], rtol=1e-5, atol=1e-6)
+        assert record["items"] == item_ids[order].tolist()
+        new_ranked += sum(i.startswith("NEW") for i in record["items"])
+    return new_ranked
+
+
+@pytest.mark.parametrize("backbone", ["freedom", "lightgcn"])
+def test_student_placed_items(bundles, exported, tmp_path: Path, backbone: str) -> None:
+    """add-items places with the student by default: trained rows untouched, new rows the
+    fold-in vector plus the student's offset (the offset alone for LightGCN, which add-items
+    refused before), lineage names the placement, topk ranks as naive numpy, and a history
+    naming a new item still folds in a user."""
+    source = bundles[backbone]
+    feats = new_features(tmp_path / "new", exported["catalog"])
+    res = run("add-items", "--bundle", source, "--features", tmp_path / "new", "--out",
+              tmp_path / "b2")
+    assert res.exit_code == 0, res.output
+    assert "(student)" in res.output
+    old = np.load(source / "item_embeddings.npy")
+    table = np.load(tmp_path / "b2" / "item_embeddings.npy")
+    np.testing.assert_array_equal(table[:len(old)], old)  # trained rows unchanged
+    np.testing.assert_array_equal(np.load(tmp_path / "b2" / "user_embeddings.npy"),
+                                  np.load(source / "user_embeddings.npy"))
+    offsets = ContentStudent.of(Bundle(source)).offsets(feats)
+    if backbone == "freedom":
+        res = run("add-items", "--bundle", source, "--features", tmp_path / "new", "--out",
+                  tmp_path / "fold", "--placement", "fold-in")
+        assert res.exit_code == 0, res.output
+        fold = np.load(tmp_path / "fold" / "item_embeddings.npy")[len(old):]
+        assert read_manifest(tmp_path / "fold")["lineage"]["placement"] == "fold-in"
+        np.testing.assert_allclose(table[len(old):], fold + offsets, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_allclose(table[len(old):], offsets, rtol=1e-6, atol=1e-7)
+    manifest = read_manifest(tmp_path / "b2")
+    assert manifest["lineage"]["placement"] == "student"
+    assert manifest["lineage"]["placements"] == {"student": N_NEW}
+    assert manifest["cold_student"] == read_manifest(source)["cold_student"]  # kept
+    _ranked_as_naive_numpy(tmp_path / "b2", tmp_path)
+    item_ids = (tmp_path / "b2" / "item_ids.txt").read_text().splitlines()
+    (tmp_path / "h.jsonl").write_text(json.dumps({"user": "h", "history": item_ids[:3] +
+                                                  ["NEW0"]}) + "\n")
+    res = run("topk", "--bundle", tmp_path / "b2", "--histories", tmp_path / "h.jsonl", "-k",
+              "5", "--out", tmp_path / "h-out.jsonl")
+    assert res.exit_code == 0, res.output
+    res = run("topk", "--bundle", bundles[backbone], "--histories", tmp_path / "h.jsonl",
+              "-k", "5", "--out", tmp_path / "h-before.jsonl")
+    assert res.exit_code == 0, res.output
+    after = json.loads((tmp_path / "h-out.jsonl").read_text())
+    before = json.loads((tmp_path / "h-before.jsonl").read_text())
+    assert before["unknown_items"] == ["NEW0"] and "unknown_items" not in after
+    assert "NEW0" not in after["items"]  # the history is excluded, the new item in it too
+
+
+def test_bundles_without_a_student_keep_working(exported, tmp_path: Path) -> None:
+    """A bundle exported without the student (as every bundle before it): add-items places by
+    the fold-in as before, byte for byte as --placement fold-in; asking for the student says
+    why it cannot."""
+    source = exported["bundle"]
+    assert "cold_student" not in read_manifest(source)
+    new_features(tmp_path / "new", exported["catalog"])
+    res = run("add-items", "--bundle", source, "--features", tmp_path / "new", "--out",
+              tmp_path / "b2")
+    assert res.exit_code == 0, res.output
+    assert "(fold-in)" in res.output
+    res = run("add-items", "--bundle", source, "--features", tmp_path / "new", "--out",
+              tmp_path / "b3", "--placement", "fold-in")
+    assert res.exit_code == 0, res.output
+    for name in ("item_embeddings.npy", "fold_in.graph_layers.npy", "fold_in.item_layers.npy"):
+        assert (tmp_path / "b2" / name).read_bytes() == (tmp_path / "b3" / name).read_bytes()
+    assert read_manifest(tmp_path / "b2")["lineage"]["placement"] == "fold-in"
+    res = run("add-items", "--bundle", source, "--features", tmp_path / "new", "--out",
+              tmp_path / "b4", "--placement", "student")
+    assert res.exit_code == 7 and "no cold-start student" in res.output
+    assert not (tmp_path / "b4").exists()
+
+
+def test_the_service_reports_the_placement_and_folds_history_users(bundles, exported,
+                                                                   image_root,
+                                                                   tmp_path: Path) -> None:
+    """/metadata says how the bundle places new items and placed those it holds; a /topk
+    history naming a student-placed item answers as the library does (LightGCN: a user rule,
+    no item rule)."""
+    new_features(tmp_path / "new", exported["catalog"])
+    assert run("add-items", "--bundle", bundles["lightgcn"], "--features", tmp_path / "new",
+               "--out", tmp_path / "b2").exit_code == 0
+    url, proc = serve_local({"bundle": tmp_path / "b2"}, image_root, tmp_path)
+    try:
+        with urllib.request.urlopen(url + "/metadata") as response:
+            meta = json.loads(response.read())
+        assert meta["new_items"] == {"default_placement": "student",
+                                     "last_placement": "student",
+                                     "added_by_placement": {"student": N_NEW}}
+        api = Recommender(tmp_path / "b2")
+        history = [api.bundle.item_ids[i] for i in (1, 4, 9)] + ["NEW2"]
+        request = urllib.request.Request(url + "/topk", json.dumps(
+            {"history": history, "k": 10}).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            body = json.loads(response.read())
+        assert body == {"results": api.topk_histories([history], k=10)}
+    finally:
+        stop_process(proc, signal.SIGTERM)
+
+
+def _share_ratio(config: StudentConfig) -> float:
+    """New items' share of all users' top 20 with their student vectors, over their share
+    with their true vectors (the "retrained" model), in a small world whose items' content is
+    a linear view of their true vectors (so a student can learn them) and whose users all like
+    one popularity direction (so the score level of new items decides their share)."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, dim = 300, 600, 16
+    users = rng.standard_normal((n_users, dim)).astype(np.float32) / np.sqrt(dim)
+    users[:, 0] = 1.0
+    items = rng.standard_normal((n_items, dim)).astype(np.float32)
+    feats = {m: (items @ rng.standard_normal((dim, 24)) + 0.1 * rng.standard_normal(
+        (n_items, 24))).astype(np.float32) for m in ("image", "text")}
+    liked = np.argsort(-(users @ items.T) + rng.gumbel(size=(n_users, n_items)), 1)[:, :10]
+    pairs = np.stack([np.repeat(np.arange(n_users), 10), liked.reshape(-1)], 1)
+    new = np.sort(np.random.default_rng(1).choice(n_items, n_items // 5, replace=False))
+    trained = np.setdiff1d(np.arange(n_items), new)
+    row = np.full(n_items, -1)
+    row[trained] = np.arange(len(trained))
+    pairs = pairs[row[pairs[:, 1]] >= 0]
+    state = train_student(users, items[trained], np.stack([pairs[:, 0], row[pairs[:, 1]]], 1),
+                          {m: f[trained] for m, f in feats.items()}, None, config)
+    placed = items.copy()
+    placed[new] = ContentStudent(state).offsets({m: f[new] for m, f in feats.items()})
+
+    def share(table: np.ndarray) -> float:
+        return float(np.isin(np.argsort(-(users @ table.T), 1)[:, :20], new).mean())
+    return share(placed) / share(items)
+
+
+def test_without_the_score_alignment_new_items_take_the_wrong_share() -> None:
+    """The share target (0.6x-1.2x of the retrained model's) is met with the shipped losses
+    and missed with the teacher-student score gap removed (a mutation check: the other terms
+    see score differences only, so nothing holds new items' scores at the trained level)."""
+    config = StudentConfig(epochs=10, batch_size=256)
+    assert 0.6 <= _share_ratio(config) <= 1.2
+    assert not 0.6 <= _share_ratio(replace(config, gap_weight=0.0)) <= 1.2
