@@ -199,7 +199,8 @@ def test_the_service_reports_the_placement_and_folds_history_users(bundles, expo
             {"history": history, "k": 10}).encode(), {"Content-Type": "application/json"})
         with urllib.request.urlopen(request) as response:
             body = json.loads(response.read())
-        assert body == {"results": api.topk_histories([history], k=10)}
+        assert body == {"bundle": meta["bundle"]["id"],
+                        "results": api.topk_histories([history], k=10)}
     finally:
         stop_process(proc, signal.SIGTERM)
 
