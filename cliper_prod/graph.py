@@ -177,6 +177,28 @@ def bipartite_edge_weights(users: Tensor, items: Tensor, n_users: int, n_items: 
     return (du[users] * di[items]).rsqrt()
 
 
+#: torch.multinomial's largest category count.
+MULTINOMIAL_MAX = 2 ** 24
+
+
+def weighted_sample(weights: Tensor, n: int, generator: torch.Generator | None = None,
+                    multinomial_max: int = MULTINOMIAL_MAX) -> Tensor:
+    """``n`` distinct indices drawn without replacement with probability proportional to
+    ``weights``. torch.multinomial where it can (up to ``multinomial_max`` categories: the
+    draws every run up to this size made); beyond it (FREEDOM's pruning at 5M users has 74M
+    edges) the same distribution by exponential keys (Efraimidis-Spirakis): each index gets
+    E/w with E ~ Exp(1) and the ``n`` smallest keys are kept, found as the complement of the
+    largest so that the common case (most edges kept) sorts the few dropped ones."""
+    if len(weights) <= multinomial_max:
+        return torch.multinomial(weights, n, replacement=False, generator=generator)
+    keys = torch.empty_like(weights, dtype=torch.float32).exponential_(generator=generator)
+    keys /= weights
+    drop = torch.topk(keys, len(weights) - n, sorted=False).indices
+    kept = torch.ones(len(weights), dtype=torch.bool, device=weights.device)
+    kept[drop] = False
+    return kept.nonzero().squeeze(1)
+
+
 def degree_sensitive_prune(users: Tensor, items: Tensor, n_users: int, n_items: int,
                            keep_ratio: float, generator: torch.Generator | None = None
                            ) -> Propagation:
@@ -185,7 +207,7 @@ def degree_sensitive_prune(users: Tensor, items: Tensor, n_users: int, n_items: 
     ``generator`` must be on the edges' device."""
     weights = bipartite_edge_weights(users, items, n_users, n_items)
     n_keep = int(len(users) * keep_ratio)
-    keep = torch.multinomial(weights, n_keep, replacement=False, generator=generator)
+    keep = weighted_sample(weights, n_keep, generator)
     edge_index = bipartite_edge_index(users[keep], items[keep], n_users)
     return normalized_adjacency(edge_index, n_users + n_items)
 

@@ -70,6 +70,25 @@ def widened(record: dict) -> dict:
     return {**record, "scores": [float(np.float32(s)) for s in record["scores"]]}
 
 
+def ranked_as_naive_numpy(bundle: Path, records: list[dict], k: int = 10) -> int:
+    """Assert that ``records`` (the rankings of ``bundle``'s users, in order) equal naive numpy
+    over the bundle's tables, each user's training items excluded; how many of the ranked items
+    were added ones (ids starting with NEW)."""
+    users = np.load(bundle / "user_embeddings.npy").astype(np.float64)
+    items = np.load(bundle / "item_embeddings.npy").astype(np.float64)
+    item_ids = np.array((bundle / "item_ids.txt").read_text().splitlines())
+    indptr, history = (np.load(bundle / f"history_{n}.npy") for n in ("indptr", "items"))
+    new_ranked = 0
+    for u, record in enumerate(records):
+        scores = users[u] @ items.T
+        scores[history[indptr[u]:indptr[u + 1]]] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:k]
+        np.testing.assert_allclose(record["scores"], scores[order], rtol=1e-5, atol=1e-6)
+        assert record["items"] == item_ids[order].tolist()
+        new_ranked += sum(i.startswith("NEW") for i in record["items"])
+    return new_ranked
+
+
 def model_config(backbone: str, **model) -> dict:
     """The packaged [model] defaults of ``backbone`` with ``model``'s keys changed."""
     return {**load_config(backbone)["model"], **model}

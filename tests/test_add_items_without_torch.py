@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 from click.testing import CliRunner
 
 from cliper_prod.bundle_format import read_manifest
 from cliper_prod.commands import cli
+from conftest import ranked_as_naive_numpy
 from tests.test_fold_in import N_NEW, new_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,19 +70,7 @@ def test_features_are_added_without_torch(exported: dict[str, Path], tmp_path: P
     # naive numpy over the extended tables, training items out
     got = topk_all(tmp_path / "lean", tmp_path)
     folder = tmp_path / "lean"
-    users = np.load(folder / "user_embeddings.npy").astype(np.float64)
-    items = np.load(folder / "item_embeddings.npy").astype(np.float64)
-    item_ids = np.array((folder / "item_ids.txt").read_text().splitlines())
-    indptr, history = (np.load(folder / f"history_{n}.npy") for n in ("indptr", "items"))
-    new_ranked = 0
-    for u, record in enumerate(got):
-        scores = users[u] @ items.T
-        scores[history[indptr[u]:indptr[u + 1]]] = -np.inf
-        order = np.argsort(-scores, kind="stable")[:10]
-        np.testing.assert_allclose(record["scores"], scores[order], rtol=1e-5, atol=1e-6)
-        assert record["items"] == item_ids[order].tolist()
-        new_ranked += sum(i.startswith("NEW") for i in record["items"])
-    assert new_ranked > 0
+    assert ranked_as_naive_numpy(folder, got) > 0
 
     # the same items added with torch (top-K graph re-exported): the same tables and answers
     res = CliRunner().invoke(cli, ["add-items", "--bundle", str(exported["bundle"]),

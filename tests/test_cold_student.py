@@ -21,7 +21,7 @@ from cliper_prod.commands import cli
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.cold_student import ContentStudent
 from cliper_prod.runtime.recommender import Recommender
-from conftest import serve_local, stop_process
+from conftest import ranked_as_naive_numpy, serve_local, stop_process
 
 N_NEW = 4
 
@@ -85,26 +85,13 @@ def test_numpy_student_equals_its_pytorch_network(bundles, exported) -> None:
 def _ranked_as_naive_numpy(bundle: Path, tmp_path: Path) -> int:
     """`topk` over ``bundle`` equals naive numpy over its tables (training items excluded);
     how many new items reached a top 10."""
-    users = np.load(bundle / "user_embeddings.npy").astype(np.float64)
-    items = np.load(bundle / "item_embeddings.npy").astype(np.float64)
     user_ids = (bundle / "user_ids.txt").read_text().splitlines()
-    item_ids = np.array((bundle / "item_ids.txt").read_text().splitlines())
     (tmp_path / "u.txt").write_text("\n".join(user_ids) + "\n")
     res = run("topk", "--bundle", bundle, "--users", tmp_path / "u.txt", "-k", "10", "--out",
               tmp_path / "recs.jsonl")
     assert res.exit_code == 0, res.output
-    indptr = np.load(bundle / "history_indptr.npy")
-    history = np.load(bundle / "history_items.npy")
     got = [json.loads(line) for line in (tmp_path / "recs.jsonl").read_text().splitlines()]
-    new_ranked = 0
-    for u, record in enumerate(got):
-        scores = users[u] @ items.T
-        scores[history[indptr[u]:indptr[u + 1]]] = -np.inf
-        order = np.argsort(-scores, kind="stable")[:10]
-        np.testing.assert_allclose(record["scores"], scores[order], rtol=1e-5, atol=1e-6)
-        assert record["items"] == item_ids[order].tolist()
-        new_ranked += sum(i.startswith("NEW") for i in record["items"])
-    return new_ranked
+    return ranked_as_naive_numpy(bundle, got)
 
 
 @pytest.mark.parametrize("backbone", ["freedom", "lightgcn"])

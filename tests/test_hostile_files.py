@@ -591,7 +591,8 @@ def test_metadata_names_the_bundle_by_name_and_hash_never_by_a_server_path(
     content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":"),
                                        ensure_ascii=False).encode()).hexdigest()
-    assert meta["bundle"] == {"name": exported["bundle"].name, "manifest_sha256": digest}
+    assert meta["bundle"] == {"id": digest[:12], "name": exported["bundle"].name,
+                              "manifest_sha256": digest}
     assert meta["settings"]["bundle"] == exported["bundle"].name
     assert meta["settings"]["image_root"] == image_root.name
     assert meta["manifest"]["features"]["clip"] == Path(manifest["features"]["clip"]).name

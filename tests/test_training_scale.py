@@ -218,3 +218,26 @@ def test_a_blocked_product_gives_the_products_values_and_gradient(monkeypatch) -
     assert torch.equal(out, adj(x))  # row by row the same arithmetic
     (out * weight).sum().backward()
     assert torch.allclose(x.grad, dense.T @ weight, rtol=1e-14, atol=1e-14)
+
+
+def test_weighted_sampling_beyond_multinomials_limit_draws_from_the_same_distribution() -> None:
+    """FREEDOM's pruning at 5M users samples among 74M edges, past torch.multinomial's 2^24
+    categories: the exponential-key path (forced here with a tiny limit) keeps distinct
+    indices with the inclusion frequencies multinomial's draws have, deterministically per
+    seed."""
+    from cliper_prod.graph import weighted_sample
+
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 6.0])
+
+    def inclusion(limit: int, seed: int) -> torch.Tensor:
+        generator, counts = torch.Generator().manual_seed(seed), torch.zeros(len(weights))
+        for _ in range(4000):
+            kept = weighted_sample(weights, 3, generator, multinomial_max=limit)
+            assert len(set(kept.tolist())) == 3
+            counts[kept] += 1
+        return counts / 4000
+
+    by_keys, by_multinomial = inclusion(2, 0), inclusion(100, 1)
+    assert (by_keys - by_multinomial).abs().max() < 0.04, (by_keys, by_multinomial)
+    assert by_keys[5] > by_keys[2] > by_keys[0] > by_keys[4]  # heavier edges kept more often
+    assert torch.equal(inclusion(2, 0), by_keys)
