@@ -43,6 +43,21 @@ class ServedTables:
     item_ids: Sequence[str] | None = None
 
 
+@dataclass(frozen=True)
+class Extension:
+    """What the extended bundle holds: the source (``manifest``: its manifest, as
+    :func:`~cliper_prod.bundle_format.read_manifest` checked it), its tables with the new
+    items appended, the fold-in state placing them, the lineage, and the source's cold-start
+    student."""
+
+    source: Path
+    manifest: dict[str, Any]
+    tables: ServedTables
+    fold_in: FoldInState
+    lineage: dict[str, Any]
+    student: StudentState | None = None  # the source's cold-start student, kept
+
+
 def write_atomically(out: Path, build: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Run ``build`` in a temporary sibling of ``out`` (named as :mod:`cliper_prod.io` names
     temporaries, so a killed run's is found), then swap it into place."""

@@ -33,9 +33,9 @@ from cliper_prod.backbones.cold_student import StudentConfig
 from cliper_prod.bundle_format import GPU_FORM, PLAIN, TOPK_GRAPH, graph_file
 from cliper_prod.checkpoint import load_model
 from cliper_prod.errors import CheckpointError
-from cliper_prod.export.bundle_files import (FeatureGraphs, ServedTables, copied_feature_graphs,
-                                             write_atomically, write_bundle_files)
-from cliper_prod.export.extended_bundle import Extension
+from cliper_prod.export.bundle_files import (Extension, FeatureGraphs, ServedTables,
+                                             copied_feature_graphs, write_atomically,
+                                             write_bundle_files)
 from cliper_prod.export.feature_graphs import export_features, feature_settings
 from cliper_prod.export.graphs import GraphSpec, export_onnx, feeds, torch_outputs
 from cliper_prod.export.parity import same_topk

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from cliper_prod.bundle_format import MANIFEST, TOPK_GRAPH, sha256_file
-from cliper_prod.export.bundle_files import (ServedTables, copied_feature_graphs,
+from cliper_prod.export.bundle_files import (Extension, ServedTables, copied_feature_graphs,
                                              write_atomically, write_bundle_files)
 from cliper_prod.export.topk_table import onnx_package, retabled_topk
 from cliper_prod.fold_in_state import FoldInState
@@ -30,19 +29,6 @@ from cliper_prod.student_format import StudentState
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Extension:
-    """What the extended bundle holds: the source (``manifest``: its manifest, as
-    :func:`~cliper_prod.bundle_format.read_manifest` checked it), its tables with the new
-    items appended, the fold-in state placing them, the lineage, and the source's cold-start
-    student."""
-
-    source: Path
-    manifest: dict[str, Any]
-    tables: ServedTables
-    fold_in: FoldInState
-    lineage: dict[str, Any]
-    student: StudentState | None = None  # the source's cold-start student, kept
 
 
 def torch_available() -> bool:
