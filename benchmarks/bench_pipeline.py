@@ -50,6 +50,7 @@ class NoOpGraphs:
 
     source = "no-op graphs"
     random_init = True
+    random_weights = True
     max_tokens = 77
     dim = 512
 
