@@ -83,7 +83,7 @@ def _export_and_serve(workdir: Path, checkpoint: Path, catalog: Path, progress: 
     with _quiet("cliper_prod.export"):  # the demo reports the export in one line
         manifest = export_bundle(checkpoint, backbone="freedom", out=bundle_dir)
     worst = min(p["min_cosine"] for g in manifest["graphs"].values()
-                for v, p in g["parity"].items() if "fp16" not in v and "int8" not in v)
+                for v, p in g["parity"].items() if v.endswith("fp32") or v == "torchscript")
     log.info(f"[4/5] exported {len(manifest['graphs'])} graphs (ONNX fp32, fp16 and int8, TorchScript); "
              f"parity with PyTorch: worst fp32 cosine {worst:.7f} -> {bundle_dir}")
     bundle = Bundle(bundle_dir)
