@@ -22,8 +22,7 @@ from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.cold_student import ContentStudent
 from cliper_prod.runtime.recommender import Recommender
 from conftest import ranked_as_naive_numpy, serve_local, stop_process
-
-N_NEW = 4
+from tests.test_fold_in import N_NEW, new_features
 
 
 def run(*args: object) -> object:
@@ -49,19 +48,6 @@ def bundles(exported: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
         assert "cold-start student" in res.output
         out[backbone] = root / backbone
     return out
-
-
-def new_features(folder: Path, catalog: Path) -> dict[str, np.ndarray]:
-    """N_NEW items near existing ones, laid out as `embed` writes them."""
-    rng = np.random.default_rng(5)
-    folder.mkdir()
-    feats = {}
-    for m in ("image", "text"):
-        base = np.load(catalog / "cliper" / f"{m}_feat.npy")[[3, 7, 11, 19]]
-        feats[m] = (base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32)
-        np.save(folder / f"{m}_feat.npy", feats[m])
-    (folder / "item_ids.txt").write_text("".join(f"NEW{i}\n" for i in range(N_NEW)))
-    return feats
 
 
 def test_numpy_student_equals_its_pytorch_network(bundles, exported) -> None:

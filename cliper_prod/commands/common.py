@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from cliper_prod.backbones import BACKBONE_NAMES
+from cliper_prod.bundle_format import PRECISIONS
 from cliper_prod.errors import ConfigError
 from cliper_prod.runtime.providers import PROVIDERS
 
@@ -163,6 +164,22 @@ def provider_option() -> Decorator:
                           old_names=("--device",), default="auto", show_default=True,
                           help="ONNX Runtime provider; auto: CUDA when onnxruntime-gpu sees a "
                                "GPU.")
+
+
+def precision_option(what: str) -> Decorator:
+    """``--precision``: which exported CLIP graphs run (the same rule for every command)."""
+    return click.option("--precision", type=click.Choice(["auto", *PRECISIONS]), default="auto",
+                        show_default=True,
+                        help=f"{what} auto: int8 on the CPU where the export measured it faster "
+                             "than fp32, else fp32; a precision the bundle lacks is refused.")
+
+
+def inter_op_threads_option(where: str) -> Decorator:
+    """``--inter-op-threads``: ONNX Runtime's threads for independent operators."""
+    return click.option("--inter-op-threads", type=click.IntRange(min=0), default=0,
+                        show_default=True,
+                        help=f"ONNX Runtime threads running independent operators side by side "
+                             f"{where} (0: ORT's own).")
 
 
 def backbone_option(**kwargs: Any) -> Decorator:

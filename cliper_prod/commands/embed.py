@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cliper_prod.commands.common import (PROVIDERS, argument_or_option, device_option,
+                                         inter_op_threads_option, precision_option,
                                          quiet_option, strict_option)
 from cliper_prod.errors import ConfigError
 from cliper_prod.fusion_modes import FUSION_MODES, FUSION_NAMES
@@ -203,17 +204,11 @@ _FUSION_HELP = "; ".join(f"{m.name}: {m.help}" for m in FUSION_MODES.values())
                "--provider. auto: the GPU when one is usable.")
 @click.option("--provider", type=click.Choice(PROVIDERS),
               help="ONNX Runtime provider of --bundle's sessions [default: --device].")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]),
-              default="auto", show_default=True,
-              help="Which exported CLIP graphs to run (--bundle only). auto: int8 on the CPU "
-                   "where the export measured it faster than fp32, else fp32; a precision the "
-                   "bundle lacks is refused.")
+@precision_option("Which exported CLIP graphs to run (--bundle only).")
 @click.option("--intra-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="ONNX Runtime threads per operator of --bundle's sessions (per Ray actor "
                    "with --ray); 0: ORT's own, every core.")
-@click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="ONNX Runtime threads running independent operators side by side (--bundle "
-                   "only); 0: ORT's own.")
+@inter_op_threads_option("(--bundle only)")
 @strict_option(False, "fail (exit 3) at the first item error; nothing is written.",
                "list each bad item in errors.jsonl and go on.")
 @click.option("--resume", is_flag=True,

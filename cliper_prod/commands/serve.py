@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import click
 from click.core import ParameterSource
 
-from cliper_prod.commands.common import DEFAULT_BUNDLE, provider_option
+from cliper_prod.commands.common import (DEFAULT_BUNDLE, inter_op_threads_option,
+                                         precision_option, provider_option)
 from cliper_prod.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,17 +72,12 @@ ENGINE_ONLY = {"local": ("workers",),
 @click.option("--reload-poll-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="How often each worker or replica looks for a new bundle at --bundle (a "
                    "link switched to a new folder) and swaps it in; 0: never.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]),
-              default="auto", show_default=True,
-              help="CLIP graphs /embed runs. auto: int8 on the CPU where the export measured it "
-                   "faster than fp32, else fp32; a precision the bundle lacks is refused.")
+@precision_option("CLIP graphs /embed runs.")
 @click.option("--intra-op-threads", type=click.IntRange(min=0),
               help="ONNX Runtime threads per operator in each worker (replica) [default: the "
                    "CPUs // --workers with several local workers, else ORT's own: every core; "
                    "0: ORT's own].")
-@click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="ONNX Runtime threads running independent operators side by side in each "
-                   "worker (0: ORT's own).")
+@inter_op_threads_option("in each worker")
 @click.option("--startup-timeout-s", type=click.FloatRange(min=0, min_open=True), default=120.0,
               show_default=True,
               help="Time for the workers (local) or Ray Serve's proxy and the replicas (ray) to "
