@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tokenizers
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,39 @@ class TokenizedViews:
     attention_mask: np.ndarray  # int64 [N, L]
     truncated: np.ndarray  # bool [T]: the text had more tokens than the model's positions
     owner: np.ndarray  # int64 [N]: index of the text each row belongs to (chunking adds rows)
+
+
+def library_token_ids(tokenizer: "tokenizers.Tokenizer", texts: list[str]) -> list[list[int]]:
+    """Ids from the ``tokenizers`` library (a bundle's ``tokenizer.json``), without start and
+    end tokens; ``encode_batch_fast`` from tokenizers 0.20 gives the same ids without
+    computing character offsets."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+class TokenCache:
+    """A tokenizer's ids for a list of texts, each distinct text tokenised once: a catalog's
+    prompts repeat (brands, categories, "... is Missing.", whole items in a test catalog), and
+    a text's ids do not depend on the texts beside it, so looking them up gives the same ids
+    by construction. Holds at most ``capacity`` texts (then starts afresh: the repeated ones
+    come back at once); safe to share between threads (the dict in use is only added to).
+    """
+
+    def __init__(self, encode: Callable[[list[str]], list[list[int]]],
+                 capacity: int = 4096) -> None:
+        self.encode, self.capacity = encode, capacity
+        self.known: dict[str, list[int]] = {}
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        known = self.known
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
+        fresh = dict(zip(missing, self.encode(missing))) if missing else {}
+        ids = [fresh[t] if t in fresh else known[t] for t in texts]
+        if len(known) + len(fresh) > self.capacity:
+            self.known = fresh
+        else:
+            known.update(fresh)
+        return ids
 
 
 def pack_tokens(token_lists: list[list[int]], special: SpecialTokens, max_tokens: int,
