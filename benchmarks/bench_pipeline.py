@@ -46,7 +46,7 @@ from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_to
 from cliper_prod.features.views import ViewSpec
 
 try:  # the bundle encoder's tokenising, as this checkout does it
-    from cliper_prod.features.tokenize import TokenCache, library_token_ids
+    from cliper_prod.features.tokenize import TokenCache, library_token_ids, splits_at_spaces
 except ImportError:  # a checkout from before the cache: its encoder called encode_batch
     TokenCache = None
 
@@ -73,7 +73,8 @@ class NoOpGraphs:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.special = SpecialTokens(bos=49406, eos=49407, pad=49407)
-        self.token_ids = (TokenCache(partial(library_token_ids, self.tokenizer)) if TokenCache
+        self.token_ids = (TokenCache(partial(library_token_ids, self.tokenizer),
+                                     joins=splits_at_spaces(self.tokenizer)) if TokenCache
                           else lambda texts: [e.ids for e in self.tokenizer.encode_batch(
                               texts, add_special_tokens=False)])
 

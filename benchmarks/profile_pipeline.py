@@ -11,8 +11,8 @@ and crop to uint8 channels-first; draft: ``Image.open`` + ``draft``, the reduced
 Pillow and by simplejpeg where installed, then the numpy resize of the crop's box), host
 normalisation to float32 (what a bundle without a uint8 graph needs), building the view
 prompts, tokenising (``encode_batch``, ``encode_batch_fast``, and through the encoders' token
-cache, fresh for the run), packing the tokens, stacking a batch, filing the outputs and writing the shard. Then the
-whole pipeline, ``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker
+cache, fresh for the run, global views joined from their pieces' ids), packing the tokens,
+stacking a batch, filing the outputs and writing the shard. Then the whole pipeline, ``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker
 process), with the CPU time of each of its threads (read from ``/proc``) and of the worker
 process, so the sum of the stages can be set against what the pipeline spends and the
 difference (thread hand-offs, the interpreter lock, futures, pipes) shows.
@@ -43,7 +43,8 @@ from cliper_prod.features.catalog import Catalog, read_catalog
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.items import Item
 from cliper_prod.features.shards import Shard
-from cliper_prod.features.tokenize import TokenCache, library_token_ids, pack_tokens
+from cliper_prod.features.tokenize import (TokenCache, library_token_ids, pack_tokens,
+                                          splits_at_spaces)
 from cliper_prod.features.views import ViewSpec
 
 
@@ -139,7 +140,8 @@ def text_stages(items_file: Path, n: int, batch: int) -> dict[str, float]:
             library_token_ids(encoder.tokenizer, prompts[g.start * width:g.stop * width])
 
     def tokenise_cached() -> None:  # a fresh cache each time: what one run does
-        cache = TokenCache(partial(library_token_ids, encoder.tokenizer))
+        cache = TokenCache(partial(library_token_ids, encoder.tokenizer),
+                           joins=splits_at_spaces(encoder.tokenizer))
         for g in groups:
             cache(prompts[g.start * width:g.stop * width])
 

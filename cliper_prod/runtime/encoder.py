@@ -21,7 +21,7 @@ from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER, UINT8_
 from cliper_prod.errors import BundleError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import (SpecialTokens, TokenCache, TokenizedViews,
-                                          library_token_ids, pack_tokens)
+                                          library_token_ids, pack_tokens, splits_at_spaces)
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.sessions import Graph
@@ -57,7 +57,8 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(bundle.folder / TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.token_ids = TokenCache(partial(library_token_ids, self.tokenizer))
+        self.token_ids = TokenCache(partial(library_token_ids, self.tokenizer),
+                                    joins=splits_at_spaces(self.tokenizer))
         # sessions open on first use (a Ray driver only needs the metadata)
         self.bundle = bundle
 
