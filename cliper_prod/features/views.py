@@ -25,11 +25,13 @@ DEFAULT_TEMPLATES = {
 GLOBAL_TEMPLATE = "The product descriptions are: {}"
 
 
-SPACES = " \t\n"  # what every whitespace class counts as space
+SPACES = " \t\n"  # whitespace to any tokenizer's pattern (\s, Unicode or not)
 
 
 class JoinedPrompt(str):
-    """A prompt that is its ``pieces`` joined with spaces, each join on a space."""
+    """A prompt made of ``pieces``: the first, the middle ones joined with spaces, the last;
+    the first ends and the last starts with whitespace where not empty, so every place two
+    pieces meet is a space."""
 
     pieces: tuple[str, ...]
 
