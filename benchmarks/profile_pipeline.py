@@ -139,9 +139,10 @@ def text_stages(items_file: Path, n: int, batch: int) -> dict[str, float]:
         for g in groups:
             library_token_ids(encoder.tokenizer, prompts[g.start * width:g.stop * width])
 
+    joins = splits_at_spaces(encoder.tokenizer)  # once per encoder
+
     def tokenise_cached() -> None:  # a fresh cache each time: what one run does
-        cache = TokenCache(partial(library_token_ids, encoder.tokenizer),
-                           joins=splits_at_spaces(encoder.tokenizer))
+        cache = TokenCache(partial(library_token_ids, encoder.tokenizer), joins=joins)
         for g in groups:
             cache(prompts[g.start * width:g.stop * width])
 
