@@ -216,6 +216,10 @@ def test_box_resize_equals_a_naive_bicubic(shape: tuple[int, int]) -> None:
                for b in plan.across)
     assert all(pre.crop * (b.out1 - b.out0) * (b.in1 - b.in0) <= bicubic.ONE_THREAD_MACS
                for b in plan.down)
+    # a model whose processor resizes with another filter: Pillow's, on the same box
+    bilinear = ClipImagePreprocessor(resample=Image.Resampling.BILINEAR)
+    pillow = Image.fromarray(rgb).resize((224, 224), Image.Resampling.BILINEAR, box=box)
+    assert np.array_equal(bilinear.crop_pixels(rgb), np.asarray(pillow).transpose(2, 0, 1))
 
 
 def uint8_twins(record: dict) -> dict[str, str]:

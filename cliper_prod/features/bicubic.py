@@ -8,7 +8,7 @@ kept under the size from which OpenBLAS hands a product to its thread pool, so n
 wake beside the decoders. About twice as fast as Pillow's resize of the same box (which also
 needs its 4-byte image and a transpose afterwards; BENCHMARKS.md, "embed pipeline"). Not
 bit-equal to Pillow, which rounds the first pass to 8 bits: here it stays float32 until the
-end (a few pixel values in a thousand differ by 1, rare ones at clipped overshoots by more).
+end (about one value in ten differs by 1, a few in 100,000 by more where overshoots clip).
 """
 
 from __future__ import annotations

@@ -116,13 +116,16 @@ class ClipImagePreprocessor:
 
     def crop_pixels(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> [3, crop, crop] as :meth:`pixels`, resizing only the crop's box
-        of the image (:func:`~cliper_prod.features.bicubic.resize_box`: faster, not bit-equal;
-        the draft path only)."""
+        of the image (faster, not bit-equal; the draft path only): bicubic in numpy
+        (:func:`~cliper_prod.features.bicubic.resize_box`), another filter by Pillow."""
         h, w = rgb.shape[:2]
         new_w, new_h, left, top = self._resized(w, h)
         sx, sy = w / new_w, h / new_h
         box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
-        return resize_box(rgb, box, self.crop)
+        if self.resample == Image.Resampling.BICUBIC:
+            return resize_box(rgb, box, self.crop)
+        image = Image.fromarray(rgb).resize((self.crop, self.crop), self.resample, box=box)
+        return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
     def _resized(self, w: int, h: int) -> tuple[int, int, int, int]:
         """Width and height with the shortest edge at ``size``, and the crop's left and top."""
