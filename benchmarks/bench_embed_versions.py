@@ -1,13 +1,16 @@
 """`cliper-prod embed --bundle` end to end, this checkout against another one, side by side.
 
     python benchmarks/bench_embed_versions.py --old /tmp/old-checkout [--items 512]
+        [--text same|varied]
 
 Exports the tiny CLIP skeleton (../shared/models/tinyclip-8m-skeleton, random weights; speed
 does not depend on them) as a feature bundle with this checkout, writes a catalog of items with
 640x480 photo-like JPEGs, then runs the real CLI of each checkout on it in turn (old, new, old,
 new, ...: one process each, wall time including start-up), and this checkout once more per
 extra ``--decode`` path. The exact-path output files of both checkouts are compared byte for
-byte. Both read the same bundle (an older checkout ignores the uint8 twins it does not know).
+byte (with ``--text varied``, each item's own title and description, as bench_pipeline.py
+writes them: the check covers the token cache and the joined global views too). Both read the
+same bundle (an older checkout ignores the uint8 twins it does not know).
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode", nargs="*", default=["draft"],
                         help="extra decode paths to time on this checkout")
+    parser.add_argument("--text", choices=["same", "varied"], default="same",
+                        help="every item's text the same, or each its own")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/embed_versions"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         export_s = feature_bundle(SKELETON, work / "bundle")
-        items = write_catalog(work / "catalog", args.items, args.images)
+        items = write_catalog(work / "catalog", args.items, args.images, args.text)
         times: dict[str, list[tuple[float, float]]] = {}
         loads = [os.getloadavg()[0]]
         for r in range(args.repeats):
@@ -80,6 +85,7 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs in "
                          f"affinity, {platform.platform()}",
               "old": str(args.old), "items": args.items, "distinct_images": args.images,
+              "text": args.text,
               "export_s": export_s, "runs_wall_cpu_s": times, "items_per_s": rates,
               "items_per_cpu_s": per_cpu_s, "load_1min": loads,
               "exact_outputs_identical": identical}
@@ -88,7 +94,7 @@ def main() -> None:
     lines += [f"| {k} | {rates[k]:.1f} | {per_cpu_s[k]:.1f} | "
               f"{', '.join(f'{w:.1f} / {c:.1f}' for w, c in v)} |" for k, v in times.items()]
     lines.append(f"\n`embed --bundle` of {args.items} items ({args.images} distinct 640x480 "
-                 f"JPEGs), tinyclip-8m skeleton, random weights, one process per run (start-up "
+                 f"JPEGs, text: {args.text}), tinyclip-8m skeleton, random weights, one process per run (start-up "
                  f"included), runs interleaved; 1-minute load average at the start and after "
                  f"each round {[round(x, 1) for x in loads]}. Exact-path outputs old vs new byte-identical: "
                  f"{identical}. {result['machine']}.")

@@ -1,12 +1,17 @@
 """The embed pipeline's CPU side alone: `embed_catalog` with both graphs replaced by no-ops.
 
     python benchmarks/bench_pipeline.py [--items 2048] [--workers 1 2] [--decode exact draft]
-        [--decoders threads processes]
+        [--decoders threads processes] [--text same|varied] [--catalog DIR]
 
 Items carry the usual text fields (real CLIP tokenizer, 5 views) and a 640x480 photo-like JPEG
-(generated on the fly, ``--images`` distinct files shared round-robin). What is timed: catalog
-parsing, decoding and preprocessing in the decoders (threads or worker processes), the
-per-item policy, tokenising, stacking and filing the outputs; the graphs return zeros at once.
+(generated on the fly, ``--images`` distinct files shared round-robin). With ``--text same``
+(the default, as in the earlier figures) every item has the same text, so the encoder's token
+cache tokenises 5 prompts in the whole run; ``--text varied`` gives each item its own title
+and description (so its own global view) among 16 brands and 8 category paths, as a real
+catalog would (a catalog folder is written once and reused: give each kind its own).
+What is timed: catalog parsing, decoding and preprocessing in the decoders (threads or worker
+processes), the per-item policy, tokenising, stacking and filing the outputs; the graphs
+return zeros at once.
 The configurations (decode path x decoders x worker count) run interleaved, round after round,
 so a change in the machine's load falls on all of them alike. For each: items/s (median of
 ``--repeats`` rounds), items/s per decode worker, the scaling from the first worker count, and
@@ -28,6 +33,7 @@ import resource
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +44,11 @@ from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
 from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
 from cliper_prod.features.views import ViewSpec
+
+try:  # the bundle encoder's tokenising, as this checkout does it
+    from cliper_prod.features.tokenize import TokenCache, library_token_ids, splits_at_spaces
+except ImportError:  # a checkout from before the cache: its encoder called encode_batch
+    TokenCache = None
 
 SKELETON = Path(__file__).resolve().parents[2] / "shared" / "models" / "tinyclip-8m-skeleton"
 FIELDS = {"title": "Soft organic cotton baby blanket, 30 x 40 inches, grey", "brand": "Dreamo",
@@ -62,10 +73,13 @@ class NoOpGraphs:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.special = SpecialTokens(bos=49406, eos=49407, pad=49407)
+        self.token_ids = (TokenCache(partial(library_token_ids, self.tokenizer),
+                                     joins=splits_at_spaces(self.tokenizer)) if TokenCache
+                          else lambda texts: [e.ids for e in self.tokenizer.encode_batch(
+                              texts, add_special_tokens=False)])
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        return pack_tokens(ids, self.special, self.max_tokens)
+        return pack_tokens(self.token_ids(texts), self.special, self.max_tokens)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return np.zeros((len(pixel_values), self.dim), np.float32)
@@ -76,7 +90,19 @@ class NoOpGraphs:
                 np.zeros((b, v, self.dim), np.float32))
 
 
-def write_catalog(root: Path, n_items: int, n_images: int) -> Path:
+def varied_fields(i: int) -> dict[str, str]:
+    """Item ``i``'s own title and description; brand and categories repeat across items."""
+    from cliper_prod.data.synthetic import ADJECTIVES, COLOURS, TOPICS
+
+    path, nouns, brands = TOPICS[i % len(TOPICS)]
+    brand, noun = brands[i // len(TOPICS) % 2], nouns[i % 3]
+    adj, colour = ADJECTIVES[i % 7], COLOURS[i % 5]
+    return {"title": f"{brand} {adj} {colour} {noun}, model {i}", "brand": brand,
+            "categories": ", ".join(path),
+            "description": f"A {adj} {noun} in {colour}, item {i}. " + FIELDS["description"]}
+
+
+def write_catalog(root: Path, n_items: int, n_images: int, text: str = "same") -> Path:
     """The items file at ``root``, written unless it is there (an old checkout lacks the
     generator, so a side-by-side run writes the catalog with the new one first)."""
     if (root / "items.jsonl").is_file():
@@ -89,9 +115,18 @@ def write_catalog(root: Path, n_items: int, n_images: int) -> Path:
         (root / "img" / f"{j}.jpg").write_bytes(photo_like_jpeg(rng))
     with open(root / "items.jsonl", "w") as fh:
         for i in range(n_items):
-            fh.write(json.dumps({"item_id": f"I{i}", **FIELDS,
+            fields = FIELDS if text == "same" else varied_fields(i)
+            fh.write(json.dumps({"item_id": f"I{i}", **fields,
                                  "image": f"img/{i % n_images}.jpg"}) + "\n")
     return root / "items.jsonl"
+
+
+def distinct_prompts(items: Path) -> int:
+    """How many distinct view prompts the catalog's items make (what the tokenizer sees)."""
+    spec = ViewSpec()
+    return len({v for line in items.read_text().splitlines()
+                for v in spec.build({k: v for k, v in json.loads(line).items()
+                                     if k in spec.fields})})
 
 
 def cpu_seconds() -> float:
@@ -111,6 +146,8 @@ def main() -> None:
     parser.add_argument("--decode", nargs="+", default=["exact", "draft"])
     parser.add_argument("--decoders", nargs="+", default=["threads", "processes"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--text", choices=["same", "varied"], default="same",
+                        help="every item's text the same, or each its own (a new catalog)")
     parser.add_argument("--catalog", type=Path, help="keep the generated catalog here (reused "
                                                      "when present) [default: a temporary one]")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_cpu"))
@@ -120,7 +157,9 @@ def main() -> None:
     runs: dict[tuple, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in configs}
     loads = []
     with tempfile.TemporaryDirectory() as tmp:
-        items = write_catalog(args.catalog or Path(tmp) / "catalog", args.items, args.images)
+        items = write_catalog(args.catalog or Path(tmp) / "catalog", args.items, args.images,
+                              args.text)
+        prompts = distinct_prompts(items)
         for r in range(args.repeats):
             loads.append([os.getloadavg()[0]])
             for decode, decoders, workers in configs:
@@ -150,13 +189,15 @@ def main() -> None:
                          f"{len(os.sched_getaffinity(0))} CPUs in affinity, "
                          f"{platform.platform()}",
               "items": args.items, "distinct_images": args.images,
+              "distinct_prompts": prompts,
               "batch_size": args.batch_size, "rounds_load_1min": loads, "rows": rows}
     lines = ["| decode | decoders | workers | items/s | per worker | vs first worker count | "
              "CPU ms per item |", "| --- " * 7 + "|"]
     lines += [f"| {r['decode']} | {r['decoders']} | {r['workers']} | {r['items_per_s']:.0f} | "
               f"{r['items_per_s_per_worker']:.0f} | {r['scaling']:.2f}x | "
               f"{r['cpu_ms_per_item']:.2f} |" for r in rows]
-    lines.append(f"\n{args.items} items, {args.images} distinct 640x480 JPEGs, batch "
+    lines.append(f"\n{args.items} items, {args.images} distinct 640x480 JPEGs, "
+                 f"{prompts} distinct prompts (5 views per item), batch "
                  f"{args.batch_size}, no-op graphs; median of {args.repeats} interleaved rounds; "
                  f"1-minute load average before/after each round: "
                  f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in loads)}. {result['machine']}.")

@@ -1,15 +1,18 @@
 """Where the no-op embed pipeline's CPU goes: CPU time per item of each stage, one thread.
 
     python benchmarks/profile_pipeline.py [--items 1024] [--catalog /tmp/pipecat]
+        [--text same|varied]
 
 Each stage runs alone over the same catalog as ``bench_pipeline.py`` (its items and 640x480
 photo-like JPEGs), timed in CPU time of the process (the tokenizer's own threads count; other
 processes on a shared machine disturb it little): parsing the catalog, reading the JPEG bytes,
-decoding (``Image.open`` + ``draft`` + ``load``), EXIF orientation, the bicubic resize and crop
-to uint8 channels-first (the draft path resizes the crop's region only), host normalisation to
-float32 (what a bundle without a uint8 graph needs), building the view prompts, tokenising,
-packing the tokens, stacking a batch, filing the outputs and writing the shard. Then the
-whole pipeline, ``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker
+decoding (exact: ``Image.open`` + ``load``, then EXIF orientation and Pillow's bicubic resize
+and crop to uint8 channels-first; draft: ``Image.open`` + ``draft``, the reduced decode by
+Pillow and by simplejpeg where installed, then the numpy resize of the crop's box), host
+normalisation to float32 (what a bundle without a uint8 graph needs), building the view
+prompts, tokenising (``encode_batch``, ``encode_batch_fast``, and through the encoders' token
+cache, fresh for the run, global views joined from their pieces' ids), packing the tokens,
+stacking a batch, filing the outputs and writing the shard. Then the whole pipeline, ``embed_catalog`` with no-op graphs at 1 worker (a thread, then a worker
 process), with the CPU time of each of its threads (read from ``/proc``) and of the worker
 process, so the sum of the stages can be set against what the pipeline spends and the
 difference (thread hand-offs, the interpreter lock, futures, pipes) shows.
@@ -25,6 +28,8 @@ import resource
 import tempfile
 import threading
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +38,13 @@ from PIL import Image, ImageOps
 from _report import report
 from bench_pipeline import NoOpGraphs, write_catalog
 
+from cliper_prod.features import turbo_jpeg
 from cliper_prod.features.catalog import Catalog, read_catalog
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.items import Item
 from cliper_prod.features.shards import Shard
+from cliper_prod.features.tokenize import (TokenCache, library_token_ids, pack_tokens,
+                                          splits_at_spaces)
 from cliper_prod.features.views import ViewSpec
 
 
@@ -53,8 +61,10 @@ def per_item_ms(fn, n: int) -> float:
 
 
 def image_stages(paths: list[Path], draft: bool) -> dict[str, float]:
-    """CPU ms per image of each decode step, as ClipImagePreprocessor.decode does them."""
-    pre = NoOpGraphs().preprocess
+    """CPU ms per image of each decode step, as ClipImagePreprocessor.decode does them (the
+    draft path: Pillow reads the header and drafts, libjpeg-turbo decodes at the reduced size
+    through simplejpeg where installed, else through Pillow, numpy resizes the crop's box)."""
+    pre = replace(NoOpGraphs().preprocess, draft=draft)
     blobs = [p.read_bytes() for p in paths]
     n = len(paths)
 
@@ -63,27 +73,47 @@ def image_stages(paths: list[Path], draft: bool) -> dict[str, float]:
         for blob in blobs:
             img = Image.open(io.BytesIO(blob))
             if draft:
-                w, h = img.size
-                short = min(w, h)
-                img.draft(None, (-(-w * pre.size // short), -(-h * pre.size // short)))
-            img.load()
+                pre._draft(img)
             out.append(img)
         return out
 
-    loaded = opened()
-    uint8 = [pre.pixels(img, crop_only=draft) for img in loaded]
+    def loaded() -> list[Image.Image]:
+        out = opened()
+        for img in out:
+            img.load()
+        return out
+
+    def pillow_decoded() -> list[np.ndarray]:
+        return [np.asarray(img) for img in loaded()]
+
+    if not draft:
+        images = loaded()
+        uint8 = [pre.pixels(img) for img in images]
+        steps = {
+            "decode (open, load)": per_item_ms(loaded, n),
+            "EXIF orientation": per_item_ms(
+                lambda: [ImageOps.exif_transpose(img, in_place=True) for img in images], n),
+            "resize (bicubic) + crop to uint8 [3,H,W]": per_item_ms(
+                lambda: [pre.pixels(img) for img in images], n)}
+    else:
+        rgb = pillow_decoded()
+        uint8 = [pre.crop_pixels(a) for a in rgb]
+        steps = {
+            "open + draft (header only)": per_item_ms(opened, n),
+            "decode reduced, Pillow (open, draft, load, to numpy)": per_item_ms(
+                pillow_decoded, n)}
+        if turbo_jpeg.available():
+            steps["decode reduced, simplejpeg (open, draft, decode)"] = per_item_ms(
+                lambda: [turbo_jpeg.decode_drafted(img) for img in opened()], n)
+        steps["resize the crop's box (numpy bicubic) to uint8 [3,H,W]"] = per_item_ms(
+            lambda: [pre.crop_pixels(a) for a in rgb], n)
     return {
         "read file": per_item_ms(lambda: [p.read_bytes() for p in paths], n),
-        "decode (open, draft, load)": per_item_ms(opened, n),
-        "EXIF orientation": per_item_ms(
-            lambda: [ImageOps.exif_transpose(img, in_place=True) for img in loaded], n),
-        "resize (bicubic) + crop to uint8 [3,H,W]": per_item_ms(
-            lambda: [pre.pixels(img, crop_only=draft) for img in loaded], n),
+        **steps,
         "normalise to float32 (host)": per_item_ms(
             lambda: [pre.normalise(p) for p in uint8], n),
         "stack a batch (uint8)": per_item_ms(lambda: np.stack(uint8), n),
-        "whole load() (uint8)": per_item_ms(
-            lambda: [pre.__class__(draft=draft).load(p, uint8=True) for p in paths], n),
+        "whole load() (uint8)": per_item_ms(lambda: [pre.load(p, uint8=True) for p in paths], n),
     }
 
 
@@ -95,7 +125,6 @@ def text_stages(items_file: Path, n: int, batch: int) -> dict[str, float]:
     ids = [e.ids for e in encoder.tokenizer.encode_batch(prompts, add_special_tokens=False)]
     groups = [range(s, min(s + batch, n)) for s in range(0, n, batch)]
     width = len(spec.names)
-    from cliper_prod.features.tokenize import pack_tokens
 
     def pack() -> None:
         for g in groups:
@@ -105,6 +134,17 @@ def text_stages(items_file: Path, n: int, batch: int) -> dict[str, float]:
         for g in groups:
             encoder.tokenizer.encode_batch(prompts[g.start * width:g.stop * width],
                                            add_special_tokens=False)
+
+    def tokenise_fast() -> None:
+        for g in groups:
+            library_token_ids(encoder.tokenizer, prompts[g.start * width:g.stop * width])
+
+    joins = splits_at_spaces(encoder.tokenizer)  # once per encoder
+
+    def tokenise_cached() -> None:  # a fresh cache each time: what one run does
+        cache = TokenCache(partial(library_token_ids, encoder.tokenizer), joins=joins)
+        for g in groups:
+            cache(prompts[g.start * width:g.stop * width])
 
     def file_and_write() -> None:
         shard = Shard()
@@ -123,6 +163,9 @@ def text_stages(items_file: Path, n: int, batch: int) -> dict[str, float]:
         "build 5 view prompts": per_item_ms(
             lambda: [spec.build(item.fields) for item in items], n),
         "tokenise (tokenizers encode_batch)": per_item_ms(tokenise, n),
+        "tokenise (encode_batch_fast)": per_item_ms(tokenise_fast, n),
+        "tokenise (the encoders' TokenCache over encode_batch_fast)": per_item_ms(
+            tokenise_cached, n),
         "pack tokens": per_item_ms(pack, n),
         "file outputs + write shard (no-op zeros)": per_item_ms(file_and_write, n),
     }
@@ -177,11 +220,13 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1024)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--catalog", type=Path)
+    parser.add_argument("--text", choices=["same", "varied"], default="same",
+                        help="as bench_pipeline.py's (a new catalog folder for each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_profile"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         items_file = write_catalog(args.catalog or Path(tmp) / "catalog", args.items,
-                                   args.images)
+                                   args.images, args.text)
         paths = sorted((items_file.parent / "img").glob("*.jpg"))[:args.images]
         load = [os.getloadavg()[0]]
         result: dict = {"text": text_stages(items_file, args.items, 64)}

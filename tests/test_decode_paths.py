@@ -6,6 +6,7 @@ graphs and PyTorch; bundles exported before the twins; the driver's options."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -21,8 +22,10 @@ from cliper_prod.commands import cli
 from cliper_prod.data.synthetic import photo_like_jpeg
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.clip_towers import ClipTowers
+from cliper_prod.features import bicubic, turbo_jpeg
 from cliper_prod.features.embed import EmbedOptions, available_cpus
-from cliper_prod.features.image_preprocess import DRAFT_MIN_COSINE, ClipImagePreprocessor
+from cliper_prod.features.image_preprocess import (DRAFT_MIN_COSINE, ClipImagePreprocessor,
+                                                   ImageDecodeError)
 from cliper_prod.features.tiny_clip import build_tiny_clip
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
@@ -85,7 +88,19 @@ def clip224(tmp_path_factory) -> ClipTowers:
                                       image_size=224))
 
 
-def test_draft_path_stays_within_its_bound(clip224: ClipTowers, tmp_path: Path) -> None:
+@pytest.fixture(params=["simplejpeg", "pillow"])
+def jpeg_decoder(request, monkeypatch) -> str:
+    """The draft path's JPEG decoder: libjpeg-turbo through simplejpeg (the fast-decode
+    extra), or through Pillow where it is not installed."""
+    if request.param == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    else:
+        monkeypatch.setattr(turbo_jpeg, "simplejpeg", None)
+    return request.param
+
+
+def test_draft_path_stays_within_its_bound(clip224: ClipTowers, tmp_path: Path,
+                                           jpeg_decoder: str) -> None:
     paths = write_jpegs(tmp_path, [(640, 480)] * 10 + [(480, 640)] * 2, seed=1)
     exact = np.stack([clip224.preprocess.load(p) for p in paths])
     draft = ClipImagePreprocessor(**{**clip224.preprocess.as_dict(), "draft": True})
@@ -97,6 +112,114 @@ def test_draft_path_stays_within_its_bound(clip224: ClipTowers, tmp_path: Path) 
     centred = (unit(a - a.mean(0)) * unit(b - a.mean(0))).sum(1)
     assert centred.min() >= 0.99
     assert not np.array_equal(a, b)
+
+
+def jpeg_variants(folder: Path) -> list[Path]:
+    """JPEGs as they come: 4:2:0, 4:4:4 and 4:2:2 chroma, progressive, optimised, greyscale,
+    CMYK, EXIF-rotated, truncated; reduced by 2, 4 and 8, odd sizes."""
+    rng = np.random.default_rng(7)
+    folder.mkdir()
+    paths = []
+    for w, h in [(640, 480), (481, 643), (1999, 901), (3600, 1800)]:
+        img = Image.open(io.BytesIO(photo_like_jpeg(rng, w, h)))
+        for i, options in enumerate([{"quality": 90}, {"subsampling": 0}, {"subsampling": 1},
+                                     {"progressive": True}, {"optimize": True}]):
+            paths.append(folder / f"{w}x{h}-{i}.jpg")
+            img.save(paths[-1], **options)
+        for mode in ("L", "CMYK"):
+            paths.append(folder / f"{w}x{h}-{mode}.jpg")
+            img.convert(mode).save(paths[-1])
+        exif = img.getexif()
+        exif[0x0112] = 6
+        paths.append(folder / f"{w}x{h}-rotated.jpg")
+        img.save(paths[-1], exif=exif.tobytes())
+    paths.append(folder / "truncated.jpg")
+    paths[-1].write_bytes(paths[0].read_bytes()[:20000])
+    return paths
+
+
+def outcome(pre: ClipImagePreprocessor, path: Path) -> np.ndarray | str:
+    try:
+        return pre.load(path, "img", uint8=True)
+    except ImageDecodeError as exc:
+        return str(exc)
+
+
+def test_simplejpeg_gives_pillows_draft_pixels(tmp_path: Path, monkeypatch) -> None:
+    """With or without the fast-decode extra, the draft path gives the same bytes and the same
+    errors (simplejpeg takes the RGB ones it can; Pillow the rest)."""
+    pytest.importorskip("simplejpeg")
+    paths = jpeg_variants(tmp_path / "jpegs")
+    pre = ClipImagePreprocessor(draft=True)
+    taken = []
+    for path in paths:
+        with Image.open(path) as img:
+            taken.append(pre._draft(img) and turbo_jpeg.decode_drafted(img) is not None)
+    fast = [outcome(pre, p) for p in paths]
+    monkeypatch.setattr(turbo_jpeg, "simplejpeg", None)
+    slow = [outcome(pre, p) for p in paths]
+    for path, a, b in zip(paths, fast, slow):
+        assert type(a) is type(b) and np.array_equal(a, b), path.name
+    assert sum(taken) == 20  # the RGB, upright ones (5 per size); not L, CMYK, rotated
+    assert isinstance(fast[-1], str) and "truncated" in fast[-1]
+
+
+def naive_bicubic(rgb: np.ndarray, box: tuple[float, float, float, float], size: int
+                  ) -> np.ndarray:
+    """Antialiased bicubic (Pillow's kernel, a = -0.5, support widened by the scale), one
+    output at a time in float64, rows then columns, rounded at the end."""
+    def taps(n_in: int, start: float, end: float) -> list[dict[int, float]]:
+        scale = (end - start) / size
+        widen = max(scale, 1.0)
+        out = []
+        for j in range(size):
+            centre = start + (j + 0.5) * scale
+            lo = max(int(centre - 2 * widen + 0.5), 0)
+            hi = min(int(centre + 2 * widen + 0.5), n_in)
+            w = {i: cubic_kernel((i - centre + 0.5) / widen) for i in range(lo, hi)}
+            total = sum(w.values())
+            out.append({i: v / total for i, v in w.items()})
+        return out
+
+    across, down = taps(rgb.shape[1], box[0], box[2]), taps(rgb.shape[0], box[1], box[3])
+    src = rgb.astype(np.float64)
+    rows = np.stack([sum(v * src[:, i] for i, v in t.items()) for t in across], axis=1)
+    out = np.stack([sum(v * rows[i] for i, v in t.items()) for t in down], axis=0)
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+
+
+def cubic_kernel(x: float) -> float:
+    x = abs(x)
+    if x < 1:
+        return (1.5 * x - 2.5) * x * x + 1
+    return ((-0.5 * x + 2.5) * x - 4) * x + 2 if x < 2 else 0.0
+
+
+@pytest.mark.parametrize("shape", [(240, 320), (320, 240), (300, 450), (225, 1000), (450, 230)])
+def test_box_resize_equals_a_naive_bicubic(shape: tuple[int, int]) -> None:
+    h, w = shape
+    rng = np.random.default_rng(h * w)
+    rgb = rng.integers(0, 256, (h, w, 3), np.uint8)
+    pre = ClipImagePreprocessor()
+    got = pre.crop_pixels(rgb)
+    new_w, new_h, left, top = pre._resized(w, h)
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + pre.crop) * sx, (top + pre.crop) * sy)
+    want = naive_bicubic(rgb, box, pre.crop)
+    diff = np.abs(got.astype(int) - want)
+    assert got.shape == (3, 224, 224) and diff.max() <= 1  # float32 vs float64 at a .5
+    assert (diff > 0).mean() < 1e-3
+    # each product stays on the calling thread (OpenBLAS splits larger ones over its pool)
+    plan = bicubic.plan(h, w, box, pre.crop)
+    rows = plan.rows[1] - plan.rows[0]
+    assert all(rows * (b.out1 - b.out0) * (b.in1 - b.in0) <= bicubic.ONE_THREAD_MACS
+               for b in plan.across)
+    assert all(pre.crop * (b.out1 - b.out0) * (b.in1 - b.in0) <= bicubic.ONE_THREAD_MACS
+               for b in plan.down)
+    # a model whose processor resizes with another filter: Pillow's, on the same box
+    bilinear = ClipImagePreprocessor(resample=Image.Resampling.BILINEAR)
+    pillow = Image.fromarray(rgb).resize((224, 224), Image.Resampling.BILINEAR, box=box)
+    assert np.array_equal(bilinear.crop_pixels(rgb), np.asarray(pillow).transpose(2, 0, 1))
 
 
 def uint8_twins(record: dict) -> dict[str, str]:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from cliper_prod.errors import ModelLoadError
 from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
-from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
+from cliper_prod.features.tokenize import (SpecialTokens, TokenCache, TokenizedViews,
+                                          pack_tokens)
 from cliper_prod.messages import first_line
 
 #: a key of a checkpoint's config.json saying that its saved weights are random
@@ -130,13 +131,14 @@ class ClipTowers:
         self.device = torch.device(device)
         self.image_tower = ImageTower(model).eval().to(self.device)
         self.text_tower = TextTower(model).eval().to(self.device)
+        self.token_ids = TokenCache(self._token_ids)
 
     @property
     def special(self) -> SpecialTokens:
         tok = self.tokenizer
         return SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:

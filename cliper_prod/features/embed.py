@@ -59,8 +59,9 @@ DECODE_PATHS = ("exact", "draft")  # see ClipImagePreprocessor.draft
 #: How ``embed_summary.json`` names each path; the draft bound is tests/test_decode_paths.py's.
 DECODE_SUMMARY = {
     "exact": {"path": "exact", "equals": "CLIPImageProcessor (bicubic from the full image)"},
-    "draft": {"path": "draft", "jpeg": "DCT-domain downscale by 2/4/8 (Pillow draft) while the "
-              "shortest edge keeps >= size, then bicubic",
+    "draft": {"path": "draft", "jpeg": "DCT-domain downscale by 2/4/8 (libjpeg-turbo, through "
+              "Pillow's draft or simplejpeg: the same pixels) while the shortest edge keeps >= "
+              "size, then bicubic of the centre crop's box only",
               "min_image_cosine_vs_exact": DRAFT_MIN_COSINE},
 }
 

@@ -2,13 +2,15 @@
 ``CLIPImageProcessor``: RGB, shortest edge resized to ``size`` (bicubic), centre crop,
 scale to [0, 1], normalise with the model's mean and std, channels first.
 
-``draft`` (opt-in) lets a JPEG decoder downscale in the DCT domain by 2, 4 or 8 while the
-result keeps at least ``size`` pixels on its shortest edge, before the same bicubic resize, which
-then computes only the centre crop's pixels (Pillow's ``box``): about twice as fast on a 640x480
-photo, not bit-equal to the processor (its embedding cosine against the exact path is bounded
-in tests/test_decode_paths.py, and ``embed_summary.json`` names the path). An image the decoder
-did not downscale (not a JPEG, or under twice the size) takes the exact path. Without ``draft``
-the output is the processor's.
+``draft`` (opt-in) lets the JPEG decoder downscale in the DCT domain by 2, 4 or 8 while the
+result keeps at least ``size`` pixels on its shortest edge (libjpeg-turbo through Pillow, or
+through ``simplejpeg`` when installed: the same pixels, :mod:`~cliper_prod.features.turbo_jpeg`),
+then resizes only the centre crop's box, bicubic, in numpy
+(:mod:`~cliper_prod.features.bicubic`): about three times as fast as the exact path on a
+640x480 photo, not bit-equal to the processor (its embedding cosine against the exact path is
+bounded in tests/test_decode_paths.py, and ``embed_summary.json`` names the path). An image the
+decoder did not downscale (not a JPEG, or under twice the size) takes the exact path. Without
+``draft`` the output is the processor's.
 
 Beyond the processor: EXIF orientation is applied first (a phone photo stands upright), and
 images larger than ``max_pixels`` are refused before decoding (decompression bombs). Every
@@ -29,6 +31,9 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cliper_prod.features.bicubic import resize_box
+from cliper_prod.features.turbo_jpeg import decode_drafted
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,26 +105,34 @@ class ClipImagePreprocessor:
         """float32 [3, crop, crop]."""
         return self.normalise(self.pixels(image))
 
-    def pixels(self, image: Image.Image, crop_only: bool = False) -> np.ndarray:
+    def pixels(self, image: Image.Image) -> np.ndarray:
         """uint8 [3, crop, crop]: resized and cropped, before normalisation (the bytes a
-        graph with normalisation inside takes; a quarter of the float32 array).
-        ``crop_only``: resize just the crop's part of the image (faster; not bit-equal, since
-        the filter positions are computed from the crop box: the draft path only)."""
-        if image.mode != "RGB":  # convert() would copy an RGB image for nothing
-            image = image.convert("RGB")
-        w, h = image.size
+        graph with normalisation inside takes; a quarter of the float32 array)."""
+        image = _rgb(image)
+        new_w, new_h, left, top = self._resized(*image.size)
+        image = image.resize((new_w, new_h), resample=self.resample)
+        arr = np.asarray(image)[top:top + self.crop, left:left + self.crop]
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def crop_pixels(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> [3, crop, crop] as :meth:`pixels`, resizing only the crop's box
+        of the image (faster, not bit-equal; the draft path only): bicubic in numpy
+        (:func:`~cliper_prod.features.bicubic.resize_box`), another filter by Pillow."""
+        h, w = rgb.shape[:2]
+        new_w, new_h, left, top = self._resized(w, h)
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+        if self.resample == Image.Resampling.BICUBIC:
+            return resize_box(rgb, box, self.crop)
+        image = Image.fromarray(rgb).resize((self.crop, self.crop), self.resample, box=box)
+        return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+
+    def _resized(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """Width and height with the shortest edge at ``size``, and the crop's left and top."""
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = self.size, int(self.size * long / short)
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2
-        if crop_only:
-            sx, sy = w / new_w, h / new_h
-            box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
-            arr = np.asarray(image.resize((self.crop, self.crop), self.resample, box=box))
-        else:
-            image = image.resize((new_w, new_h), resample=self.resample)
-            arr = np.asarray(image)[top:top + self.crop, left:left + self.crop]
-        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+        return new_w, new_h, (new_w - self.crop) // 2, (new_h - self.crop) // 2
 
     def normalise(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [..., 3, H, W] -> float32: scale to [0, 1], subtract the mean, divide by the
@@ -157,15 +170,13 @@ class ClipImagePreprocessor:
                     if img.width * img.height > self.max_pixels:
                         raise ImageDecodeError(f"image has {img.width}x{img.height} pixels, over "
                                                f"the limit of {self.max_pixels:,}: {label}")
-                    reduced = self.draft and self._draft(img)
-                    img.load()
-                    ImageOps.exif_transpose(img, in_place=True)  # no full-size copy
-                    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                        img = Image.fromarray((np.asarray(img, np.float64) / 257).astype(np.uint8))
-                    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and
-                                                            "transparency" in img.info):
-                        img = _on_white(img)
-                    pixels = self.pixels(img, crop_only=reduced)
+                    if self.draft and self._draft(img):
+                        rgb = decode_drafted(img)
+                        if rgb is None:
+                            rgb = np.asarray(_rgb(_upright(img)))
+                        pixels = self.crop_pixels(rgb)
+                    else:
+                        pixels = self.pixels(_upright(img))
                     return pixels if uint8 else self.normalise(pixels)
         except ImageDecodeError:
             raise
@@ -181,6 +192,21 @@ class ClipImagePreprocessor:
         short = min(w, h)
         img.draft(None, (-(-w * self.size // short), -(-h * self.size // short)))
         return img.size != (w, h)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Decoded, EXIF orientation applied, 16-bit and transparent modes flattened."""
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)  # no full-size copy
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return Image.fromarray((np.asarray(img, np.float64) / 257).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        return _on_white(img)
+    return img
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy it
 
 
 def _on_white(img: Image.Image) -> Image.Image:

@@ -13,14 +13,15 @@ and are normalised on the host for bundles exported before the twins.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
 
 from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER, UINT8_INPUT
 from cliper_prod.errors import BundleError
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
-from cliper_prod.features.tokenize import SpecialTokens, TokenizedViews, pack_tokens
+from cliper_prod.features.tokenize import (SpecialTokens, TokenCache, TokenizedViews,
+                                          library_token_ids, pack_tokens, splits_at_spaces)
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.sessions import Graph
@@ -56,6 +57,8 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(bundle.folder / TOKENIZER))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        self.token_ids = TokenCache(partial(library_token_ids, self.tokenizer),
+                                    joins=splits_at_spaces(self.tokenizer))
         # sessions open on first use (a Ray driver only needs the metadata)
         self.bundle = bundle
 
@@ -73,9 +76,6 @@ class OnnxEncoder:
     @cached_property
     def text_graph(self) -> Graph:
         return self._graph(TEXT_GRAPH)
-
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
         if chunk:
