@@ -19,6 +19,7 @@ from cliper_prod.bundle_format import GPU_FORM, read_manifest
 from cliper_prod.checkpoint import load_model
 from cliper_prod.commands import cli
 from cliper_prod.runtime.bundle_reader import Bundle
+from cliper_prod.runtime.fold_in import FoldIn
 from cliper_prod.runtime.ranking import TopKRanker
 from cliper_prod.runtime.recommender import Recommender
 from cliper_prod.runtime.topk_forms import TopKGraph
@@ -165,6 +166,40 @@ def test_new_items_equal_the_naive_item_graph_rule(trained, exported, tmp_path: 
                                rtol=1e-5, atol=1e-6)
     assert (tmp_path / "b2" / "item_ids.txt").read_text().splitlines()[-N_NEW:] == \
         [f"NEW{i}" for i in range(N_NEW)]
+
+
+def test_a_trained_item_placed_as_new_leaves_itself_out(trained) -> None:
+    """What the cold-start student learns from: trained item j placed by the item rule with
+    ``leave_out`` equals the naive dense rule for a new item whose features are j's, with j
+    itself removed from the candidates (its graph row and embedding stay among the known
+    items). Without the leave-out j would be its own nearest neighbour (cosine 1)."""
+    model, data, _ = load_model(trained["freedom-ckpt"])
+    cfg, n, chosen = model.config, model.n_items, np.array([2, 9, 17])
+    known = model.item_graph.to_dense().double()
+    emb = torch.cat([model.item_embedding.weight.double(),
+                     torch.zeros(1, cfg.embedding_size, dtype=torch.float64)])
+    expected = []
+    for j in chosen:
+        row = torch.zeros(n + 1, dtype=torch.float64)
+        others = torch.tensor([i for i in range(n) if i != j] + [n])
+        for m, w in {"image": cfg.mm_image_weight, "text": 1 - cfg.mm_image_weight}.items():
+            x = torch.from_numpy(data.features[m]).double()
+            x = torch.cat([x, x[j:j + 1]])[others]
+            x = x / x.norm(dim=1, keepdim=True)
+            row[others[torch.topk(x[-1] @ x.T, cfg.knn_k).indices]] += w / cfg.knn_k
+        s = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        s[:-1, :-1], s[-1] = known, row
+        h = emb
+        for _ in range(cfg.n_mm_layers):
+            h = s @ h
+        expected.append(h[-1])
+    fold = FoldIn.of(Bundle(trained["freedom"], "cpu"))
+    placed = fold.items({m: data.features[m][chosen] for m in fold.modalities},
+                        leave_out=chosen).vectors
+    np.testing.assert_allclose(placed, torch.stack(expected).detach().numpy(), rtol=1e-5,
+                               atol=1e-6)
+    as_new = fold.items({m: data.features[m][chosen] for m in fold.modalities}).vectors
+    assert not np.allclose(as_new, placed, rtol=1e-3, atol=1e-4)  # itself its own neighbour
 
 
 def test_the_new_bundle_verifies_and_serves_unchanged(trained, exported, tmp_path: Path) -> None:
