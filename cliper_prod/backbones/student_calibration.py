@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BLOCK = 1 << 24  # score entries held at once while ranking the unsampled items
+BLOCK = 1 << 24  # score entries held at once while ranking the served items
 
 
 @dataclass(frozen=True)
