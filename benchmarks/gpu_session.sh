@@ -7,6 +7,10 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -e ../shared ] || ln -s "$PWD/.devshared" ../shared
 [ -e cliper_prod/presets ] || ln -s ../models cliper_prod/presets  # what the wheel maps, for PYTHONPATH=.
+# the fast-decode extra (simplejpeg) where a cp312 wheel was carried in .devshared/wheels/: the
+# machine reaches no package index
+ls .devshared/wheels/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps \
+    .devshared/wheels/*.whl
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 - > "$OUT/versions.txt" 2>&1 <<'PY'
 import platform, torch, onnxruntime, transformers, onnx, torch_geometric
