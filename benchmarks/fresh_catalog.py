@@ -282,10 +282,14 @@ def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None
         len(p) for p in positives["all"])
     out["new_positive_share"] = new_positive_share
     has = {k: np.array([len(p) > 0 for p in v]) for k, v in positives.items()}
+    seen = [column[train_items[u]] for u in eval_users]  # (row, column) pairs ranked -inf
+    rows = np.repeat(np.arange(len(eval_users)), [len(c) for c in seen])
+    columns = np.concatenate(seen)
+    excluded = (rows[columns >= 0], columns[columns >= 0])
     if full.items_jsonl is not None:
         scores[CEILING] = category_ceiling(full, kept_items, new, served, users[u_rows],
                                            scores["retrained"], is_new, column, has["all"],
-                                           [column[train_items[u]] for u in eval_users])
+                                           excluded)
     without_new = users[u_rows] @ served.T  # the bundle before add-items: warm items only
     for name, sc in list(scores.items()) + [("bundle without new items", None)]:
         s = np.full((len(eval_users), len(catalog)), -np.inf)
@@ -293,9 +297,7 @@ def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None
             s[:, column[kept_items]] = without_new
         else:
             s[:] = sc
-        for row, u in enumerate(eval_users):
-            seen = column[train_items[u]]
-            s[row, seen[seen >= 0]] = -np.inf
+        s[excluded] = -np.inf
         pick = has["warm"]
         warm = [p for p, h in zip(positives["warm"], pick) if h]
         if sc is not None:  # warm positives where new items compete for the same slots
@@ -324,22 +326,22 @@ CEILING = "reference: category mean at the retrained model's share (an oracle)"
 
 def category_ceiling(full: Full, kept_items: np.ndarray, new: np.ndarray, served: np.ndarray,
                      users: np.ndarray, retrained_scores: np.ndarray, is_new: np.ndarray,
-                     column: np.ndarray, ranked: np.ndarray, seen: list[np.ndarray]
-                     ) -> np.ndarray:
+                     column: np.ndarray, ranked: np.ndarray,
+                     excluded: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Scores of a content-only reference that no placement can beat by much on this catalog:
     each new item at the mean served vector of the trained items of its category (the
     generator's hidden topic, which is all that its text and image carry), scaled so that the
     new items take exactly the retrained model's share of the top K (the oracle part: no
-    placement knows that share). ``ranked``: the users whose top K count."""
+    placement knows that share). ``ranked``: the users whose top K count; ``excluded``: the
+    (user row, column) pairs of their training items."""
     category = np.array([json.dumps(json.loads(line)["categories"]) for line in full.items_jsonl])
     means = {c: served[category[kept_items] == c].mean(0) for c in set(category[new])}
     vectors = np.stack([means[c] for c in category[new]])
 
     def new_share(scores: np.ndarray) -> float:
-        scores = scores[ranked].copy()
-        for row, items in enumerate(s for s, r in zip(seen, ranked) if r):
-            scores[row, items[items >= 0]] = -np.inf
-        return float(is_new[np.argpartition(-scores, K, axis=1)[:, :K]].mean())
+        scores = scores.copy()
+        scores[excluded] = -np.inf
+        return float(is_new[np.argpartition(-scores[ranked], K, axis=1)[:, :K]].mean())
     target = new_share(retrained_scores)
     scores = np.zeros((len(users), len(is_new)))
     scores[:, column[kept_items]] = users @ served.T
