@@ -17,7 +17,9 @@ so a change in the machine's load falls on all of them alike. For each: items/s 
 ``--repeats`` rounds), items/s per decode worker, the scaling from the first worker count, and
 CPU milliseconds per item of the process and the worker processes it waited for (user +
 system; the per-core cost, which a machine shared with other work disturbs less than the wall
-clock). The 1-minute load average before and after each round is recorded. It runs on any
+clock). The 1-minute load average before and after each round is recorded, and the machine's
+speed at the start of each (Pillow decoding and resizing the catalog's JPEGs on one thread: a
+shared VM can slow by half with nothing in its own load average). It runs on any
 checkout whose ``embed_catalog`` takes ``EmbedOptions(workers=...)`` (``--decode exact`` and
 ``--decoders threads`` only before those options existed), so old and new code can be measured
 side by side on one machine.
@@ -79,7 +81,10 @@ class NoOpGraphs:
                               texts, add_special_tokens=False)])
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
-        return pack_tokens(self.token_ids(texts), self.special, self.max_tokens)
+        return self.pack(self.token_ids(texts))  # what a checkout before `pack` calls
+
+    def pack(self, token_lists: list[list[int]], chunk: bool = False) -> TokenizedViews:
+        return pack_tokens(token_lists, self.special, self.max_tokens)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return np.zeros((len(pixel_values), self.dim), np.float32)
@@ -136,6 +141,30 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def reference_ms(images: list[Path]) -> float:
+    """The machine's speed at this moment: CPU ms per image of Pillow decoding and resizing
+    ``images`` on one thread (best of 3), code this package does not change. A shared VM's
+    speed can move by half within minutes; this figure beside each round says by how much."""
+    from PIL import Image
+
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        for path in images:
+            with Image.open(path) as img:
+                img.convert("RGB").resize((298, 224), Image.Resampling.BICUBIC)
+        best = min(best, time.process_time() - start)
+    return 1000 * best / len(images)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
+            else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,13 +184,15 @@ def main() -> None:
     encoder = NoOpGraphs()
     configs = [(d, k, w) for d in args.decode for k in args.decoders for w in args.workers]
     runs: dict[tuple, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in configs}
-    loads = []
+    loads, references = [], []
     with tempfile.TemporaryDirectory() as tmp:
         items = write_catalog(args.catalog or Path(tmp) / "catalog", args.items, args.images,
                               args.text)
         prompts = distinct_prompts(items)
+        sample = sorted((items.parent / "img").glob("*.jpg"))[:16]
         for r in range(args.repeats):
             loads.append([os.getloadavg()[0]])
+            references.append(reference_ms(sample))
             for decode, decoders, workers in configs:
                 extra = {"decode": decode} if decode != "exact" else {}
                 extra |= {"decoders": decoders} if decoders != "threads" else {}
@@ -185,12 +216,13 @@ def main() -> None:
                      "scaling": rate / first,
                      "cpu_ms_per_item": 1000 * statistics.median(cpu) / args.items,
                      "runs_s": wall, "cpu_s": cpu})
-    result = {"machine": f"{platform.machine()} {platform.processor()}, "
+    result = {"machine": f"{platform.machine()} {cpu_model()}, "
                          f"{len(os.sched_getaffinity(0))} CPUs in affinity, "
                          f"{platform.platform()}",
               "items": args.items, "distinct_images": args.images,
               "distinct_prompts": prompts,
-              "batch_size": args.batch_size, "rounds_load_1min": loads, "rows": rows}
+              "batch_size": args.batch_size, "rounds_load_1min": loads,
+              "rounds_reference_ms_per_image": references, "rows": rows}
     lines = ["| decode | decoders | workers | items/s | per worker | vs first worker count | "
              "CPU ms per item |", "| --- " * 7 + "|"]
     lines += [f"| {r['decode']} | {r['decoders']} | {r['workers']} | {r['items_per_s']:.0f} | "
@@ -200,7 +232,10 @@ def main() -> None:
                  f"{prompts} distinct prompts (5 views per item), batch "
                  f"{args.batch_size}, no-op graphs; median of {args.repeats} interleaved rounds; "
                  f"1-minute load average before/after each round: "
-                 f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in loads)}. {result['machine']}.")
+                 f"{', '.join(f'{a:.1f}/{b:.1f}' for a, b in loads)}; the machine's speed "
+                 f"at the start of each round (CPU ms per image for Pillow to decode and resize "
+                 f"a 640x480 JPEG on one thread; lower is faster): "
+                 f"{', '.join(f'{x:.2f}' for x in references)}. {result['machine']}.")
     report(args.out, result, "\n".join(lines))
 
 

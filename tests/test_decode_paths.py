@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from cliper_prod.data.synthetic import photo_like_jpeg
 from cliper_prod.errors import ConfigError
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features import bicubic, turbo_jpeg
-from cliper_prod.features.embed import EmbedOptions, available_cpus
+from cliper_prod.features.embed import EmbedOptions, available_cpus, embed_catalog
 from cliper_prod.features.image_preprocess import (DRAFT_MIN_COSINE, ClipImagePreprocessor,
                                                    ImageDecodeError)
 from cliper_prod.features.tiny_clip import build_tiny_clip
@@ -116,7 +118,8 @@ def test_draft_path_stays_within_its_bound(clip224: ClipTowers, tmp_path: Path,
 
 def jpeg_variants(folder: Path) -> list[Path]:
     """JPEGs as they come: 4:2:0, 4:4:4 and 4:2:2 chroma, progressive, optimised, greyscale,
-    CMYK, EXIF-rotated, truncated; reduced by 2, 4 and 8, odd sizes."""
+    CMYK, turned by EXIF or XMP, EXIF upright, too small to reduce, truncated; reduced by 2, 4
+    and 8, odd sizes."""
     rng = np.random.default_rng(7)
     folder.mkdir()
     paths = []
@@ -129,10 +132,15 @@ def jpeg_variants(folder: Path) -> list[Path]:
         for mode in ("L", "CMYK"):
             paths.append(folder / f"{w}x{h}-{mode}.jpg")
             img.convert(mode).save(paths[-1])
-        exif = img.getexif()
-        exif[0x0112] = 6
-        paths.append(folder / f"{w}x{h}-rotated.jpg")
-        img.save(paths[-1], exif=exif.tobytes())
+        for orientation in (6, 1):  # turned; upright as stored
+            exif = img.getexif()
+            exif[0x0112] = orientation
+            paths.append(folder / f"{w}x{h}-exif{orientation}.jpg")
+            img.save(paths[-1], exif=exif.tobytes())
+        paths.append(folder / f"{w}x{h}-xmp.jpg")  # turned by XMP alone (Pillow reads it too)
+        img.save(paths[-1], xmp=b'<x:xmpmeta><rdf:Description tiff:Orientation="8"/></x:xmpmeta>')
+    paths.append(folder / "small.jpg")  # under twice the size: nothing to reduce
+    Image.open(io.BytesIO(photo_like_jpeg(rng, 300, 260))).save(paths[-1])
     paths.append(folder / "truncated.jpg")
     paths[-1].write_bytes(paths[0].read_bytes()[:20000])
     return paths
@@ -151,16 +159,19 @@ def test_simplejpeg_gives_pillows_draft_pixels(tmp_path: Path, monkeypatch) -> N
     pytest.importorskip("simplejpeg")
     paths = jpeg_variants(tmp_path / "jpegs")
     pre = ClipImagePreprocessor(draft=True)
-    taken = []
-    for path in paths:
-        with Image.open(path) as img:
-            taken.append(pre._draft(img) and turbo_jpeg.decode_drafted(img) is not None)
+    taken = [turbo_jpeg.decode_reduced(p.read_bytes(), pre.size, pre.max_pixels) is not None
+             for p in paths]
     fast = [outcome(pre, p) for p in paths]
     monkeypatch.setattr(turbo_jpeg, "simplejpeg", None)
     slow = [outcome(pre, p) for p in paths]
     for path, a, b in zip(paths, fast, slow):
         assert type(a) is type(b) and np.array_equal(a, b), path.name
-    assert sum(taken) == 20  # the RGB, upright ones (5 per size); not L, CMYK, rotated
+    # the RGB, upright ones (6 per size); not L, CMYK, turned, small or truncated
+    assert [p.name for p, t in zip(paths, taken) if t] == [
+        p.name for p in paths if p.stem.split("-")[-1] in ("0", "1", "2", "3", "4", "exif1")]
+    with Image.open(paths[-3]) as img:  # XMP turns it: so does the draft path, as before
+        assert paths[-3].stem.endswith("xmp") and img.getexif()[0x0112] == 8
+    assert not np.array_equal(fast[-3], fast[-4])  # the same photo upright (EXIF 1)
     assert isinstance(fast[-1], str) and "truncated" in fast[-1]
 
 
@@ -327,6 +338,28 @@ def test_draft_path_through_the_cli(exported: dict[str, Path], jpeg_catalog: Pat
     jpeg = np.array([i.startswith("J") for i in ids])
     assert (unit(a) * unit(b)).sum(1).min() >= DRAFT_MIN_COSINE
     assert np.array_equal(a[~jpeg], b[~jpeg]) and not np.array_equal(a[jpeg], b[jpeg])
+
+
+def test_the_driver_thread_leaves_tokenising_to_the_decoders(exported: dict[str, Path],
+                                                             jpeg_catalog: Path,
+                                                             tmp_path: Path) -> None:
+    """The driver is the one thread of the pipeline that does not scale with cores: token ids
+    are made on the decode threads (with worker processes, on the thread beside them)."""
+    encoder = OnnxEncoder(Bundle(exported["bundle"], "cpu"))
+    token_ids, threads = encoder.token_ids, set()
+
+    def recorded(texts: list[str]) -> list[list[int]]:
+        threads.add(threading.current_thread().name)
+        return token_ids(texts)
+
+    encoder.token_ids = recorded
+    options = EmbedOptions(views=encoder.views, fusion=encoder.fusion, tau=encoder.tau,
+                           batch_size=3, workers=2)
+    for kind, prefix in (("threads", "embed-decode"), ("processes", "embed-text")):
+        threads.clear()
+        embed_catalog(jpeg_catalog, encoder, tmp_path / kind, replace(options, decoders=kind),
+                      progress=False)
+        assert threads and all(name.startswith(prefix) for name in threads), (kind, threads)
 
 
 def test_device_inputs_give_the_host_path_outputs(exported: dict[str, Path]) -> None:

@@ -164,6 +164,10 @@ def test_item_reader_never_crashes_on_any_bytes(tmp_path_factory, data: bytes) -
     records = list(read_items(path, ItemLimits(max_line_bytes=64, max_text_chars=10)))
     assert all(isinstance(r, (Item, ItemError)) for r in records)
     assert len(records) <= data.count(b"\n") + 1
+    starts = [0] + [i + 1 for i, b in enumerate(data) if b == ord("\n")]  # each line's byte
+    for r in records:
+        if isinstance(r, Item):
+            assert r.offset == starts[r.line - 1]
 
 
 def test_huge_lines_are_skipped_without_being_held(tmp_path: Path) -> None:
@@ -174,6 +178,7 @@ def test_huge_lines_are_skipped_without_being_held(tmp_path: Path) -> None:
     records = list(read_items(path, ItemLimits(max_line_bytes=1 << 20)))
     assert isinstance(records[0], ItemError) and "line longer than" in records[0].reason
     assert isinstance(records[1], Item) and records[1].item_id == "B" and records[1].line == 2
+    assert records[1].offset == path.read_bytes().index(b"\n") + 1  # counted past the drain
 
 
 def _embed_cmd(small: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -9,6 +9,7 @@ model's ``max_position_embeddings``, so both work through the same code.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,9 @@ class ClipTowers:
         self.image_tower = ImageTower(model).eval().to(self.device)
         self.text_tower = TextTower(model).eval().to(self.device)
         self.token_ids = TokenCache(self._token_ids)
+        # transformers' fast tokenizer may reset its Rust state on a call ("Already borrowed"
+        # from a second thread); the embed pipeline tokenises on its decode threads
+        self._tokenizer_lock = threading.Lock()
 
     @property
     def special(self) -> SpecialTokens:
@@ -139,11 +143,17 @@ class ClipTowers:
         return SpecialTokens(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if not texts:
+            return []
+        with self._tokenizer_lock:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
+        return self.pack(self.token_ids(texts), chunk)
+
+    def pack(self, token_lists: list[list[int]], chunk: bool = False) -> TokenizedViews:
         """Pad to the model's positions; over-long texts cut, or chunked (see pack_tokens)."""
-        return pack_tokens(self.token_ids(texts), self.special, self.max_tokens, chunk)
+        return pack_tokens(token_lists, self.special, self.max_tokens, chunk)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Both take one item at a time and give back a future of its uint8 pixels [3, crop, crop] (or
 the reason there are none), so the driver (:mod:`cliper_prod.features.embed`) is the same for
-both. Threads are enough while Pillow, which releases the interpreter lock while it decodes and
+both; each also offers a thread pool for the rest of a batch's host work (tokenising), so
+the driver, the one thread that does not scale with cores, keeps only what must run in order. Threads are enough while Pillow, which releases the interpreter lock while it decodes and
 resizes, does most of the work; worker processes take the decoding out of the driver's
 interpreter altogether, for machines where the lock serialises threads (many cores beside a
 busy driver).
@@ -34,7 +35,7 @@ import signal
 import threading
 import uuid
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -94,18 +95,29 @@ def load_image(preprocess: ClipImagePreprocessor, item: Item) -> np.ndarray | st
     return decode_source(preprocess, ImageSource.of(item))
 
 
+@dataclass(frozen=True)
+class Decoders:
+    """Where a run's host-side work goes: ``image`` takes an item and returns the future of its
+    pixels; ``host`` runs the rest of a batch's preparation (its view prompts' token ids) off
+    the driver thread: the decode threads themselves, or with worker processes one thread
+    beside the dispatcher."""
+
+    image: Decode
+    host: Executor
+
+
 @contextmanager
 def open_decoders(kind: str, preprocess: ClipImagePreprocessor, workers: int
-                  ) -> Iterator[Decode]:
-    """``workers`` decoders of ``kind`` ("threads" or "processes"), as a function that takes an
-    item and returns the future of its pixels."""
+                  ) -> Iterator[Decoders]:
+    """``workers`` decoders of ``kind`` ("threads" or "processes")."""
     if kind == "threads":
         with ThreadPoolExecutor(workers, thread_name_prefix="embed-decode") as pool:
-            yield lambda item: pool.submit(load_image, preprocess, item)
+            yield Decoders(lambda item: pool.submit(load_image, preprocess, item), pool)
         return
     pool = ProcessDecoders(preprocess, workers)
     try:
-        yield pool.submit
+        with ThreadPoolExecutor(1, thread_name_prefix="embed-text") as host:
+            yield Decoders(pool.submit, host)
     finally:
         pool.close()
 

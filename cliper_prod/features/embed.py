@@ -3,9 +3,10 @@ CLIPER features in MMRec layout.
 
 One pipeline for both encoders: :class:`~cliper_prod.features.clip_towers.ClipTowers` (PyTorch)
 and the ONNX Runtime encoder of an exported bundle. Three stages overlap: image decoding and
-preprocessing run in a pool of decoders ``prefetch`` batches ahead; the driver thread reads the
-catalog, applies the per-item policy, stacks the uint8 pixels and tokenises the views of batch
-i+1 while a device thread runs the graphs on batch i; the driver then files batch i in order.
+preprocessing, and the token ids of each batch's view prompts, run in a pool of decoders
+``prefetch`` batches ahead; the driver thread reads the catalog, applies the per-item policy,
+stacks the uint8 pixels and packs the tokens of batch i+1 while a device thread runs the graphs
+on batch i; the driver then files batch i in order.
 The decoders are threads or worker processes (``decoders``; :mod:`cliper_prod.features.decoders`,
 measured side by side in BENCHMARKS.md, "embed pipeline"); either gives the same output bytes.
 
@@ -84,7 +85,11 @@ class Encoder(Protocol):
     dim: int
     preprocess: ClipImagePreprocessor
 
-    def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews: ...
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids without start and end tokens (safe to call from several threads)."""
+
+    def pack(self, token_lists: list[list[int]], chunk: bool = False) -> TokenizedViews:
+        """Ids -> the text graph's inputs, padded to ``max_tokens`` (see pack_tokens)."""
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """Images [B, 3, H, W]: uint8 pixels (normalised by the encoder) or float32 (already
@@ -278,7 +283,7 @@ def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: Shard
     writer = ShardWriter(store, errors, options)
     bar = progress_bar(desc="embed", unit="item", enabled=progress, initial=len(seen),
                        total=catalog.record_count() if progress else None)
-    decoding: deque[tuple[list[Item], list[Future]]] = deque()
+    decoding: deque[tuple[list[Item], list[Future], Future]] = deque()
     running: deque[tuple[PreparedBatch, Future]] = deque()
 
     def file_oldest() -> None:
@@ -288,17 +293,19 @@ def _run(catalog: Catalog, encoder: Encoder, options: EmbedOptions, store: Shard
         writer.batch_done(prepared.last_position)
 
     def launch_oldest() -> None:
-        batch, futures = decoding.popleft()
-        prepared = prepare_batch(batch, [f.result() for f in futures], encoder, options, errors)
+        batch, futures, token_ids = decoding.popleft()
+        prepared = prepare_batch(batch, [f.result() for f in futures], token_ids.result(),
+                                 encoder, options, errors)
         running.append((prepared, device.submit(encode_batch, prepared, encoder, options)))
         if len(running) > 1:  # the device holds one batch while the driver prepares the next
             file_oldest()
 
     records = read_catalog(catalog, options.limits, start, seen)
-    with open_decoders(options.decoders, preprocess, options.workers) as decode, \
+    with open_decoders(options.decoders, preprocess, options.workers) as decoders, \
             ThreadPoolExecutor(1, thread_name_prefix="embed-device") as device:
         for batch in batches(records, options.batch_size, errors):
-            decoding.append((batch, [decode(item) for item in batch]))
+            decoding.append((batch, [decoders.image(item) for item in batch],
+                             decoders.host.submit(view_token_ids, batch, encoder, options)))
             if len(decoding) > options.prefetch:
                 launch_oldest()
         while decoding:
@@ -323,9 +330,20 @@ class PreparedBatch:
     truncated_items: int = 0
 
 
-def prepare_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
-                  options: EmbedOptions, errors: ItemErrors) -> PreparedBatch:
-    """The per-item policy (errors filed here, in catalog order) and the graphs' inputs."""
+def view_token_ids(batch: list[Item], encoder: Encoder, options: EmbedOptions
+                   ) -> list[list[list[int]]]:
+    """Each item's view prompts as token ids: the text half of a batch's preparation, which
+    the pipeline runs on its decode threads, beside the images, rather than on the driver."""
+    per_item = len(options.views.names)
+    ids = encoder.token_ids([v for item in batch for v in options.views.build(item.fields)])
+    return [ids[i:i + per_item] for i in range(0, len(ids), per_item)]
+
+
+def prepare_batch(batch: list[Item], images: list[np.ndarray | str],
+                  token_ids: list[list[list[int]]], encoder: Encoder, options: EmbedOptions,
+                  errors: ItemErrors) -> PreparedBatch:
+    """The per-item policy (errors filed here, in catalog order) and the graphs' inputs
+    (``token_ids``: :func:`view_token_ids` of the batch)."""
     spec = options.views
     prepared = PreparedBatch([item.item_id for item in batch], batch[-1].position)
     has_image = np.array([not isinstance(img, str) for img in images])
@@ -350,8 +368,8 @@ def prepare_batch(batch: list[Item], images: list[np.ndarray | str], encoder: En
     prepared.has_image, prepared.has_text = has_image[keep], has_text[keep]
     if prepared.has_image.any():
         prepared.pixels = np.stack([images[i] for i in keep if has_image[i]])
-    prepared.tokens = encoder.tokenize([v for i in keep for v in spec.build(batch[i].fields)],
-                                       chunk=options.chunk_long_text)
+    prepared.tokens = encoder.pack([ids for i in keep for ids in token_ids[i]],
+                                   chunk=options.chunk_long_text)
     prepared.truncated_items = int(
         prepared.tokens.truncated.reshape(len(keep), -1).any(1).sum())
     return prepared
@@ -389,7 +407,8 @@ def store_batch(prepared: PreparedBatch, arrays: dict[str, np.ndarray] | None, s
 def embed_batch(batch: list[Item], images: list[np.ndarray | str], encoder: Encoder,
                 options: EmbedOptions, shard: Shard, errors: ItemErrors) -> None:
     """Prepare, encode and file one batch in the calling thread (Ray actors, serving)."""
-    prepared = prepare_batch(batch, images, encoder, options, errors)
+    prepared = prepare_batch(batch, images, view_token_ids(batch, encoder, options), encoder,
+                             options, errors)
     store_batch(prepared, encode_batch(prepared, encoder, options), shard, options)
 
 

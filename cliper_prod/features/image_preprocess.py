@@ -21,6 +21,7 @@ gives, never by the operating system's message, which quotes the absolute path.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -32,8 +33,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cliper_prod.features import turbo_jpeg
 from cliper_prod.features.bicubic import resize_box
-from cliper_prod.features.turbo_jpeg import decode_drafted
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -164,6 +165,13 @@ class ClipImagePreprocessor:
         """Decode a file or an in-memory image (a served request's base64 bytes); ``label``
         names it in errors; ``uint8`` as in :meth:`load`."""
         try:
+            if self.draft and turbo_jpeg.available():  # a plain JPEG skips Pillow altogether
+                data = source.read_bytes() if isinstance(source, Path) else source.read()
+                rgb = turbo_jpeg.decode_reduced(data, self.size, self.max_pixels)
+                if rgb is not None:
+                    pixels = self.crop_pixels(rgb)
+                    return pixels if uint8 else self.normalise(pixels)
+                source = io.BytesIO(data)
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(source) as img:
@@ -171,10 +179,7 @@ class ClipImagePreprocessor:
                         raise ImageDecodeError(f"image has {img.width}x{img.height} pixels, over "
                                                f"the limit of {self.max_pixels:,}: {label}")
                     if self.draft and self._draft(img):
-                        rgb = decode_drafted(img)
-                        if rgb is None:
-                            rgb = np.asarray(_rgb(_upright(img)))
-                        pixels = self.crop_pixels(rgb)
+                        pixels = self.crop_pixels(np.asarray(_rgb(_upright(img))))
                     else:
                         pixels = self.pixels(_upright(img))
                     return pixels if uint8 else self.normalise(pixels)

@@ -209,15 +209,17 @@ def parse_record(record: object, line: int, base_dir: Path, limits: ItemLimits =
 def _lines(fh, limit: int) -> Iterator[tuple[bytes, bool, int]]:
     """(line, fits, byte offset) for each line; a line over ``limit`` bytes is drained, never
     held whole."""
-    offset = fh.tell()
-    while raw := fh.readline(limit + 1):
+    offset = fh.tell()  # then counted, not asked: each tell() lets go of the interpreter
+    while raw := fh.readline(limit + 1):  # lock, which the decode threads then hold
+        start, offset = offset, offset + len(raw)
         if len(raw) <= limit or raw.endswith(b"\n"):
-            yield raw, True, offset
+            yield raw, True, start
         else:
-            while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
-                pass
-            yield b"", False, offset
-        offset = fh.tell()
+            while rest := fh.readline(1 << 20):
+                offset += len(rest)
+                if rest.endswith(b"\n"):
+                    break
+            yield b"", False, start
 
 
 def placed(parsed: Item | ItemError, seen: set[str], **where: object) -> Item | ItemError:

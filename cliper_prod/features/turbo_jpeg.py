@@ -1,40 +1,110 @@
 """The draft path's JPEG decoder when the optional ``simplejpeg`` package is installed (extra
 ``fast-decode``): libjpeg-turbo's own API, which scales in the DCT domain as Pillow's ``draft``
-does and gives the same pixels (tests/test_decode_paths.py), without Pillow's Python-side
-loading and its 4-byte image, and with the interpreter lock released while it decodes.
-Without the package, or for a JPEG it does not take (not YCbCr or RGB, EXIF-rotated, one it
-refuses), Pillow decodes as before, with its own error messages.
+does and gives the same pixels (tests/test_decode_paths.py), with the interpreter lock released
+while it decodes. The file's header is read here, not by Pillow: its Python-side parsing of the
+markers, its EXIF reading and its 4-byte image cost about as much as the resize after it.
+Whatever this module does not take (not a YCbCr or RGB JPEG, an orientation to apply, a second
+picture, no reduction, over the pixel limit, anything libjpeg-turbo refuses) goes to Pillow,
+which decodes it as before and words its errors.
 """
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import Image
 
 try:
     import simplejpeg
 except ImportError:  # the fast-decode extra is not installed
     simplejpeg = None
 
-ROTATED = range(2, 9)  # EXIF orientations that ImageOps.exif_transpose turns upright
+SOI = b"\xff\xd8\xff"
+EXIF = b"Exif\x00\x00"
+XMP = b"http://ns.adobe.com/xap/1.0/\x00"
+MPF = b"MPF\x00"  # a multi-picture file (Pillow opens it as MPO)
+ORIENTATION = 0x0112
+STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length
 
 
 def available() -> bool:
     return simplejpeg is not None
 
 
-def decode_drafted(img: Image.Image) -> np.ndarray | None:
-    """uint8 [H, W, 3] of ``img``, a JPEG that Pillow has opened and ``draft``-ed, at the size
-    Pillow would decode it to; None where Pillow must decode it (see the module docstring)."""
-    if simplejpeg is None or img.format != "JPEG" or img.mode != "RGB":
-        return None
-    width, height = img.size
+def upright_as_is(data: bytes) -> bool:
+    """Whether the markers before the scan say the pixels need no turning: at most one EXIF
+    block, whose orientation (read as Pillow reads it) is 1 or absent; no XMP orientation
+    (Pillow falls back to it); not a multi-picture file. False on anything unexpected."""
+    at, exif_blocks = 2, 0
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in STANDALONE:
+            at += 2
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            return True
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        payload = data[at + 4:at + 2 + length]
+        if marker == 0xE1 and payload.startswith(EXIF):
+            exif_blocks += 1
+            if exif_blocks > 1 or exif_orientation(payload[len(EXIF):]) not in (None, 1):
+                return False
+        elif marker == 0xE1 and payload.startswith(XMP) and b"Orientation" in payload:
+            return False
+        elif marker == 0xE2 and payload.startswith(MPF):
+            return False
+        at += 2 + length
+    return False
+
+
+def exif_orientation(tiff: bytes) -> int | None:
+    """The orientation tag of a TIFF block's first directory; None without one, -1 where the
+    block cannot be read (the caller then leaves the file to Pillow)."""
     try:
-        if img.getexif().get(ExifTags.Base.Orientation, 1) in ROTATED:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (first,) = struct.unpack_from(order + "I", tiff, 4)
+        (entries,) = struct.unpack_from(order + "H", tiff, first)
+        for k in range(entries):
+            tag, kind, count = struct.unpack_from(order + "HHI", tiff, first + 2 + 12 * k)
+            if tag == ORIENTATION:
+                return struct.unpack_from(order + "H", tiff, first + 10 + 12 * k)[0] \
+                    if kind == 3 and count == 1 else -1
+    except (KeyError, struct.error):
+        return -1
+    return None
+
+
+def reduction(width: int, height: int, size: int) -> int:
+    """Pillow's ``draft`` factor (8, 4, 2 or 1) for a shortest edge of at least ``size``."""
+    short = min(width, height)
+    wanted = (-(-width * size // short), -(-height * size // short))
+    scale = min(width // wanted[0], height // wanted[1])
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def decode_reduced(data: bytes, size: int, max_pixels: int) -> np.ndarray | None:
+    """uint8 [H, W, 3] of the JPEG ``data`` reduced in the DCT domain as Pillow's ``draft``
+    reduces it for a shortest edge of ``size``; None where Pillow must decide (see the module
+    docstring)."""
+    if simplejpeg is None or not data.startswith(SOI) or not upright_as_is(data):
+        return None
+    try:
+        height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        if colour not in ("YCbCr", "RGB") or width * height > limit:
             return None
-        img.fp.seek(0)
-        rgb = simplejpeg.decode_jpeg(img.fp.read(), "RGB", min_height=height,
-                                     min_width=width, min_factor=2)
+        s = reduction(width, height, size)
+        if s == 1:
+            return None
+        shape = (-(-height // s), -(-width // s), 3)
+        rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=shape[0], min_width=shape[1],
+                                     min_factor=2)
     except Exception:  # any refusal: Pillow decides, and words the error
         return None
-    return rgb if rgb.shape == (height, width, 3) else None
+    return rgb if rgb.shape == shape else None

@@ -78,10 +78,14 @@ class OnnxEncoder:
         return self._graph(TEXT_GRAPH)
 
     def tokenize(self, texts: list[str], chunk: bool = False) -> TokenizedViews:
+        return self.pack(self.token_ids(texts), chunk)
+
+    def pack(self, token_lists: list[list[int]], chunk: bool = False) -> TokenizedViews:
+        """Token ids -> the text graph's inputs (truncated at its positions)."""
         if chunk:
             raise BundleError("chunk-and-sum over-long text is not part of the exported graphs; "
                               "the bundle truncates at the token level")
-        return pack_tokens(self.token_ids(texts), self.special, self.max_tokens)
+        return pack_tokens(token_lists, self.special, self.max_tokens)
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """uint8 pixels or normalised float32 [B, 3, H, W] -> image embeddings [B, D]."""
