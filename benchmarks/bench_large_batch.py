@@ -15,6 +15,12 @@ their sample, whose metric runs on another scale: the benchmark ranks every user
 of their epochs, outside the clocks, for the crossing). On a shared machine wall times swing
 with the other jobs: the JSON keeps the load average before and after each run, and CPU seconds
 are the steadier comparison.
+
+On a GPU (``--device cuda``: the model, its graphs and the ranking there) the same comparison
+runs at the larger sizes of ``bench_scale.py`` (data generated on the machine);
+``--max-wall-s`` ends a run after the first epoch past that many seconds, as if early stopping
+had stopped it, and marks it ``cut`` (a cut default's target is that of an unfinished run, and
+the table says so).
 """
 
 from __future__ import annotations
@@ -38,9 +44,12 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, parse_overrides(tuple(f"train.{p}" for p in pairs.split(","))).get("train", {})
 
 
-def run(backbone: str, data, overrides: dict, seed: int) -> dict:
-    """Train with ``overrides`` on the defaults; the figures of one row, the clocks read after
-    every epoch."""
+def run(backbone: str, data, overrides: dict, seed: int, device: str = "cpu",
+        max_wall_s: float | None = None) -> dict:
+    """Train with ``overrides`` on the defaults on ``device``; the figures of one row, the
+    clocks read after every epoch; stopped after the first epoch past ``max_wall_s``."""
+    import torch
+
     from cliper_prod.config import load_config
     from cliper_prod.training import Trainer, evaluate_model, ranking_tasks
 
@@ -50,12 +59,15 @@ def run(backbone: str, data, overrides: dict, seed: int) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     clocks = []  # (wall, cpu) seconds since the start, at the end of each epoch
     full = []  # each epoch's valid metric over every user, for the crossing
+    cut = False
 
     class Timed(Trainer):
         def run_epoch(self, state) -> None:
-            nonlocal start, cpu_start
+            nonlocal start, cpu_start, cut
             super().run_epoch(state)
             clocks.append((time.perf_counter() - start, time.process_time() - cpu_start))
+            if max_wall_s is not None and clocks[-1][0] > max_wall_s and not state.finished:
+                state.finished = cut = True
             if self.valid_task is self.full_valid_task:
                 full.append(state.history[-1]["valid"][metric])
                 return
@@ -66,7 +78,7 @@ def run(backbone: str, data, overrides: dict, seed: int) -> dict:
             start += time.perf_counter() - wall
             cpu_start += time.process_time() - cpu
 
-    trainer = Timed(backbone, data, config, progress=False)
+    trainer = Timed(backbone, data, config, progress=False, device=torch.device(device))
     fit = trainer.fit()
     test = evaluate_model(fit.model, ranking_tasks(data)["test"], trainer.settings)
     return {"overrides": overrides, "test": test, "valid": fit.valid, "best_epoch": fit.best_epoch,
@@ -79,7 +91,7 @@ def run(backbone: str, data, overrides: dict, seed: int) -> dict:
             "history": [{"epoch": h["epoch"], "wall_s": wall, "cpu_s": cpu,
                          "valid": h["valid"][metric], "valid_all_users": all_users}
                         for h, (wall, cpu), all_users in zip(fit.history, clocks, full)],
-            "load_avg_1min": [load_before, os.getloadavg()[0]]}
+            "load_avg_1min": [load_before, os.getloadavg()[0]], "device": device, "cut": cut}
 
 
 def reach(row: dict, target: float) -> dict:
@@ -104,7 +116,8 @@ def table(result: dict) -> str:
         to = "not reached" if hit["epochs"] is None else \
             f"{hit['wall_s']:,.0f} / {hit['cpu_s']:,.0f} / {hit['epochs']} / {hit['steps']:,}"
         lines.append(
-            f"| {name} | {row['test'][metric]:.4f} | "
+            f"| {name}{' (cut at --max-wall-s)' if row.get('cut') else ''} | "
+            f"{row['test'][metric]:.4f} | "
             f"{row['test'][metric] / base['test'][metric]:.1%} | {row['wall_s']:,.0f} "
             f"({row['wall_s'] / base['wall_s']:.2f}) | {row['cpu_s']:,.0f} "
             f"({row['cpu_s'] / base['cpu_s']:.2f}) | {row['epochs']} ({row['best_epoch']}) | "
@@ -121,6 +134,9 @@ def main() -> None:
                         help="name:key=value,... of [train] overrides (repeatable)")
     parser.add_argument("--target", type=float, default=0.98,
                         help="share of the default's selected valid metric to reach")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--max-wall-s", type=float, help="end each run after the first epoch "
+                                                         "past this many seconds (marked cut)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/large_batch"))
     args = parser.parse_args()
 
@@ -133,14 +149,16 @@ def main() -> None:
     metric = load_config(args.backbone)["train"]["valid_metric"]
     runs: dict[str, dict] = {}
     for name, overrides in [("default", {}), *map(parse_variant, args.variant)]:
-        runs[name] = run(args.backbone, data, overrides, args.seed)
+        runs[name] = run(args.backbone, data, overrides, args.seed, args.device,
+                         args.max_wall_s)
         print(f"{name}: test {metric} {runs[name]['test'][metric]:.4f}, "
               f"{runs[name]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     target = args.target * runs["default"]["valid"][metric]
     for row in runs.values():
         row["reach"] = reach(row, target)
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-                         f"{torch.__version__}, {torch.get_num_threads()} threads",
+                         f"{torch.__version__}, {torch.get_num_threads()} threads{gpu}",
               "command": " ".join(["python", *sys.argv]), "backbone": args.backbone,
               "data": str(args.data), "seed": args.seed, "metric": metric,
               "target_share": args.target, "target": target, "runs": runs}
