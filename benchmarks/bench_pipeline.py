@@ -12,6 +12,11 @@ catalog would (a catalog folder is written once and reused: give each kind its o
 What is timed: catalog parsing, decoding and preprocessing in the decoders (threads or worker
 processes), the per-item policy, tokenising, stacking and filing the outputs; the graphs
 return zeros at once.
+With ``--pin`` each configuration runs in a fresh process confined to as many CPUs as it has
+decode workers (its tokenizer and BLAS threads too): how the pipeline scales with cores, where
+the default measures worker counts on every CPU the benchmark may use (one worker then still
+has the other CPUs for the driver and the tokenizer's threads). A pinned run starts cold (an
+empty token cache, as a fresh ``embed`` does); the child's start-up is outside the clock.
 The configurations (decode path x decoders x worker count) run interleaved, round after round,
 so a change in the machine's load falls on all of them alike. For each: items/s (median of
 ``--repeats`` rounds), items/s per decode worker, the scaling from the first worker count, and
@@ -33,6 +38,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -165,7 +172,36 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def timed_run(items: Path, encoder: NoOpGraphs, out: Path, options: EmbedOptions
+              ) -> tuple[float, float]:
+    """Wall and CPU seconds of one ``embed_catalog`` run."""
+    start, start_cpu = time.perf_counter(), cpu_seconds()
+    embed_catalog(items, encoder, out, options, progress=False)
+    return time.perf_counter() - start, cpu_seconds() - start_cpu
+
+
+def pinned_run(items: Path, out: Path, options: EmbedOptions) -> tuple[float, float]:
+    """:func:`timed_run` in a fresh process confined to the first ``options.workers`` CPUs of
+    this one's affinity (every thread it starts inherits them: decoders, tokenizer, BLAS)."""
+    cpus = sorted(os.sched_getaffinity(0))[:options.workers]
+    spec = {"items": str(items), "out": str(out), "workers": options.workers,
+            "batch_size": options.batch_size, "decode": options.decode,
+            "decoders": options.decoders}
+    done = subprocess.run([sys.executable, __file__, "--pinned-run", json.dumps(spec)],
+                          capture_output=True, text=True, check=True,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    return tuple(json.loads(done.stdout.splitlines()[-1]))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--pinned-run":  # the child of pinned_run
+        spec = json.loads(sys.argv[2])
+        options = EmbedOptions(views=ViewSpec(), batch_size=spec["batch_size"],
+                               workers=spec["workers"], decode=spec["decode"],
+                               decoders=spec["decoders"])
+        print(json.dumps(timed_run(Path(spec["items"]), NoOpGraphs(), Path(spec["out"]),
+                                   options)))
+        return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=2048)
@@ -179,6 +215,9 @@ def main() -> None:
                         help="every item's text the same, or each its own (a new catalog)")
     parser.add_argument("--catalog", type=Path, help="keep the generated catalog here (reused "
                                                      "when present) [default: a temporary one]")
+    parser.add_argument("--pin", action="store_true",
+                        help="run each configuration in its own process on as many CPUs as "
+                             "workers (scaling with cores; start-up outside the clock)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_cpu"))
     args = parser.parse_args()
     encoder = NoOpGraphs()
@@ -198,12 +237,11 @@ def main() -> None:
                 extra |= {"decoders": decoders} if decoders != "threads" else {}
                 options = EmbedOptions(views=ViewSpec(), batch_size=args.batch_size,
                                        workers=workers, **extra)
-                start, start_cpu = time.perf_counter(), cpu_seconds()
-                embed_catalog(items, encoder,
-                              Path(tmp) / f"out-{decode}-{decoders}-{workers}-{r}", options,
-                              progress=False)
-                runs[decode, decoders, workers]["wall"].append(time.perf_counter() - start)
-                runs[decode, decoders, workers]["cpu"].append(cpu_seconds() - start_cpu)
+                out = Path(tmp) / f"out-{decode}-{decoders}-{workers}-{r}"
+                wall, cpu = pinned_run(items, out, options) if args.pin else \
+                    timed_run(items, encoder, out, options)
+                runs[decode, decoders, workers]["wall"].append(wall)
+                runs[decode, decoders, workers]["cpu"].append(cpu)
             loads[-1].append(os.getloadavg()[0])
             print(f"round {r + 1}: load {loads[-1]}", flush=True)
     rows = []
@@ -221,9 +259,10 @@ def main() -> None:
                          f"{platform.platform()}",
               "items": args.items, "distinct_images": args.images,
               "distinct_prompts": prompts,
-              "batch_size": args.batch_size, "rounds_load_1min": loads,
+              "batch_size": args.batch_size, "pinned": args.pin, "rounds_load_1min": loads,
               "rounds_reference_ms_per_image": references, "rows": rows}
-    lines = ["| decode | decoders | workers | items/s | per worker | vs first worker count | "
+    head = "workers = CPUs" if args.pin else "workers"
+    lines = [f"| decode | decoders | {head} | items/s | per worker | vs first worker count | "
              "CPU ms per item |", "| --- " * 7 + "|"]
     lines += [f"| {r['decode']} | {r['decoders']} | {r['workers']} | {r['items_per_s']:.0f} | "
               f"{r['items_per_s_per_worker']:.0f} | {r['scaling']:.2f}x | "
