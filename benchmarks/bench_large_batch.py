@@ -148,21 +148,21 @@ def main() -> None:
     data = load_dataset(args.data)
     metric = load_config(args.backbone)["train"]["valid_metric"]
     runs: dict[str, dict] = {}
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
     for name, overrides in [("default", {}), *map(parse_variant, args.variant)]:
         runs[name] = run(args.backbone, data, overrides, args.seed, args.device,
                          args.max_wall_s)
         print(f"{name}: test {metric} {runs[name]['test'][metric]:.4f}, "
               f"{runs[name]['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    target = args.target * runs["default"]["valid"][metric]
-    for row in runs.values():
-        row["reach"] = reach(row, target)
-    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-                         f"{torch.__version__}, {torch.get_num_threads()} threads{gpu}",
-              "command": " ".join(["python", *sys.argv]), "backbone": args.backbone,
-              "data": str(args.data), "seed": args.seed, "metric": metric,
-              "target_share": args.target, "target": target, "runs": runs}
-    report(args.out, result, table(result))
+        target = args.target * runs["default"]["valid"][metric]
+        for row in runs.values():
+            row["reach"] = reach(row, target)
+        result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+                             f"{torch.__version__}, {torch.get_num_threads()} threads{gpu}",
+                  "command": " ".join(["python", *sys.argv]), "backbone": args.backbone,
+                  "data": str(args.data), "seed": args.seed, "metric": metric,
+                  "target_share": args.target, "target": target, "runs": runs}
+        report(args.out, result, table(result))  # after each run: a cut-off call keeps these
 
 
 if __name__ == "__main__":

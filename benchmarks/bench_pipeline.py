@@ -180,16 +180,21 @@ def timed_run(items: Path, encoder: NoOpGraphs, out: Path, options: EmbedOptions
     return time.perf_counter() - start, cpu_seconds() - start_cpu
 
 
-def pinned_run(items: Path, out: Path, options: EmbedOptions) -> tuple[float, float]:
-    """:func:`timed_run` in a fresh process confined to the first ``options.workers`` CPUs of
-    this one's affinity (every thread it starts inherits them: decoders, tokenizer, BLAS)."""
-    cpus = sorted(os.sched_getaffinity(0))[:options.workers]
-    spec = {"items": str(items), "out": str(out), "workers": options.workers,
-            "batch_size": options.batch_size, "decode": options.decode,
-            "decoders": options.decoders}
-    done = subprocess.run([sys.executable, __file__, "--pinned-run", json.dumps(spec)],
-                          capture_output=True, text=True, check=True,
-                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+def pinned_run(items: Path, out: Path, workers: int, batch_size: int, extra: dict
+               ) -> tuple[float, float]:
+    """:func:`timed_run` in a fresh process confined to the first ``workers`` CPUs of this
+    one's affinity (every thread it starts inherits them: decoders, tokenizer, BLAS)."""
+    spec = {"items": str(items), "out": str(out), "workers": workers,
+            "batch_size": batch_size, "extra": extra}
+    mine = os.sched_getaffinity(0)  # this thread's; a child forked from it inherits them
+    os.sched_setaffinity(0, sorted(mine)[:workers])
+    try:
+        done = subprocess.run([sys.executable, __file__, "--pinned-run", json.dumps(spec)],
+                              capture_output=True, text=True)
+    finally:
+        os.sched_setaffinity(0, mine)
+    if done.returncode:
+        raise SystemExit(f"pinned run failed:\n{done.stderr[-2000:]}")
     return tuple(json.loads(done.stdout.splitlines()[-1]))
 
 
@@ -197,8 +202,7 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--pinned-run":  # the child of pinned_run
         spec = json.loads(sys.argv[2])
         options = EmbedOptions(views=ViewSpec(), batch_size=spec["batch_size"],
-                               workers=spec["workers"], decode=spec["decode"],
-                               decoders=spec["decoders"])
+                               workers=spec["workers"], **spec["extra"])
         print(json.dumps(timed_run(Path(spec["items"]), NoOpGraphs(), Path(spec["out"]),
                                    options)))
         return
@@ -220,6 +224,9 @@ def main() -> None:
                              "workers (scaling with cores; start-up outside the clock)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_cpu"))
     args = parser.parse_args()
+    if args.pin and max(args.workers) > len(os.sched_getaffinity(0)):
+        parser.error(f"--pin runs each worker on its own CPU: at most "
+                     f"{len(os.sched_getaffinity(0))} here")
     encoder = NoOpGraphs()
     configs = [(d, k, w) for d in args.decode for k in args.decoders for w in args.workers]
     runs: dict[tuple, dict[str, list[float]]] = {c: {"wall": [], "cpu": []} for c in configs}
@@ -238,8 +245,8 @@ def main() -> None:
                 options = EmbedOptions(views=ViewSpec(), batch_size=args.batch_size,
                                        workers=workers, **extra)
                 out = Path(tmp) / f"out-{decode}-{decoders}-{workers}-{r}"
-                wall, cpu = pinned_run(items, out, options) if args.pin else \
-                    timed_run(items, encoder, out, options)
+                wall, cpu = pinned_run(items, out, workers, args.batch_size, extra) \
+                    if args.pin else timed_run(items, encoder, out, options)
                 runs[decode, decoders, workers]["wall"].append(wall)
                 runs[decode, decoders, workers]["cpu"].append(cpu)
             loads[-1].append(os.getloadavg()[0])

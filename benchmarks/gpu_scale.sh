@@ -4,8 +4,9 @@
 #                FREEDOM's epoch and LightGCN's epoch plus the evaluation of every user, each
 #                with its peak GPU memory (bench_scale.py --device cuda);
 #   PARTS=tta    time to accuracy at 200k: the packaged defaults against 16 steps per epoch,
-#                each run cut after TTA_RUN_S seconds (bench_large_batch.py --device cuda).
-# Both by default; on a tight budget run them as two calls. Everything is generated on the
+#                each run cut after TTA_RUN_S seconds (bench_large_batch.py --device cuda;
+#                its JSON and table are rewritten after each run, so a timeout keeps the first).
+# One part per call (PARTS=scale by default): each is sized to one. Everything is generated on the
 # machine (nothing large is carried) and lands in $OUT. Run from the repository root; needs
 # torch with CUDA and torch-geometric (no ONNX Runtime).
 set -uo pipefail
@@ -19,7 +20,7 @@ platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cud
 torch.cuda.get_device_name(0), 'torch_geometric', torch_geometric.__version__)" \
     | tee "$OUT/versions.txt"
 cd benchmarks
-for part in ${PARTS:-scale tta}; do
+for part in ${PARTS:-scale}; do
   start=$(date +%s)
   case "$part" in
     scale)
@@ -33,7 +34,7 @@ d = Path('$WORK/200k/scale200k')  # as bench_scale.py lays it out, so either reu
 if not (d / 'generated.json').exists():
     (d / 'generated.json').write_text(json.dumps(generate(d, *SIZES['200k'])))"
       timeout "${TTA_LIMIT_S:-540}" python3 bench_large_batch.py --device cuda \
-          --data "$WORK/200k/scale200k" --max-wall-s "${TTA_RUN_S:-240}" \
+          --data "$WORK/200k/scale200k" --max-wall-s "${TTA_RUN_S:-180}" \
           --variant "none16:steps_per_epoch=16,eval_users=5000" \
           --out "$OUT/large_batch_200k_cuda" 2>&1 | tee "$OUT/tta.log" ;;
     *) echo "unknown part $part (scale, tta)"; exit 2 ;;

@@ -118,8 +118,8 @@ def test_draft_path_stays_within_its_bound(clip224: ClipTowers, tmp_path: Path,
 
 def jpeg_variants(folder: Path) -> list[Path]:
     """JPEGs as they come: 4:2:0, 4:4:4 and 4:2:2 chroma, progressive, optimised, greyscale,
-    CMYK, turned by EXIF or XMP, EXIF upright, too small to reduce, truncated; reduced by 2, 4
-    and 8, odd sizes."""
+    CMYK, turned by EXIF or XMP, EXIF upright, too small to reduce, truncated, headers only
+    libjpeg-turbo takes; reduced by 2, 4 and 8, odd sizes."""
     rng = np.random.default_rng(7)
     folder.mkdir()
     paths = []
@@ -143,6 +143,18 @@ def jpeg_variants(folder: Path) -> list[Path]:
     Image.open(io.BytesIO(photo_like_jpeg(rng, 300, 260))).save(paths[-1])
     paths.append(folder / "truncated.jpg")
     paths[-1].write_bytes(paths[0].read_bytes()[:20000])
+    # headers libjpeg-turbo reads and Pillow's parser refuses: each must fail as with Pillow
+    dpi = io.BytesIO()
+    Image.open(paths[0]).save(dpi, "JPEG", dpi=(72, 72))  # JFIF with a density: Pillow skips EXIF
+    plain = dpi.getvalue()
+    assert plain[2:4] == b"\xff\xe0" and plain[4:6] == b"\x00\x10" and plain[6:10] == b"JFIF"
+    not_tiff = b"Exif\x00\x00II\x00\x00\x08\x00\x00\x00\x00\x00"  # no TIFF magic
+    for name, data in [("hostile-tem", plain[:2] + b"\xff\x01" + plain[2:]),
+                       ("hostile-jfif", plain[:2] + b"\xff\xe0\x00\x07JFIF\x00" + plain[20:]),
+                       ("hostile-exif", plain[:20] + b"\xff\xe1"
+                        + (len(not_tiff) + 2).to_bytes(2, "big") + not_tiff + plain[20:])]:
+        paths.append(folder / f"{name}.jpg")
+        paths[-1].write_bytes(data)
     return paths
 
 
@@ -166,13 +178,34 @@ def test_simplejpeg_gives_pillows_draft_pixels(tmp_path: Path, monkeypatch) -> N
     slow = [outcome(pre, p) for p in paths]
     for path, a, b in zip(paths, fast, slow):
         assert type(a) is type(b) and np.array_equal(a, b), path.name
-    # the RGB, upright ones (6 per size); not L, CMYK, turned, small or truncated
+    # the RGB, upright ones (6 per size); not L, CMYK, turned, small, truncated or hostile
     assert [p.name for p, t in zip(paths, taken) if t] == [
         p.name for p in paths if p.stem.split("-")[-1] in ("0", "1", "2", "3", "4", "exif1")]
-    with Image.open(paths[-3]) as img:  # XMP turns it: so does the draft path, as before
-        assert paths[-3].stem.endswith("xmp") and img.getexif()[0x0112] == 8
-    assert not np.array_equal(fast[-3], fast[-4])  # the same photo upright (EXIF 1)
-    assert isinstance(fast[-1], str) and "truncated" in fast[-1]
+    got = {p.name: a for p, a in zip(paths, fast)}
+    with Image.open(paths[0].parent / "3600x1800-xmp.jpg") as img:  # XMP turns it: so does
+        assert img.getexif()[0x0112] == 8  # the draft path, as before
+    assert not np.array_equal(got["3600x1800-xmp.jpg"], got["3600x1800-exif1.jpg"])
+    assert "truncated" in got["truncated.jpg"]
+    assert all(isinstance(got[f"hostile-{k}.jpg"], str) for k in ("tem", "jfif", "exif"))
+
+
+def test_the_draft_path_reads_whole_only_jpegs_of_a_bounded_size(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A file is read whole for libjpeg-turbo only when it starts as a JPEG and is at most
+    MAX_BYTES; others go to Pillow, which reads what it needs (a multi-GB file is not loaded)."""
+    png = tmp_path / "a.png"
+    Image.new("RGB", (500, 500)).save(png)
+    jpg = write_jpegs(tmp_path / "j", [(640, 480)])[0]
+    assert turbo_jpeg.read_jpeg(png) is None
+    assert turbo_jpeg.read_jpeg(jpg) == jpg.read_bytes()
+    stream = io.BytesIO(b"xx" + jpg.read_bytes())
+    stream.seek(2)
+    assert turbo_jpeg.read_jpeg(stream) == jpg.read_bytes() and stream.tell() == 2
+    monkeypatch.setattr(turbo_jpeg, "MAX_BYTES", jpg.stat().st_size - 1)
+    assert turbo_jpeg.read_jpeg(jpg) is None
+    assert turbo_jpeg.read_jpeg(stream) is None and stream.tell() == 2
+    pre = ClipImagePreprocessor(draft=True)  # still decoded, by Pillow
+    assert pre.load(jpg, uint8=True).shape == (3, 224, 224)
 
 
 def naive_bicubic(rgb: np.ndarray, box: tuple[float, float, float, float], size: int

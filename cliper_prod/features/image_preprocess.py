@@ -165,8 +165,9 @@ class ClipImagePreprocessor:
         """Decode a file or an in-memory image (a served request's base64 bytes); ``label``
         names it in errors; ``uint8`` as in :meth:`load`."""
         try:
-            if self.draft and turbo_jpeg.available():  # a plain JPEG skips Pillow altogether
-                data = source.read_bytes() if isinstance(source, Path) else source.read()
+            data = turbo_jpeg.read_jpeg(source) if self.draft and turbo_jpeg.available() \
+                else None
+            if data is not None:  # a plain JPEG skips Pillow altogether
                 rgb = turbo_jpeg.decode_reduced(data, self.size, self.max_pixels)
                 if rgb is not None:
                     pixels = self.crop_pixels(rgb)
