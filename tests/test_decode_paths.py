@@ -149,10 +149,14 @@ def jpeg_variants(folder: Path) -> list[Path]:
     plain = dpi.getvalue()
     assert plain[2:4] == b"\xff\xe0" and plain[4:6] == b"\x00\x10" and plain[6:10] == b"JFIF"
     not_tiff = b"Exif\x00\x00II\x00\x00\x08\x00\x00\x00\x00\x00"  # no TIFF magic
+    cut_short = b"Exif\x00\x00Exif\x00\x00MM\x00*\x00\x00\x00"  # Pillow's reader: struct.error
+
+    def exif(block: bytes) -> bytes:
+        return plain[:20] + b"\xff\xe1" + (len(block) + 2).to_bytes(2, "big") + block + plain[20:]
+
     for name, data in [("hostile-tem", plain[:2] + b"\xff\x01" + plain[2:]),
                        ("hostile-jfif", plain[:2] + b"\xff\xe0\x00\x07JFIF\x00" + plain[20:]),
-                       ("hostile-exif", plain[:20] + b"\xff\xe1"
-                        + (len(not_tiff) + 2).to_bytes(2, "big") + not_tiff + plain[20:])]:
+                       ("hostile-exif", exif(not_tiff)), ("hostile-struct", exif(cut_short))]:
         paths.append(folder / f"{name}.jpg")
         paths[-1].write_bytes(data)
     return paths
@@ -187,6 +191,9 @@ def test_simplejpeg_gives_pillows_draft_pixels(tmp_path: Path, monkeypatch) -> N
     assert not np.array_equal(got["3600x1800-xmp.jpg"], got["3600x1800-exif1.jpg"])
     assert "truncated" in got["truncated.jpg"]
     assert all(isinstance(got[f"hostile-{k}.jpg"], str) for k in ("tem", "jfif", "exif"))
+    assert "corrupt EXIF block" in got["hostile-struct.jpg"]  # an item error, not a crash
+    with pytest.raises(ImageDecodeError, match="corrupt EXIF block"):  # on the exact path too
+        ClipImagePreprocessor().load(paths[0].parent / "hostile-struct.jpg")
 
 
 def test_the_draft_path_reads_whole_only_jpegs_of_a_bounded_size(tmp_path: Path,

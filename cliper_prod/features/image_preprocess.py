@@ -25,6 +25,7 @@ import io
 import json
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ def problem(exc: Exception) -> str:
         return os.strerror(exc.errno)
     if isinstance(exc, RuntimeError):  # pathlib's resolve() on Python < 3.13
         return "symbolic link loop"
+    if isinstance(exc, struct.error):  # Pillow reading a cut-short EXIF block
+        return "corrupt EXIF block"
     return str(exc) or type(exc).__name__
 
 
@@ -188,7 +191,7 @@ class ClipImagePreprocessor:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageDecodeError(f"image too large (decompression bomb guard): {label}") from exc
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, struct.error) as exc:
             raise ImageDecodeError(f"not a readable image ({problem(exc)}): {label}") from exc
 
     def _draft(self, img: Image.Image) -> bool:
