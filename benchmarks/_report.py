@@ -1,8 +1,9 @@
 """Shared pieces of the benchmark scripts: the ending (print the table, keep JSON and
-Markdown), a free port, peak memory."""
+Markdown), a free port, peak memory, the CPU's name."""
 
 from __future__ import annotations
 
+import platform
 import socket
 from pathlib import Path
 
@@ -41,3 +42,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's name as Linux reports it (``platform.processor()`` is empty there)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh
+                         if line.startswith("model name")), platform.machine())
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import report
+from _report import cpu_model, report
 
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.image_preprocess import ClipImagePreprocessor
@@ -162,14 +162,6 @@ def reference_ms(images: list[Path]) -> float:
                 img.convert("RGB").resize((298, 224), Image.Resampling.BICUBIC)
         best = min(best, time.process_time() - start)
     return 1000 * best / len(images)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def timed_run(items: Path, encoder: NoOpGraphs, out: Path, options: EmbedOptions

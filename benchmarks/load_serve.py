@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import free_port, report
+from _report import cpu_model, free_port, report
 
 CLI = [sys.executable, "-m", "cliper_prod", "serve"]  # also where no console script is installed
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
@@ -143,8 +143,7 @@ def run_levels(port: int, users: list[str], args: argparse.Namespace) -> list[di
 
 
 def machine(devices: list[str]) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.machine())
+    cpu = cpu_model()
     with open("/proc/meminfo") as fh:
         mem_gib = int(fh.readline().split()[1]) / 2**20
     gpu = ""

@@ -4,12 +4,13 @@ New items compete with trained ones for each user's top K, and the number of slo
 steeply sensitive to the level of their scores: on the synthetic catalog a 2% larger student
 output gave new items about 30% more of the top 20, and two students trained alike but for
 their seed placed trained items at 1.22x and 1.67x the slots their served vectors hold. The
-score-alignment loss sets that level only to within such a margin. So after training, the student's output is scaled by
-the factor c at which trained items, each placed by the student (fold-in vector + c * output)
-while every other item keeps its served vector, win as many of the users' top-K slots in all
-as their served vectors hold (a sample of users and items; each user's training items
-excluded): a new item then gets about the slots that trained items of its kind get. The
-factor is folded into the output layer, so the stored form and the runtime are unchanged.
+score-alignment loss sets that level only to within such a margin. So after training, the
+student's output is scaled by the factor c at which trained items, each placed by the student
+(fold-in vector + c * output) while every other item keeps its served vector, win as many of
+the users' top-K slots in all as their served vectors hold (a sample of users and items; each
+user's training items excluded): a new item then gets about the slots that trained items of
+its kind get. The factor is folded into the output layer, so the stored form and the runtime
+are unchanged.
 """
 
 from __future__ import annotations

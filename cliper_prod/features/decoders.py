@@ -3,7 +3,8 @@
 Both take one item at a time and give back a future of its uint8 pixels [3, crop, crop] (or
 the reason there are none), so the driver (:mod:`cliper_prod.features.embed`) is the same for
 both; each also offers a thread pool for the rest of a batch's host work (tokenising), so
-the driver, the one thread that does not scale with cores, keeps only what must run in order. Threads are enough while Pillow, which releases the interpreter lock while it decodes and
+the driver, the one thread that does not scale with cores, keeps only what must run in order.
+Threads are enough while Pillow, which releases the interpreter lock while it decodes and
 resizes, does most of the work; worker processes take the decoding out of the driver's
 interpreter altogether, for machines where the lock serialises threads (many cores beside a
 busy driver).
