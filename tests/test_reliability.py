@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,22 @@ def test_item_parser_never_crashes_on_any_json(value) -> None:
     assert isinstance(got, (Item, ItemError))
     if isinstance(got, Item):
         assert got.item_id and all(isinstance(v, str) and v for v in got.fields.values())
+
+
+WHITESPACE = [chr(c) for c in range(0x3001) if chr(c).isspace()]  # \t ... \u3000
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.sampled_from(WHITESPACE) | st.characters(exclude_categories=("Cs",)),
+                   max_size=40))
+def test_text_fields_collapse_whitespace_as_the_regex_did(text: str) -> None:
+    """Every run of Unicode whitespace is one space, none at the ends: the regular
+    expression the parser used before is the reference."""
+    got = parse_item(json.dumps({"item_id": "A", "title": text, "categories": [[text, "x"]]}),
+                     1, Path("."))
+    want = re.sub(r"\s+", " ", text).strip()
+    assert got.fields.get("title") == (want or None)
+    assert got.fields["categories"] == ", ".join(n for n in dict.fromkeys([want, "x"]) if n)
 
 
 @settings(max_examples=200, deadline=None)

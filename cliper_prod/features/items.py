@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Generator, Iterator, NoReturn
@@ -71,6 +70,9 @@ class ItemError:
     @property
     def position(self) -> int:
         return self.base + self.line
+
+
+READ_BUFFER = 1 << 20  # bytes read from a JSONL catalog at a time (read_items)
 
 
 class _Bad(Exception):
@@ -133,7 +135,9 @@ def loads_strict(text: str | bytes) -> object:
 
 
 def _clean(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
+    r"""Runs of whitespace as one space, none at the ends: ``re.sub(r"\s+", " ", text).strip()``
+    (the same characters count as whitespace: ``str.isspace``), at a fifth of its cost."""
+    return " ".join(text.split())
 
 
 def _categories(value: object) -> str:
@@ -245,7 +249,9 @@ def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 
     """
     seen = set() if seen is None else seen
     line_no = 0
-    with open(path, "rb") as fh:
+    # a large buffer: each refill is a read() that lets go of the interpreter lock, and the
+    # decode threads then keep the driver waiting for it (8 KiB held about 20 lines)
+    with open(path, "rb", buffering=READ_BUFFER) as fh:
         for line_no, (raw, fits, offset) in enumerate(_lines(fh, limits.max_line_bytes),
                                                       start=1):
             if line_no <= start_line:
@@ -253,8 +259,8 @@ def read_items(path: Path, limits: ItemLimits = ItemLimits(), start_line: int = 
             parsed = _record(raw, fits, line_no, path.parent, limits)
             if parsed is None:
                 continue
-            parsed = placed(parsed, seen, file=file, base=base)
-            yield replace(parsed, offset=offset) if isinstance(parsed, Item) else parsed
+            yield placed(parsed, seen, file=file, base=base,
+                         **({"offset": offset} if isinstance(parsed, Item) else {}))
     return line_no
 
 
