@@ -3,6 +3,7 @@ through their histories, against random placement, popularity and a model retrai
 
     python benchmarks/fresh_catalog.py --dataset synthetic --seeds 0 1 2 --out DIR
     python benchmarks/fresh_catalog.py --dataset baby --seeds 0 --out DIR
+    python benchmarks/fresh_catalog.py --dataset synthetic-factors --experiments items --out DIR
 
 Items: 10% of the items are held out with all their interactions; FREEDOM is trained on the
 rest and exported; ``cliper-prod add-items`` places the held-out items (synthetic: embedded from
@@ -23,7 +24,10 @@ Items are scored twice: among all items (new items compete with trained ones) an
 new items only (the usual cold-start protocol). Data: the built-in synthetic catalog (3,000
 users, 1,500 items, topics in text and images) embedded by a random-weight CLIP; Amazon Baby
 with generated standard-normal features, which carry no item semantics: there the fold-in
-should sit near random placement (a plumbing check, not a result).
+should sit near random placement (a plumbing check, not a result); ``synthetic-factors``: the
+synthetic catalog with the generator's own feature files (noisy projections of each item's
+hidden factors: content that knows each item's audience, where the CLIP features know only
+its topic), new items added from their feature rows.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ K = 20
 HELD_OUT = 0.10  # users
 ITEMS_HELD_OUT = 0.20  # items: half validation, half test
 EPOCHS: dict[str, int] = {}  # --epochs: a cap on every model's training epochs
+AUTO = "student, smoothing chosen on held-out trained items (--student-smoothing auto)"
 HALF = {"items": "test"}  # --items-half: which half of the held-out items is added and scored
 
 
@@ -85,14 +90,19 @@ class Full:
 
 def prepare(dataset: str, work: Path) -> tuple[Full, Path | None]:
     """The dataset with its features, and the CLIP folder whose graphs embed new items."""
-    if dataset == "synthetic":
+    if dataset in ("synthetic", "synthetic-factors"):
         catalog, clip = work / "catalog", work / "clip"
-        if not (catalog / "cliper" / "embed_summary.json").is_file():  # else: --work reused
-            generate_catalog(catalog, SyntheticSpec(n_users=3000, n_items=1500))
-            build_tiny_clip(clip, catalog_texts(catalog))
-            embed_catalog(catalog / "items.jsonl", ClipTowers(clip), catalog / "cliper",
-                          progress=False)
-        data = load_dataset(catalog, features_dir=catalog / "cliper")
+        if dataset == "synthetic-factors":  # the generator's own feature files, no CLIP
+            if not (catalog / "items.jsonl").is_file():
+                generate_catalog(catalog, SyntheticSpec(n_users=3000, n_items=1500))
+            data, clip = load_dataset(catalog), None
+        else:
+            if not (catalog / "cliper" / "embed_summary.json").is_file():  # else: reused
+                generate_catalog(catalog, SyntheticSpec(n_users=3000, n_items=1500))
+                build_tiny_clip(clip, catalog_texts(catalog))
+                embed_catalog(catalog / "items.jsonl", ClipTowers(clip), catalog / "cliper",
+                              progress=False)
+            data = load_dataset(catalog, features_dir=catalog / "cliper")
         lines = []
         for line in (catalog / "items.jsonl").read_text().splitlines():
             record = json.loads(line)
@@ -227,7 +237,7 @@ def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None
     for m, feat in new_feats.items():
         np.save(work / "newf" / f"{m}_feat.npy", feat)
     (work / "newf" / "item_ids.txt").write_text("".join(f"{full.item_ids[i]}\n" for i in new))
-    if full.items_jsonl is not None:  # the real path: JSONL + PNG through the CLIP graphs
+    if clip is not None:  # the real path: JSONL + PNG through the CLIP graphs
         (work / "new.jsonl").write_text("".join(full.items_jsonl[i] + "\n" for i in new))
         source = ["--items", work / "new.jsonl", "--quiet"]
     else:
@@ -252,6 +262,7 @@ def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None
     if full.items_jsonl is not None:  # variants: on features without content they say nothing
         vectors |= students_in_process(work / "ckpt", new_feats, {
             "student taught each item's own vector (no smoothing)": StudentConfig(smooth_k=0),
+            AUTO: StudentConfig(smooth_k=None),
             "student without the calibration factor": StudentConfig(calibration_k=0),
             "student, ALDI's score-alignment weight 0.1": StudentConfig(gap_weight=0.1),
             "student, no score alignment (mutation: no score gap, no calibration)":
@@ -445,8 +456,8 @@ def target_table(runs: list[dict], seeds: list[int]) -> str:
     groups = [[s] for s in seeds] + [[s for s in seeds if s != 7], seeds]
     for group in [g for i, g in enumerate(groups) if g and g not in groups[:i]]:
         chosen = [r for r, s in zip(runs, seeds) if s in group]
-        for method in ("fold-in", "student") + ((CEILING,) if CEILING in chosen[0]["hybrid"]
-                                                  else ()):
+        for method in ("fold-in", "student") + tuple(
+                m for m in (AUTO, CEILING) if m in chosen[0]["hybrid"]):
             rel = [relative(r, method) for r in chosen]
             cells = " | ".join(f"{np.mean([x[key] for x in rel]):.3f}" for key in
                                ("hybrid_new", "share", "cold", "warm", "warm_in_hybrid"))
@@ -476,7 +487,11 @@ def table(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["synthetic", "baby"], required=True)
+    parser.add_argument("--dataset", choices=["synthetic", "synthetic-factors", "baby"],
+                        required=True, help="synthetic-factors: the synthetic catalog with the "
+                        "generator's own feature files (random projections of each item's "
+                        "hidden factors plus noise: content that knows more than the topic) "
+                        "instead of its CLIP embeddings; new items added from those rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--experiments", nargs="+", choices=["items", "users"],
                         default=["items", "users"])

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from cliper_prod.backbones.cold_student import (StudentConfig, StudentNet, neighbour_means,
-                                                 score_scale, train_student)
+from cliper_prod.backbones.cold_student import (StudentConfig, StudentNet, choose_smoothing,
+                                                 held_out_recall, neighbour_means, score_scale,
+                                                 train_student)
 from cliper_prod.backbones.student_calibration import fit_calibration
 from cliper_prod.bundle_format import read_manifest
 from cliper_prod.commands import cli
@@ -45,9 +46,17 @@ def bundles(exported: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
         res = run("export", "--backbone", backbone, "--checkpoint", ckpt, "--out",
                   root / backbone, "--max-k", "30", "--chunk-items", "16", "--no-torchscript",
                   "--no-fp16", "--no-fused", "--no-gpu-form", "--cold-student",
-                  "--student-epochs", "2")
+                  "--student-epochs", "2", *(["--student-smoothing", "auto"]
+                                             if backbone == "lightgcn" else []))
         assert res.exit_code == 0, res.output
         assert "cold-start student" in res.output
+        record = read_manifest(root / backbone)["cold_student"]["params"]
+        if backbone == "lightgcn":  # chosen on held-out trained items, and recorded
+            assert record["config"]["smooth_k"] == record["smoothing_choice"]["smooth_k"] in (
+                0, 100)
+            assert set(record["smoothing_choice"]["recall"]) == {"0", "100"}
+        else:
+            assert record["config"]["smooth_k"] == 100 and record["smoothing_choice"] is None
         out[backbone] = root / backbone
     return out
 
@@ -283,3 +292,48 @@ def test_the_calibrated_student_wins_the_slots_the_served_vectors_hold() -> None
     assert fitted.target_share == pytest.approx(target / (len(picked) * k))
     assert slots(base[sample] + fitted.scale * (1 - 1e-6) * offsets) < target
     assert slots(base[sample] + fitted.scale * (1 + 1e-6) * offsets) >= target
+
+
+def test_held_out_recall_equals_a_naive_ranking() -> None:
+    """The smoothing choice's measure against a plain per-user loop: the held-out items at
+    their placed vectors, every other item served, each user's other training items
+    excluded, Recall@k of the user's interactions with held-out items."""
+    rng = np.random.default_rng(11)
+    users, items = rng.standard_normal((30, 6)), rng.standard_normal((50, 6))
+    train = np.unique(np.stack([rng.integers(30, size=400), rng.integers(50, size=400)], 1),
+                      axis=0)
+    check = np.sort(rng.choice(50, 8, replace=False))
+    placed = rng.standard_normal((8, 6))
+    picked = np.unique(train[np.isin(train[:, 1], check), 0])[::2]
+    recalls = []
+    for user in picked:
+        table = items.copy()
+        table[check] = placed
+        scores = table @ users[user]
+        mine = train[train[:, 0] == user, 1]
+        scores[mine[~np.isin(mine, check)]] = -np.inf
+        positives = mine[np.isin(mine, check)]
+        recalls.append(np.isin(np.argsort(-scores)[:5], positives).sum() / len(positives))
+    got = held_out_recall(users, items, train, check, placed, picked, 5)
+    assert got == pytest.approx(np.mean(recalls))
+
+
+def test_content_that_knows_each_item_is_taught_each_items_own_vector() -> None:
+    """Where the content carries each item's served vector (a noisy linear image of it), the
+    choice made on held-out trained items is no smoothing: the student taught each item's
+    own vector places unseen items where their users find them, neighbour means blur them."""
+    rng = np.random.default_rng(2)
+    users, items = rng.standard_normal((300, 8)), rng.standard_normal((400, 8))
+    top = np.argsort(-(users @ items.T), axis=1)[:, :12]
+    train = np.stack([np.repeat(np.arange(300), 12), top.ravel()], 1)
+    features = {"image": (items @ rng.standard_normal((8, 24)) +
+                          0.05 * rng.standard_normal((400, 24))).astype(np.float32)}
+    choice = choose_smoothing(users.astype(np.float32), items.astype(np.float32), train,
+                              features, None, StudentConfig(epochs=10, batch_size=256))
+    assert choice["smooth_k"] == 0
+    assert choice["recall"]["0"] > choice["recall"]["100"] + 0.05
+
+
+def test_a_smoothing_that_is_neither_a_count_nor_auto_is_refused(tmp_path: Path) -> None:
+    res = run("export", "--checkpoint", tmp_path, "--cold-student", "--student-smoothing", "many")
+    assert res.exit_code == 2 and "a count of neighbours (0, 100, ...) or 'auto'" in res.output

@@ -29,7 +29,12 @@ item's vector only as far as content carries its audience; fitted to each item's
 the student also learns the part content cannot know, and that part sends a new item to the
 wrong users. The neighbour mean is a kernel estimate of what the content does predict (on the
 synthetic catalog's validation items, at the retrained model's share of the top 20, the new
-items' hybrid recall went from 0.40 to 0.52 of the retrained model's; BENCHMARKS.md). After
+items' hybrid recall went from 0.40 to 0.52 of the retrained model's; BENCHMARKS.md). Where
+the content does carry each item's audience, the mean blurs it instead: ``smooth_k=None``
+chooses between its own vector and the neighbour mean on trained items held out from the
+student (:func:`choose_smoothing`; not the default, because on the synthetic catalog's CLIP
+features, which carry only the topic, its choice is close to a coin toss and cost hybrid
+recall). After
 training, the output is scaled by one factor that gives trained items placed by the student
 the top-K slots their served vectors hold (:mod:`cliper_prod.backbones.student_calibration`).
 It serves through :mod:`cliper_prod.runtime.cold_student` (numpy); the exporter trains it
@@ -40,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -60,8 +65,9 @@ class StudentConfig:
     1.0 instead of 0.1, which held new items' share of the top 20 nearer the retrained
     model's before the calibration existed (synthetic catalog, seeds 0-2: 1.14x vs 0.67x at
     0.1); then the smoothed teacher (``smooth_k`` chosen on the synthetic catalog's
-    validation items: 100 of 0, 50, 100, 200, 300) and the calibration of its output
-    (:mod:`cliper_prod.backbones.student_calibration`)."""
+    validation items: 100 of 0, 50, 100, 200, 300; None: chosen per model between each item's
+    own vector and 100 neighbours, which content with item-level signal needs) and the
+    calibration of its output (:mod:`cliper_prod.backbones.student_calibration`)."""
 
     hidden: int = 256
     epochs: int = 10
@@ -73,7 +79,12 @@ class StudentConfig:
     rank_weight: float = 0.9  # alpha
     ident_weight: float = 0.05  # beta
     gap_weight: float = 1.0  # gamma: the score alignment (ALDI: 0.1; see the docstring)
-    smooth_k: int = 100  # each item taught its content neighbours' mean vector (0: its own)
+    #: each item taught its content neighbours' mean vector (0: its own vector); None: chosen
+    #: among ``smooth_k_choices`` on held-out trained items (:func:`choose_smoothing`)
+    smooth_k: int | None = 100
+    smooth_k_choices: tuple[int, ...] = (0, 100)
+    check_share: float = 0.1  # trained items held out for that choice
+    check_users: int = 2048  # users it ranks for (each with a held-out item among theirs)
     smooth_pool: int = 8192  # neighbours sought among at most this many trained items
     calibration_k: int = 20  # the output scaled to the served top-K share (0: not scaled)
     calibration_users: int = 2048  # users sampled for it
@@ -189,10 +200,30 @@ def train_student(users: np.ndarray, items: np.ndarray, train: np.ndarray,
                   config: StudentConfig = StudentConfig()) -> StudentState:
     """Train a student on the trained items: ``users``/``items`` the served tables (the
     teacher, frozen; each item taught its :func:`smoothed_teacher` target unless
-    ``config.smooth_k`` is 0), ``train`` the (user, item) training interactions, ``features``
-    the items' modality rows, ``base`` each trained item's fold-in vector placed as if new (None:
-    the backbone has no item rule, the student stands alone)."""
+    ``config.smooth_k`` is 0; None: :func:`choose_smoothing` picks it first), ``train`` the
+    (user, item) training interactions, ``features`` the items' modality rows, ``base`` each
+    trained item's fold-in vector placed as if new (None: the backbone has no item rule, the
+    student stands alone)."""
     start = time.process_time()
+    choice = None
+    if config.smooth_k is None:
+        choice = choose_smoothing(users, items, train, features, base, config)
+        config = replace(config, smooth_k=choice["smooth_k"])
+    net, params = _fit(users, items, train, features, base, config)
+    params |= {"smoothing_choice": choice, "train_cpu_s": round(time.process_time() - start, 2)}
+    log.info("cold-start student: %d epochs, loss %s, output x %s, smooth_k %d%s, %.1f s CPU",
+             config.epochs, params["epoch_losses"],
+             params["calibration"] and round(params["calibration"]["scale"], 4),
+             config.smooth_k, f" (held-out recall {choice['recall']})" if choice else "",
+             params["train_cpu_s"])
+    return net.eval().state(params)
+
+
+def _fit(users: np.ndarray, items: np.ndarray, train: np.ndarray,
+         features: dict[str, np.ndarray], base: np.ndarray | None, config: StudentConfig
+         ) -> tuple[StudentNet, dict]:
+    """:func:`train_student` with ``config.smooth_k`` given: the calibrated network and its
+    training record."""
     generator = torch.Generator().manual_seed(config.seed)
     modalities = list(features)
     x = torch.from_numpy(student_inputs(features, modalities))
@@ -233,10 +264,75 @@ def train_student(users: np.ndarray, items: np.ndarray, train: np.ndarray,
                                           sample, picked, config.calibration_k)
             net.out.weight.mul_(calibration.scale)
             net.out.bias.mul_(calibration.scale)
-    log.info("cold-start student: %d epochs, loss %s, output x %s, %.1f s CPU", config.epochs,
-             losses, calibration and round(calibration.scale, 4), time.process_time() - start)
-    params = {"modalities": modalities, "base": base is not None, "config": asdict(config),
-              "teacher_scale": teacher_scale, "epoch_losses": losses,
-              "calibration": calibration and asdict(calibration),
-              "train_cpu_s": round(time.process_time() - start, 2)}
-    return net.eval().state(params)
+    return net, {"modalities": modalities, "base": base is not None, "config": asdict(config),
+                 "teacher_scale": teacher_scale, "epoch_losses": losses,
+                 "calibration": calibration and asdict(calibration)}
+
+
+def choose_smoothing(users: np.ndarray, items: np.ndarray, train: np.ndarray,
+                     features: dict[str, np.ndarray], base: np.ndarray | None,
+                     config: StudentConfig) -> dict:
+    """Which of ``config.smooth_k_choices`` places unseen items best, measured on trained items:
+    a seeded ``check_share`` of them is held out, a student is trained (and calibrated) on the
+    rest for each choice, the held-out items are placed as ``add-items`` would place them, and
+    the users who interacted with them rank every item (their other training items excluded):
+    the choice with the highest Recall@K of those interactions wins (ties: the earlier one).
+    Why per model: content that carries each item's own audience is best taught each item's
+    own vector, content that carries only its kind is best taught its neighbours' mean
+    (BENCHMARKS.md, the synthetic catalog with and without item-level content)."""
+    choices = list(dict.fromkeys(config.smooth_k_choices))
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    n = len(items)
+    check = torch.randperm(n, generator=generator)[:max(1, int(config.check_share * n))]
+    check = check.sort().values.numpy()
+    held = np.zeros(n, bool)
+    held[check] = True
+    train = np.asarray(train, np.int64)
+    candidates = np.unique(train[held[train[:, 1]], 0])
+    if len(choices) == 1 or len(candidates) == 0 or held.all():
+        return {"smooth_k": choices[0], "recall": None, "check_items": len(check)}
+    picked = candidates[torch.randperm(len(candidates), generator=generator)[
+        :config.check_users].sort().values.numpy()]
+    keep = np.flatnonzero(~held)
+    row = np.full(n, -1)
+    row[keep] = np.arange(len(keep))
+    fit_pairs = train[~held[train[:, 1]]]
+    fit_pairs = np.stack([fit_pairs[:, 0], row[fit_pairs[:, 1]]], 1)
+    x_check = torch.from_numpy(student_inputs({m: f[check] for m, f in features.items()},
+                                              list(features)))
+    recall = {}
+    for k in choices:
+        net, _ = _fit(users, items[keep], fit_pairs, {m: f[keep] for m, f in features.items()},
+                      None if base is None else base[keep], replace(config, smooth_k=k))
+        with torch.no_grad():
+            placed = net(x_check).numpy() + (0.0 if base is None else base[check])
+        recall[k] = held_out_recall(users, items, train, check, placed, picked,
+                                    config.calibration_k or 20)
+    best = max(choices, key=lambda k: recall[k])
+    return {"smooth_k": best, "recall": {str(k): round(r, 4) for k, r in recall.items()},
+            "check_items": len(check), "check_users": len(picked)}
+
+
+def held_out_recall(users: np.ndarray, items: np.ndarray, train: np.ndarray,
+                    check: np.ndarray, placed: np.ndarray, picked: np.ndarray, k: int) -> float:
+    """Mean Recall@``k`` over the ``picked`` users of their ``train`` interactions with the
+    ``check`` items, those items at ``placed`` and every other at its served vector, each
+    user's training items outside ``check`` excluded from the ranking."""
+    table = np.array(items, np.float32)
+    table[check] = placed
+    held = np.zeros(len(items), bool)
+    held[check] = True
+    row = np.full(len(users), -1)
+    row[picked] = np.arange(len(picked))
+    mine = train[row[train[:, 0]] >= 0]
+    total, chunk = 0.0, max(1, (1 << 24) // len(items))
+    for lo in range(0, len(picked), chunk):
+        part = mine[(row[mine[:, 0]] >= lo) & (row[mine[:, 0]] < lo + chunk)]
+        r, c = row[part[:, 0]] - lo, part[:, 1]
+        scores = np.asarray(users[picked[lo:lo + chunk]], np.float32) @ table.T
+        scores[r[~held[c]], c[~held[c]]] = -np.inf
+        positive = np.zeros(scores.shape, bool)
+        positive[r[held[c]], c[held[c]]] = True
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        total += float((np.take_along_axis(positive, top, 1).sum(1) / positive.sum(1)).sum())
+    return total / len(picked)

@@ -9,6 +9,16 @@ import click
 from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option, quiet_option
 
 
+def smoothing(value: str) -> int | None:
+    """``--student-smoothing``: a neighbour count, or None for 'auto'."""
+    if value == "auto":
+        return None
+    if value.isascii() and value.isdigit():
+        return int(value)
+    raise click.BadParameter(f"expected a count of neighbours (0, 100, ...) or 'auto', got "
+                             f"{value!r}")
+
+
 @click.command("export")
 @backbone_option(default="freedom", show_default=True,
                  help="Backbone of the checkpoint (checked).")
@@ -46,6 +56,12 @@ from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option, quiet_
                    "new items so that they compete with trained ones, for every backbone.")
 @click.option("--student-epochs", type=click.IntRange(min=1), default=10, show_default=True,
               help="The student's epochs (each at most 200 batches of 1024 interactions).")
+@click.option("--student-smoothing", default="100", show_default=True, metavar="N|auto",
+              callback=lambda ctx, param, value: smoothing(value),
+              help="Teach each trained item the mean vector of its N nearest items by content "
+                   "(0: its own vector, for content that knows each item's audience), or "
+                   "'auto': 0 or 100, whichever places trained items held out from the student "
+                   "better (about three times the student's training time).")
 @click.option("--no-fused", is_flag=True,
               help="Skip the ONNX Runtime-optimized (fused attention) CLIP graphs.")
 @click.option("--no-int8", is_flag=True,
@@ -57,7 +73,8 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
             candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
             no_fp16: bool,
-            no_torchscript: bool, cold_student: bool, student_epochs: int, no_fused: bool,
+            no_torchscript: bool, cold_student: bool, student_epochs: int,
+            student_smoothing: int | None, no_fused: bool,
             no_int8: bool, quiet: bool) -> None:
     """Export a trained model to a self-verifying ONNX/TorchScript bundle.
 
@@ -79,14 +96,18 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     manifest = export_bundle(checkpoint, backbone=backbone, out=out_dir, clip_source=clip_source,
                              random_init=random_init, data_dir=data_dir, options=options,
                              progress=not quiet,
-                             student=StudentConfig(epochs=student_epochs) if cold_student
-                             else None)
+                             student=StudentConfig(epochs=student_epochs,
+                                                   smooth_k=student_smoothing)
+                             if cold_student else None)
     for name, graph in manifest["graphs"].items():
         figures = ", ".join(f"{variant} cos {p['min_cosine']:.6f} max|d| {p['max_abs']:.1e}"
                             for variant, p in graph["parity"].items())
         click.echo(f"{name}: {figures}")
     if cold_student:
         record = manifest["cold_student"]["params"]
+        choice = record.get("smoothing_choice") or {}
+        chosen = (f" (held-out recall {choice['recall']})" if choice.get("recall") else "")
         click.echo(f"cold-start student: {record['train_cpu_s']} s CPU, loss "
-                   f"{record['epoch_losses'][0]} -> {record['epoch_losses'][-1]}")
+                   f"{record['epoch_losses'][0]} -> {record['epoch_losses'][-1]}, smoothing "
+                   f"{record['config']['smooth_k']}{chosen}")
     click.echo(f"bundle -> {out_dir} ({len(manifest['files'])} files)")
