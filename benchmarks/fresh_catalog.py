@@ -199,19 +199,26 @@ def ridge_map(inputs: np.ndarray, targets: np.ndarray, new_inputs: np.ndarray,
 
 
 def students_in_process(ckpt: Path, new_features: dict[str, np.ndarray],
-                        configs: dict[str, StudentConfig]) -> dict[str, np.ndarray]:
+                        configs: dict[str, StudentConfig]
+                        ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """New items' vectors from students trained here (fold-in base + offset), for variants that
-    the CLI does not expose (the mutation check: no score alignment)."""
+    the CLI does not expose (the mutation check: no score alignment); and what each training
+    recorded (CPU seconds, the smoothing and how it was chosen)."""
     model, data, payload = load_model(ckpt)
     users, items = (t.numpy() for t in model.embedding_tables())
     state = model.fold_in_state(data)
     fold = FoldIn.in_memory({"user_rule": state.user_rule, "item_rule": state.item_rule,
                              "params": state.params}, state.arrays, payload["backbone"])
     base = fold.items(new_features).vectors
-    return {name: base + ContentStudent(fit_student(users, items, data.train, data.features,
-                                                    state, payload["backbone"], config)
-                                        ).offsets(new_features)
-            for name, config in configs.items()}
+    vectors, records = {}, {}
+    for name, config in configs.items():
+        student = fit_student(users, items, data.train, data.features, state,
+                              payload["backbone"], config)
+        vectors[name] = base + ContentStudent(student).offsets(new_features)
+        records[name] = {"train_cpu_s": student.params["train_cpu_s"],
+                         "smooth_k": student.params["config"]["smooth_k"],
+                         "smoothing_choice": student.params["smoothing_choice"]}
+    return vectors, records
 
 
 def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None,
@@ -260,13 +267,14 @@ def item_experiment(full: Full, retrained: Callable[[], dict], clip: Path | None
     vectors["ridge map"] = ridge_map(student_inputs(full.features, student["modalities"])[
         kept_items], served, student_inputs(new_feats, student["modalities"]))
     if full.items_jsonl is not None:  # variants: on features without content they say nothing
-        vectors |= students_in_process(work / "ckpt", new_feats, {
+        variants, info["variants"] = students_in_process(work / "ckpt", new_feats, {
             "student taught each item's own vector (no smoothing)": StudentConfig(smooth_k=0),
             AUTO: StudentConfig(smooth_k=None),
             "student without the calibration factor": StudentConfig(calibration_k=0),
             "student, ALDI's score-alignment weight 0.1": StudentConfig(gap_weight=0.1),
             "student, no score alignment (mutation: no score gap, no calibration)":
                 StudentConfig(gap_weight=0.0, calibration_k=0)})
+        vectors |= variants
     # every method ranks the trained items and the test items; validation items are absent
     catalog = np.sort(np.concatenate([kept_items, new]))
     column = np.full(n_items, -1)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from cliper_prod.backbones import cold_student
 from cliper_prod.backbones.cold_student import (StudentConfig, StudentNet, choose_smoothing,
                                                  held_out_recall, neighbour_means, score_scale,
                                                  train_student)
@@ -294,10 +295,12 @@ def test_the_calibrated_student_wins_the_slots_the_served_vectors_hold() -> None
     assert slots(base[sample] + fitted.scale * (1 + 1e-6) * offsets) >= target
 
 
-def test_held_out_recall_equals_a_naive_ranking() -> None:
+def test_held_out_recall_equals_a_naive_ranking(monkeypatch) -> None:
     """The smoothing choice's measure against a plain per-user loop: the held-out items at
     their placed vectors, every other item served, each user's other training items
-    excluded, Recall@k of the user's interactions with held-out items."""
+    excluded, Recall@k of the user's interactions with held-out items (users ranked two at a
+    time, so that the chunks' offsets count)."""
+    monkeypatch.setattr(cold_student, "RANKED_SCORES", 100)
     rng = np.random.default_rng(11)
     users, items = rng.standard_normal((30, 6)), rng.standard_normal((50, 6))
     train = np.unique(np.stack([rng.integers(30, size=400), rng.integers(50, size=400)], 1),
@@ -337,3 +340,33 @@ def test_content_that_knows_each_item_is_taught_each_items_own_vector() -> None:
 def test_a_smoothing_that_is_neither_a_count_nor_auto_is_refused(tmp_path: Path) -> None:
     res = run("export", "--checkpoint", tmp_path, "--cold-student", "--student-smoothing", "many")
     assert res.exit_code == 2 and "a count of neighbours (0, 100, ...) or 'auto'" in res.output
+
+
+def test_the_smoothing_choice_trains_its_students_without_the_held_out_items(monkeypatch
+                                                                             ) -> None:
+    """Every student the choice trains sees the same held-out tenth of the items nowhere: not
+    among its items, their fold-in vectors or its training pairs (a leak would favour
+    teaching each item its own vector)."""
+    rng = np.random.default_rng(4)
+    users, items = rng.standard_normal((120, 8)), rng.standard_normal((200, 8))
+    train = np.stack([np.repeat(np.arange(120), 6), rng.integers(200, size=720)], 1)
+    base = 0.1 * rng.standard_normal((200, 8))
+    features = {"image": rng.standard_normal((200, 12)).astype(np.float32)}
+    seen = []
+
+    def recording_fit(users, items_, pairs, feats, base_, config):
+        seen.append((items_, pairs, feats["image"], base_))
+        return fit(users, items_, pairs, feats, base_, replace(config, epochs=1))
+    fit = cold_student._fit
+    monkeypatch.setattr(cold_student, "_fit", recording_fit)
+    choice = choose_smoothing(users, items, train, features, base, StudentConfig())
+    assert len(seen) == 2 and choice["check_items"] == 20
+    for items_, pairs, image, base_ in seen:
+        keep = np.flatnonzero((items[:, None] == items_[None]).all(-1).any(1))
+        assert len(keep) == 180 == len(items_)
+        np.testing.assert_array_equal(items_, items[keep])
+        np.testing.assert_array_equal(base_, base[keep])
+        np.testing.assert_array_equal(image, features["image"][keep])
+        expected = train[np.isin(train[:, 1], keep)]
+        np.testing.assert_array_equal(np.stack([pairs[:, 0], keep[pairs[:, 1]]], 1), expected)
+    assert np.array_equal(seen[0][0], seen[1][0])

@@ -56,6 +56,7 @@ from cliper_prod.backbones.student_calibration import fit_calibration
 from cliper_prod.student_format import StudentState, student_inputs
 
 log = logging.getLogger(__name__)
+RANKED_SCORES = 1 << 24  # scores held at once by held_out_recall (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class StudentConfig:
     #: each item taught its content neighbours' mean vector (0: its own vector); None: chosen
     #: among ``smooth_k_choices`` on held-out trained items (:func:`choose_smoothing`)
     smooth_k: int | None = 100
-    smooth_k_choices: tuple[int, ...] = (0, 100)
+    smooth_k_choices: tuple[int, ...] = (100, 0)  # the first wins ties and a check of nothing
     check_share: float = 0.1  # trained items held out for that choice
     check_users: int = 2048  # users it ranks for (each with a held-out item among theirs)
     smooth_pool: int = 8192  # neighbours sought among at most this many trained items
@@ -272,15 +273,19 @@ def _fit(users: np.ndarray, items: np.ndarray, train: np.ndarray,
 def choose_smoothing(users: np.ndarray, items: np.ndarray, train: np.ndarray,
                      features: dict[str, np.ndarray], base: np.ndarray | None,
                      config: StudentConfig) -> dict:
-    """Which of ``config.smooth_k_choices`` places unseen items best, measured on trained items:
-    a seeded ``check_share`` of them is held out, a student is trained (and calibrated) on the
-    rest for each choice, the held-out items are placed as ``add-items`` would place them, and
-    the users who interacted with them rank every item (their other training items excluded):
-    the choice with the highest Recall@K of those interactions wins (ties: the earlier one).
-    Why per model: content that carries each item's own audience is best taught each item's
-    own vector, content that carries only its kind is best taught its neighbours' mean
-    (BENCHMARKS.md, the synthetic catalog with and without item-level content)."""
+    """Which of ``config.smooth_k_choices`` places items the student has not seen best,
+    measured on trained items: a seeded ``check_share`` of them is held out from the student
+    (not from the model: its user vectors learned those items' interactions, so this is a
+    proxy for new items, not their measure), a student is trained (and calibrated) on the rest
+    for each choice, the held-out items are placed as ``add-items`` would place them, and the
+    users who interacted with them rank every item (their other training items excluded): the
+    choice with the highest Recall@K of those interactions wins (ties, and a check no user
+    interacted with: the first). Why per model: content that carries each item's own audience
+    is best taught each item's own vector, content that carries only its kind its neighbours'
+    mean (BENCHMARKS.md, the synthetic catalog with and without item-level content)."""
     choices = list(dict.fromkeys(config.smooth_k_choices))
+    if not choices:
+        raise ValueError("smooth_k_choices is empty: nothing to choose the smoothing from")
     generator = torch.Generator().manual_seed(config.seed + 1)
     n = len(items)
     check = torch.randperm(n, generator=generator)[:max(1, int(config.check_share * n))]
@@ -290,7 +295,8 @@ def choose_smoothing(users: np.ndarray, items: np.ndarray, train: np.ndarray,
     train = np.asarray(train, np.int64)
     candidates = np.unique(train[held[train[:, 1]], 0])
     if len(choices) == 1 or len(candidates) == 0 or held.all():
-        return {"smooth_k": choices[0], "recall": None, "check_items": len(check)}
+        return {"smooth_k": choices[0], "recall": None, "check_items": len(check),
+                "check_users": len(candidates)}
     picked = candidates[torch.randperm(len(candidates), generator=generator)[
         :config.check_users].sort().values.numpy()]
     keep = np.flatnonzero(~held)
@@ -325,7 +331,7 @@ def held_out_recall(users: np.ndarray, items: np.ndarray, train: np.ndarray,
     row = np.full(len(users), -1)
     row[picked] = np.arange(len(picked))
     mine = train[row[train[:, 0]] >= 0]
-    total, chunk = 0.0, max(1, (1 << 24) // len(items))
+    total, chunk = 0.0, max(1, RANKED_SCORES // len(items))
     for lo in range(0, len(picked), chunk):
         part = mine[(row[mine[:, 0]] >= lo) & (row[mine[:, 0]] < lo + chunk)]
         r, c = row[part[:, 0]] - lo, part[:, 1]
