@@ -295,12 +295,10 @@ def test_the_calibrated_student_wins_the_slots_the_served_vectors_hold() -> None
     assert slots(base[sample] + fitted.scale * (1 + 1e-6) * offsets) >= target
 
 
-def test_held_out_recall_equals_a_naive_ranking(monkeypatch) -> None:
+def test_held_out_recall_equals_a_naive_ranking() -> None:
     """The smoothing choice's measure against a plain per-user loop: the held-out items at
     their placed vectors, every other item served, each user's other training items
-    excluded, Recall@k of the user's interactions with held-out items (users ranked two at a
-    time, so that the chunks' offsets count)."""
-    monkeypatch.setattr(cold_student, "RANKED_SCORES", 100)
+    excluded, Recall@k of the user's interactions with held-out items."""
     rng = np.random.default_rng(11)
     users, items = rng.standard_normal((30, 6)), rng.standard_normal((50, 6))
     train = np.unique(np.stack([rng.integers(30, size=400), rng.integers(50, size=400)], 1),

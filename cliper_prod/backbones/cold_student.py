@@ -53,10 +53,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cliper_prod.backbones.student_calibration import fit_calibration
+from cliper_prod.evaluation import RankingTask, evaluate_ranking
 from cliper_prod.student_format import StudentState, student_inputs
 
 log = logging.getLogger(__name__)
-RANKED_SCORES = 1 << 24  # scores held at once by held_out_recall (64 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -323,22 +323,14 @@ def held_out_recall(users: np.ndarray, items: np.ndarray, train: np.ndarray,
                     check: np.ndarray, placed: np.ndarray, picked: np.ndarray, k: int) -> float:
     """Mean Recall@``k`` over the ``picked`` users of their ``train`` interactions with the
     ``check`` items, those items at ``placed`` and every other at its served vector, each
-    user's training items outside ``check`` excluded from the ranking."""
+    user's training items outside ``check`` excluded from the ranking (the training
+    evaluation's full ranking, :func:`~cliper_prod.evaluation.evaluate_ranking`)."""
     table = np.array(items, np.float32)
     table[check] = placed
     held = np.zeros(len(items), bool)
     held[check] = True
-    row = np.full(len(users), -1)
-    row[picked] = np.arange(len(picked))
-    mine = train[row[train[:, 0]] >= 0]
-    total, chunk = 0.0, max(1, RANKED_SCORES // len(items))
-    for lo in range(0, len(picked), chunk):
-        part = mine[(row[mine[:, 0]] >= lo) & (row[mine[:, 0]] < lo + chunk)]
-        r, c = row[part[:, 0]] - lo, part[:, 1]
-        scores = np.asarray(users[picked[lo:lo + chunk]], np.float32) @ table.T
-        scores[r[~held[c]], c[~held[c]]] = -np.inf
-        positive = np.zeros(scores.shape, bool)
-        positive[r[held[c]], c[held[c]]] = True
-        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        total += float((np.take_along_axis(positive, top, 1).sum(1) / positive.sum(1)).sum())
-    return total / len(picked)
+    on_check = held[train[:, 1]]
+    task = RankingTask.build(train[on_check], [train[~on_check]], len(users), len(items))
+    k = min(k, len(items))  # a catalog smaller than K: every item is in the top
+    return evaluate_ranking(torch.from_numpy(np.asarray(users)), torch.from_numpy(table),
+                            replace(task, users=np.sort(picked)), topk=(k,))[f"recall@{k}"]
