@@ -197,10 +197,9 @@ class ClipImagePreprocessor:
     def _draft(self, img: Image.Image) -> bool:
         """Ask the decoder (JPEG only; others ignore it) for the strongest reduction (1/2, 1/4
         or 1/8) whose shortest edge still holds ``size`` pixels; whether it reduced."""
-        w, h = img.size
-        short = min(w, h)
-        img.draft(None, (-(-w * self.size // short), -(-h * self.size // short)))
-        return img.size != (w, h)
+        size = img.size
+        img.draft(None, turbo_jpeg.draft_request(*size, self.size))
+        return img.size != size
 
 
 def _upright(img: Image.Image) -> Image.Image:

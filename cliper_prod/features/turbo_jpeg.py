@@ -109,10 +109,16 @@ def exif_orientation(tiff: bytes) -> int | None:
     return None
 
 
+def draft_request(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size the draft path asks the decoder for: the image scaled so that its shortest
+    edge is ``size``, rounded up."""
+    short = min(width, height)
+    return -(-width * size // short), -(-height * size // short)
+
+
 def reduction(width: int, height: int, size: int) -> int:
     """Pillow's ``draft`` factor (8, 4, 2 or 1) for a shortest edge of at least ``size``."""
-    short = min(width, height)
-    wanted = (-(-width * size // short), -(-height * size // short))
+    wanted = draft_request(width, height, size)
     scale = min(width // wanted[0], height // wanted[1])
     return next(s for s in (8, 4, 2, 1) if scale >= s)
 
