@@ -340,6 +340,16 @@ def test_a_smoothing_that_is_neither_a_count_nor_auto_is_refused(tmp_path: Path)
     assert res.exit_code == 2 and "a count of neighbours (0, 100, ...) or 'auto'" in res.output
 
 
+@pytest.mark.parametrize("option", [("--student-smoothing", "auto"), ("--student-epochs", "3")])
+def test_a_student_option_without_the_student_is_refused(tmp_path: Path, exported,
+                                                          option: tuple[str, str]) -> None:
+    """Given without --cold-student it would be ignored: refused before any work, no bundle."""
+    out = tmp_path / "bundle"
+    res = run("export", "--checkpoint", exported["ckpt"], "--out", out, *option)
+    assert res.exit_code == 2 and f"{option[0]}: only with --cold-student" in res.output
+    assert not out.exists()
+
+
 def test_the_smoothing_choice_trains_its_students_without_the_held_out_items(monkeypatch
                                                                              ) -> None:
     """Every student the choice trains sees the same held-out tenth of the items nowhere: not

@@ -61,6 +61,13 @@ def parse_grid(pairs: tuple[str, ...], config: dict) -> dict[str, list]:
     return grid
 
 
+def given_options(ctx: click.Context, names: tuple[str, ...] | list[str]) -> list[str]:
+    """The flags of ``names`` (parameter names) set by the user rather than left at their
+    defaults: options that would be silently ignored are refused by name."""
+    return [f"--{name.replace('_', '-')}" for name in names
+            if ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)]
+
+
 def parse_list(raw: str, option: str, allowed: tuple[str, ...]) -> list[str]:
     """A comma-separated list of names, each one of ``allowed``; at least one."""
     names = [n.strip() for n in raw.split(",") if n.strip()]

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from cliper_prod.commands.common import DEFAULT_EXPORTS, backbone_option, quiet_option
+from cliper_prod.commands.common import (DEFAULT_EXPORTS, backbone_option, given_options,
+                                         quiet_option)
+from cliper_prod.errors import ConfigError
 
 
 def smoothing(value: str) -> int | None:
@@ -69,7 +71,8 @@ def smoothing(value: str) -> int | None:
                    "cosine 0.99 of PyTorch; run on the CPU by default where they measured "
                    "faster).")
 @quiet_option("No progress (bar or log lines).")
-def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
+@click.pass_context
+def command(ctx: click.Context, backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
             candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
             no_fp16: bool,
@@ -87,6 +90,10 @@ def command(backbone: str, checkpoint: Path, data_dir: Path | None, clip_source:
     from cliper_prod.export.bundle_writer import GraphOptions, export_bundle
     from cliper_prod.io import check_output
 
+    ignored = given_options(ctx, ("student_epochs", "student_smoothing"))
+    if ignored and not cold_student:
+        raise ConfigError(f"{', '.join(ignored)}: only with --cold-student (no student is "
+                          f"trained without it)")
     out_dir = out_dir or DEFAULT_EXPORTS / backbone
     check_output(out_dir, "bundle")
     options = GraphOptions(max_k=max_k, chunk_items=chunk_items, opset=opset, fp16=not no_fp16,

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from click.core import ParameterSource
 
-from cliper_prod.commands.common import (DEFAULT_BUNDLE, inter_op_threads_option,
+from cliper_prod.commands.common import (DEFAULT_BUNDLE, given_options, inter_op_threads_option,
                                          precision_option, provider_option)
 from cliper_prod.errors import ConfigError
 
@@ -132,9 +131,8 @@ def command(bundle_dir: Path, engine: str, workers: int, replicas: int, host: st
 
 def _refuse_other_engines_options(ctx: click.Context, engine: str) -> None:
     """An option of the other engine, given, would be silently ignored: refuse it (exit 2)."""
-    given = [f"--{name.replace('_', '-')}" for other, names in ENGINE_ONLY.items()
-             if other != engine for name in names
-             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+    given = given_options(ctx, [name for other, names in ENGINE_ONLY.items() if other != engine
+                                for name in names])
     if given:
         other = next(e for e in ENGINES if e != engine)
         raise ConfigError(f"{', '.join(given)}: only with --engine {other} (this is "
