@@ -29,10 +29,13 @@ from _report import report
 
 from cliper_prod import __version__
 from cliper_prod.export.bundle_files import write_manifest
+from cliper_prod.bundle_format import TEXT_GRAPH, UINT8_INPUT
 from cliper_prod.export.feature_graphs import FeatureSettings, export_features
+from cliper_prod.export.graphs import GraphSpec, export_onnx, optimize_clip, to_fp16
 from cliper_prod.export.verified_graph import GraphOptions
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
+from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
@@ -72,6 +75,44 @@ def feature_bundle(clip: Path, out: Path) -> float:
     export_s = time.perf_counter() - start
     write_manifest(out, graphs, features, 18, None, None)
     return export_s
+
+
+def tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
+    """Every input of both CLIP graphs for ``batch`` items (random pixels, FIELDS' views)."""
+    size = towers.preprocess.crop
+    raw = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
+    pixels = towers.preprocess.normalise(raw)
+    tokens = towers.tokenize(ViewSpec().build(FIELDS) * batch)
+    n_views = len(ViewSpec().names)
+    image = towers.encode_images(pixels)
+    flags = np.ones(batch, dtype=bool)
+    return {"pixel_values": pixels, UINT8_INPUT: raw,
+            "input_ids": tokens.input_ids.reshape(batch, n_views, -1),
+            "attention_mask": tokens.attention_mask.reshape(batch, n_views, -1),
+            "image_embedding": image, "has_image": flags, "has_text": flags}
+
+
+def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
+    """The text graph fused with the causal + padding mask as its attention's bias (what export
+    wrote before the causal form), fp32 and fp16, beside the bundle's files: the A/B of that
+    form on a GPU. Its parity is the export's (tests/test_export_fused.py ran this form)."""
+    towers = ClipTowers(clip, random_init=True, attn_implementation="eager")
+    module = towers.view_encoder(ViewFusion("sa", 0.1))  # the padding mask kept
+    names = ["input_ids", "attention_mask", "image_embedding", "has_image", "has_text"]
+    inputs = [tower_inputs(towers, batch) for batch in (2, 3)]
+    spec = GraphSpec(TEXT_GRAPH, module, *(tuple(torch.from_numpy(i[n]) for n in names)
+                                           for i in inputs), names,
+                     ["text_feature", "similarity", "image_feature", "view_embeddings"])
+    files = {"fused.masked.fp32": f"{TEXT_GRAPH}.fused.masked.onnx",
+             "fused.masked.fp16": f"{TEXT_GRAPH}.fused.masked.fp16.onnx"}
+    with tempfile.TemporaryDirectory() as tmp:
+        eager = Path(tmp) / "eager.onnx"
+        export_onnx(spec, eager)
+        config = module.config
+        optimize_clip(eager, bundle_dir / files["fused.masked.fp32"], config.num_hidden_layers,
+                      config.num_attention_heads, config.hidden_size)
+    to_fp16(bundle_dir / files["fused.masked.fp32"], bundle_dir / files["fused.masked.fp16"])
+    return files
 
 
 def timed(fn, repeats: int) -> float:
@@ -119,7 +160,7 @@ def main() -> None:
         towers = ClipTowers(folder, device=device, random_init=True)
         spec = ViewSpec()
         export_s = feature_bundle(folder, tmp / "bundle")
-        bundle = Bundle(tmp / "bundle", device="auto")
+        bundle = Bundle(tmp / "bundle", provider="auto")
         onnx_paths = {p: OnnxEncoder(bundle, p) for p in ("fp32", "fp16")}
         prompts = spec.build(FIELDS)
         photo = write_catalog(tmp / "catalog", args.items)

@@ -8,7 +8,9 @@
     device (cuda and cpu), two epochs each;
 (b) the CLIP image tower and the text + SA fusion graph (ViT-B/16 configuration, random
     weights): every ONNX variant the export wrote (plain, fused; fp32, fp16; the image graph's
-    uint8-pixel twins) on ONNX Runtime, PyTorch eager fp16 and (at the largest batch)
+    uint8-pixel twins; beside the text graph's fused one, whose attention is causal without a
+    bias, the same graph with the causal + padding mask as its bias, ``fused.masked``, as
+    export wrote it before) on ONNX Runtime, PyTorch eager fp16 and (at the largest batch)
     torch.compile fp16, items/s, each timed the same way twice: ``device`` rows with inputs
     already on the device and outputs left there (ORT through IO binding of device OrtValues),
     ``host`` rows from numpy arrays to numpy arrays (both copy in and out); every path is warm
@@ -55,10 +57,11 @@ import onnxruntime
 import torch
 
 from _report import report
-from bench_embed import FIELDS, SKELETON, feature_bundle, vit_b16_folder, write_catalog
+from bench_embed import (SKELETON, feature_bundle, masked_fused_text, tower_inputs,
+                         vit_b16_folder, write_catalog)
 
 from cliper_prod import __version__
-from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH, UINT8_INPUT
+from cliper_prod.bundle_format import IMAGE_GRAPH, MANIFEST, TEXT_GRAPH
 from cliper_prod.config import load_config
 from cliper_prod.data.mmrec import load_dataset
 from cliper_prod.export.bundle_writer import TOPK_INPUTS, topk_spec
@@ -68,7 +71,6 @@ from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features import turbo_jpeg
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
 from cliper_prod.features.fusion import ViewFusion
-from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 from cliper_prod.runtime.providers import choose_providers
@@ -150,20 +152,6 @@ def part_training(data_dir: Path, sizes: Sizes) -> dict:
     return {"dataset": data.summary(), "per_device": out}
 
 
-def _tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
-    size = towers.preprocess.crop
-    raw = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
-    pixels = towers.preprocess.normalise(raw)
-    tokens = towers.tokenize(ViewSpec().build(FIELDS) * batch)
-    n_views = len(ViewSpec().names)
-    image = towers.encode_images(pixels)
-    flags = np.ones(batch, dtype=bool)
-    return {"pixel_values": pixels, UINT8_INPUT: raw,
-            "input_ids": tokens.input_ids.reshape(batch, n_views, -1),
-            "attention_mask": tokens.attention_mask.reshape(batch, n_views, -1),
-            "image_embedding": image, "has_image": flags, "has_text": flags}
-
-
 INPUTS = ("device", "host")  # where each timed call finds its inputs and leaves its outputs
 
 
@@ -179,12 +167,13 @@ def _on_device(graph: Graph, feeds: dict[str, np.ndarray]) -> Callable[[], objec
     return lambda: graph.session.run_with_iobinding(binding)
 
 
-def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict, where: str
-                ) -> dict[str, Callable[[], object]]:
-    """One timed call per ONNX variant the export wrote for ``graph``."""
+def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict, where: str,
+                extra: dict[str, str]) -> dict[str, Callable[[], object]]:
+    """One timed call per ONNX variant the export wrote for ``graph``, and per ``extra`` file
+    (variant -> file name in ``bundle_dir``)."""
     files = json.loads((bundle_dir / MANIFEST).read_text())["graphs"][graph]["files"]
     paths = {}
-    for variant, name in files.items():
+    for variant, name in {**files, **extra}.items():
         if not name.endswith(".onnx"):
             continue
         session = Graph(bundle_dir / name, providers)
@@ -226,9 +215,10 @@ def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[
     """(b) items/s of the image tower and the text + SA graph, every path side by side."""
     device = devices()[0]
     towers = ClipTowers(clip_dir, device="cpu", random_init=True)
+    extra = {TEXT_GRAPH: masked_fused_text(clip_dir, bundle_dir)}
     rows = []
     for batch in sizes.tower_batches:
-        inputs = _tower_inputs(towers, batch)
+        inputs = tower_inputs(towers, batch)
         t = {k: torch.from_numpy(v) for k, v in inputs.items()}
         for graph, module, args in (
                 (IMAGE_GRAPH, towers.image_tower, (t["pixel_values"],)),
@@ -237,7 +227,8 @@ def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[
                   t["has_text"]))):
             backend = sizes.compile_backend if batch in sizes.compile_batches else None
             for where in INPUTS:
-                paths = {**_onnx_paths(bundle_dir, graph, providers, inputs, where),
+                paths = {**_onnx_paths(bundle_dir, graph, providers, inputs, where,
+                                       extra.get(graph, {})),
                          **_torch_paths(module, args, device, backend, where)}
                 row = {"graph": graph, "batch": batch, "inputs": where}
                 for name, fn in paths.items():
@@ -520,16 +511,18 @@ def table(result: dict) -> str:
             if name not in ("graph", "batch", "inputs"):
                 lines.append(f"| (b) {row['graph']} batch {row['batch']}, {row['inputs']} "
                              f"inputs | {name} | {value:,.0f} items/s |")
-    e = result["embed"]
-    lines.append(f"| (c) embed --bundle | {e['items']} items, warm | {e['items_per_s']:,.0f} "
-                 f"items/s, {e['ratio_to_towers_alone']:.0%} of the towers alone |")
-    lines.append(f"| (c) embed --bundle --decode draft | {e['items']} items, warm, "
-                 f"libjpeg-turbo {'yes' if e['draft_libjpeg_turbo'] else 'no (Pillow)'} | "
-                 f"{e['draft_items_per_s']:,.0f} items/s, {e['draft_ratio_to_towers_alone']:.0%} "
-                 f"of the towers alone |")
-    lines.append(f"| (c) start-up | encoder, sessions, first batch | {e['startup_s']:.1f} s |")
-    lines.append(f"| (c) stages | {e['decode_workers']} decode workers | " + ", ".join(
-        f"{k} {v:.2f}" for k, v in e["stages"].items()) + " |")
+    if "embed" in result:  # not with --parts without it
+        e = result["embed"]
+        lines.append(f"| (c) embed --bundle | {e['items']} items, warm | "
+                     f"{e['items_per_s']:,.0f} items/s, {e['ratio_to_towers_alone']:.0%} of the "
+                     f"towers alone |")
+        lines.append(f"| (c) embed --bundle --decode draft | {e['items']} items, warm, "
+                     f"libjpeg-turbo {'yes' if e['draft_libjpeg_turbo'] else 'no (Pillow)'} | "
+                     f"{e['draft_items_per_s']:,.0f} items/s, "
+                     f"{e['draft_ratio_to_towers_alone']:.0%} of the towers alone |")
+        lines.append(f"| (c) start-up | encoder, sessions, first batch | {e['startup_s']:.1f} s |")
+        lines.append(f"| (c) stages | {e['decode_workers']} decode workers | " + ", ".join(
+            f"{k} {v:.2f}" for k, v in e["stages"].items()) + " |")
     for row in result.get("topk", {"rows": []})["rows"]:
         where = f"(d) top-K, {row['items']:,} items, batch {row.get('batch', '-')}"
         for name in (*TOPK_PATHS, *(gpu_form(b) for b in result["sizes"]["topk_blocks"][1:])):
@@ -592,7 +585,8 @@ def main() -> None:
             image_rate = max(v for r in result["towers"] if r["graph"] == IMAGE_GRAPH
                              for k, v in r.items() if k.startswith("ort_"))
             text_rate = max(v for r in result["towers"] if r["graph"] == TEXT_GRAPH
-                            for k, v in r.items() if k.startswith("ort_"))
+                            for k, v in r.items() if k.startswith("ort_")
+                            and "masked" not in k)  # the bundle's own graphs
             towers_alone = 1 / (1 / image_rate + 1 / text_rate)
             part("embed", lambda: part_embed(work / "bundle", work, sizes, towers_alone))
     report(args.out / "suite", result, table(result))

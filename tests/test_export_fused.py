@@ -15,7 +15,7 @@ import torch
 
 from cliper_prod.bundle_format import sha256_file
 from cliper_prod.errors import BundleError, ExportError
-from cliper_prod.export.graphs import optimize_clip
+from cliper_prod.export.graphs import GraphSpec, export_onnx, optimize_clip
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle, pick_variant
@@ -41,12 +41,20 @@ def test_fused_graphs_hold_one_attention_node_per_layer(exported: dict[str, Path
     record = manifest(exported["bundle"])["graphs"][name]
     layers = config["num_hidden_layers"]
     assert record["fused"]["layers"] == layers
+    assert record["fused"]["causal_attention"] is (name == "text_fusion")
     for key in ("fused.fp32", "fused.fp16"):
         graph = onnx.load(str(exported["bundle"] / record["files"][key]))
         ops = Counter(n.op_type for n in graph.graph.node)
         assert ops["Attention"] == layers, (key, ops)
         assert ops["QuickGelu"] == layers and ops["SkipLayerNormalization"] >= layers
         assert ops["Softmax"] == (1 if name == "text_fusion" else 0)  # the SA fusion's softmax
+        for node in (n for n in graph.graph.node if n.op_type == "Attention"):
+            # the text graph's attention: causal, no bias (CUDA's one-kernel form); the ViT's
+            # sees every patch
+            causal = {a.name: a.i for a in node.attribute}.get("unidirectional", 0)
+            assert causal == (name == "text_fusion") and not any(node.input[3:]), node
+        assert [i.name for i in graph.graph.input] == [i.name for i in onnx.load(str(
+            exported["bundle"] / record["files"]["fp32"])).graph.input]  # what the runtime feeds
         if key == "fused.fp32":
             assert {op: ops[op] for op in record["fused"]["ops"]} == record["fused"]["ops"]
     plain = onnx.load(str(exported["bundle"] / record["files"]["fp32"]))
@@ -97,6 +105,21 @@ def test_optimizer_that_fuses_no_attention_fails_the_export(exported: dict[str, 
     with pytest.raises(ExportError, match=f"fused 0 of {layers} attention layers"):
         optimize_clip(exported["bundle"] / "image_encoder.onnx", tmp_path / "x.onnx", layers,
                       config["num_attention_heads"], config["hidden_size"])
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_causal_form_needs_the_graphs_one_mask(exported: dict[str, Path], tmp_path: Path
+                                              ) -> None:
+    """A ViT has no causal mask to drop: asking the causal form of it fails the export."""
+    config = clip_config(exported)["vision_config"]
+    towers = ClipTowers(exported["clip"], attn_implementation="eager")
+    eager = tmp_path / "eager.onnx"
+    export_onnx(GraphSpec("image", towers.image_tower, (torch.randn(2, 3, 32, 32),),
+                          (torch.randn(3, 3, 32, 32),), ["pixel_values"], ["image_embedding"]),
+                eager)
+    with pytest.raises(ExportError, match="causal form needs every fused Attention"):
+        optimize_clip(eager, tmp_path / "x.onnx", config["num_hidden_layers"],
+                      config["num_attention_heads"], config["hidden_size"], causal=True)
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -72,7 +72,8 @@ def smoothing(value: str) -> int | None:
                    "faster).")
 @quiet_option("No progress (bar or log lines).")
 @click.pass_context
-def command(ctx: click.Context, backbone: str, checkpoint: Path, data_dir: Path | None, clip_source: str | None,
+def command(ctx: click.Context, backbone: str, checkpoint: Path, data_dir: Path | None,
+            clip_source: str | None,
             random_init: bool, out_dir: Path | None, max_k: int, chunk_items: int,
             candidates: int | None, candidate_blocks: int, no_gpu_form: bool, opset: int,
             no_fp16: bool,

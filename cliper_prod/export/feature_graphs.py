@@ -104,7 +104,8 @@ def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
         eager = ClipTowers(settings.clip_source, random_init=settings.random_init,
                            attn_implementation="eager")
         twins = {IMAGE_GRAPH: eager.image_tower,
-                 TEXT_GRAPH: eager.view_encoder(ViewFusion(extracted_as, settings.tau))}
+                 TEXT_GRAPH: eager.view_encoder(ViewFusion(extracted_as, settings.tau),
+                                                padding_mask=False)}
     towers.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
     special = towers.special
     info = {"clip": settings.clip_source, "random_weights": towers.random_weights,

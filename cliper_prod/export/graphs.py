@@ -8,6 +8,7 @@ rewritten by ONNX Runtime's transformer optimizer (:func:`optimize_clip`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import Counter
@@ -114,9 +115,17 @@ def to_int8(src: Path, dst: Path) -> None:
     onnx.checker.check_model(str(dst), full_check=True)
 
 
-def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) -> dict[str, int]:
+def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int,
+                  causal: bool = False) -> dict[str, int]:
     """ONNX Runtime's CLIP fusions (``optimize_model(model_type="clip")``) on ``src`` -> ``dst``;
     returns the counts of :data:`FUSED_OPS`.
+
+    ``causal``: ``src``'s one additive mask is CLIP's causal mask alone (a text tower exported
+    without its padding mask, :class:`~cliper_prod.features.clip_towers.TextTower`); each fused
+    Attention then drops it as its bias and is marked ``unidirectional``, which is the same
+    computation in the form ONNX Runtime's CUDA attention runs as one kernel (flash or
+    memory-efficient attention take no bias of a length that is not a multiple of 8, such as
+    77). The mask's nodes go with it. The parity check vouches for the result.
 
     The optimizer skips what it does not recognise without a word, so this fails unless each of
     the ``layers`` encoder layers became one fused Attention node. ``src`` must come from an
@@ -132,6 +141,7 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) ->
     from onnxruntime.transformers.optimizer import optimize_model
 
     model = onnx.load(str(src))
+    inputs = [copy.deepcopy(i) for i in model.graph.input]
     mask = _additive_mask(model)
     if mask is not None:
         _rename(model, {MASK: f"{MASK}.input", mask: MASK})
@@ -156,9 +166,33 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int) ->
                           f"{layers} attention layers (ops: {ops}); onnxruntime "
                           f"{onnxruntime.__version__} does not match this graph's attention: "
                           f"export without the fused graphs (--no-fused)")
+    if causal:
+        _causal_attention(optimized, mask, dst.name)
+    # the optimizer prunes an input nothing reads (the padding mask of a causal graph): the
+    # runtime feeds both variants the same inputs, so a pruned one is declared again
+    kept = {i.name: copy.deepcopy(i) for i in optimized.model.graph.input}
+    optimized.model.graph.ClearField("input")
+    optimized.model.graph.input.extend(kept.get(i.name, i) for i in inputs)
     optimized.save_model_to_file(str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return ops
+
+
+def _causal_attention(optimized, mask: str | None, name: str) -> None:
+    """Each fused Attention without its bias (``mask``, the causal mask) and unidirectional;
+    the nodes that computed the mask pruned."""
+    import onnx
+
+    attention = [n for n in optimized.model.graph.node if n.op_type == "Attention"]
+    if mask is None or any(len(n.input) < 6 or n.input[5] != mask for n in attention):
+        raise ExportError(f"{name}: the causal form needs every fused Attention to take the "
+                          f"graph's one additive mask as its bias; it does not")
+    for node in attention:
+        node.input.pop(5)
+        while node.input and not node.input[-1]:  # optional inputs left empty at the end
+            node.input.pop()
+        node.attribute.append(onnx.helper.make_attribute("unidirectional", 1))
+    optimized.prune_graph(allow_remove_graph_inputs=False)  # same inputs as the plain graph
 
 
 def _additive_mask(model) -> str | None:

@@ -133,11 +133,13 @@ def export_graph(spec: GraphSpec, folder: Path, options: GraphOptions, *, fp16: 
             eager = Path(tmp) / path.name
             export_onnx(replace(spec, module=fused), eager, options.opset)
             ops = optimize_clip(eager, path, config.num_hidden_layers,
-                                config.num_attention_heads, config.hidden_size)
+                                config.num_attention_heads, config.hidden_size,
+                                causal=fused.causal_attention)
         runs[FUSED] = verified_onnx(spec, path, FUSED, reference, fp16, extra_check, record)
         record[FUSED] = {"attn_implementation": "eager", "optimizer": "onnxruntime.transformers "
                          "optimize_model(model_type='clip', opt_level=0)",
-                         "layers": config.num_hidden_layers, "ops": ops, **preference(runs)}
+                         "layers": config.num_hidden_layers, "ops": ops,
+                         "causal_attention": fused.causal_attention, **preference(runs)}
         log.info("%s: fused %s; CPU prefers %s", spec.name, ops, record[FUSED]["preferred"][CPU])
     if record.get(INT8, {}).get("written"):
         record[INT8] |= preference({precision: {variant: by_precision[precision]

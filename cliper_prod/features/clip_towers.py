@@ -30,6 +30,8 @@ RANDOM_WEIGHTS_KEY = "cliper_random_weights"
 class ImageTower(nn.Module):
     """pixel_values [B, 3, H, W] -> image embedding [B, D]."""
 
+    causal_attention = False  # a ViT's attention sees every patch
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.vision_model = model.vision_model
@@ -45,12 +47,25 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """input_ids, attention_mask [B, L] -> text embedding [B, D]."""
+    """input_ids, attention_mask [B, L] -> text embedding [B, D].
 
-    def __init__(self, model: nn.Module) -> None:
+    ``padding_mask=False`` leaves the padding mask out and keeps CLIP's causal mask alone: the
+    same embedding for right-padded text pooled at its first EOS (every position up to it sees
+    only the positions before it, never the padding after it; what :func:`~cliper_prod.
+    features.tokenize.pack_tokens` makes). The fused text graph is exported so: its attention
+    then needs no bias and runs as one causal kernel (:func:`~cliper_prod.export.graphs.
+    optimize_clip`)."""
+
+    def __init__(self, model: nn.Module, padding_mask: bool = True) -> None:
         super().__init__()
         self.text_model = model.text_model
         self.text_projection = model.text_projection
+        self.padding_mask = padding_mask
+
+    @property
+    def causal_attention(self) -> bool:
+        """Whether the causal mask is the only one (the fused graph's attention is causal)."""
+        return not self.padding_mask
 
     @property
     def config(self):
@@ -58,7 +73,8 @@ class TextTower(nn.Module):
         return self.text_model.config
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.text_model(input_ids=input_ids,
+                              attention_mask=attention_mask if self.padding_mask else None)
         return self.text_projection(out.pooler_output)
 
 
@@ -78,6 +94,10 @@ class ViewEncoder(nn.Module):
     def config(self):
         """The text encoder's transformers config: the graph's only attention layers."""
         return self.text_tower.config
+
+    @property
+    def causal_attention(self) -> bool:
+        return self.text_tower.causal_attention
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image: Tensor,
                 has_image: Tensor, has_text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -187,5 +207,7 @@ class ClipTowers:
                                     torch.from_numpy(has_text))
         return (*(t.numpy() for t in out), views.numpy())
 
-    def view_encoder(self, fusion: ViewFusion) -> ViewEncoder:
-        return ViewEncoder(self.text_tower, fusion).eval()
+    def view_encoder(self, fusion: ViewFusion, padding_mask: bool = True) -> ViewEncoder:
+        """The text+fusion module; ``padding_mask=False``: see :class:`TextTower`."""
+        tower = self.text_tower if padding_mask else TextTower(self.text_tower, padding_mask)
+        return ViewEncoder(tower, fusion).eval()
