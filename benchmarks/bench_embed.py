@@ -95,7 +95,12 @@ def tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
 def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
     """The text graph fused with the causal + padding mask as its attention's bias (what export
     wrote before the causal form), fp32 and fp16, beside the bundle's files: the A/B of that
-    form on a GPU. Its parity is the export's (tests/test_export_fused.py ran this form)."""
+    form on a GPU. Its parity is the export's (tests/test_export_fused.py ran this form).
+    Written once per bundle folder."""
+    files = {"fused.masked.fp32": f"{TEXT_GRAPH}.fused.masked.onnx",
+             "fused.masked.fp16": f"{TEXT_GRAPH}.fused.masked.fp16.onnx"}
+    if all((bundle_dir / name).is_file() for name in files.values()):
+        return files
     towers = ClipTowers(clip, random_init=True, attn_implementation="eager")
     module = towers.view_encoder(ViewFusion("sa", 0.1))  # the padding mask kept
     names = ["input_ids", "attention_mask", "image_embedding", "has_image", "has_text"]
@@ -103,8 +108,6 @@ def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
     spec = GraphSpec(TEXT_GRAPH, module, *(tuple(torch.from_numpy(i[n]) for n in names)
                                            for i in inputs), names,
                      ["text_feature", "similarity", "image_feature", "view_embeddings"])
-    files = {"fused.masked.fp32": f"{TEXT_GRAPH}.fused.masked.onnx",
-             "fused.masked.fp16": f"{TEXT_GRAPH}.fused.masked.fp16.onnx"}
     with tempfile.TemporaryDirectory() as tmp:
         eager = Path(tmp) / "eager.onnx"
         export_onnx(spec, eager)

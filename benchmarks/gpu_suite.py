@@ -30,10 +30,15 @@
     full score matrix in fp32 and fp16, and faiss ``IndexFlatIP`` (faiss-gpu's on a GPU) where
     it imports; p50/p99 ms, the GPU form's recall@K against the CPU form, and each path skipped
     where its memory estimate passes the free memory (the 10M row on a small machine).
+(e) where the time of each fused fp16 graph (the text graph in both forms) goes at the largest
+    tower batch, inputs on the device: ONNX Runtime's profiler by operator type (its JSON left
+    in the output folder), and the CUDA kernels behind it (torch's profiler, which sees every
+    library's kernels), beside PyTorch eager fp16's kernels for the same module; run last.
 Speed does not depend on the weights; no figure here says anything about accuracy. ``--smoke``
 runs the same code at tiny sizes on the CPU (the test suite runs it, so the suite cannot rot);
-its figures mean nothing. The parts run cheapest first and ``suite_partial.json`` is rewritten
-after each, so a run cut short by its time limit still reports what it finished.
+its figures mean nothing. The parts run cheapest first (the profile last) and
+``suite_partial.json`` is rewritten after each, so a run cut short by its time limit still
+reports what it finished.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.runtime.bundle_reader import Bundle
 from cliper_prod.runtime.encoder import OnnxEncoder
 from cliper_prod.runtime.providers import choose_providers
-from cliper_prod.runtime.sessions import Graph
+from cliper_prod.runtime.sessions import Graph, session_options
 from cliper_prod.histories import history_pairs, training_csr
 from cliper_prod.io import write_json
 from cliper_prod.scoring import CandidateTopKScorer, TopKScorer
@@ -155,16 +160,17 @@ def part_training(data_dir: Path, sizes: Sizes) -> dict:
 INPUTS = ("device", "host")  # where each timed call finds its inputs and leaves its outputs
 
 
-def _on_device(graph: Graph, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+def _on_device(session: onnxruntime.InferenceSession, device: str,
+               feeds: dict[str, np.ndarray]) -> Callable[[], object]:
     """One ORT call with its inputs already in device OrtValues and outputs left on the
     device: the same work as PyTorch on device tensors."""
-    binding = graph.session.io_binding()
+    binding = session.io_binding()
     for name, array in feeds.items():
         binding.bind_ortvalue_input(name, onnxruntime.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(array), graph.device, 0))
-    for name in graph.output_names:
-        binding.bind_output(name, graph.device)
-    return lambda: graph.session.run_with_iobinding(binding)
+            np.ascontiguousarray(array), device, 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device)
+    return lambda: session.run_with_iobinding(binding)
 
 
 def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict, where: str,
@@ -178,7 +184,8 @@ def _onnx_paths(bundle_dir: Path, graph: str, providers: list[str], inputs: dict
             continue
         session = Graph(bundle_dir / name, providers)
         feeds = {k: inputs[k] for k in session.input_names}
-        paths[f"ort_{variant}"] = _on_device(session, feeds) if where == "device" \
+        paths[f"ort_{variant}"] = _on_device(session.session, session.device, feeds) \
+            if where == "device" \
             else lambda s=session, f=feeds: s(**f)
     return paths
 
@@ -236,6 +243,83 @@ def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[
                 rows.append(row)
                 print(row, flush=True)
     return rows
+
+
+PROFILED_RUNS = 5
+
+
+def _ort_ops(path: Path, providers: list[str], feeds: dict[str, np.ndarray], out: Path
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    """ONNX Runtime's profiler over :data:`PROFILED_RUNS` warm runs with inputs on the device:
+    ms per run by operator type (on CUDA the host side of each launch; the device's time is in
+    :func:`_cuda_kernels`), then the CUDA kernels of as many runs more. The profile's JSON is
+    left in ``out``."""
+    options = session_options(providers)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(out / f"ort_profile_{path.stem}")
+    session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+    run = _on_device(session, device, {i.name: feeds[i.name] for i in session.get_inputs()})
+    run()  # warm: cuDNN's algorithm search, first allocations
+    for _ in range(PROFILED_RUNS):
+        run()
+    events = json.loads(Path(session.end_profiling()).read_text())
+    timed_from = sorted(e["ts"] for e in events if e.get("name") == "model_run")[1]
+    ops: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") \
+                and e["ts"] >= timed_from:  # the warm run left out
+            ops[e["args"]["op_name"]] = ops.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000
+    return ({op: ms / PROFILED_RUNS for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])},
+            _cuda_kernels(run))
+
+
+def _cuda_kernels(run: Callable[[], object], top: int = 12) -> dict[str, float]:
+    """ms per run of the ``top`` costliest CUDA kernels ``run`` launches, by torch's profiler
+    (CUPTI sees every library's kernels in the process: ONNX Runtime's too); {} without a GPU."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED_RUNS):
+            run()
+        torch.cuda.synchronize()
+    totals = {e.key: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000
+              / PROFILED_RUNS for e in prof.key_averages()}
+    return dict(sorted(((k, v) for k, v in totals.items() if v > 0), key=lambda kv: -kv[1])[:top])
+
+
+def part_profile(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[str],
+                 out: Path) -> dict:
+    """Where each fused fp16 graph's time goes at the largest tower batch, inputs on the device
+    (ONNX Runtime's operators and the CUDA kernels behind them), beside PyTorch eager fp16's
+    kernels for the same module: what to act on for the towers (issue 34)."""
+    batch = max(sizes.tower_batches)
+    towers = ClipTowers(clip_dir, random_init=True)
+    inputs = tower_inputs(towers, batch)
+    files = json.loads((bundle_dir / MANIFEST).read_text())["graphs"]
+    masked = masked_fused_text(clip_dir, bundle_dir)["fused.masked.fp16"]
+    onnx_paths = {f"{IMAGE_GRAPH} ort fused.fp16": files[IMAGE_GRAPH]["files"]["fused.fp16"],
+                  f"{TEXT_GRAPH} ort fused.fp16": files[TEXT_GRAPH]["files"]["fused.fp16"],
+                  f"{TEXT_GRAPH} ort fused.masked.fp16": masked}
+    result: dict = {"batch": batch, "runs": PROFILED_RUNS, "paths": {}}
+    for label, name in onnx_paths.items():
+        try:
+            ops, kernels = _ort_ops(bundle_dir / name, providers, inputs, out)
+            result["paths"][label] = {"ort_ops_ms": ops, "cuda_kernels_ms": kernels}
+        except Exception as exc:  # one path's failure must not cost the others' figures
+            result["paths"][label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    for label, module, args in (
+            (f"{IMAGE_GRAPH} torch eager fp16", towers.image_tower, (t["pixel_values"],)),
+            (f"{TEXT_GRAPH} torch eager fp16", towers.view_encoder(ViewFusion("sa", 0.1)),
+             (t["input_ids"], t["attention_mask"], t["image_embedding"], t["has_image"],
+              t["has_text"]))):
+        run = _torch_paths(module, args, devices()[0], None, "device")["torch_eager_fp16"]
+        run()
+        result["paths"][label] = {"cuda_kernels_ms": _cuda_kernels(run)}
+    return result
 
 
 class StageClock:
@@ -333,7 +417,7 @@ def _transfer_s(encoder: OnnxEncoder, sizes: Sizes) -> float:
     return (time.perf_counter() - start) * -(-sizes.embed_items // sizes.embed_batch)
 
 
-PARTS = ("training", "topk", "towers", "embed")
+PARTS = ("training", "topk", "towers", "embed", "profile")  # the order they run in
 TOPK_PATHS = ("ort_cpu_form", "ort_gpu_form", "torch_topk_fp32", "torch_topk_fp16",
               "faiss_flat_ip")
 
@@ -535,6 +619,16 @@ def table(result: dict) -> str:
         if "gpu_form_recall_vs_cpu_form" in row:
             lines.append(f"| {where} | GPU form recall@K vs CPU form | "
                          f"{row['gpu_form_recall_vs_cpu_form']:.4f} |")
+    for label, p in result.get("profile", {"paths": {}})["paths"].items():
+        where = f"(e) profile, batch {result['profile']['batch']}"
+        for key, what in (("ort_ops_ms", "ORT operators"), ("cuda_kernels_ms", "CUDA kernels")):
+            if p.get(key):
+                total = sum(p[key].values())
+                lines.append(f"| {where} | {label}: {what} (ms per run, top 6 of {total:.2f}) | "
+                             + ", ".join(f"{k[:60]} {v:.2f}" for k, v in
+                                         list(p[key].items())[:6]) + " |")
+        if "error" in p:
+            lines.append(f"| {where} | {label} | failed: {p['error'][:200]} |")
     if "export_s" in result:
         lines.append(f"| export | ViT-B/16 CLIP graphs, every variant | {result['export_s']:.0f} "
                      f"s |")
@@ -551,12 +645,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for suite.json/.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, on the CPU")
     parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"comma-separated, of {','.join(PARTS)} (embed needs towers)")
+                        help=f"comma-separated, of {','.join(PARTS)} (embed and profile "
+                             f"need towers)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if parts - set(PARTS) or ("embed" in parts and "towers" not in parts):
-        parser.error(f"--parts: a comma-separated subset of {','.join(PARTS)}; embed needs "
-                     f"towers")
+    if parts - set(PARTS) or (parts & {"embed", "profile"} and "towers" not in parts):
+        parser.error(f"--parts: a comma-separated subset of {','.join(PARTS)}; embed and "
+                     f"profile need towers")
     sizes = SMOKE if args.smoke else Sizes()
     providers = choose_providers("auto")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -589,6 +684,9 @@ def main() -> None:
                             and "masked" not in k)  # the bundle's own graphs
             towers_alone = 1 / (1 / image_rate + 1 / text_rate)
             part("embed", lambda: part_embed(work / "bundle", work, sizes, towers_alone))
+        if "profile" in parts:
+            part("profile", lambda: part_profile(clip, work / "bundle", sizes, providers,
+                                                 args.out))
     report(args.out / "suite", result, table(result))
 
 

@@ -25,6 +25,12 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path: Path) -> None:
         assert {"ort_fp32", "ort_fp16", "torch_eager_fp16", "torch_compile_fp16"} <= set(row)
         assert all(v > 0 for k, v in row.items() if k not in ("graph", "batch", "inputs"))
     assert {"ort_uint8.fp32", "ort_uint8.fused.fp16"} <= set(rows["image_encoder", "host"])
+    assert {"ort_fused.masked.fp32", "ort_fused.masked.fp16"} <= set(rows["text_fusion", "device"])
+    profile = result["profile"]["paths"]
+    for label in ("image_encoder ort fused.fp16", "text_fusion ort fused.fp16",
+                  "text_fusion ort fused.masked.fp16"):
+        assert "error" not in profile[label] and profile[label]["ort_ops_ms"]["Attention"] > 0
+    assert len(list(tmp_path.glob("ort_profile_*.json"))) == 3
     embed = result["embed"]
     assert embed["items_per_s"] > 0 and embed["ratio_to_towers_alone"] > 0
     assert embed["startup_s"] > 0 and set(embed["stages"]) == {
