@@ -31,7 +31,9 @@ from cliper_prod import __version__
 from cliper_prod.export.bundle_files import write_manifest
 from cliper_prod.bundle_format import TEXT_GRAPH, UINT8_INPUT
 from cliper_prod.export.feature_graphs import FeatureSettings, export_features
-from cliper_prod.export.graphs import GraphSpec, export_onnx, optimize_clip, to_fp16
+from cliper_prod.export.graphs import (GraphSpec, export_onnx, optimize_clip, to_fp16,
+                                       torch_outputs)
+from cliper_prod.export.parity import FP16_BOUND, FP32_BOUND, parity, within
 from cliper_prod.export.verified_graph import GraphOptions
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
@@ -77,14 +79,19 @@ def feature_bundle(clip: Path, out: Path) -> float:
     return export_s
 
 
-def tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
-    """Every input of both CLIP graphs for ``batch`` items (random pixels, FIELDS' views)."""
+def tower_inputs(towers: ClipTowers, batch: int, encode: bool = True
+                 ) -> dict[str, np.ndarray]:
+    """Every input of both CLIP graphs for ``batch`` items (random pixels, FIELDS' views); the
+    image embeddings those of the pixels (``encode``: the image tower on the CPU), or random
+    ones where only the text graph's cost matters."""
     size = towers.preprocess.crop
-    raw = np.random.default_rng(0).integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8)
     pixels = towers.preprocess.normalise(raw)
     tokens = towers.tokenize(ViewSpec().build(FIELDS) * batch)
     n_views = len(ViewSpec().names)
-    image = towers.encode_images(pixels)
+    image = towers.encode_images(pixels) if encode else \
+        rng.standard_normal((batch, towers.dim)).astype(np.float32)
     flags = np.ones(batch, dtype=bool)
     return {"pixel_values": pixels, UINT8_INPUT: raw,
             "input_ids": tokens.input_ids.reshape(batch, n_views, -1),
@@ -95,8 +102,8 @@ def tower_inputs(towers: ClipTowers, batch: int) -> dict[str, np.ndarray]:
 def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
     """The text graph fused with the causal + padding mask as its attention's bias (what export
     wrote before the causal form), fp32 and fp16, beside the bundle's files: the A/B of that
-    form on a GPU. Its parity is the export's (tests/test_export_fused.py ran this form).
-    Written once per bundle folder."""
+    form on a GPU. Each is held to the export's bounds against the PyTorch module here (on the
+    CPU provider); written once per bundle folder."""
     files = {"fused.masked.fp32": f"{TEXT_GRAPH}.fused.masked.onnx",
              "fused.masked.fp16": f"{TEXT_GRAPH}.fused.masked.fp16.onnx"}
     if all((bundle_dir / name).is_file() for name in files.values()):
@@ -104,7 +111,7 @@ def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
     towers = ClipTowers(clip, random_init=True, attn_implementation="eager")
     module = towers.view_encoder(ViewFusion("sa", 0.1))  # the padding mask kept
     names = ["input_ids", "attention_mask", "image_embedding", "has_image", "has_text"]
-    inputs = [tower_inputs(towers, batch) for batch in (2, 3)]
+    inputs = [tower_inputs(towers, batch, encode=False) for batch in (2, 3)]
     spec = GraphSpec(TEXT_GRAPH, module, *(tuple(torch.from_numpy(i[n]) for n in names)
                                            for i in inputs), names,
                      ["text_feature", "similarity", "image_feature", "view_embeddings"])
@@ -115,6 +122,13 @@ def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
         optimize_clip(eager, bundle_dir / files["fused.masked.fp32"], config.num_hidden_layers,
                       config.num_attention_heads, config.hidden_size)
     to_fp16(bundle_dir / files["fused.masked.fp32"], bundle_dir / files["fused.masked.fp16"])
+    reference = torch_outputs(spec)
+    for key, bound in (("fused.masked.fp32", FP32_BOUND), ("fused.masked.fp16", FP16_BOUND)):
+        session = onnxruntime.InferenceSession(str(bundle_dir / files[key]),
+                                               providers=["CPUExecutionProvider"])
+        stats = parity(reference, session.run(None, {n: inputs[1][n] for n in names}))
+        if not within(stats, bound):
+            raise SystemExit(f"{files[key]}: parity with PyTorch missed: {stats} ({bound})")
     return files
 
 

@@ -32,8 +32,10 @@
     where its memory estimate passes the free memory (the 10M row on a small machine).
 (e) where the time of each fused fp16 graph (the text graph in both forms) goes at the largest
     tower batch, inputs on the device: ONNX Runtime's profiler by operator type (its JSON left
-    in the output folder), and the CUDA kernels behind it (torch's profiler, which sees every
-    library's kernels), beside PyTorch eager fp16's kernels for the same module; run last.
+    in the output folder), the CUDA kernels behind it (torch's profiler, which sees every
+    library's kernels) and the attention kernel ONNX Runtime picks (its debug print, in a
+    child process, outside every timed run), beside PyTorch eager fp16's kernels for the same
+    module; run last.
 Speed does not depend on the weights; no figure here says anything about accuracy. ``--smoke``
 runs the same code at tiny sizes on the CPU (the test suite runs it, so the suite cannot rot);
 its figures mean nothing. The parts run cheapest first (the profile last) and
@@ -46,10 +48,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -246,14 +250,15 @@ def part_towers(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[
 
 
 PROFILED_RUNS = 5
+KERNEL_INFO = "ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO"  # ONNX Runtime names its attention kernels
 
 
 def _ort_ops(path: Path, providers: list[str], feeds: dict[str, np.ndarray], out: Path
-             ) -> tuple[dict[str, float], dict[str, float]]:
+             ) -> tuple[dict[str, float], Callable[[], object]]:
     """ONNX Runtime's profiler over :data:`PROFILED_RUNS` warm runs with inputs on the device:
     ms per run by operator type (on CUDA the host side of each launch; the device's time is in
-    :func:`_cuda_kernels`), then the CUDA kernels of as many runs more. The profile's JSON is
-    left in ``out``."""
+    :func:`_cuda_kernels`), and the bound call, for more runs. The profile's JSON is left in
+    ``out``."""
     options = session_options(providers)
     options.enable_profiling = True
     options.profile_file_prefix = str(out / f"ort_profile_{path.stem}")
@@ -271,12 +276,13 @@ def _ort_ops(path: Path, providers: list[str], feeds: dict[str, np.ndarray], out
                 and e["ts"] >= timed_from:  # the warm run left out
             ops[e["args"]["op_name"]] = ops.get(e["args"]["op_name"], 0.0) + e["dur"] / 1000
     return ({op: ms / PROFILED_RUNS for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])},
-            _cuda_kernels(run))
+            run)
 
 
 def _cuda_kernels(run: Callable[[], object], top: int = 12) -> dict[str, float]:
     """ms per run of the ``top`` costliest CUDA kernels ``run`` launches, by torch's profiler
-    (CUPTI sees every library's kernels in the process: ONNX Runtime's too); {} without a GPU."""
+    (CUPTI sees every library's kernels in the process: ONNX Runtime's too); {} without a GPU,
+    an error where the profiler saw none on one."""
     if not torch.cuda.is_available():
         return {}
     from torch.profiler import ProfilerActivity, profile
@@ -285,19 +291,61 @@ def _cuda_kernels(run: Callable[[], object], top: int = 12) -> dict[str, float]:
         for _ in range(PROFILED_RUNS):
             run()
         torch.cuda.synchronize()
-    totals = {e.key: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000
-              / PROFILED_RUNS for e in prof.key_averages()}
-    return dict(sorted(((k, v) for k, v in totals.items() if v > 0), key=lambda kv: -kv[1])[:top])
+    totals = {e.key: e.device_time_total / 1000 / PROFILED_RUNS for e in prof.key_averages()}
+    kernels = sorted(((k, v) for k, v in totals.items() if v > 0), key=lambda kv: -kv[1])
+    if not kernels:
+        raise RuntimeError("torch's profiler recorded no CUDA kernel (CUPTI unavailable?)")
+    return dict(kernels[:top])
+
+
+def _attention_kernels(paths: dict[str, Path], feeds: Path) -> dict[str, list[str]]:
+    """The attention kernel ONNX Runtime picks for each graph's Attention nodes, from its debug
+    print, in a child process (the print runs on every call: kept out of every timed run)."""
+    child = subprocess.run([sys.executable, __file__, "--attention-kernels", str(feeds),
+                            *(str(p) for p in paths.values())], capture_output=True, text=True,
+                           env={**os.environ, KERNEL_INFO: "1"}, timeout=300)
+    if child.returncode:
+        raise RuntimeError(child.stderr[-500:])
+    found: dict[str, list[str]] = {label: [] for label in paths}
+    labels = iter(paths)
+    label = None
+    for line in child.stdout.splitlines():
+        if line.startswith("== "):
+            label = next(labels)
+        elif label is not None and "Attention" in line and line not in found[label]:
+            found[label].append(line.strip()[:300])
+    return found
+
+
+def run_each_once(feeds: Path, graphs: list[str]) -> None:
+    """The child of :func:`_attention_kernels`: each graph once, on the best provider."""
+    arrays = dict(np.load(feeds))
+    providers = choose_providers("auto")
+    for path in graphs:
+        print(f"== {path}", flush=True)
+        session = onnxruntime.InferenceSession(path, session_options(providers),
+                                               providers=providers)
+        session.run(None, {i.name: arrays[i.name] for i in session.get_inputs()})
+        sys.stdout.flush()
+
+
+def _guarded(record: dict, key: str, work: Callable[[], object]) -> None:
+    """``record[key]`` = what ``work`` returns, or ``record[key + "_error"]``: one figure's
+    failure must not cost the others (nor the suite's report)."""
+    try:
+        record[key] = work()
+    except Exception as exc:
+        record[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:500]
 
 
 def part_profile(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list[str],
                  out: Path) -> dict:
     """Where each fused fp16 graph's time goes at the largest tower batch, inputs on the device
-    (ONNX Runtime's operators and the CUDA kernels behind them), beside PyTorch eager fp16's
-    kernels for the same module: what to act on for the towers (issue 34)."""
+    (ONNX Runtime's operators, the CUDA kernels behind them, the attention kernel it picks),
+    beside PyTorch eager fp16's kernels for the same module: what to act on for the towers."""
     batch = max(sizes.tower_batches)
     towers = ClipTowers(clip_dir, random_init=True)
-    inputs = tower_inputs(towers, batch)
+    inputs = tower_inputs(towers, batch, encode=False)  # speed does not depend on the values
     files = json.loads((bundle_dir / MANIFEST).read_text())["graphs"]
     masked = masked_fused_text(clip_dir, bundle_dir)["fused.masked.fp16"]
     onnx_paths = {f"{IMAGE_GRAPH} ort fused.fp16": files[IMAGE_GRAPH]["files"]["fused.fp16"],
@@ -305,21 +353,30 @@ def part_profile(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list
                   f"{TEXT_GRAPH} ort fused.masked.fp16": masked}
     result: dict = {"batch": batch, "runs": PROFILED_RUNS, "paths": {}}
     for label, name in onnx_paths.items():
-        try:
-            ops, kernels = _ort_ops(bundle_dir / name, providers, inputs, out)
-            result["paths"][label] = {"ort_ops_ms": ops, "cuda_kernels_ms": kernels}
-        except Exception as exc:  # one path's failure must not cost the others' figures
-            result["paths"][label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        record = result["paths"][label] = {}
+        _guarded(record, "ort", lambda: _ort_ops(bundle_dir / name, providers, inputs, out))
+        if "ort" in record:
+            record["ort_ops_ms"], run = record.pop("ort")
+            _guarded(record, "cuda_kernels_ms", lambda: _cuda_kernels(run))
+    small = bundle_dir.parent / "attention_feeds.npz"
+    np.savez(small, **tower_inputs(towers, 2, encode=False))
+    _guarded(result, "attention_kernels", lambda: _attention_kernels(
+        {label: bundle_dir / name for label, name in onnx_paths.items()}, small))
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     for label, module, args in (
             (f"{IMAGE_GRAPH} torch eager fp16", towers.image_tower, (t["pixel_values"],)),
             (f"{TEXT_GRAPH} torch eager fp16", towers.view_encoder(ViewFusion("sa", 0.1)),
              (t["input_ids"], t["attention_mask"], t["image_embedding"], t["has_image"],
               t["has_text"]))):
-        run = _torch_paths(module, args, devices()[0], None, "device")["torch_eager_fp16"]
-        run()
-        result["paths"][label] = {"cuda_kernels_ms": _cuda_kernels(run)}
+        record = result["paths"][label] = {}
+        _guarded(record, "cuda_kernels_ms", lambda: _cuda_kernels(_warm(_torch_paths(
+            module, args, devices()[0], None, "device")["torch_eager_fp16"])))
     return result
+
+
+def _warm(run: Callable[[], object]) -> Callable[[], object]:
+    run()
+    return run
 
 
 class StageClock:
@@ -627,8 +684,10 @@ def table(result: dict) -> str:
                 lines.append(f"| {where} | {label}: {what} (ms per run, top 6 of {total:.2f}) | "
                              + ", ".join(f"{k[:60]} {v:.2f}" for k, v in
                                          list(p[key].items())[:6]) + " |")
-        if "error" in p:
-            lines.append(f"| {where} | {label} | failed: {p['error'][:200]} |")
+        for key in (k for k in p if k.endswith("_error")):
+            lines.append(f"| {where} | {label}: {key[:-6]} | failed: {p[key][:200]} |")
+    for label, kernels in result.get("profile", {}).get("attention_kernels", {}).items():
+        lines.append(f"| (e) attention kernel | {label} | {'; '.join(kernels[:2]) or '-'} |")
     if "export_s" in result:
         lines.append(f"| export | ViT-B/16 CLIP graphs, every variant | {result['export_s']:.0f} "
                      f"s |")
@@ -640,6 +699,9 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--attention-kernels":  # _attention_kernels' child
+        run_each_once(Path(sys.argv[2]), sys.argv[3:])
+        return
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for suite.json/.md")

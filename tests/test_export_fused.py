@@ -16,7 +16,9 @@ import torch
 from cliper_prod.bundle_format import sha256_file
 from cliper_prod.errors import BundleError, ExportError
 from cliper_prod.export.graphs import GraphSpec, export_onnx, optimize_clip
+from cliper_prod.export.feature_graphs import causal_if_exact
 from cliper_prod.features.clip_towers import ClipTowers
+from cliper_prod.features.fusion import ViewFusion
 from cliper_prod.features.views import ViewSpec
 from cliper_prod.runtime.bundle_reader import Bundle, pick_variant
 from cliper_prod.runtime.encoder import OnnxEncoder
@@ -121,6 +123,22 @@ def test_causal_form_needs_the_graphs_one_mask(exported: dict[str, Path], tmp_pa
         optimize_clip(eager, tmp_path / "x.onnx", config["num_hidden_layers"],
                       config["num_attention_heads"], config["hidden_size"], causal=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_causal_form_only_where_it_keeps_the_outputs(exported: dict[str, Path]) -> None:
+    """The fused text graph drops the padding mask only where the module's outputs stay the
+    masked ones on padded views; a twin whose outputs move (here: another tau) keeps the mask."""
+    towers = ClipTowers(exported["clip"], attn_implementation="eager")
+    tokens = towers.tokenize([v for f in ({"title": "a"}, {"description": "word " * 9})
+                              for v in ViewSpec().build(f)])
+    assert (tokens.attention_mask == 0).any()  # padded views
+    sample = (torch.from_numpy(tokens.input_ids).reshape(2, 5, -1),
+              torch.from_numpy(tokens.attention_mask).reshape(2, 5, -1),
+              torch.randn(2, towers.dim), torch.tensor([True, False]), torch.tensor([True, True]))
+    causal = towers.view_encoder(ViewFusion("sa", 0.1), padding_mask=False)
+    assert causal_if_exact(causal, towers.view_encoder(ViewFusion("sa", 0.1)), sample) is causal
+    other = towers.view_encoder(ViewFusion("sa", 0.2))
+    assert causal_if_exact(causal, other, sample) is other
 
 
 @pytest.mark.parametrize("record, provider, precision, requested, expected", [

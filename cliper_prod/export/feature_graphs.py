@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cliper_prod.bundle_format import IMAGE_GRAPH, TEXT_GRAPH, TOKENIZER
 from cliper_prod.errors import ConfigError
@@ -68,6 +68,22 @@ def feature_settings(features_dir: Path | None, clip_source: str | None, random_
     return FeatureSettings(clip_source, random_init, "sa", 0.1, ViewSpec())
 
 
+def causal_if_exact(causal: nn.Module, masked: nn.Module, sample: tuple[Tensor, ...]
+                    ) -> nn.Module:
+    """The text+fusion twin to fuse: the one without the padding mask (causal attention, see
+    :class:`~cliper_prod.features.clip_towers.TextTower`) where it gives the masked one's
+    outputs on ``sample`` (padded views), else the masked one. Every CLIP pooled at its first
+    EOS gives them; a checkpoint whose pooling rule lands in the padding (a legacy config whose
+    pad id is the largest id) does not, and keeps the masked form rather than failing."""
+    with torch.no_grad():
+        same = all(torch.allclose(a, b, rtol=0, atol=1e-6)  # equal but for kernel order
+                   for a, b in zip(causal(*sample), masked(*sample)))
+    if not same:
+        log.info("text_fusion: the causal form changes this checkpoint's outputs (its pooling "
+                 "reads the padding); the fused graph keeps the padding mask")
+    return causal if same else masked
+
+
 def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
                     ) -> tuple[list[GraphSpec], dict[str, nn.Module], dict]:
     """The CLIP graphs' specs, their eager-attention twins for the fused variant (when
@@ -103,9 +119,10 @@ def _feature_graphs(settings: FeatureSettings, folder: Path, fused: bool
     if fused:
         eager = ClipTowers(settings.clip_source, random_init=settings.random_init,
                            attn_implementation="eager")
+        fusion = ViewFusion(extracted_as, settings.tau)
         twins = {IMAGE_GRAPH: eager.image_tower,
-                 TEXT_GRAPH: eager.view_encoder(ViewFusion(extracted_as, settings.tau),
-                                                padding_mask=False)}
+                 TEXT_GRAPH: causal_if_exact(eager.view_encoder(fusion, padding_mask=False),
+                                             eager.view_encoder(fusion), specs[1].check)}
     towers.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER))
     special = towers.special
     info = {"clip": settings.clip_source, "random_weights": towers.random_weights,

@@ -122,10 +122,10 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int,
 
     ``causal``: ``src``'s one additive mask is CLIP's causal mask alone (a text tower exported
     without its padding mask, :class:`~cliper_prod.features.clip_towers.TextTower`); each fused
-    Attention then drops it as its bias and is marked ``unidirectional``, which is the same
-    computation in the form ONNX Runtime's CUDA attention runs as one kernel (flash or
-    memory-efficient attention take no bias of a length that is not a multiple of 8, such as
-    77). The mask's nodes go with it. The parity check vouches for the result.
+    Attention then drops it as its bias and is marked ``unidirectional``: the same
+    computation, in the form for which ONNX Runtime's CUDA attention (in its source) runs
+    fp16 through the memory-efficient kernel, which takes a bias only over a length that is a
+    multiple of 8 (77 is not). The mask's nodes go with it. The parity check vouches for it.
 
     The optimizer skips what it does not recognise without a word, so this fails unless each of
     the ``layers`` encoder layers became one fused Attention node. ``src`` must come from an
@@ -171,8 +171,10 @@ def optimize_clip(src: Path, dst: Path, layers: int, heads: int, hidden: int,
     # the optimizer prunes an input nothing reads (the padding mask of a causal graph): the
     # runtime feeds both variants the same inputs, so a pruned one is declared again
     kept = {i.name: copy.deepcopy(i) for i in optimized.model.graph.input}
+    source = {i.name for i in inputs}
     optimized.model.graph.ClearField("input")
-    optimized.model.graph.input.extend(kept.get(i.name, i) for i in inputs)
+    optimized.model.graph.input.extend([kept.get(i.name, i) for i in inputs]
+                                       + [i for name, i in kept.items() if name not in source])
     optimized.save_model_to_file(str(dst))
     onnx.checker.check_model(str(dst), full_check=True)
     return ops
@@ -188,10 +190,12 @@ def _causal_attention(optimized, mask: str | None, name: str) -> None:
         raise ExportError(f"{name}: the causal form needs every fused Attention to take the "
                           f"graph's one additive mask as its bias; it does not")
     for node in attention:
-        node.input.pop(5)
+        node.input[5] = ""  # the slot stays: an input after it keeps its index
         while node.input and not node.input[-1]:  # optional inputs left empty at the end
             node.input.pop()
-        node.attribute.append(onnx.helper.make_attribute("unidirectional", 1))
+        others = [a for a in node.attribute if a.name != "unidirectional"]
+        node.ClearField("attribute")
+        node.attribute.extend([*others, onnx.helper.make_attribute("unidirectional", 1)])
     optimized.prune_graph(allow_remove_graph_inputs=False)  # same inputs as the plain graph
 
 
