@@ -32,8 +32,8 @@ from cliper_prod.export.bundle_files import write_manifest
 from cliper_prod.bundle_format import TEXT_GRAPH, UINT8_INPUT
 from cliper_prod.export.feature_graphs import FeatureSettings, export_features
 from cliper_prod.export.graphs import (GraphSpec, export_onnx, optimize_clip, to_fp16,
-                                       torch_outputs)
-from cliper_prod.export.parity import FP16_BOUND, FP32_BOUND, parity, within
+                                       torch_outputs, verify)
+from cliper_prod.export.parity import FP16_BOUND, FP32_BOUND
 from cliper_prod.export.verified_graph import GraphOptions
 from cliper_prod.features.clip_towers import ClipTowers
 from cliper_prod.features.embed import EmbedOptions, embed_catalog
@@ -126,9 +126,8 @@ def masked_fused_text(clip: Path, bundle_dir: Path) -> dict[str, str]:
     for key, bound in (("fused.masked.fp32", FP32_BOUND), ("fused.masked.fp16", FP16_BOUND)):
         session = onnxruntime.InferenceSession(str(bundle_dir / files[key]),
                                                providers=["CPUExecutionProvider"])
-        stats = parity(reference, session.run(None, {n: inputs[1][n] for n in names}))
-        if not within(stats, bound):
-            raise SystemExit(f"{files[key]}: parity with PyTorch missed: {stats} ({bound})")
+        verify(files[key], reference,
+               lambda: session.run(None, {n: inputs[1][n] for n in names}), bound)
     return files
 
 

@@ -100,7 +100,7 @@ def text_forms(clip: Path, bundle_dir: Path, bundle: Bundle, batches: list[int],
               "onnx_fused_masked": Graph(bundle_dir / masked, bundle.providers, bundle.threads)}
     rows = []
     for batch in batches:
-        inputs = tower_inputs(towers, batch)
+        inputs = tower_inputs(towers, batch, encode=False)  # the text graph's inputs alone
         feeds = {k: inputs[k] for k in graphs["onnx_plain"].input_names}
         args = tuple(torch.from_numpy(v) for v in feeds.values())
         with torch.no_grad():

@@ -280,13 +280,14 @@ def _ort_ops(path: Path, providers: list[str], feeds: dict[str, np.ndarray], out
 
 
 def _cuda_kernels(run: Callable[[], object], top: int = 12) -> dict[str, float]:
-    """ms per run of the ``top`` costliest CUDA kernels ``run`` launches, by torch's profiler
-    (CUPTI sees every library's kernels in the process: ONNX Runtime's too); {} without a GPU,
-    an error where the profiler saw none on one."""
+    """ms per run of the ``top`` costliest CUDA kernels ``run`` launches (after one warm call),
+    by torch's profiler (CUPTI sees every library's kernels in the process: ONNX Runtime's
+    too); {} without a GPU, an error where the profiler saw none on one."""
     if not torch.cuda.is_available():
         return {}
     from torch.profiler import ProfilerActivity, profile
 
+    run()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED_RUNS):
             run()
@@ -369,14 +370,9 @@ def part_profile(clip_dir: Path, bundle_dir: Path, sizes: Sizes, providers: list
              (t["input_ids"], t["attention_mask"], t["image_embedding"], t["has_image"],
               t["has_text"]))):
         record = result["paths"][label] = {}
-        _guarded(record, "cuda_kernels_ms", lambda: _cuda_kernels(_warm(_torch_paths(
-            module, args, devices()[0], None, "device")["torch_eager_fp16"])))
+        _guarded(record, "cuda_kernels_ms", lambda: _cuda_kernels(_torch_paths(
+            module, args, devices()[0], None, "device")["torch_eager_fp16"]))
     return result
-
-
-def _warm(run: Callable[[], object]) -> Callable[[], object]:
-    run()
-    return run
 
 
 class StageClock:
